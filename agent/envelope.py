@@ -1,0 +1,146 @@
+"""The bus format: CloudEvents 1.0 structured-JSON envelopes, subjects and host-event payloads."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import msgspec
+from msgspec import Struct
+
+from agent.events import DomainSnapshot
+
+SPECVERSION = "1.0"
+CONTENT_TYPE = "application/json"
+
+
+class CloudEvent(Struct, frozen=True, kw_only=True, omit_defaults=True):
+    specversion: str = SPECVERSION
+    id: str
+    source: str
+    type: str
+    # The domain UUID for domain events; absent for host and operation events.
+    subject: str | None = None
+    time: str
+    datacontenttype: str = CONTENT_TYPE
+    sequence: int
+    data: Any
+
+
+# ---------------------------------------------------------------- host events
+
+
+class HostData(Struct, frozen=True, kw_only=True):
+    host: str
+
+
+class Counters(Struct, frozen=True, kw_only=True):
+    # Callbacks libvirt delivered to this process.
+    events_received: int
+    # Events JetStream acknowledged.
+    events_published: int
+    # Events lost to queue overflow (each one also leaves a gap in `sequence`).
+    events_dropped: int
+
+
+class AgentStarted(HostData, frozen=True, kw_only=True):
+    boot_id: str
+    version: str
+    pid: int
+    libvirt_uri: str
+
+
+class AgentStopping(HostData, frozen=True, kw_only=True):
+    boot_id: str
+    reason: str
+    counters: Counters
+
+
+class LibvirtConnected(HostData, frozen=True, kw_only=True):
+    uri: str
+    libvirt_version: str
+    hypervisor: str
+    event_types: list[str]
+    # Event ids the bindings know but the running libvirt refused to register.
+    unsupported_event_types: list[str]
+
+
+class LibvirtDisconnected(HostData, frozen=True, kw_only=True):
+    uri: str
+    reason: str
+
+
+class Missed(Struct, frozen=True, kw_only=True):
+    count: int
+    first_sequence: int
+    last_sequence: int
+
+
+class Resync(HostData, frozen=True, kw_only=True):
+    # startup | overflow | reconnect | requested
+    reason: str
+    domains: list[DomainSnapshot]
+    # Set after a queue overflow: which sequence numbers were never published.
+    missed: Missed | None = None
+
+
+class Heartbeat(HostData, frozen=True, kw_only=True):
+    boot_id: str
+    uptime_s: float
+    counters: Counters
+    queue_depth: int
+
+
+HOST_EVENT_TYPES: dict[type[HostData], str] = {
+    AgentStarted: "agent_started",
+    AgentStopping: "agent_stopping",
+    LibvirtConnected: "libvirt_connected",
+    LibvirtDisconnected: "libvirt_disconnected",
+    Resync: "resync",
+    Heartbeat: "heartbeat",
+}
+
+
+# ---------------------------------------------------------------- subjects and rendering
+
+
+class Subjects:
+    """Every subject this host's agent publishes or listens on, from one prefix and host id."""
+
+    def __init__(self, prefix: str, host: str) -> None:
+        self.prefix = prefix
+        self.host = host
+        self.base = f"{prefix}.{host}"
+
+    def event(self, domain_uuid: str, event_type: str) -> str:
+        return f"{self.base}.event.{domain_uuid}.{event_type}"
+
+    def host_event(self, event_type: str) -> str:
+        return f"{self.base}.host.{event_type}"
+
+    def events_stream_subjects(self) -> list[str]:
+        return [f"{self.prefix}.*.event.>", f"{self.prefix}.*.host.>"]
+
+    def ops_stream_subjects(self) -> list[str]:
+        return [f"{self.prefix}.*.op.>"]
+
+
+def rfc3339(time_ns: int) -> str:
+    sec, ns = divmod(time_ns, 1_000_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)) + f".{ns // 1000:06d}Z"
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def encode(event: CloudEvent) -> bytes:
+    return _encoder.encode(event)
+
+
+def domain_event_type(event_type: str) -> str:
+    return f"virt.domain.{event_type}"
+
+
+def host_event_type(event_type: str) -> str:
+    return f"virt.host.{event_type}"
+

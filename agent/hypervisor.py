@@ -1,0 +1,285 @@
+"""The async face of libvirt: the connection and its recovery, event callbacks,
+and a bounded executor for every libvirt call that can block.
+
+Callbacks run on the asyncio loop (agent.libvirt_loop dispatches them there) and hand a decoded
+DomainEvent to `on_event` without awaiting anything. libvirt errors are mapped to the agent's
+error tree once, here, by `libvirt_errors()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import random
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import libvirt
+import structlog
+
+from agent import libvirt_loop
+
+from agent.errors import (
+    AgentError,
+    Conflict,
+    LibvirtFailure,
+    NotFound,
+    Timeout,
+    Unavailable,
+    Unsupported,
+)
+from agent.events import DomainEvent, DomainSnapshot, EventKind, catalog, decode, domain_state_names
+from agent.metrics import Metrics
+from agent.settings import LibvirtSettings
+
+log = structlog.get_logger("agent.hypervisor")
+T = TypeVar("T")
+
+_ERROR_FAMILIES: dict[int, type[AgentError]] = {
+    libvirt.VIR_ERR_NO_DOMAIN: NotFound,
+    libvirt.VIR_ERR_NO_NETWORK: NotFound,
+    libvirt.VIR_ERR_OPERATION_INVALID: Conflict,
+    libvirt.VIR_ERR_NO_SUPPORT: Unsupported,
+    libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED: Unsupported,
+    libvirt.VIR_ERR_OPERATION_TIMEOUT: Timeout,
+    libvirt.VIR_ERR_AGENT_UNRESPONSIVE: Timeout,
+    libvirt.VIR_ERR_OPERATION_ABORTED: Conflict,
+    libvirt.VIR_ERR_NO_CONNECT: Unavailable,
+    libvirt.VIR_ERR_SYSTEM_ERROR: LibvirtFailure,
+}
+
+
+@contextlib.contextmanager
+def libvirt_errors() -> Iterator[None]:
+    """Translate libvirtError into the agent's error families, keeping libvirt's code."""
+    try:
+        yield
+    except libvirt.libvirtError as exc:
+        code = exc.get_error_code()
+        family = _ERROR_FAMILIES.get(code, LibvirtFailure)
+        raise family(str(exc).strip(), libvirt_code=code) from exc
+
+
+class LinkState(enum.Enum):
+    DISCONNECTED = "disconnected"
+    CONNECTED = "connected"
+    CLOSED = "closed"
+
+
+_CLOSE_REASONS = {
+    libvirt.VIR_CONNECT_CLOSE_REASON_ERROR: "error",
+    libvirt.VIR_CONNECT_CLOSE_REASON_EOF: "eof",
+    libvirt.VIR_CONNECT_CLOSE_REASON_KEEPALIVE: "keepalive",
+    libvirt.VIR_CONNECT_CLOSE_REASON_CLIENT: "client",
+}
+
+
+class Hypervisor:
+    """One libvirt connection, kept open, with every domain event id registered."""
+
+    def __init__(
+        self,
+        settings: LibvirtSettings,
+        uri: str,
+        host: str,
+        on_event: Callable[[DomainEvent], None],
+        metrics: Metrics,
+    ) -> None:
+        self.settings = settings
+        self.uri = uri
+        self.host = host
+        self._on_event = on_event
+        self.metrics = metrics
+        self.conn: Any = None
+        self.state = LinkState.DISCONNECTED
+        self.registered: list[EventKind] = []
+        self.unsupported: list[str] = []
+        self._callback_ids: list[int] = []
+        self._closed = asyncio.Event()
+        self.close_reason = ""
+        self._executor = ThreadPoolExecutor(
+            max_workers=settings.executor_workers, thread_name_prefix="libvirt"
+        )
+        self._busy = 0
+        self._bound = settings.executor_workers + settings.executor_queue
+        self.decode_errors = 0
+        metrics.executor_capacity.set(self._bound)
+        metrics.track(metrics.executor_busy, lambda: self._busy)
+
+    # ------------------------------------------------------------ executor
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a blocking libvirt call on the bounded executor, errors mapped."""
+        if self._busy >= self._bound:
+            self.metrics.executor_rejected.inc()
+            raise Unavailable(
+                "libvirt executor is full", running_or_queued=self._busy, bound=self._bound
+            )
+        self._busy += 1
+        try:
+            with libvirt_errors():
+                return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        finally:
+            self._busy -= 1
+
+    # ------------------------------------------------------------ connection
+
+    @property
+    def connected(self) -> bool:
+        return self.state is LinkState.CONNECTED
+
+    async def connect(self) -> None:
+        """Open the connection and register every event id the running libvirt accepts."""
+        libvirt_loop.ensure_registered(asyncio.get_running_loop())
+        conn = await self.call(libvirt.open, self.uri)
+        if self.settings.keepalive_interval_s > 0:
+            # Local drivers (test:///) have no keepalive; that is not an error.
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.setKeepAlive(self.settings.keepalive_interval_s, self.settings.keepalive_count)
+        self._closed.clear()
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.registerCloseCallback(self._on_close, None)
+        self.conn = conn
+        await self.call(self._register_all, conn)
+        self.state = LinkState.CONNECTED
+        self.metrics.libvirt_connected.set(1)
+        log.info(
+            "libvirt connected",
+            uri=self.uri,
+            event_types=[k.event_type for k in self.registered],
+            unsupported=self.unsupported,
+        )
+
+    def _register_all(self, conn: Any) -> None:
+        self.registered, self.unsupported, self._callback_ids = [], [], []
+        for kind in catalog():
+            try:
+                cid = conn.domainEventRegisterAny(None, kind.event_id, self._callback, kind)
+            except libvirt.libvirtError as exc:
+                self.unsupported.append(kind.event_type)
+                log.info("event id not offered by this libvirt", event_type=kind.event_type, error=str(exc).strip())
+                continue
+            self.registered.append(kind)
+            self._callback_ids.append(cid)
+
+    def _callback(self, _conn: Any, dom: Any, *args: Any) -> None:
+        kind: EventKind = args[-1]
+        try:
+            event = decode(kind, self.host, dom, args[:-1])
+        except Exception:
+            # A decoder bug must not kill libvirt's dispatch; it is counted and logged loudly.
+            self.decode_errors += 1
+            log.exception("could not decode a libvirt event", event_type=kind.event_type, args=repr(args[:-1]))
+            return
+        self._on_event(event)
+
+    def _on_close(self, _conn: Any, reason: int, _opaque: Any) -> None:
+        self.close_reason = _CLOSE_REASONS.get(reason, f"unknown_{reason}")
+        self.state = LinkState.DISCONNECTED
+        self.metrics.libvirt_connected.set(0)
+        self._closed.set()
+
+    async def wait_closed(self) -> str:
+        await self._closed.wait()
+        return self.close_reason
+
+    async def reconnect(self, stop: asyncio.Event) -> bool:
+        """Re-open the connection with exponential back-off; False if asked to stop first."""
+        self._drop_connection()
+        delay = self.settings.reconnect_min_s
+        while not stop.is_set():
+            try:
+                await self.connect()
+            except AgentError as exc:
+                log.warning("libvirt reconnect failed", uri=self.uri, error=exc.message, retry_in_s=round(delay, 2))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+                delay = min(self.settings.reconnect_max_s, delay * 2) * random.uniform(0.8, 1.2)  # noqa: S311
+                continue
+            return True
+        return False
+
+    def _drop_connection(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is None:
+            return
+        for cid in self._callback_ids:
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.domainEventDeregisterAny(cid)
+        self._callback_ids = []
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.unregisterCloseCallback()
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.close()
+
+    def stop_events(self) -> None:
+        """Deregister every callback: after this no event reaches the agent."""
+        conn = self.conn
+        if conn is None:
+            return
+        for cid in self._callback_ids:
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.domainEventDeregisterAny(cid)
+        self._callback_ids = []
+
+    async def close(self) -> None:
+        self.stop_events()
+        self._drop_connection()
+        self.state = LinkState.CLOSED
+        self.metrics.libvirt_connected.set(0)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        # Let libvirt's free-callbacks for the closed connection run on the loop.
+        await asyncio.sleep(0)
+
+    # ------------------------------------------------------------ queries
+
+    async def versions(self) -> tuple[str, str]:
+        """(libvirt version, hypervisor type and version) of the connected daemon."""
+        conn = self.conn
+
+        def _q() -> tuple[str, str]:
+            lib = _version_str(conn.getLibVersion())
+            typ = conn.getType()
+            try:
+                hv = _version_str(conn.getVersion())
+            except libvirt.libvirtError:
+                hv = "unknown"
+            return lib, f"{typ} {hv}"
+
+        return await self.call(_q)
+
+    async def snapshot(self) -> list[DomainSnapshot]:
+        """uuid, name, state and reason of every domain, defined or running."""
+        conn = self.conn
+        if conn is None:
+            raise Unavailable("libvirt is not connected", uri=self.uri)
+
+        def _take() -> list[DomainSnapshot]:
+            out = []
+            for dom in conn.listAllDomains(0):
+                try:
+                    state, reason = dom.state()
+                    persistent = bool(dom.isPersistent())
+                except libvirt.libvirtError:
+                    continue  # vanished between the listing and the query
+                st, rs = domain_state_names(state, reason)
+                dom_id = dom.ID()
+                out.append(
+                    DomainSnapshot(
+                        uuid=dom.UUIDString(),
+                        name=dom.name(),
+                        state=st,
+                        reason=rs,
+                        id=dom_id if dom_id >= 0 else None,
+                        persistent=persistent,
+                    )
+                )
+            return out
+
+        return await self.call(_take)
+
+
+def _version_str(v: int) -> str:
+    return f"{v // 1_000_000}.{v // 1000 % 1000}.{v % 1000}"

@@ -1,0 +1,147 @@
+"""libvirt's event loop on asyncio (libvirtaio), safe to drive from executor threads.
+
+libvirtaio touches the asyncio loop (add_reader, ensure_future) directly from whichever thread
+libvirt calls it on. libvirt calls it from the thread doing an RPC - which, in this agent, is
+often a thread of the bounded executor - and asyncio loops are not thread-safe. This subclass
+keeps libvirtaio's dispatching but applies every handle and timer change on the loop thread:
+calls made on the loop thread apply at once (after any queued ones, so order is kept); calls
+from other threads are queued in order and applied by the loop. libvirt tolerates a watch
+change that lands a moment late: its client takes its own lock before touching a socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import libvirt
+import libvirtaio
+
+
+class LoopSafeEventImpl(libvirtaio.virEventAsyncIOImpl):  # type: ignore[misc]
+    def __init__(self, loop: asyncio.AbstractEventLoop, loop_thread: int) -> None:
+        super().__init__(loop=loop)
+        self._loop_thread = loop_thread
+        self._ops: collections.deque[Callable[[], None]] = collections.deque()
+        self._ops_lock = threading.Lock()
+
+    # ------------------------------------------------------------ ordering
+
+    def _on_loop(self) -> bool:
+        return threading.get_ident() == self._loop_thread
+
+    def _apply_queued(self) -> None:
+        while True:
+            with self._ops_lock:
+                if not self._ops:
+                    return
+                op = self._ops.popleft()
+            op()
+
+    def _run(self, op: Callable[[], None]) -> None:
+        if self._on_loop():
+            self._apply_queued()
+            op()
+            return
+        with self._ops_lock:
+            self._ops.append(op)
+        self.loop.call_soon_threadsafe(self._apply_queued)
+
+    @staticmethod
+    def _next_iden() -> int:
+        return int(next(libvirtaio.Callback._iden_counter))
+
+    # ------------------------------------------------------------ handles
+
+    def _add_handle(self, fd: int, event: int, cb: Any, opaque: Any) -> int:
+        iden = self._next_iden()
+
+        def op() -> None:
+            callback = libvirtaio.FDCallback(
+                self, cb, opaque, descriptor=self.descriptors[fd], event=event
+            )
+            callback.iden = iden
+            self.callbacks[iden] = callback
+            self.descriptors[fd].add_handle(callback)
+            self._pending_inc()
+
+        self._run(op)
+        return iden
+
+    def _update_handle(self, watch: int, event: int) -> None:
+        def op() -> None:
+            callback = self.callbacks.get(watch)
+            if isinstance(callback, libvirtaio.FDCallback):
+                callback.update(event=event)
+
+        self._run(op)
+
+    def _remove_handle(self, watch: int) -> int:
+        def op() -> None:
+            callback = self.callbacks.pop(watch, None)
+            if not isinstance(callback, libvirtaio.FDCallback):
+                return
+            descriptor = callback.descriptor
+            descriptor.remove_handle(watch)
+            if not descriptor.callbacks and self.descriptors.get(descriptor.fd) is descriptor:
+                del self.descriptors[descriptor.fd]
+            callback.close()
+
+        self._run(op)
+        return 0
+
+    # ------------------------------------------------------------ timers
+
+    def _add_timeout(self, timeout: int, cb: Any, opaque: Any) -> int:
+        iden = self._next_iden()
+
+        def op() -> None:
+            callback = libvirtaio.TimeoutCallback(self, cb, opaque)
+            callback.iden = iden
+            self.callbacks[iden] = callback
+            callback.update(timeout=timeout)
+            self._pending_inc()
+
+        self._run(op)
+        return iden
+
+    def _update_timeout(self, timer: int, timeout: int) -> None:
+        def op() -> None:
+            callback = self.callbacks.get(timer)
+            if isinstance(callback, libvirtaio.TimeoutCallback):
+                callback.update(timeout=timeout)
+
+        self._run(op)
+
+    def _remove_timeout(self, timer: int) -> int:
+        def op() -> None:
+            callback = self.callbacks.pop(timer, None)
+            if callback is not None:
+                callback.close()
+
+        self._run(op)
+        return 0
+
+
+_impl: LoopSafeEventImpl | None = None
+
+
+def ensure_registered(loop: asyncio.AbstractEventLoop) -> LoopSafeEventImpl:
+    """Register the implementation once per process, from the loop's own thread."""
+    global _impl
+    if _impl is None:
+        # libvirt prints every error to stderr by default; they reach us as exceptions.
+        libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+        impl = LoopSafeEventImpl(loop, threading.get_ident())
+        impl.register()
+        _impl = impl
+    elif _impl.loop is not loop:
+        raise RuntimeError("libvirt's event loop is already bound to another asyncio loop")
+    return _impl
+
+
+def current() -> LoopSafeEventImpl | None:
+    return _impl

@@ -1,0 +1,260 @@
+"""Typed settings: shipped TOML file, then VIRT_AGENT_* environment, then command-line flags.
+
+Every value is validated once, at start; a bad one raises SettingsError naming the key, the
+value and the source it came from (the CLI turns that into exit status 2).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta, Struct
+
+from agent.errors import SettingsError
+
+ENV_PREFIX = "VIRT_AGENT_"
+# Environment variables that are about finding the settings, not settings themselves.
+ENV_META = {"VIRT_AGENT_CONFIG"}
+
+TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+SUBJECT_PREFIX_RE = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
+NATS_URL_RE = re.compile(r"^(nats|tls|ws|wss)://[^\s/]+(:\d+)?/?$")
+
+PosInt = Annotated[int, Meta(ge=1)]
+NonNegInt = Annotated[int, Meta(ge=0)]
+PosFloat = Annotated[float, Meta(gt=0)]
+
+
+class _Section(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class LibvirtSettings(_Section):
+    uri: str = "qemu:///system"
+    # libvirt keepalive: a dead daemon is noticed after interval * (count + 1) seconds.
+    keepalive_interval_s: NonNegInt = 5
+    keepalive_count: PosInt = 5
+    # Threads for libvirt calls that may block (snapshots, and later migrations, detaches).
+    executor_workers: Annotated[int, Meta(ge=1, le=256)] = 8
+    # Calls allowed to wait for a thread; one more is refused with `unavailable`.
+    executor_queue: NonNegInt = 256
+    reconnect_min_s: PosFloat = 0.5
+    reconnect_max_s: PosFloat = 30.0
+
+
+class NatsSettings(_Section):
+    urls: list[str] = msgspec.field(default_factory=lambda: ["nats://127.0.0.1:4222"])
+    connect_timeout_s: PosFloat = 5.0
+    # Replicas of the JetStream streams this agent creates (3 on a 3-node cluster).
+    stream_replicas: Annotated[int, Meta(ge=1, le=5)] = 1
+    events_max_age_s: PosInt = 7 * 24 * 3600
+    events_max_bytes: int = -1
+    # JetStream drops a re-published Nats-Msg-Id within this window.
+    duplicate_window_s: PosInt = 120
+    # Port of the nats-server started by --embedded.
+    embedded_port: Annotated[int, Meta(ge=0, le=65535)] = 4222
+
+
+class PublisherSettings(_Section):
+    # Events waiting between the libvirt callbacks and the publisher.
+    queue_size: PosInt = 20000
+    # JetStream publishes whose acknowledgement is still outstanding.
+    max_inflight: PosInt = 2048
+    # An unacknowledged publish is sent again (same Nats-Msg-Id) after this long.
+    ack_timeout_s: PosFloat = 5.0
+    # After an overflow, the resync snapshot is taken once the queue is below this fraction.
+    resync_low_watermark: Annotated[float, Meta(gt=0, lt=1)] = 0.5
+
+
+class HttpSettings(_Section):
+    # host:port for /healthz, /readyz and /metrics; empty disables the server.
+    listen: str = "127.0.0.1:9178"
+
+
+class LogSettings(_Section):
+    level: str = "info"
+    # auto: readable on a terminal, JSON otherwise.
+    format: str = "auto"
+
+
+class AgentSettings(_Section):
+    # Longest an orderly shutdown may take before the agent exits anyway.
+    shutdown_grace_s: PosFloat = 15.0
+    heartbeat_interval_s: PosFloat = 30.0
+
+
+def default_state_dir() -> str:
+    if os.geteuid() == 0:
+        return "/var/lib/virt-agent"
+    return str(Path.home() / ".local" / "state" / "virt-agent")
+
+
+class Settings(_Section):
+    # One subject token; empty means the hostname with dots turned into "_".
+    host_id: str = ""
+    subject_prefix: str = "virt"
+    state_dir: str = msgspec.field(default_factory=default_state_dir)
+    # Start a bundled nats-server and default to libvirt's test driver.
+    embedded: bool = False
+    libvirt: LibvirtSettings = msgspec.field(default_factory=LibvirtSettings)
+    nats: NatsSettings = msgspec.field(default_factory=NatsSettings)
+    publisher: PublisherSettings = msgspec.field(default_factory=PublisherSettings)
+    http: HttpSettings = msgspec.field(default_factory=HttpSettings)
+    log: LogSettings = msgspec.field(default_factory=LogSettings)
+    agent: AgentSettings = msgspec.field(default_factory=AgentSettings)
+
+
+def host_id_from_hostname(hostname: str | None = None) -> str:
+    name = hostname if hostname is not None else socket.gethostname()
+    return re.sub(r"[^A-Za-z0-9_-]", "_", name.replace(".", "_")) or "localhost"
+
+
+def _leaf_fields(cls: type[Struct], prefix: str = "") -> dict[str, type[Any] | Any]:
+    """Dotted path -> annotation for every leaf setting."""
+    out: dict[str, Any] = {}
+    for field in msgspec.structs.fields(cls):
+        path = f"{prefix}{field.name}"
+        if isinstance(field.type, type) and issubclass(field.type, Struct):
+            out.update(_leaf_fields(field.type, path + "."))
+        else:
+            out[path] = field.type
+    return out
+
+
+LEAVES = _leaf_fields(Settings)
+
+
+def env_name(path: str) -> str:
+    return ENV_PREFIX + path.replace(".", "_").upper()
+
+
+def _set(tree: dict[str, Any], path: str, value: Any) -> None:
+    *parents, leaf = path.split(".")
+    for p in parents:
+        tree = tree.setdefault(p, {})
+    tree[leaf] = value
+
+
+def _get(tree: Mapping[str, Any], parts: list[str]) -> Any:
+    node: Any = tree
+    for p in parts:
+        if not isinstance(node, Mapping) or p not in node:
+            return None
+        node = node[p]
+    return node
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+class LoadedSettings(Struct, frozen=True):
+    settings: Settings
+    # Dotted key -> where its value came from ("config/agent.toml", "VIRT_AGENT_X", "--flag").
+    sources: dict[str, str]
+
+    def explicit(self, key: str) -> bool:
+        return key in self.sources
+
+
+def load(
+    config_file: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> LoadedSettings:
+    """Merge file, environment and flag overrides (dotted keys) into validated Settings."""
+    env = os.environ if env is None else env
+    tree: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+
+    path = config_file or env.get("VIRT_AGENT_CONFIG")
+    if path:
+        p = Path(path)
+        try:
+            raw = tomllib.loads(p.read_text())
+        except FileNotFoundError:
+            raise SettingsError("config", str(p), "file not found") from None
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise SettingsError("config", str(p), f"unreadable: {exc}") from None
+        for key, value in _flatten(raw).items():
+            if key not in LEAVES:
+                raise SettingsError(key, value, "unknown setting", str(p))
+            _set(tree, key, value)
+            sources[key] = str(p)
+
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX) or name in ENV_META:
+            continue
+        key = next((k for k in LEAVES if env_name(k) == name), None)
+        if key is None:
+            raise SettingsError(name, value, "unknown environment setting", "environment")
+        parsed: Any = value
+        if LEAVES[key] == list[str]:
+            parsed = [u.strip() for u in value.split(",") if u.strip()]
+        _set(tree, key, parsed)
+        sources[key] = name
+
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if key not in LEAVES:
+            raise SettingsError(key, value, "unknown setting", "command line")
+        _set(tree, key, value)
+        sources[key] = "--" + key.rsplit(".", 1)[-1].replace("_", "-")
+
+    try:
+        settings = msgspec.convert(tree, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        m = re.search(r" - at `\$\.([^`]+)`$", text)
+        key = m.group(1) if m else "?"
+        reason = text[: m.start()] if m else text
+        key = re.sub(r"\[\d+\]$", "", key)
+        raise SettingsError(key, _get(tree, key.split(".")), reason, sources.get(key)) from None
+
+    if not settings.host_id:
+        settings = msgspec.structs.replace(settings, host_id=host_id_from_hostname())
+    _validate(settings, sources)
+    return LoadedSettings(settings, sources)
+
+
+def _validate(s: Settings, sources: Mapping[str, str]) -> None:
+    def bad(key: str, value: Any, reason: str) -> SettingsError:
+        return SettingsError(key, value, reason, sources.get(key))
+
+    if not TOKEN_RE.match(s.host_id):
+        raise bad("host_id", s.host_id, "must be one subject token [A-Za-z0-9_-]+")
+    if not SUBJECT_PREFIX_RE.match(s.subject_prefix):
+        raise bad("subject_prefix", s.subject_prefix, "must be dot-separated tokens [A-Za-z0-9_-]+")
+    if not s.libvirt.uri or " " in s.libvirt.uri:
+        raise bad("libvirt.uri", s.libvirt.uri, "must be a libvirt connection URI")
+    if s.libvirt.reconnect_max_s < s.libvirt.reconnect_min_s:
+        raise bad("libvirt.reconnect_max_s", s.libvirt.reconnect_max_s, "below reconnect_min_s")
+    if not s.nats.urls:
+        raise bad("nats.urls", s.nats.urls, "at least one server URL is needed")
+    for url in s.nats.urls:
+        if not NATS_URL_RE.match(url):
+            raise bad("nats.urls", url, "expected nats://host:port (or tls://, ws://, wss://)")
+    if s.http.listen:
+        host, _, port = s.http.listen.rpartition(":")
+        if not host or not port.isdigit() or int(port) > 65535:
+            raise bad("http.listen", s.http.listen, "expected host:port, or empty to disable")
+    if s.log.level.lower() not in {"debug", "info", "warning", "error", "critical"}:
+        raise bad("log.level", s.log.level, "one of debug, info, warning, error, critical")
+    if s.log.format not in {"auto", "json", "console"}:
+        raise bad("log.format", s.log.format, "one of auto, json, console")
+    if not s.state_dir:
+        raise bad("state_dir", s.state_dir, "must be a directory path")

@@ -1,0 +1,258 @@
+"""The agent's lifecycle: one TaskGroup owns every long-lived task; ordered, bounded shutdown.
+
+Start: HTTP, NATS and the streams, the publisher, `agent_started`, libvirt (retried with
+back-off) with `libvirt_connected` and a `resync` snapshot. Stop (SIGTERM/SIGINT or
+`request_stop`): deregister the libvirt callbacks, queue `agent_stopping` last, flush the queue
+and every outstanding ack, drain NATS, close libvirt - all within `shutdown_grace_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import os
+import time
+import uuid
+from typing import Any
+
+import structlog
+
+from agent import __version__
+from agent.bus import Bus, ensure_streams
+from agent.envelope import (
+    AgentStarted,
+    AgentStopping,
+    Heartbeat,
+    LibvirtConnected,
+    LibvirtDisconnected,
+    Resync,
+    Subjects,
+)
+from agent.errors import AgentError, Unavailable
+from agent.http import HttpServer
+from agent.hypervisor import Hypervisor
+from agent.metrics import Metrics
+from agent.publisher import Publisher
+from agent.settings import Settings
+
+log = structlog.get_logger("agent.supervisor")
+
+
+class AgentState(enum.Enum):
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+class Agent:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.host = settings.host_id
+        self.boot_id = uuid.uuid4().hex
+        self.subjects = Subjects(settings.subject_prefix, settings.host_id)
+        self.metrics = Metrics()
+        self.publisher = Publisher(settings.publisher, self.subjects, self.boot_id, self.metrics)
+        self.hypervisor = Hypervisor(
+            settings.libvirt,
+            settings.libvirt.uri,
+            settings.host_id,
+            self.publisher.submit_event,
+            self.metrics,
+        )
+        self.bus = Bus(settings.nats, f"virt-agent/{settings.host_id}", self.metrics)
+        self.http: HttpServer | None = None
+        if settings.http.listen:
+            self.http = HttpServer(
+                settings.http.listen, self.metrics, self.health, self.readiness
+            )
+        self.state = AgentState.STARTING
+        self.stop_reason = ""
+        self.started_at = time.monotonic()
+        self._stop = asyncio.Event()
+        self.ready = asyncio.Event()
+
+    # ------------------------------------------------------------ control
+
+    def request_stop(self, reason: str = "requested") -> None:
+        """Ask for an orderly shutdown; repeated calls are harmless."""
+        if not self._stop.is_set():
+            self.stop_reason = reason
+            log.info("stop requested", reason=reason)
+            self._stop.set()
+
+    def health(self) -> dict[str, Any]:
+        return {"status": "ok", "state": self.state.value, "boot_id": self.boot_id}
+
+    def readiness(self) -> dict[str, Any]:
+        checks = {
+            "running": self.state is AgentState.RUNNING,
+            "libvirt": self.hypervisor.connected,
+            "nats": self.bus.connected,
+            "queue_below_bound": self.publisher.depth < self.settings.publisher.queue_size,
+        }
+        return {"ready": all(checks.values()), "checks": checks}
+
+    # ------------------------------------------------------------ run
+
+    async def run(self) -> None:
+        with structlog.contextvars.bound_contextvars(host=self.host, boot_id=self.boot_id):
+            try:
+                await self._run()
+            finally:
+                await self._close()
+
+    async def _run(self) -> None:
+        log.info("agent starting", version=__version__, libvirt_uri=self.settings.libvirt.uri)
+        if self.http is not None:
+            await self.http.start()
+        try:
+            nc = await self.bus.connect(self._stop)
+        except Unavailable:
+            return
+        await ensure_streams(nc, self.settings.nats, self.subjects)
+        await self.publisher.attach(nc)
+        async with asyncio.TaskGroup() as tg:
+            tasks = [
+                tg.create_task(self.publisher.run(), name="publisher"),
+                tg.create_task(self.publisher.watch_acks(), name="ack-watchdog"),
+            ]
+            self.publisher.submit_host_event(
+                AgentStarted(
+                    host=self.host,
+                    boot_id=self.boot_id,
+                    version=__version__,
+                    pid=os.getpid(),
+                    libvirt_uri=self.settings.libvirt.uri,
+                )
+            )
+            if await self.hypervisor.reconnect(self._stop):
+                try:
+                    await self._announce_libvirt("startup")
+                except AgentError as exc:
+                    # libvirt went away at once; the watch task reconnects and resyncs.
+                    log.warning("startup resync failed", error=exc.message)
+                tasks += [
+                    tg.create_task(self._watch_libvirt(), name="libvirt-watch"),
+                    tg.create_task(self._resync_on_overflow(), name="overflow-resync"),
+                    tg.create_task(self._heartbeat(), name="heartbeat"),
+                ]
+                self.state = AgentState.RUNNING
+                self.ready.set()
+                log.info("agent running", event_types=len(self.hypervisor.registered))
+                await self._stop.wait()
+            await self._shutdown()
+            for t in tasks:
+                t.cancel()
+
+    async def _shutdown(self) -> None:
+        self.state = AgentState.STOPPING
+        grace = self.settings.agent.shutdown_grace_s
+        deadline = time.monotonic() + grace
+        # 1. No more events: every callback libvirt delivered is already queued.
+        self.hypervisor.stop_events()
+        # 2. The last word of this boot, after every event.
+        self.publisher.submit_host_event(
+            AgentStopping(
+                host=self.host,
+                boot_id=self.boot_id,
+                reason=self.stop_reason or "requested",
+                counters=self.publisher.counters(),
+            )
+        )
+        # 3. Everything queued reaches JetStream and is acknowledged.
+        flushed = await self.publisher.flush(max(0.1, deadline - time.monotonic() - 1.0))
+        log.info(
+            "agent stopping",
+            reason=self.stop_reason,
+            flushed=flushed,
+            published=self.publisher.published,
+            received=self.publisher.received,
+            dropped=self.publisher.dropped,
+        )
+
+    async def _close(self) -> None:
+        # 4. Drain NATS, 5. close libvirt, 6. stop HTTP. Each step runs even if one before failed.
+        try:
+            await self.bus.drain(timeout=2.0)
+        finally:
+            try:
+                await self.hypervisor.close()
+            finally:
+                if self.http is not None:
+                    await self.http.stop()
+                self.state = AgentState.STOPPED
+                log.info("agent stopped")
+
+    # ------------------------------------------------------------ long-lived tasks
+
+    async def _announce_libvirt(self, reason: str) -> None:
+        lib, hv = await self.hypervisor.versions()
+        self.publisher.submit_host_event(
+            LibvirtConnected(
+                host=self.host,
+                uri=self.hypervisor.uri,
+                libvirt_version=lib,
+                hypervisor=hv,
+                event_types=[k.event_type for k in self.hypervisor.registered],
+                unsupported_event_types=self.hypervisor.unsupported,
+            )
+        )
+        await self.resync(reason)
+
+    async def resync(self, reason: str) -> None:
+        """Publish a snapshot of every domain; it also accounts for any dropped events."""
+        missed = self.publisher.take_missed()
+        try:
+            domains = await self.hypervisor.snapshot()
+        except AgentError:
+            self.publisher.restore_missed(missed)
+            raise
+        self.publisher.submit_host_event(
+            Resync(host=self.host, reason=reason, domains=domains, missed=missed)
+        )
+        self.metrics.resyncs.labels(reason).inc()
+        if missed is not None:
+            log.warning(
+                "resync published after dropped events",
+                dropped=missed.count,
+                first_sequence=missed.first_sequence,
+                last_sequence=missed.last_sequence,
+            )
+
+    async def _watch_libvirt(self) -> None:
+        while True:
+            reason = await self.hypervisor.wait_closed()
+            log.warning("libvirt connection lost", uri=self.hypervisor.uri, reason=reason)
+            self.publisher.submit_host_event(
+                LibvirtDisconnected(host=self.host, uri=self.hypervisor.uri, reason=reason)
+            )
+            if not await self.hypervisor.reconnect(self._stop):
+                return
+            self.metrics.libvirt_reconnects.inc()
+            try:
+                await self._announce_libvirt("reconnect")
+            except AgentError as exc:
+                log.warning("reconnect resync failed", error=exc.message)
+
+    async def _resync_on_overflow(self) -> None:
+        while True:
+            await self.publisher.resync_needed.wait()
+            try:
+                await self.resync("overflow")
+            except AgentError as exc:
+                log.warning("overflow resync failed, will retry", error=exc.message)
+                await asyncio.sleep(1.0)
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.agent.heartbeat_interval_s)
+            self.publisher.submit_host_event(
+                Heartbeat(
+                    host=self.host,
+                    boot_id=self.boot_id,
+                    uptime_s=round(time.monotonic() - self.started_at, 3),
+                    counters=self.publisher.counters(),
+                    queue_depth=self.publisher.depth,
+                )
+            )
