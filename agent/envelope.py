@@ -14,13 +14,13 @@ SPECVERSION = "1.0"
 CONTENT_TYPE = "application/json"
 
 
-class CloudEvent(Struct, frozen=True, kw_only=True, omit_defaults=True):
+class CloudEvent(Struct, frozen=True, kw_only=True):
     specversion: str = SPECVERSION
     id: str
     source: str
     type: str
-    # The domain UUID for domain events; absent for host and operation events.
-    subject: str | None = None
+    # The domain UUID for domain events; absent (not null) for host and operation events.
+    subject: str | msgspec.UnsetType = msgspec.UNSET
     time: str
     datacontenttype: str = CONTENT_TYPE
     sequence: int

@@ -149,7 +149,9 @@ class Agent:
         self.state = AgentState.STOPPING
         grace = self.settings.agent.shutdown_grace_s
         deadline = time.monotonic() + grace
-        # 1. No more events: every callback libvirt delivered is already queued.
+        # 1. Let libvirt dispatch what it already holds (its queue, the socket) until the
+        #    callbacks go quiet, then deregister: every event delivered is queued, none after.
+        await self._quiesce(min(1.0, grace / 4))
         self.hypervisor.stop_events()
         # 2. The last word of this boot, after every event.
         self.publisher.submit_host_event(
@@ -170,6 +172,14 @@ class Agent:
             received=self.publisher.received,
             dropped=self.publisher.dropped,
         )
+
+    async def _quiesce(self, limit: float, quiet: float = 0.05) -> None:
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            before = self.publisher.received
+            await asyncio.sleep(quiet)
+            if self.publisher.received == before:
+                return
 
     async def _close(self) -> None:
         # 4. Drain NATS, 5. close libvirt, 6. stop HTTP. Each step runs even if one before failed.

@@ -1,0 +1,234 @@
+"""Shared fixtures: a real nats-server per test, agents in-process or as processes, and a
+libvirtd serving the test driver over TCP (an event source outside the agent's process)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import nats
+import pytest
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from agent.embedded import NatsServer
+from agent.settings import Settings, load
+from agent.supervisor import Agent
+from lab.daemon import LibvirtDaemon
+from lab.prereqs import LabUnavailable
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    """A real nats-server with JetStream on a random port, its store in the test's tmp dir."""
+    server = NatsServer(tmp_path / "nats").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def nc(nats_server: NatsServer) -> AsyncIterator[NATS]:
+    """A plain NATS client on the test's server."""
+    client = await nats.connect(nats_server.url)
+    yield client
+    await client.close()
+
+
+def agent_settings(tmp_path: Path, nats_url: str, **overrides: Any) -> Settings:
+    base = {
+        "host_id": f"h{uuid.uuid4().hex[:8]}",
+        "state_dir": str(tmp_path / "state"),
+        "nats.urls": [nats_url],
+        "libvirt.uri": "test:///default",
+        "http.listen": "127.0.0.1:0",
+        "agent.heartbeat_interval_s": 3600.0,
+    }
+    base.update(overrides)
+    return load(None, env={}, overrides=base).settings
+
+
+class RunningAgent:
+    def __init__(self, agent: Agent, task: asyncio.Task[None]) -> None:
+        self.agent = agent
+        self.task = task
+
+    @property
+    def host(self) -> str:
+        return self.agent.host
+
+    async def stop(self) -> None:
+        self.agent.request_stop("test")
+        await asyncio.wait_for(self.task, 30)
+
+
+@pytest.fixture
+async def start_agent(
+    tmp_path: Path, nats_server: NatsServer
+) -> AsyncIterator[Callable[..., Awaitable[RunningAgent]]]:
+    """Start in-process agents on the test's nats-server; each is stopped at teardown."""
+    running: list[RunningAgent] = []
+
+    async def start(**overrides: Any) -> RunningAgent:
+        settings = agent_settings(tmp_path / f"a{len(running)}", nats_server.url, **overrides)
+        agent = Agent(settings)
+        task = asyncio.create_task(agent.run())
+        ready = asyncio.create_task(agent.ready.wait())
+        done, _ = await asyncio.wait({task, ready}, timeout=20, return_when=asyncio.FIRST_COMPLETED)
+        if ready not in done:
+            ready.cancel()
+            if task.done():
+                task.result()
+            raise AssertionError("agent did not become ready")
+        r = RunningAgent(agent, task)
+        running.append(r)
+        return r
+
+    yield start
+    for r in running:
+        if not r.task.done():
+            await r.stop()
+
+
+@pytest.fixture(scope="session")
+def test_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LibvirtDaemon]:
+    """A libvirtd (own mount namespace, own TCP port) serving the shared test driver."""
+    daemon = LibvirtDaemon(tmp_path_factory.mktemp("lab"), "events")
+    try:
+        daemon.start()
+    except LabUnavailable as exc:
+        pytest.skip(str(exc))
+    yield daemon
+    daemon.stop()
+
+
+class Collector:
+    """Every message on a subject pattern, decoded; wait for one matching a predicate."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, dict[str, Any], dict[str, str]]] = []
+        self._changed = asyncio.Event()
+
+    async def on_msg(self, msg: Msg) -> None:
+        self.messages.append((msg.subject, msgspec.json.decode(msg.data), dict(msg.headers or {})))
+        self._changed.set()
+
+    def events(self) -> list[dict[str, Any]]:
+        return [m[1] for m in self.messages]
+
+    async def wait_for(
+        self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 10.0
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        seen = 0
+        while True:
+            for _, ev, _ in self.messages[seen:]:
+                if predicate(ev):
+                    return ev
+            seen = len(self.messages)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no matching event within {timeout}s; got {self.events()[-5:]}")
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), remaining)
+
+    async def wait_count(self, n: int, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.messages) < n:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{len(self.messages)} messages, wanted {n}")
+            await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def collect(nc: NATS) -> Callable[[str], Awaitable[Collector]]:
+    """Subscribe a Collector to a subject pattern on the test's server."""
+
+    async def sub(subject: str) -> Collector:
+        c = Collector()
+        await nc.subscribe(subject, cb=c.on_msg)
+        await nc.flush()
+        return c
+
+    return sub
+
+
+async def stream_messages(nc: NATS, stream: str, subject: str = ">") -> list[tuple[str, dict[str, Any], dict[str, str]]]:
+    """Everything a JetStream stream holds on a subject filter, in stream order."""
+    js = nc.jetstream()
+    info = await js.stream_info(stream)
+    out: list[tuple[str, dict[str, Any], dict[str, str]]] = []
+    if info.state.messages == 0:
+        return out
+    sub = await js.subscribe(subject, stream=stream, ordered_consumer=True)
+    try:
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=2.0)
+            except TimeoutError:
+                break
+            out.append((msg.subject, msgspec.json.decode(msg.data), dict(msg.headers or {})))
+            if msg.metadata.num_pending == 0:
+                break
+    finally:
+        await sub.unsubscribe()
+    return out
+
+
+class AgentProcess:
+    """`virt-agent run` as a real process (for signals and exit statuses)."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+        self.log = log
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "agent", "run", *args],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+            )
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        return self.proc.wait(timeout)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def agent_process(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
+    """Start `virt-agent run` processes; any still running are killed at teardown."""
+    procs: list[AgentProcess] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> AgentProcess:
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("VIRT_AGENT_")}
+        full_env["VIRT_AGENT_LOG_FORMAT"] = "json"
+        full_env.update(env or {})
+        p = AgentProcess(list(args), full_env, tmp_path / f"agent{len(procs)}.log")
+        procs.append(p)
+        return p
+
+    yield start
+    for p in procs:
+        p.kill()

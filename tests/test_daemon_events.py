@@ -1,0 +1,154 @@
+"""Events caused by another process, through a libvirtd serving the test driver over TCP."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import threading
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import libvirt
+import pytest
+from nats.aio.client import Client as NATS
+
+from agent.bus import EVENTS_STREAM
+from agent.embedded import NatsServer
+from lab.daemon import LibvirtDaemon
+from tests.conftest import ROOT, AgentProcess, Collector, RunningAgent, stream_messages
+from tests.test_events import define
+
+pytestmark = pytest.mark.daemon
+
+
+class Flipper:
+    """Suspend/resume one domain in a thread of its own, on a connection of its own."""
+
+    def __init__(self, uri: str) -> None:
+        self.conn = libvirt.open(uri)
+        self.dom = define(self.conn)
+        self.dom.create()
+        self.count = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.dom.suspend()
+            self.dom.resume()
+            self.count += 2
+
+    def start(self) -> Flipper:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.dom.destroy()
+        self.dom.undefine()
+        self.conn.close()
+
+
+async def wait_for_subject(nc: NATS, subject: str, timeout: float = 20.0) -> dict[str, Any]:
+    c = Collector()
+    sub = await nc.subscribe(subject, cb=c.on_msg)
+    try:
+        return await c.wait_for(lambda _e: True, timeout)
+    finally:
+        await sub.unsubscribe()
+
+
+async def test_sigterm_during_a_burst_loses_no_delivered_event(
+    test_daemon: LibvirtDaemon,
+    nats_server: NatsServer,
+    nc: NATS,
+    agent_process: Callable[..., AgentProcess],
+) -> None:
+    """SIGTERM while another process floods events: every event the agent received is stored, no gaps."""
+    host = f"p{uuid.uuid4().hex[:8]}"
+    started = asyncio.create_task(wait_for_subject(nc, f"virt.{host}.host.resync"))
+    await asyncio.sleep(0.05)
+    p = agent_process(
+        "--libvirt-uri", test_daemon.test_uri, "--nats-url", nats_server.url,
+        "--host-id", host, "--http-addr", "", "--state-dir", str(nats_server.store_dir.parent / "st"),
+    )  # fmt: skip
+    await started
+    flipper = await asyncio.to_thread(lambda: Flipper(test_daemon.test_uri).start())
+    await asyncio.sleep(1.5)
+    p.signal(signal.SIGTERM)
+    code = await asyncio.to_thread(p.wait, 30)
+    await asyncio.to_thread(flipper.stop)
+    assert code == 0, p.output()[-3000:]
+
+    stored = await stream_messages(nc, EVENTS_STREAM, f"virt.{host}.>")
+    last = stored[-1][1]
+    assert last["type"] == "virt.host.agent_stopping"
+    received = last["data"]["counters"]["events_received"]
+    domain_events = [ev for _, ev, _ in stored if ev["type"] == "virt.domain.lifecycle"]
+    assert received == len(domain_events)
+    assert received > 500, "the burst was too small to mean anything"
+    assert last["data"]["counters"]["events_dropped"] == 0
+    seqs = [ev["sequence"] for _, ev, _ in stored]
+    assert seqs == list(range(1, len(seqs) + 1)), "a gap or a reordering in sequence"
+    flips = [ev["data"]["event"] for ev in domain_events if ev["subject"] == flipper.dom.UUIDString()]
+    assert all(a != b for a, b in zip(flips, flips[1:], strict=False)), "suspend/resume must alternate"
+
+
+async def test_events_keep_flowing_while_executor_threads_call_libvirt(
+    test_daemon: LibvirtDaemon,
+    start_agent: Callable[..., Awaitable[RunningAgent]],
+    collect: Callable[[str], Awaitable[Collector]],
+) -> None:
+    """libvirt RPCs from executor threads while callbacks run on the loop: nothing lost or broken."""
+    agent = await start_agent(**{"libvirt.uri": test_daemon.test_uri})
+    c = await collect(f"virt.{agent.host}.event.>")
+    flipper = await asyncio.to_thread(lambda: Flipper(test_daemon.test_uri).start())
+    try:
+        for _ in range(20):
+            snaps = await asyncio.gather(*(agent.agent.hypervisor.snapshot() for _ in range(8)))
+            assert all(any(d.uuid == flipper.dom.UUIDString() for d in s) for s in snaps)
+    finally:
+        await asyncio.to_thread(flipper.stop)
+    u = flipper.dom.UUIDString()
+    await c.wait_for(lambda e: e["subject"] == u and e["data"]["event"] == "undefined", 20)
+    flips = [e for e in c.events() if e["subject"] == u and e["data"]["event"] in ("suspended", "resumed")]
+    assert len(flips) == flipper.count
+    assert agent.agent.hypervisor.decode_errors == 0
+
+
+async def test_events_command_tails_the_bus(
+    test_daemon: LibvirtDaemon,
+    nats_server: NatsServer,
+    start_agent: Callable[..., Awaitable[RunningAgent]],
+) -> None:
+    """`virt-agent events` prints one readable line per event, filtered by host, domain and type."""
+    agent = await start_agent(**{"libvirt.uri": test_daemon.test_uri})
+    conn = libvirt.open(test_daemon.test_uri)
+    dom = define(conn)
+    name = dom.name()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agent", "events", "--nats-url", nats_server.url,
+        "--host", agent.host, "--domain", name, "--type", "lifecycle", "--count", "3",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        await asyncio.sleep(1.0)  # let the tail subscribe
+        other = define(conn)
+        for d in (other, dom):
+            d.create()
+            d.suspend()
+            d.destroy()
+        out, _ = await asyncio.wait_for(proc.communicate(), 20)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        for d in (dom, other):
+            d.undefine()
+        conn.close()
+    lines = out.decode().strip().splitlines()
+    assert len(lines) == 3, lines
+    assert [ln.split()[-1] for ln in lines] == ["started/booted", "suspended/paused", "stopped/destroyed"]
+    assert all(f" {agent.host} " in ln and name in ln for ln in lines)
