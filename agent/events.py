@@ -75,7 +75,9 @@ _STATE_REASON_LIMITS: dict[str, dict[str, Any]] = {
     "PMSUSPENDED": {"exclude": ("DISK_",)},
 }
 DOMAIN_STATE_REASON = {
-    getattr(libvirt, f"VIR_DOMAIN_{st}"): _enum(f"VIR_DOMAIN_{st}_", **_STATE_REASON_LIMITS.get(st, {}))
+    getattr(libvirt, f"VIR_DOMAIN_{st}"): _enum(
+        f"VIR_DOMAIN_{st}_", **_STATE_REASON_LIMITS.get(st, {})
+    )
     for st in DOMAIN_STATES
     if hasattr(libvirt, f"VIR_DOMAIN_{st}")
 }
@@ -95,7 +97,9 @@ MEMORY_FAILURE_RECIPIENT = _enum("VIR_DOMAIN_EVENT_MEMORY_FAILURE_RECIPIENT_")
 MEMORY_FAILURE_ACTION = _enum("VIR_DOMAIN_EVENT_MEMORY_FAILURE_ACTION_")
 MEMORY_FAILURE_FLAGS = _enum("VIR_DOMAIN_MEMORY_FAILURE_")
 JOB_OPERATION = _enum("VIR_DOMAIN_JOB_OPERATION_")
-JOB_TYPE = _enum("VIR_DOMAIN_JOB_", only=("NONE", "BOUNDED", "UNBOUNDED", "COMPLETED", "FAILED", "CANCELLED"))
+JOB_TYPE = _enum(
+    "VIR_DOMAIN_JOB_", only=("NONE", "BOUNDED", "UNBOUNDED", "COMPLETED", "FAILED", "CANCELLED")
+)
 
 
 def flag_names(table: dict[int, str], value: int) -> list[str]:
@@ -312,7 +316,12 @@ DECODERS: dict[str, Decoder] = {
     "RTC_CHANGE": lambda h, d, a: RtcChange(host=h, domain=d, utcoffset_s=int(a[0])),
     "WATCHDOG": lambda h, d, a: Watchdog(host=h, domain=d, action=name_of(WATCHDOG_ACTION, a[0])),
     "IO_ERROR": lambda h, d, a: IoError(
-        host=h, domain=d, src_path=a[0], alias=a[1], action=name_of(IO_ERROR_ACTION, a[2]), reason=""
+        host=h,
+        domain=d,
+        src_path=a[0],
+        alias=a[1],
+        action=name_of(IO_ERROR_ACTION, a[2]),
+        reason="",
     ),
     "IO_ERROR_REASON": lambda h, d, a: IoError(
         host=h,
@@ -361,7 +370,9 @@ DECODERS: dict[str, Decoder] = {
     "AGENT_LIFECYCLE": lambda h, d, a: AgentLifecycle(
         host=h, domain=d, state=name_of(AGENT_STATE, a[0]), reason=name_of(AGENT_REASON, a[1])
     ),
-    "MIGRATION_ITERATION": lambda h, d, a: MigrationIteration(host=h, domain=d, iteration=int(a[0])),
+    "MIGRATION_ITERATION": lambda h, d, a: MigrationIteration(
+        host=h, domain=d, iteration=int(a[0])
+    ),
     "JOB_COMPLETED": _job_completed,
     "METADATA_CHANGE": lambda h, d, a: MetadataChange(
         host=h, domain=d, metadata_type=name_of(METADATA_TYPE, a[0]), nsuri=a[1]

@@ -20,7 +20,6 @@ import libvirt
 import structlog
 
 from agent import libvirt_loop
-
 from agent.errors import (
     AgentError,
     Conflict,
@@ -159,7 +158,11 @@ class Hypervisor:
                 cid = conn.domainEventRegisterAny(None, kind.event_id, self._callback, kind)
             except libvirt.libvirtError as exc:
                 self.unsupported.append(kind.event_type)
-                log.info("event id not offered by this libvirt", event_type=kind.event_type, error=str(exc).strip())
+                log.info(
+                    "event id not offered by this libvirt",
+                    event_type=kind.event_type,
+                    error=str(exc).strip(),
+                )
                 continue
             self.registered.append(kind)
             self._callback_ids.append(cid)
@@ -171,7 +174,9 @@ class Hypervisor:
         except Exception:
             # A decoder bug must not kill libvirt's dispatch; it is counted and logged loudly.
             self.decode_errors += 1
-            log.exception("could not decode a libvirt event", event_type=kind.event_type, args=repr(args[:-1]))
+            log.exception(
+                "could not decode a libvirt event", event_type=kind.event_type, args=repr(args[:-1])
+            )
             return
         self._on_event(event)
 
@@ -193,7 +198,12 @@ class Hypervisor:
             try:
                 await self.connect()
             except AgentError as exc:
-                log.warning("libvirt reconnect failed", uri=self.uri, error=exc.message, retry_in_s=round(delay, 2))
+                log.warning(
+                    "libvirt reconnect failed",
+                    uri=self.uri,
+                    error=exc.message,
+                    retry_in_s=round(delay, 2),
+                )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), delay)
                 delay = min(self.settings.reconnect_max_s, delay * 2) * random.uniform(0.8, 1.2)  # noqa: S311

@@ -13,7 +13,10 @@ class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.events_received = Counter(
-            f"{NS}_events_received", "Domain events delivered by libvirt, by type", ["type"], registry=r
+            f"{NS}_events_received",
+            "Domain events delivered by libvirt, by type",
+            ["type"],
+            registry=r,
         )
         self.events_published = Counter(
             f"{NS}_events_published", "Messages acknowledged by JetStream", registry=r
@@ -22,7 +25,9 @@ class Metrics:
             f"{NS}_events_dropped", "Domain events dropped because the queue was full", registry=r
         )
         self.publish_retries = Counter(
-            f"{NS}_publish_retries", "JetStream publishes sent again after a timeout or error", registry=r
+            f"{NS}_publish_retries",
+            "JetStream publishes sent again after a timeout or error",
+            registry=r,
         )
         self.publish_errors = Counter(
             f"{NS}_publish_errors", "JetStream publish failures, by kind", ["kind"], registry=r
@@ -33,21 +38,37 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
             registry=r,
         )
-        self.resyncs = Counter(f"{NS}_resyncs", "Resync snapshots published, by reason", ["reason"], registry=r)
-        self.libvirt_connected = Gauge(f"{NS}_libvirt_connected", "1 while libvirt is connected", registry=r)
-        self.libvirt_reconnects = Counter(f"{NS}_libvirt_reconnects", "libvirt connections re-opened", registry=r)
+        self.resyncs = Counter(
+            f"{NS}_resyncs", "Resync snapshots published, by reason", ["reason"], registry=r
+        )
+        self.libvirt_connected = Gauge(
+            f"{NS}_libvirt_connected", "1 while libvirt is connected", registry=r
+        )
+        self.libvirt_reconnects = Counter(
+            f"{NS}_libvirt_reconnects", "libvirt connections re-opened", registry=r
+        )
         self.nats_connected = Gauge(f"{NS}_nats_connected", "1 while NATS is connected", registry=r)
         self.nats_reconnects = Counter(f"{NS}_nats_reconnects", "NATS reconnections", registry=r)
-        self.queue_depth = Gauge(f"{NS}_queue_depth", "Events waiting for the publisher", registry=r)
+        self.queue_depth = Gauge(
+            f"{NS}_queue_depth", "Events waiting for the publisher", registry=r
+        )
         self.queue_capacity = Gauge(f"{NS}_queue_capacity", "Bound of the event queue", registry=r)
-        self.inflight = Gauge(f"{NS}_inflight_acks", "Publishes awaiting a JetStream ack", registry=r)
-        self.inflight_capacity = Gauge(f"{NS}_inflight_acks_capacity", "Bound of in-flight acks", registry=r)
-        self.executor_busy = Gauge(f"{NS}_executor_busy", "libvirt calls running or queued", registry=r)
+        self.inflight = Gauge(
+            f"{NS}_inflight_acks", "Publishes awaiting a JetStream ack", registry=r
+        )
+        self.inflight_capacity = Gauge(
+            f"{NS}_inflight_acks_capacity", "Bound of in-flight acks", registry=r
+        )
+        self.executor_busy = Gauge(
+            f"{NS}_executor_busy", "libvirt calls running or queued", registry=r
+        )
         self.executor_capacity = Gauge(
             f"{NS}_executor_capacity", "Bound of libvirt calls running or queued", registry=r
         )
         self.executor_rejected = Counter(
-            f"{NS}_executor_rejected", "libvirt calls refused because the executor was full", registry=r
+            f"{NS}_executor_rejected",
+            "libvirt calls refused because the executor was full",
+            registry=r,
         )
 
     @staticmethod

@@ -135,7 +135,7 @@ class Publisher:
         self._wakeup.set()
 
     def submit_host_event(self, data: HostData) -> int:
-        """Queue a host event. These are rare and carry recovery state, so they are never dropped."""
+        """Queue a host event: rare, and carrying recovery state, so never dropped."""
         self._sequence += 1
         self._queue.append(_Queued(self._sequence, None, data, time.time_ns()))
         self._wakeup.set()
@@ -272,7 +272,9 @@ class Publisher:
             return
         if ack.error is not None:
             self.metrics.publish_errors.labels("api_error").inc()
-            log.warning("JetStream refused a message, will retry", error=ack.error, msg_id=out.msg_id)
+            log.warning(
+                "JetStream refused a message, will retry", error=ack.error, msg_id=out.msg_id
+            )
             return
         del self._inflight[token]
         self._slots.release()

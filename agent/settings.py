@@ -36,7 +36,7 @@ class _Section(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     pass
 
 
-class LibvirtSettings(_Section):
+class LibvirtSettings(_Section, frozen=True, kw_only=True, forbid_unknown_fields=True):
     uri: str = "qemu:///system"
     # libvirt keepalive: a dead daemon is noticed after interval * (count + 1) seconds.
     keepalive_interval_s: NonNegInt = 5
@@ -49,7 +49,7 @@ class LibvirtSettings(_Section):
     reconnect_max_s: PosFloat = 30.0
 
 
-class NatsSettings(_Section):
+class NatsSettings(_Section, frozen=True, kw_only=True, forbid_unknown_fields=True):
     urls: list[str] = msgspec.field(default_factory=lambda: ["nats://127.0.0.1:4222"])
     connect_timeout_s: PosFloat = 5.0
     # Replicas of the JetStream streams this agent creates (3 on a 3-node cluster).
@@ -62,7 +62,7 @@ class NatsSettings(_Section):
     embedded_port: Annotated[int, Meta(ge=0, le=65535)] = 4222
 
 
-class PublisherSettings(_Section):
+class PublisherSettings(_Section, frozen=True, kw_only=True, forbid_unknown_fields=True):
     # Events waiting between the libvirt callbacks and the publisher.
     queue_size: PosInt = 20000
     # JetStream publishes whose acknowledgement is still outstanding.
@@ -73,18 +73,18 @@ class PublisherSettings(_Section):
     resync_low_watermark: Annotated[float, Meta(gt=0, lt=1)] = 0.5
 
 
-class HttpSettings(_Section):
+class HttpSettings(_Section, frozen=True, kw_only=True, forbid_unknown_fields=True):
     # host:port for /healthz, /readyz and /metrics; empty disables the server.
     listen: str = "127.0.0.1:9178"
 
 
-class LogSettings(_Section):
+class LogSettings(_Section, frozen=True, kw_only=True, forbid_unknown_fields=True):
     level: str = "info"
     # auto: readable on a terminal, JSON otherwise.
     format: str = "auto"
 
 
-class AgentSettings(_Section):
+class AgentSettings(_Section, frozen=True, kw_only=True, forbid_unknown_fields=True):
     # Longest an orderly shutdown may take before the agent exits anyway.
     shutdown_grace_s: PosFloat = 15.0
     heartbeat_interval_s: PosFloat = 30.0
@@ -96,7 +96,7 @@ def default_state_dir() -> str:
     return str(Path.home() / ".local" / "state" / "virt-agent")
 
 
-class Settings(_Section):
+class Settings(_Section, frozen=True, kw_only=True, forbid_unknown_fields=True):
     # One subject token; empty means the hostname with dots turned into "_".
     host_id: str = ""
     subject_prefix: str = "virt"
@@ -170,6 +170,71 @@ class LoadedSettings(Struct, frozen=True):
         return key in self.sources
 
 
+# Command-line flags of `virt-agent run`, by the setting they override.
+FLAGS = {
+    "libvirt.uri": "--libvirt-uri",
+    "nats.urls": "--nats-url",
+    "host_id": "--host-id",
+    "state_dir": "--state-dir",
+    "http.listen": "--http-addr",
+    "log.level": "--log-level",
+    "log.format": "--log-format",
+    "embedded": "--embedded",
+}
+
+
+def _from_file(path: Path, tree: dict[str, Any], sources: dict[str, str]) -> None:
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise SettingsError("config", str(path), "file not found") from None
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise SettingsError("config", str(path), f"unreadable: {exc}") from None
+    for key, value in _flatten(raw).items():
+        if key not in LEAVES:
+            raise SettingsError(key, value, "unknown setting", str(path))
+        _set(tree, key, value)
+        sources[key] = str(path)
+
+
+def _from_env(env: Mapping[str, str], tree: dict[str, Any], sources: dict[str, str]) -> None:
+    by_name = {env_name(k): k for k in LEAVES}
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX) or name in ENV_META:
+            continue
+        key = by_name.get(name)
+        if key is None:
+            raise SettingsError(name, value, "unknown environment setting", "environment")
+        parsed: Any = value
+        if LEAVES[key] == list[str]:
+            parsed = [u.strip() for u in value.split(",") if u.strip()]
+        _set(tree, key, parsed)
+        sources[key] = name
+
+
+def _from_flags(
+    overrides: Mapping[str, Any], tree: dict[str, Any], sources: dict[str, str]
+) -> None:
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key not in LEAVES:
+            raise SettingsError(key, value, "unknown setting", "command line")
+        _set(tree, key, value)
+        sources[key] = FLAGS.get(key, "--" + key.replace(".", "-").replace("_", "-"))
+
+
+def _convert(tree: dict[str, Any], sources: Mapping[str, str]) -> Settings:
+    try:
+        return msgspec.convert(tree, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        m = re.search(r" - at `\$\.([^`]+)`$", text)
+        key = re.sub(r"\[\d+\]$", "", m.group(1)) if m else "?"
+        reason = text[: m.start()] if m else text
+        raise SettingsError(key, _get(tree, key.split(".")), reason, sources.get(key)) from None
+
+
 def load(
     config_file: str | Path | None = None,
     env: Mapping[str, str] | None = None,
@@ -179,52 +244,12 @@ def load(
     env = os.environ if env is None else env
     tree: dict[str, Any] = {}
     sources: dict[str, str] = {}
-
     path = config_file or env.get("VIRT_AGENT_CONFIG")
     if path:
-        p = Path(path)
-        try:
-            raw = tomllib.loads(p.read_text())
-        except FileNotFoundError:
-            raise SettingsError("config", str(p), "file not found") from None
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise SettingsError("config", str(p), f"unreadable: {exc}") from None
-        for key, value in _flatten(raw).items():
-            if key not in LEAVES:
-                raise SettingsError(key, value, "unknown setting", str(p))
-            _set(tree, key, value)
-            sources[key] = str(p)
-
-    for name, value in env.items():
-        if not name.startswith(ENV_PREFIX) or name in ENV_META:
-            continue
-        key = next((k for k in LEAVES if env_name(k) == name), None)
-        if key is None:
-            raise SettingsError(name, value, "unknown environment setting", "environment")
-        parsed: Any = value
-        if LEAVES[key] == list[str]:
-            parsed = [u.strip() for u in value.split(",") if u.strip()]
-        _set(tree, key, parsed)
-        sources[key] = name
-
-    for key, value in (overrides or {}).items():
-        if value is None:
-            continue
-        if key not in LEAVES:
-            raise SettingsError(key, value, "unknown setting", "command line")
-        _set(tree, key, value)
-        sources[key] = "--" + key.rsplit(".", 1)[-1].replace("_", "-")
-
-    try:
-        settings = msgspec.convert(tree, Settings, strict=False)
-    except msgspec.ValidationError as exc:
-        text = str(exc)
-        m = re.search(r" - at `\$\.([^`]+)`$", text)
-        key = m.group(1) if m else "?"
-        reason = text[: m.start()] if m else text
-        key = re.sub(r"\[\d+\]$", "", key)
-        raise SettingsError(key, _get(tree, key.split(".")), reason, sources.get(key)) from None
-
+        _from_file(Path(path), tree, sources)
+    _from_env(env, tree, sources)
+    _from_flags(overrides or {}, tree, sources)
+    settings = _convert(tree, sources)
     if not settings.host_id:
         settings = msgspec.structs.replace(settings, host_id=host_id_from_hostname())
     _validate(settings, sources)

@@ -63,9 +63,7 @@ class Agent:
         self.bus = Bus(settings.nats, f"virt-agent/{settings.host_id}", self.metrics)
         self.http: HttpServer | None = None
         if settings.http.listen:
-            self.http = HttpServer(
-                settings.http.listen, self.metrics, self.health, self.readiness
-            )
+            self.http = HttpServer(settings.http.listen, self.metrics, self.health, self.readiness)
         self.state = AgentState.STARTING
         self.stop_reason = ""
         self.started_at = time.monotonic()

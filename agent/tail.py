@@ -41,7 +41,9 @@ def render(event: dict[str, Any]) -> str:
         missed = data.get("missed")
         extra = f" missed={missed['count']}" if missed else ""
         return f"{head} reason={data.get('reason')}{extra} [{names}]"
-    fields = " ".join(f"{k}={v}" for k, v in data.items() if k not in skip and v not in (None, [], {}))
+    fields = " ".join(
+        f"{k}={v}" for k, v in data.items() if k not in skip and v not in (None, [], {})
+    )
     return f"{head} {fields}".rstrip()
 
 

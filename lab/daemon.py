@@ -37,7 +37,9 @@ def free_port() -> int:
 def _wait_port(port: int, deadline: float, proc: subprocess.Popen[bytes], log: Path) -> None:
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"libvirtd exited at start:\n{log.read_text(errors='replace')[-2000:]}")
+            raise RuntimeError(
+                f"libvirtd exited at start:\n{log.read_text(errors='replace')[-2000:]}"
+            )
         with socket.socket() as s, contextlib.suppress(OSError):
             s.settimeout(0.2)
             s.connect(("127.0.0.1", port))

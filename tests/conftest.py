@@ -139,7 +139,9 @@ class Collector:
             seen = len(self.messages)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise AssertionError(f"no matching event within {timeout}s; got {self.events()[-5:]}")
+                raise AssertionError(
+                    f"no matching event within {timeout}s; got {self.events()[-5:]}"
+                )
             self._changed.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), remaining)
@@ -165,7 +167,9 @@ async def collect(nc: NATS) -> Callable[[str], Awaitable[Collector]]:
     return sub
 
 
-async def stream_messages(nc: NATS, stream: str, subject: str = ">") -> list[tuple[str, dict[str, Any], dict[str, str]]]:
+async def stream_messages(
+    nc: NATS, stream: str, subject: str = ">"
+) -> list[tuple[str, dict[str, Any], dict[str, str]]]:
     """Everything a JetStream stream holds on a subject filter, in stream order."""
     js = nc.jetstream()
     info = await js.stream_info(stream)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import signal
 import sys
 import threading
@@ -93,8 +94,10 @@ async def test_sigterm_during_a_burst_loses_no_delivered_event(
     assert last["data"]["counters"]["events_dropped"] == 0
     seqs = [ev["sequence"] for _, ev, _ in stored]
     assert seqs == list(range(1, len(seqs) + 1)), "a gap or a reordering in sequence"
-    flips = [ev["data"]["event"] for ev in domain_events if ev["subject"] == flipper.dom.UUIDString()]
-    assert all(a != b for a, b in zip(flips, flips[1:], strict=False)), "suspend/resume must alternate"
+    flips = [
+        ev["data"]["event"] for ev in domain_events if ev["subject"] == flipper.dom.UUIDString()
+    ]
+    assert all(a != b for a, b in itertools.pairwise(flips)), "suspend/resume must alternate"
 
 
 async def test_events_keep_flowing_while_executor_threads_call_libvirt(
@@ -114,7 +117,11 @@ async def test_events_keep_flowing_while_executor_threads_call_libvirt(
         await asyncio.to_thread(flipper.stop)
     u = flipper.dom.UUIDString()
     await c.wait_for(lambda e: e["subject"] == u and e["data"]["event"] == "undefined", 20)
-    flips = [e for e in c.events() if e["subject"] == u and e["data"]["event"] in ("suspended", "resumed")]
+    flips = [
+        e
+        for e in c.events()
+        if e["subject"] == u and e["data"]["event"] in ("suspended", "resumed")
+    ]
     assert len(flips) == flipper.count
     assert agent.agent.hypervisor.decode_errors == 0
 
@@ -150,5 +157,9 @@ async def test_events_command_tails_the_bus(
         conn.close()
     lines = out.decode().strip().splitlines()
     assert len(lines) == 3, lines
-    assert [ln.split()[-1] for ln in lines] == ["started/booted", "suspended/paused", "stopped/destroyed"]
+    assert [ln.split()[-1] for ln in lines] == [
+        "started/booted",
+        "suspended/paused",
+        "stopped/destroyed",
+    ]
     assert all(f" {agent.host} " in ln and name in ln for ln in lines)

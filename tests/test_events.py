@@ -22,7 +22,16 @@ DOMAIN_XML = """<domain type='test'>
   <memory>65536</memory><vcpu>1</vcpu><os><type>hvm</type></os>
 </domain>"""
 
-ENVELOPE_KEYS = {"specversion", "id", "source", "type", "time", "datacontenttype", "sequence", "data"}
+ENVELOPE_KEYS = {
+    "specversion",
+    "id",
+    "source",
+    "type",
+    "time",
+    "datacontenttype",
+    "sequence",
+    "data",
+}
 TIME_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 
 
@@ -54,7 +63,11 @@ async def test_test_driver_events_arrive_with_contract_subject_and_envelope(
         dom.suspend()
         dom.resume()
         dom.setMetadata(
-            libvirt.VIR_DOMAIN_METADATA_ELEMENT, "<x/>", "x", "urn:virt-agent:test", libvirt.VIR_DOMAIN_AFFECT_LIVE
+            libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+            "<x/>",
+            "x",
+            "urn:virt-agent:test",
+            libvirt.VIR_DOMAIN_AFFECT_LIVE,
         )
         save = f"/tmp/virt-agent-test-{u}.save"
         dom.save(save)
@@ -121,10 +134,15 @@ async def test_events_stored_in_stream_with_strictly_increasing_sequence(
     await asyncio.sleep(0.3)
     stored = await stream_messages(nc, EVENTS_STREAM, f"virt.{agent.host}.>")
     seqs = [ev["sequence"] for _, ev, _ in stored]
-    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    assert seqs == sorted(seqs)
+    assert len(set(seqs)) == len(seqs)
     assert seqs[0] == 1
     types = [ev["type"] for _, ev, _ in stored]
-    assert types[:3] == ["virt.host.agent_started", "virt.host.libvirt_connected", "virt.host.resync"]
+    assert types[:3] == [
+        "virt.host.agent_started",
+        "virt.host.libvirt_connected",
+        "virt.host.resync",
+    ]
     assert types.count("virt.domain.lifecycle") == 52
     for subject, ev, _ in stored:
         if ev["type"].startswith("virt.host."):
@@ -188,8 +206,14 @@ async def test_resync_snapshot_matches_libvirt(
         for u, (name, st, _) in expected.items():
             assert snap[u]["name"] == name
             assert snap[u]["state"] == names[st]
-        assert (snap[running.UUIDString()]["state"], snap[running.UUIDString()]["reason"]) == ("running", "booted")
-        assert (snap[paused.UUIDString()]["state"], snap[paused.UUIDString()]["reason"]) == ("paused", "user")
+        assert (snap[running.UUIDString()]["state"], snap[running.UUIDString()]["reason"]) == (
+            "running",
+            "booted",
+        )
+        assert (snap[paused.UUIDString()]["state"], snap[paused.UUIDString()]["reason"]) == (
+            "paused",
+            "user",
+        )
         assert snap[off.UUIDString()]["state"] == "shutoff"
         assert snap[off.UUIDString()]["id"] is None
         assert stored[0][1]["data"]["reason"] == "startup"
@@ -226,7 +250,11 @@ async def test_queue_overflow_is_counted_and_followed_by_a_resync(
         conn.close()
     await asyncio.sleep(0.5)
     stored = await stream_messages(nc, EVENTS_STREAM, f"virt.{agent.host}.>")
-    resyncs = [ev for _, ev, _ in stored if ev["type"] == "virt.host.resync" and ev["data"]["reason"] == "overflow"]
+    resyncs = [
+        ev
+        for _, ev, _ in stored
+        if ev["type"] == "virt.host.resync" and ev["data"]["reason"] == "overflow"
+    ]
     assert len(resyncs) == 1
     missed = resyncs[0]["data"]["missed"]
     dropped = agent.agent.publisher.dropped
@@ -251,7 +279,9 @@ async def test_streams_are_created_or_updated_idempotently(
 ) -> None:
     """An existing VIRT_EVENTS with another configuration is updated; two agents share the streams."""
     js = nc.jetstream()
-    await js.add_stream(name="VIRT_EVENTS", subjects=["virt.*.event.>", "virt.*.host.>"], max_age=60)
+    await js.add_stream(
+        name="VIRT_EVENTS", subjects=["virt.*.event.>", "virt.*.host.>"], max_age=60
+    )
     a = await start_agent()
     b = await start_agent()
     info = await js.stream_info("VIRT_EVENTS")

@@ -24,7 +24,9 @@ def test_shipped_config_file_loads_and_matches_defaults() -> None:
 def test_precedence_file_then_environment_then_flags(tmp_path: Path) -> None:
     """A flag beats the environment, which beats the file."""
     f = tmp_path / "a.toml"
-    f.write_text('host_id = "fromfile"\n[libvirt]\nuri = "test:///file"\n[publisher]\nqueue_size = 7\n')
+    f.write_text(
+        'host_id = "fromfile"\n[libvirt]\nuri = "test:///file"\n[publisher]\nqueue_size = 7\n'
+    )
     loaded = load(
         f,
         env={"VIRT_AGENT_LIBVIRT_URI": "test:///env", "VIRT_AGENT_PUBLISHER_QUEUE_SIZE": "9",
@@ -36,7 +38,7 @@ def test_precedence_file_then_environment_then_flags(tmp_path: Path) -> None:
     assert s.libvirt.uri == "test:///flag"
     assert s.publisher.queue_size == 9
     assert s.nats.urls == ["nats://a:1", "nats://b:2"]
-    assert loaded.sources["libvirt.uri"] == "--uri"
+    assert loaded.sources["libvirt.uri"] == "--libvirt-uri"
     assert loaded.sources["publisher.queue_size"] == "VIRT_AGENT_PUBLISHER_QUEUE_SIZE"
 
 
