@@ -125,9 +125,16 @@ class Subjects:
         return [f"{self.prefix}.*.op.>"]
 
 
+_second_cache: list[Any] = [None, ""]
+
+
 def rfc3339(time_ns: int) -> str:
+    """UTC, microseconds, `Z`: 2026-11-25T21:00:00.123456Z (the date part cached per second)."""
     sec, ns = divmod(time_ns, 1_000_000_000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)) + f".{ns // 1000:06d}Z"
+    if _second_cache[0] != sec:
+        _second_cache[0] = sec
+        _second_cache[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+    return f"{_second_cache[1]}.{ns // 1000:06d}Z"
 
 
 _encoder = msgspec.json.Encoder()

@@ -30,9 +30,6 @@ class LoopSafeEventImpl(libvirtaio.virEventAsyncIOImpl):  # type: ignore[misc]
 
     # ------------------------------------------------------------ ordering
 
-    def _on_loop(self) -> bool:
-        return threading.get_ident() == self._loop_thread
-
     def _apply_queued(self) -> None:
         while True:
             with self._ops_lock:
@@ -42,8 +39,9 @@ class LoopSafeEventImpl(libvirtaio.virEventAsyncIOImpl):  # type: ignore[misc]
             op()
 
     def _run(self, op: Callable[[], None]) -> None:
-        if self._on_loop():
-            self._apply_queued()
+        if threading.get_ident() == self._loop_thread:
+            if self._ops:  # a cheap look first: the lock only when something is queued
+                self._apply_queued()
             op()
             return
         with self._ops_lock:

@@ -19,6 +19,7 @@ import itertools
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 import structlog
@@ -100,7 +101,7 @@ class Publisher:
         self._tokens = itertools.count(1)
         self._nc: NATS | None = None
         self._inbox = ""
-        self._closed = False
+        self._received_by_type: dict[str, Any] = {}
         metrics.queue_capacity.set(settings.queue_size)
         metrics.inflight_capacity.set(settings.max_inflight)
         metrics.track(metrics.queue_depth, lambda: len(self._queue))
@@ -127,7 +128,12 @@ class Publisher:
         """Queue one domain event; never blocks, never raises."""
         self._sequence += 1
         self.received += 1
-        self.metrics.events_received.labels(event.event_type).inc()
+        counter = self._received_by_type.get(event.event_type)
+        if counter is None:
+            counter = self._received_by_type[event.event_type] = (
+                self.metrics.events_received.labels(event.event_type)
+            )
+        counter.inc()
         if len(self._queue) >= self.settings.queue_size:
             self._drop(self._sequence, event)
             return
@@ -224,14 +230,23 @@ class Publisher:
     async def run(self) -> None:
         """Drain the queue into JetStream until cancelled."""
         low = int(self.settings.queue_size * self.settings.resync_low_watermark)
+        interval = self.settings.min_write_interval_ms / 1000
+        last_write = 0.0
         while True:
             await self._wakeup.wait()
+            # At most one socket write per interval: under load, events that arrive meanwhile
+            # share one write (each write costs a loopback round of the kernel); when idle, the
+            # first event goes out at once.
+            wait = last_write + interval - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
             self._wakeup.clear()
             while self._queue:
                 item = self._queue.popleft()
                 await self._send(self._render(item), new=True)
                 if self._missed is not None and len(self._queue) <= low:
                     self.resync_needed.set()
+            last_write = time.monotonic()
             if self._missed is not None:
                 self.resync_needed.set()
 

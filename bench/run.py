@@ -1,0 +1,292 @@
+"""`make bench`: every figure as a ratio against a baseline measured in the same run.
+
+Writes bench/results/latest.json and the results table in bench/README.md.
+BENCH_EVENTS (default 120000) sets the events of the throughput rounds, all together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import nats
+from nats.aio.msg import Msg
+
+from agent.embedded import NatsServer
+from bench.eventgen import rss_kib
+from lab.daemon import LibvirtDaemon
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+PY = sys.executable
+
+
+def helper(*args: str) -> subprocess.Popen[str]:
+    p = subprocess.Popen(
+        [PY, "-m", "bench.eventgen", *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    assert p.stdout is not None
+    line = p.stdout.readline().strip()
+    if line != "ready":
+        raise RuntimeError(f"helper {args[0]} did not start: {line!r}")
+    return p
+
+
+def go(p: subprocess.Popen[str]) -> None:
+    assert p.stdin is not None
+    p.stdin.write("go\n")
+    p.stdin.flush()
+
+
+def result(p: subprocess.Popen[str], timeout: float = 900) -> dict[str, Any]:
+    out, _ = p.communicate(timeout=timeout)
+    return dict(json.loads(out.strip().splitlines()[-1]))
+
+
+def pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+class Subscriber:
+    """Counts lifecycle events from the agent and their callback-to-here latency."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.first = self.last = 0
+        self.latencies_ms: list[float] = []
+        self.record_latency = False
+        self._dec = msgspec.json.Decoder()
+
+    async def on_event(self, msg: Msg) -> None:
+        now = time.time_ns()
+        ev = self._dec.decode(msg.data)
+        if ev["data"]["event"] not in ("suspended", "resumed"):
+            return  # the generator's own start and stop of its domain
+        if not self.count:
+            self.first = now
+        self.last = now
+        self.count += 1
+        if self.record_latency:
+            t = ev["time"]
+            sent = datetime.fromisoformat(t.replace("Z", "+00:00")).timestamp()
+            self.latencies_ms.append((now / 1e9 - sent) * 1000)
+
+    async def on_plain(self, msg: Msg) -> None:
+        now = time.time_ns()
+        self.count += 1
+        self.latencies_ms.append((now - self._dec.decode(msg.data)["t"]) / 1e6)
+
+    def reset(self, latency: bool) -> None:
+        self.count = 0
+        self.first = self.last = 0
+        self.latencies_ms = []
+        self.record_latency = latency
+
+    async def wait(self, n: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.count < n and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
+
+def median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+async def round_(uri: str, n: int, sub: Subscriber) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One generator run seen at once by the bare listener and, through the agent, by NATS."""
+    listener = helper("listen", uri, str(n))
+    gen = helper("generate", uri, str(n))
+    sub.reset(latency=False)
+    go(gen)
+    g = await asyncio.to_thread(result, gen)
+    b = await asyncio.to_thread(result, listener)
+    await sub.wait(n, 120)
+    bare = {
+        "events": b["events"],
+        "events_per_s": b["events"] / ((b["last_ns"] - b["first_ns"]) / 1e9),
+        "rss_kib": b["rss_kib"],
+    }
+    agent = {
+        "events": sub.count,
+        "events_per_s": sub.count / ((sub.last - sub.first) / 1e9) if sub.count > 1 else 0.0,
+        "generator_events_per_s": g["events"] / g["seconds"],
+    }
+    return bare, agent
+
+
+async def event_bridge(
+    daemon: LibvirtDaemon, server: NatsServer, work: Path, total: int, rounds: int = 3
+) -> dict[str, Any]:
+    """Rounds in which the bare listener and the agent consume the same generator run at the
+    same time (same events, same machine load); the ratio is of the medians."""
+    uri = daemon.test_uri
+    n = total // rounds
+    host = "bench"
+    nc = await nats.connect(server.url)
+    sub = Subscriber()
+    started = asyncio.Event()
+
+    async def on_host(msg: Msg) -> None:
+        if msg.subject.endswith(".resync"):
+            started.set()
+
+    await nc.subscribe(f"virt.{host}.host.>", cb=on_host)
+    await nc.subscribe(
+        f"virt.{host}.event.*.lifecycle", cb=sub.on_event, pending_msgs_limit=1_000_000
+    )
+    env = dict(os.environ)  # VIRT_AGENT_* settings pass through to the agent under test
+    env["VIRT_AGENT_LOG_FORMAT"] = "json"
+    env["VIRT_AGENT_LOG_LEVEL"] = "warning"
+    agent = subprocess.Popen(
+        [PY, "-m", "agent", "run", "--libvirt-uri", uri, "--nats-url", server.url, "--host-id", host,
+         "--http-addr", "", "--state-dir", str(work / "agent")],
+        env=env, cwd=ROOT, stdout=open(work / "agent.log", "wb"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    bare: list[dict[str, Any]] = []
+    through: list[dict[str, Any]] = []
+    try:
+        await asyncio.wait_for(started.wait(), 30)
+        rss_idle = rss_kib(agent.pid)
+        for _ in range(rounds):
+            b, a = await round_(uri, n, sub)
+            bare.append(b)
+            through.append(a)
+        rss = rss_kib(agent.pid)
+
+        # Latency at a paced 1,000 events/s: libvirt callback (envelope time) -> subscriber.
+        paced = 10_000
+        gen = helper("generate", uri, str(paced), "--rate", "1000")
+        sub.reset(latency=True)
+        go(gen)
+        await asyncio.to_thread(result, gen)
+        await sub.wait(paced, 60)
+        lat = sub.latencies_ms
+    finally:
+        agent.terminate()
+        agent.wait(30)
+
+    # Latency baseline: plain NATS publish -> the same subscriber, same rate.
+    plain = Subscriber()
+    await nc.subscribe("bench.plain", cb=plain.on_plain)
+    pub = helper("natspub", server.url, str(paced), "bench.plain", "1000")
+    go(pub)
+    await asyncio.to_thread(result, pub)
+    await plain.wait(paced, 30)
+    await nc.close()
+
+    bare_rate = median([r["events_per_s"] for r in bare])
+    agent_rate = median([r["events_per_s"] for r in through])
+    agent_events = sum(r["events"] for r in through)
+    return {
+        "rounds": rounds,
+        "events_per_round": n,
+        "bare_listener": {
+            "events_per_s_median": round(bare_rate, 1),
+            "events_per_s_rounds": [round(r["events_per_s"], 1) for r in bare],
+            "rss_mb": round(max(r["rss_kib"] for r in bare) / 1024, 1),
+        },
+        "agent": {
+            "events_per_s_median": round(agent_rate, 1),
+            "events_per_s_rounds": [round(r["events_per_s"], 1) for r in through],
+            "generator_events_per_s_rounds": [
+                round(r["generator_events_per_s"], 1) for r in through
+            ],
+            "events_at_subscriber": agent_events,
+            "rss_mb_idle": round(rss_idle / 1024, 1),
+            "rss_mb_after_events": round(rss / 1024, 1),
+        },
+        "throughput_ratio": round(agent_rate / bare_rate, 3),
+        "lost": n * rounds - agent_events,
+        "rss_ratio": round(rss / max(r["rss_kib"] for r in bare), 2),
+        "latency_ms": {
+            "events": len(lat),
+            "p50": round(pct(lat, 0.5), 3),
+            "p99": round(pct(lat, 0.99), 3),
+        },
+        "baseline_nats_latency_ms": {
+            "events": len(plain.latencies_ms),
+            "p50": round(pct(plain.latencies_ms, 0.5), 3),
+            "p99": round(pct(plain.latencies_ms, 0.99), 3),
+        },
+        "latency_p99_ratio": round(pct(lat, 0.99) / pct(plain.latencies_ms, 0.99), 2),
+    }
+
+
+def render_table(res: dict[str, Any]) -> str:
+    eb = res["event_bridge"]
+    rows = [
+        ("Throughput, events/s reaching a NATS subscriber (median of rounds)",
+         f"{eb['agent']['events_per_s_median']:,}",
+         f"bare libvirtaio listener {eb['bare_listener']['events_per_s_median']:,}",
+         f"**{eb['throughput_ratio']}**", "≥ 0.95"),
+        ("Events lost over the throughput rounds", f"{eb['lost']}",
+         f"of {eb['events_per_round'] * eb['rounds']:,} generated", "-", "0"),
+        ("Latency p50, callback → subscriber at 1,000 ev/s (ms)", f"{eb['latency_ms']['p50']}",
+         f"plain NATS {eb['baseline_nats_latency_ms']['p50']}", "-", "-"),
+        ("Latency p99, callback → subscriber at 1,000 ev/s (ms)", f"{eb['latency_ms']['p99']}",
+         f"plain NATS {eb['baseline_nats_latency_ms']['p99']}", f"**{eb['latency_p99_ratio']}**", "p99 ≤ 5 ms"),
+        (f"Agent RSS after {eb['agent']['events_at_subscriber']:,} events (MB)", f"{eb['agent']['rss_mb_after_events']}",
+         f"bare listener {eb['bare_listener']['rss_mb']}", f"**{eb['rss_ratio']}**", "≤ 80 MB"),
+    ]  # fmt: skip
+    lines = [
+        f"Run {res['date']} on {res['machine']['cpus']} CPUs, Python {res['machine']['python']}, "
+        f"libvirt {res['machine']['libvirt']}.",
+        "",
+        "| measure | agent | baseline (same run) | ratio | goal |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [f"| {' | '.join(r)} |" for r in rows]
+    return "\n".join(lines)
+
+
+def update_readme(table: str) -> None:
+    readme = HERE / "README.md"
+    text = readme.read_text()
+    start, end = "<!-- results:start -->", "<!-- results:end -->"
+    head, _, rest = text.partition(start)
+    _, _, tail = rest.partition(end)
+    readme.write_text(f"{head}{start}\n{table}\n{end}{tail}")
+
+
+async def main() -> None:
+    import libvirt  # noqa: PLC0415
+
+    n = int(os.environ.get("BENCH_EVENTS", "120000"))
+    res: dict[str, Any] = {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "libvirt": ".".join(
+                str(libvirt.getVersion() // d % 1000) for d in (1_000_000, 1000, 1)
+            ),
+        },
+    }
+    with tempfile.TemporaryDirectory(prefix="virt-agent-bench-") as tmp:
+        work = Path(tmp)
+        with LibvirtDaemon(work, "bench") as daemon, NatsServer(work / "nats") as server:
+            res["event_bridge"] = await event_bridge(daemon, server, work, n)
+    (HERE / "results").mkdir(exist_ok=True)
+    (HERE / "results" / "latest.json").write_text(json.dumps(res, indent=2) + "\n")
+    table = render_table(res)
+    update_readme(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
