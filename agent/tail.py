@@ -82,8 +82,11 @@ async def tail(
         if limit is not None and seen >= limit:
             done.set()
 
-    for subject in subjects_for(prefix, host, domain, etype):
+    subjects = subjects_for(prefix, host, domain, etype)
+    for subject in subjects:
         await nc.subscribe(subject, cb=on_msg)
+    await nc.flush()
+    print(f"# listening on {', '.join(subjects)}", file=sys.stderr, flush=True)
     try:
         await done.wait()
     finally:

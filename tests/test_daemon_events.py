@@ -139,10 +139,12 @@ async def test_events_command_tails_the_bus(
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "agent", "events", "--nats-url", nats_server.url,
         "--host", agent.host, "--domain", name, "--type", "lifecycle", "--count", "3",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT,
     )  # fmt: skip
     try:
-        await asyncio.sleep(1.0)  # let the tail subscribe
+        assert proc.stderr is not None
+        line = await asyncio.wait_for(proc.stderr.readline(), 30)
+        assert line.startswith(b"# listening on "), line
         other = define(conn)
         for d in (other, dom):
             d.create()

@@ -1,0 +1,151 @@
+"""The lab guest: Debian's kernel plus a busybox initramfs, built once and cached.
+
+The init script loads the virtio and failover modules in order, brings the net_failover bond
+up with a static address from the kernel command line, brings up hot-plugged NICs as udev
+would, reports the bond's members whenever they change (`LAB-BOND ...`), and pings the
+gateway every 50 ms (`LAB-PING ... seq=N ...`) on the serial console, where tests read it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+MODULES = [
+    "virtio_ring",
+    "virtio",
+    "virtio_pci_modern_dev",
+    "virtio_pci_legacy_dev",
+    "virtio_pci",
+    "failover",
+    "net_failover",
+    "virtio_net",
+    "e1000e",
+]
+
+INIT = r"""#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mkdir -p /proc /sys /dev /tmp
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+exec >/dev/console 2>&1
+echo "LAB-BOOT uptime=$(cut -d' ' -f1 /proc/uptime)"
+for m in MODULES; do
+  insmod /lib/modules/$m.ko || echo "LAB-INSMOD-FAIL $m"
+done
+for arg in $(cat /proc/cmdline); do
+  case "$arg" in
+    lab.ip=*) IP="${arg#lab.ip=}" ;;
+    lab.gw=*) GW="${arg#lab.gw=}" ;;
+  esac
+done
+ip link set lo up
+bond() {
+  # The failover master is the netdev with lower devices; else the first ethernet device.
+  for d in /sys/class/net/*; do
+    ls -d "$d"/lower_* >/dev/null 2>&1 && { echo "${d##*/}"; return; }
+  done
+  for d in /sys/class/net/eth*; do echo "${d##*/}"; return; done
+}
+members() { ls -d /sys/class/net/$1/lower_* 2>/dev/null | sed 's,.*/lower_,,' | tr '\n' ' '; }
+i=0
+while [ $i -lt 50 ]; do
+  M=$(bond); [ -n "$M" ] && ls -d /sys/class/net/$M/lower_* >/dev/null 2>&1 && break
+  i=$((i+1)); usleep 100000
+done
+M=$(bond)
+for d in /sys/class/net/eth*; do ip link set "${d##*/}" up; done
+[ -n "$IP" ] && ip addr add "$IP" dev "$M"
+[ -n "$GW" ] && ip route add default via "$GW"
+echo "LAB-BOND master=$M members=$(members $M)"
+echo "LAB-READY uptime=$(cut -d' ' -f1 /proc/uptime)"
+(
+  last="$(members $M)"
+  while true; do
+    for d in /sys/class/net/eth*; do
+      grep -q up "$d/operstate" 2>/dev/null || ip link set "${d##*/}" up 2>/dev/null
+    done
+    now="$(members $M)"
+    if [ "$now" != "$last" ]; then
+      echo "LAB-BOND master=$M members=$now uptime=$(cut -d' ' -f1 /proc/uptime)"
+      last="$now"
+    fi
+    usleep 100000
+  done
+) &
+if [ -n "$GW" ]; then
+  ping -i 0.05 "$GW" 2>&1 | while read -r line; do echo "LAB-PING $line"; done &
+fi
+while true; do sleep 3600; done
+""".replace("MODULES", " ".join(MODULES))
+
+
+def _run(*args: str, cwd: Path | None = None) -> str:
+    return subprocess.run(args, check=True, capture_output=True, text=True, cwd=cwd).stdout
+
+
+def kernel_package() -> str:
+    """The exact name of the kernel package linux-image-amd64 points at (never a wildcard)."""
+    for attempt in range(2):
+        out = subprocess.run(
+            ["apt-cache", "depends", "linux-image-amd64"], capture_output=True, text=True, check=False
+        ).stdout
+        for line in out.splitlines():
+            line = line.strip()
+            if line.startswith("Depends: linux-image-") and line.endswith("-amd64"):
+                return line.split()[-1]
+        if attempt == 0:
+            subprocess.run(["apt-get", "update", "-qq"], check=True)
+    raise RuntimeError("cannot find the Debian kernel package (apt-cache depends linux-image-amd64)")
+
+
+class GuestImage:
+    """vmlinuz + initrd.gz under `cache_dir`, built on first use."""
+
+    def __init__(self, cache_dir: Path) -> None:
+        self.dir = Path(cache_dir)
+        self.kernel = self.dir / "vmlinuz"
+        self.initrd = self.dir / "initrd.gz"
+        self.stamp = self.dir / "built"
+
+    def ensure(self) -> GuestImage:
+        if self.stamp.exists() and self.kernel.exists() and self.initrd.exists():
+            return self
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=self.dir) as tmp:
+            work = Path(tmp)
+            pkg = kernel_package()
+            _run("apt-get", "download", pkg, cwd=work)
+            deb = next(work.glob("linux-image-*.deb"))
+            extracted = work / "x"
+            _run("dpkg-deb", "-x", str(deb), str(extracted))
+            vmlinuz = next((extracted / "boot").glob("vmlinuz-*"))
+            root = work / "initramfs"
+            (root / "bin").mkdir(parents=True)
+            (root / "lib" / "modules").mkdir(parents=True)
+            busybox = shutil.which("busybox")
+            if busybox is None:
+                raise RuntimeError("busybox not found: apt-get install busybox-static")
+            shutil.copy2(busybox, root / "bin" / "busybox")
+            for mod in MODULES:
+                src = next(extracted.glob(f"lib/modules/*/kernel/**/{mod}.ko"))
+                shutil.copy2(src, root / "lib" / "modules" / f"{mod}.ko")
+            init = root / "init"
+            init.write_text(INIT)
+            init.chmod(0o755)
+            files = subprocess.run(
+                ["find", "."], cwd=root, check=True, capture_output=True
+            ).stdout
+            cpio = subprocess.run(
+                ["cpio", "-o", "-H", "newc", "--quiet"], cwd=root, input=files, check=True, capture_output=True
+            ).stdout
+            gz = subprocess.run(["gzip", "-1"], input=cpio, check=True, capture_output=True).stdout
+            self.initrd.write_bytes(gz)
+            shutil.copy2(vmlinuz, self.kernel)
+        self.stamp.write_text(pkg + "\n")
+        os.chmod(self.dir, 0o755)
+        return self
