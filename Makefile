@@ -37,3 +37,10 @@ bench: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+## The two-host QEMU lab for people: libvirtd hosts a and b, bridge labbr0, gateway netns.
+lab-up: install
+	$(BIN)/python -m lab up
+
+lab-down: install
+	$(BIN)/python -m lab down

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -39,6 +40,11 @@ class LoopSafeEventImpl(libvirtaio.virEventAsyncIOImpl):  # type: ignore[misc]
             op()
 
     def _run(self, op: Callable[[], None]) -> None:
+        if self.loop.is_closed():
+            # Connections closed after the loop (interpreter exit): nothing left to watch.
+            with contextlib.suppress(RuntimeError):
+                op()
+            return
         if threading.get_ident() == self._loop_thread:
             if self._ops:  # a cheap look first: the lock only when something is queued
                 self._apply_queued()
@@ -47,6 +53,14 @@ class LoopSafeEventImpl(libvirtaio.virEventAsyncIOImpl):  # type: ignore[misc]
         with self._ops_lock:
             self._ops.append(op)
         self.loop.call_soon_threadsafe(self._apply_queued)
+
+    def schedule_ff_callback(self, iden: int, opaque: Any) -> None:
+        if self.loop.is_closed():
+            # No loop left to run libvirt's free callback later, and running it here, inside
+            # the libvirt call that removes the handle, would deadlock on libvirt's own lock.
+            # Only happens at interpreter exit; the memory goes with the process.
+            return
+        super().schedule_ff_callback(iden, opaque)
 
     @staticmethod
     def _next_iden() -> int:

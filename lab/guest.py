@@ -3,7 +3,8 @@
 The init script loads the virtio and failover modules in order, brings the net_failover bond
 up with a static address from the kernel command line, brings up hot-plugged NICs as udev
 would, reports the bond's members whenever they change (`LAB-BOND ...`), and pings the
-gateway every 50 ms (`LAB-PING ... seq=N ...`) on the serial console, where tests read it.
+gateway every 50 ms, one line per probe (`LAB-PING seq=N t=UPTIME ok|lost`, lost after 1 s
+without a reply) on the serial console, where tests read it.
 """
 
 from __future__ import annotations
@@ -78,7 +79,18 @@ echo "LAB-READY uptime=$(cut -d' ' -f1 /proc/uptime)"
   done
 ) &
 if [ -n "$GW" ]; then
-  ping -i 0.05 "$GW" 2>&1 | while read -r line; do echo "LAB-PING $line"; done &
+  (
+    n=0
+    while true; do
+      n=$((n+1))
+      read up _ < /proc/uptime
+      (
+        if ping -c 1 -W 1 "$GW" >/dev/null 2>&1; then r=ok; else r=lost; fi
+        echo "LAB-PING seq=$n t=$up $r"
+      ) &
+      usleep 50000
+    done
+  ) &
 fi
 while true; do sleep 3600; done
 """.replace("MODULES", " ".join(MODULES))
@@ -92,15 +104,20 @@ def kernel_package() -> str:
     """The exact name of the kernel package linux-image-amd64 points at (never a wildcard)."""
     for attempt in range(2):
         out = subprocess.run(
-            ["apt-cache", "depends", "linux-image-amd64"], capture_output=True, text=True, check=False
+            ["apt-cache", "depends", "linux-image-amd64"],
+            capture_output=True,
+            text=True,
+            check=False,
         ).stdout
-        for line in out.splitlines():
-            line = line.strip()
+        for raw in out.splitlines():
+            line = raw.strip()
             if line.startswith("Depends: linux-image-") and line.endswith("-amd64"):
                 return line.split()[-1]
         if attempt == 0:
             subprocess.run(["apt-get", "update", "-qq"], check=True)
-    raise RuntimeError("cannot find the Debian kernel package (apt-cache depends linux-image-amd64)")
+    raise RuntimeError(
+        "cannot find the Debian kernel package (apt-cache depends linux-image-amd64)"
+    )
 
 
 class GuestImage:
@@ -137,15 +154,18 @@ class GuestImage:
             init = root / "init"
             init.write_text(INIT)
             init.chmod(0o755)
-            files = subprocess.run(
-                ["find", "."], cwd=root, check=True, capture_output=True
-            ).stdout
+            files = subprocess.run(["find", "."], cwd=root, check=True, capture_output=True).stdout
             cpio = subprocess.run(
-                ["cpio", "-o", "-H", "newc", "--quiet"], cwd=root, input=files, check=True, capture_output=True
+                ["cpio", "-o", "-H", "newc", "--quiet"],
+                cwd=root,
+                input=files,
+                check=True,
+                capture_output=True,
             ).stdout
             gz = subprocess.run(["gzip", "-1"], input=cpio, check=True, capture_output=True).stdout
             self.initrd.write_bytes(gz)
             shutil.copy2(vmlinuz, self.kernel)
         self.stamp.write_text(pkg + "\n")
-        os.chmod(self.dir, 0o755)
+        # QEMU of every lab host reads the kernel and initrd from here.
+        os.chmod(self.dir, 0o755)  # noqa: S103
         return self

@@ -236,3 +236,48 @@ def agent_process(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
     yield start
     for p in procs:
         p.kill()
+
+
+# ---------------------------------------------------------------- the QEMU lab
+
+
+@pytest.fixture(scope="session")
+def lab() -> Iterator[Any]:
+    """The two-host QEMU lab (lab/lab.py), up for the session and torn down after it."""
+    from lab.lab import Lab  # noqa: PLC0415 - only lab tests pay for importing it
+
+    the_lab = Lab(hosts=2)
+    try:
+        the_lab.up()
+    except LabUnavailable as exc:
+        the_lab.down()
+        pytest.skip(str(exc))
+    except BaseException:
+        the_lab.down()
+        raise
+    yield the_lab
+    the_lab.down()
+
+
+@pytest.fixture
+def guest(lab: Any) -> Iterator[Callable[..., Any]]:
+    """Boot lab guests (failover pair or virtio only); each is destroyed and undefined after."""
+    booted: list[str] = []
+
+    def boot(host: str = "a", kind: str = "failover") -> Any:
+        name = f"g{uuid.uuid4().hex[:6]}"
+        booted.append(name)
+        return lab.boot(host, name, kind, index=len(booted) - 1)
+
+    yield boot
+    for h in lab.hosts:
+        conn = h.connect()
+        try:
+            for name in booted:
+                with contextlib.suppress(Exception):
+                    dom = conn.lookupByName(name)
+                    if dom.isActive():
+                        dom.destroy()
+                    dom.undefine()
+        finally:
+            conn.close()

@@ -1,0 +1,125 @@
+"""The two-host QEMU lab with one agent per host: device and migration events, for real."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lab.lab import guest_mac, primary_interface_xml, probes, wait_for_serial
+from lab.scenarios import raw_migration
+from tests.conftest import Collector, RunningAgent
+
+pytestmark = pytest.mark.lab
+
+
+def virsh(uri: str, *args: str) -> str:
+    return subprocess.run(
+        ["virsh", "-c", uri, *args], check=True, capture_output=True, text=True
+    ).stdout
+
+
+def bond_members(text: str) -> list[list[str]]:
+    """Every LAB-BOND report in the serial text: the members of the failover master."""
+    out = []
+    for line in text.splitlines():
+        if line.startswith("LAB-BOND "):
+            part = line.split("members=", 1)[1].split(" uptime=")[0]
+            out.append(part.split())
+    return out
+
+
+async def test_guest_serial_shows_the_failover_bond_and_its_pings(
+    lab: Any, guest: Callable[..., Any]
+) -> None:
+    """The guest's net_failover bonds standby and primary, and its pings reach the gateway."""
+    dom = await asyncio.to_thread(guest, "a", "failover")
+    serial = lab.serial_path(dom.name())
+    text = await asyncio.to_thread(wait_for_serial, serial, "LAB-PING", 20)
+    assert bond_members(text)[0] == ["eth1", "eth2"]
+    await asyncio.to_thread(wait_for_serial, serial, " ok", 30)
+    first_ok = next(p.seq for p in probes(serial.read_text()) if p.ok)
+    await asyncio.sleep(3)
+    recent = [p for p in probes(serial.read_text()) if p.seq > first_ok]
+    assert len(recent) > 20
+    assert sum(p.ok for p in recent) >= len(recent) - 2, (
+        "once answered, the gateway keeps answering"
+    )
+
+
+async def test_primary_detach_and_attach_with_virsh_become_device_events(
+    lab: Any,
+    guest: Callable[..., Any],
+    start_agent: Callable[..., Awaitable[RunningAgent]],
+    collect: Callable[[str], Awaitable[Collector]],
+    tmp_path: Path,
+) -> None:
+    """virsh detach/attach of the primary NIC: device_removed then device_added on the bus, and the guest's bond follows."""
+    a = lab.host("a")
+    agent = await start_agent(**{"libvirt.uri": a.uri})
+    dom = await asyncio.to_thread(guest, "a", "failover")
+    u = dom.UUIDString()
+    serial = lab.serial_path(dom.name())
+    c = await collect(f"virt.{agent.host}.event.{u}.>")
+
+    offset = serial.stat().st_size
+    await asyncio.to_thread(
+        virsh, a.uri, "detach-device-alias", dom.name(), "ua-primary0", "--live"
+    )
+    removed = await c.wait_for(lambda e: e["type"] == "virt.domain.device_removed", 30)
+    assert removed["data"]["alias"] == "ua-primary0"
+    assert "ua-primary0" not in dom.XMLDesc(0)
+    text = await asyncio.to_thread(wait_for_serial, serial, "LAB-BOND", 20, offset)
+    assert bond_members(text)[0] == ["eth1"], "the bond keeps only its standby"
+
+    offset = serial.stat().st_size
+    xml = tmp_path / "primary.xml"
+    xml.write_text(primary_interface_xml(guest_mac(0), lab.bridge))
+    await asyncio.to_thread(virsh, a.uri, "attach-device", dom.name(), str(xml), "--live")
+    added = await c.wait_for(lambda e: e["type"] == "virt.domain.device_added", 30)
+    assert added["data"]["alias"] == "ua-primary0"
+    assert "ua-primary0" in dom.XMLDesc(0)
+    text = await asyncio.to_thread(wait_for_serial, serial, "LAB-BOND", 20, offset)
+    assert len(bond_members(text)[0]) == 2, "the re-plugged primary joins the bond again"
+
+
+async def test_live_migration_gives_the_lifecycle_pair_on_both_hosts(
+    lab: Any,
+    guest: Callable[..., Any],
+    start_agent: Callable[..., Awaitable[RunningAgent]],
+    collect: Callable[[str], Awaitable[Collector]],
+) -> None:
+    """A live migration A→B: source agent publishes stopped/migrated, destination agent resumed/migrated."""
+    a, b = lab.host("a"), lab.host("b")
+    agent_a = await start_agent(**{"libvirt.uri": a.uri})
+    agent_b = await start_agent(**{"libvirt.uri": b.uri})
+    dom = await asyncio.to_thread(guest, "a", "virtio")
+    u = dom.UUIDString()
+    ca = await collect(f"virt.{agent_a.host}.event.{u}.lifecycle")
+    cb = await collect(f"virt.{agent_b.host}.event.{u}.lifecycle")
+
+    await raw_migration(a.uri, b.uri, dom.name())
+
+    await ca.wait_for(
+        lambda e: (e["data"]["event"], e["data"]["detail"]) == ("stopped", "migrated"), 30
+    )
+    await cb.wait_for(
+        lambda e: (e["data"]["event"], e["data"]["detail"]) == ("resumed", "migrated"), 30
+    )
+    assert ("started", "migrated") in [
+        (e["data"]["event"], e["data"]["detail"]) for e in cb.events()
+    ]
+    conn = b.connect()
+    try:
+        assert conn.lookupByUUIDString(u).isActive()
+    finally:
+        conn.close()
+    # The serial log is reopened by the destination's QEMU: the guest keeps printing.
+    serial = lab.serial_path(dom.name())
+    size = serial.stat().st_size
+    await asyncio.sleep(2)
+    assert serial.stat().st_size > size
