@@ -24,7 +24,9 @@ from nats.aio.msg import Msg
 
 from agent.embedded import NatsServer
 from bench.eventgen import rss_kib
+from bench.lab_bench import lab_baselines
 from lab.daemon import LibvirtDaemon
+from lab.lab import Lab
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -251,6 +253,20 @@ def render_table(res: dict[str, Any]) -> str:
         "|---|---|---|---|---|",
     ]
     lines += [f"| {' | '.join(r)} |" for r in rows]
+    lb = res.get("lab")
+    if lb:
+        seq, plain = lb["raw_failover_sequence"], lb["raw_migration"]
+        lines += [
+            "",
+            f"Lab ({lb['accel']} guests, {lb['network']} network), medians of "
+            f"{len(seq['lost_probes'])} rounds alternating A→B and B→A:",
+            "",
+            "| measure | value | baseline (same run) | ratio |",
+            "|---|---|---|---|",
+            f"| Guest boot to LAB-READY (s) | {lb['boot']['wall_s']} | guest's own uptime {lb['boot']['guest_uptime_s']} | {lb['boot']['ratio']} |",
+            f"| Raw unplug → migrate → replug (s) | {seq['total_s_median']} (unplug {seq['unplug_s_median']}, migrate {seq['migrate_s_median']}, replug {seq['replug_s_median']}) | raw live migration, virtio-only guest {plain['migrate_s_median']} | {lb['sequence_over_plain_migration']} |",
+            f"| Lost 50 ms ping probes per round | {seq['lost_probes']} | plain migration {plain['lost_probes']} | - |",
+        ]
     return "\n".join(lines)
 
 
@@ -281,6 +297,13 @@ async def main() -> None:
         work = Path(tmp)
         with LibvirtDaemon(work, "bench") as daemon, NatsServer(work / "nats") as server:
             res["event_bridge"] = await event_bridge(daemon, server, work, n)
+    if os.environ.get("BENCH_LAB", "1") != "0":
+        lab = Lab(hosts=2)
+        try:
+            lab.up()
+            res["lab"] = await lab_baselines(lab)
+        finally:
+            lab.down()
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "latest.json").write_text(json.dumps(res, indent=2) + "\n")
     table = render_table(res)

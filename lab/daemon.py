@@ -17,6 +17,7 @@ import time
 import uuid
 from pathlib import Path
 
+from agent.embedded import stop_process
 from lab.prereqs import ensure_host_ready
 
 BIND_TARGETS = {
@@ -127,14 +128,8 @@ class LibvirtDaemon:
 
     def stop(self, timeout: float = 10.0) -> None:
         proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        _kill_pidfile(self._dir("run") / "virtlogd.pid")
+        stop_process(proc, timeout)
+        kill_pidfile(self._dir("run") / "virtlogd.pid")
 
     def kill(self) -> None:
         """SIGKILL the daemon (a crash, for fault tests)."""
@@ -150,10 +145,12 @@ class LibvirtDaemon:
         self.stop()
 
 
-def _kill_pidfile(path: Path) -> None:
-    try:
-        pid = int(path.read_text().strip())
-    except (OSError, ValueError):
-        return
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.kill(pid, signal.SIGTERM)
+def kill(pid: int | None, sig: int = signal.SIGTERM) -> None:
+    if pid:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+
+
+def kill_pidfile(path: Path) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        kill(int(path.read_text().strip()))

@@ -24,7 +24,7 @@ from typing import Any
 import libvirt
 
 from lab import network
-from lab.daemon import LibvirtDaemon, free_port
+from lab.daemon import LibvirtDaemon, free_port, kill, kill_pidfile
 from lab.guest import GuestImage
 from lab.prereqs import ensure_host_ready, install_packages
 
@@ -157,8 +157,8 @@ class Lab:
         for h in self.hosts:
             h.daemon.stop()
         for info in state.get("hosts", []):
-            _kill(info.get("pid"))
-            _kill_pidfile(Path(info["root"]) / "run" / "virtlogd.pid")
+            kill(info.get("pid"))
+            kill_pidfile(Path(info["root"]) / "run" / "virtlogd.pid")
         self._kill_stray_qemu()
         network.down()
         self.hosts = []
@@ -190,7 +190,7 @@ class Lab:
         for line in out.stdout.splitlines():
             pid, _, cmd = line.partition(" ")
             if str(self.root) in cmd:
-                _kill(int(pid), signal.SIGKILL)
+                kill(int(pid), signal.SIGKILL)
 
     def _save(self) -> None:
         self.state_file.write_text(
@@ -316,14 +316,3 @@ def probes(text: str) -> list[Probe]:
 
 def lost_probes(text: str) -> int:
     return sum(1 for p in probes(text) if not p.ok)
-
-
-def _kill(pid: int | None, sig: int = signal.SIGTERM) -> None:
-    if pid:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, sig)
-
-
-def _kill_pidfile(path: Path) -> None:
-    with contextlib.suppress(OSError, ValueError):
-        _kill(int(path.read_text().strip()))

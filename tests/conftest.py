@@ -281,3 +281,24 @@ def guest(lab: Any) -> Iterator[Callable[..., Any]]:
                     dom.undefine()
         finally:
             conn.close()
+
+
+@pytest.fixture
+async def testdrv() -> AsyncIterator[Any]:
+    """A connection of the test's own to test:///default; domains named t-* are removed after."""
+    import libvirt  # noqa: PLC0415
+
+    from agent import libvirt_loop  # noqa: PLC0415
+
+    # The driver dispatches events through the event loop registered before it first opens.
+    libvirt_loop.ensure_registered(asyncio.get_running_loop())
+    conn = libvirt.open("test:///default")
+    yield conn
+    for dom in conn.listAllDomains(0):
+        if dom.name().startswith("t-"):
+            with contextlib.suppress(libvirt.libvirtError):
+                if dom.isActive():
+                    dom.destroy()
+                if dom.isPersistent():
+                    dom.undefine()
+    conn.close()

@@ -51,35 +51,32 @@ def lifecycle_of(events: list[dict[str, Any]], dom_uuid: str) -> list[tuple[str,
 async def test_test_driver_events_arrive_with_contract_subject_and_envelope(
     start_agent: Callable[..., Awaitable[RunningAgent]],
     collect: Callable[[str], Awaitable[Collector]],
+    testdrv: Any,
 ) -> None:
     """Every event the test driver raises arrives on its contract subject in a CloudEvents envelope."""
     agent = await start_agent()
     c = await collect(f"virt.{agent.host}.event.>")
-    conn = libvirt.open("test:///default")
-    try:
-        dom = define(conn)
-        u = dom.UUIDString()
-        dom.create()
-        dom.suspend()
-        dom.resume()
-        dom.setMetadata(
-            libvirt.VIR_DOMAIN_METADATA_ELEMENT,
-            "<x/>",
-            "x",
-            "urn:virt-agent:test",
-            libvirt.VIR_DOMAIN_AFFECT_LIVE,
-        )
-        save = f"/tmp/virt-agent-test-{u}.save"
-        dom.save(save)
-        conn.restore(save)
-        dom = conn.lookupByUUIDString(u)
-        dom.shutdown()
-        dom.create()
-        dom.destroy()
-        dom.undefine()
-        await c.wait_for(lambda e: e["data"].get("event") == "undefined" and e["subject"] == u)
-    finally:
-        conn.close()
+    dom = define(testdrv)
+    u = dom.UUIDString()
+    dom.create()
+    dom.suspend()
+    dom.resume()
+    dom.setMetadata(
+        libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+        "<x/>",
+        "x",
+        "urn:virt-agent:test",
+        libvirt.VIR_DOMAIN_AFFECT_LIVE,
+    )
+    save = f"/tmp/virt-agent-test-{u}.save"
+    dom.save(save)
+    testdrv.restore(save)
+    dom = testdrv.lookupByUUIDString(u)
+    dom.shutdown()
+    dom.create()
+    dom.destroy()
+    dom.undefine()
+    await c.wait_for(lambda e: e["data"].get("event") == "undefined" and e["subject"] == u)
 
     assert lifecycle_of(c.events(), u) == [
         ("defined", "added"),
@@ -117,20 +114,17 @@ async def test_events_stored_in_stream_with_strictly_increasing_sequence(
     start_agent: Callable[..., Awaitable[RunningAgent]],
     collect: Callable[[str], Awaitable[Collector]],
     nc: NATS,
+    testdrv: Any,
 ) -> None:
     """VIRT_EVENTS holds host and domain events; sequence strictly increases; host events have no subject."""
     agent = await start_agent()
     c = await collect(f"virt.{agent.host}.event.>")
-    conn = libvirt.open("test:///default")
-    try:
-        dom = define(conn)
-        for _ in range(25):
-            dom.create()
-            dom.destroy()
-        dom.undefine()
-        await c.wait_for(lambda e: e["data"].get("event") == "undefined")
-    finally:
-        conn.close()
+    dom = define(testdrv)
+    for _ in range(25):
+        dom.create()
+        dom.destroy()
+    dom.undefine()
+    await c.wait_for(lambda e: e["data"].get("event") == "undefined")
     await asyncio.sleep(0.3)
     stored = await stream_messages(nc, EVENTS_STREAM, f"virt.{agent.host}.>")
     seqs = [ev["sequence"] for _, ev, _ in stored]
@@ -154,17 +148,14 @@ async def test_republished_message_id_is_stored_once(
     start_agent: Callable[..., Awaitable[RunningAgent]],
     collect: Callable[[str], Awaitable[Collector]],
     nc: NATS,
+    testdrv: Any,
 ) -> None:
     """A message sent again with the same Nats-Msg-Id (the agent's retry) is stored once."""
     agent = await start_agent()
     c = await collect(f"virt.{agent.host}.event.>")
-    conn = libvirt.open("test:///default")
-    try:
-        dom = define(conn)
-        await c.wait_for(lambda e: e["data"].get("event") == "defined")
-        dom.undefine()
-    finally:
-        conn.close()
+    dom = define(testdrv)
+    await c.wait_for(lambda e: e["data"].get("event") == "defined")
+    dom.undefine()
     await asyncio.sleep(0.3)
     js = nc.jetstream()
     before = (await js.stream_info(EVENTS_STREAM)).state.messages
@@ -178,76 +169,66 @@ async def test_republished_message_id_is_stored_once(
 async def test_resync_snapshot_matches_libvirt(
     start_agent: Callable[..., Awaitable[RunningAgent]],
     nc: NATS,
+    testdrv: Any,
 ) -> None:
     """The startup resync lists every domain with the state and reason libvirt reports."""
-    conn = libvirt.open("test:///default")
-    try:
-        running = define(conn)
-        running.create()
-        paused = define(conn)
-        paused.create()
-        paused.suspend()
-        off = define(conn)
-        agent = await start_agent()
-        await asyncio.sleep(0.3)
-        stored = await stream_messages(nc, EVENTS_STREAM, f"virt.{agent.host}.host.resync")
-        assert len(stored) == 1
-        snap = {d["uuid"]: d for d in stored[0][1]["data"]["domains"]}
-        expected = {}
-        for d in conn.listAllDomains(0):
-            st, rs = d.state()
-            expected[d.UUIDString()] = (d.name(), st, rs)
-        assert set(snap) == set(expected)
-        names = {
-            libvirt.VIR_DOMAIN_RUNNING: "running",
-            libvirt.VIR_DOMAIN_PAUSED: "paused",
-            libvirt.VIR_DOMAIN_SHUTOFF: "shutoff",
-        }
-        for u, (name, st, _) in expected.items():
-            assert snap[u]["name"] == name
-            assert snap[u]["state"] == names[st]
-        assert (snap[running.UUIDString()]["state"], snap[running.UUIDString()]["reason"]) == (
-            "running",
-            "booted",
-        )
-        assert (snap[paused.UUIDString()]["state"], snap[paused.UUIDString()]["reason"]) == (
-            "paused",
-            "user",
-        )
-        assert snap[off.UUIDString()]["state"] == "shutoff"
-        assert snap[off.UUIDString()]["id"] is None
-        assert stored[0][1]["data"]["reason"] == "startup"
-    finally:
-        for d in (running, paused, off):
-            if d.isActive():
-                d.destroy()
-            d.undefine()
-        conn.close()
+    running = define(testdrv)
+    running.create()
+    paused = define(testdrv)
+    paused.create()
+    paused.suspend()
+    off = define(testdrv)
+    agent = await start_agent()
+    await asyncio.sleep(0.3)
+    stored = await stream_messages(nc, EVENTS_STREAM, f"virt.{agent.host}.host.resync")
+    assert len(stored) == 1
+    snap = {d["uuid"]: d for d in stored[0][1]["data"]["domains"]}
+    expected = {}
+    for d in testdrv.listAllDomains(0):
+        st, rs = d.state()
+        expected[d.UUIDString()] = (d.name(), st, rs)
+    assert set(snap) == set(expected)
+    names = {
+        libvirt.VIR_DOMAIN_RUNNING: "running",
+        libvirt.VIR_DOMAIN_PAUSED: "paused",
+        libvirt.VIR_DOMAIN_SHUTOFF: "shutoff",
+    }
+    for u, (name, st, _) in expected.items():
+        assert snap[u]["name"] == name
+        assert snap[u]["state"] == names[st]
+    assert (snap[running.UUIDString()]["state"], snap[running.UUIDString()]["reason"]) == (
+        "running",
+        "booted",
+    )
+    assert (snap[paused.UUIDString()]["state"], snap[paused.UUIDString()]["reason"]) == (
+        "paused",
+        "user",
+    )
+    assert snap[off.UUIDString()]["state"] == "shutoff"
+    assert snap[off.UUIDString()]["id"] is None
+    assert stored[0][1]["data"]["reason"] == "startup"
 
 
 async def test_queue_overflow_is_counted_and_followed_by_a_resync(
     start_agent: Callable[..., Awaitable[RunningAgent]],
     nc: NATS,
+    testdrv: Any,
 ) -> None:
     """Events dropped by a full queue leave a sequence gap that the next resync names exactly."""
     agent = await start_agent(**{"publisher.queue_size": 10})
-    conn = libvirt.open("test:///default")
-    try:
-        dom = define(conn)
-        dom.create()
-        # Callbacks are dispatched on this loop: 400 events arrive in one burst, before the
-        # publisher can run, so most cannot fit in a queue of 10.
-        for _ in range(200):
-            dom.suspend()
-            dom.resume()
-        for _ in range(100):
-            await asyncio.sleep(0.05)
-            if agent.agent.metrics.resyncs.labels("overflow")._value.get() >= 1:
-                break
-        dom.destroy()
-        dom.undefine()
-    finally:
-        conn.close()
+    dom = define(testdrv)
+    dom.create()
+    # Callbacks are dispatched on this loop: 400 events arrive in one burst, before the
+    # publisher can run, so most cannot fit in a queue of 10.
+    for _ in range(200):
+        dom.suspend()
+        dom.resume()
+    for _ in range(100):
+        await asyncio.sleep(0.05)
+        if agent.agent.metrics.resyncs.labels("overflow")._value.get() >= 1:
+            break
+    dom.destroy()
+    dom.undefine()
     await asyncio.sleep(0.5)
     stored = await stream_messages(nc, EVENTS_STREAM, f"virt.{agent.host}.>")
     resyncs = [
@@ -297,15 +278,12 @@ async def test_streams_are_created_or_updated_idempotently(
 
 async def test_health_readiness_and_metrics_over_http(
     start_agent: Callable[..., Awaitable[RunningAgent]],
+    testdrv: Any,
 ) -> None:
     """/healthz, /readyz and /metrics answer, and metrics count real events."""
     agent = await start_agent()
-    conn = libvirt.open("test:///default")
-    try:
-        dom = define(conn)
-        dom.undefine()
-    finally:
-        conn.close()
+    dom = define(testdrv)
+    dom.undefine()
     assert agent.agent.http is not None
     base = f"http://{agent.agent.http.bound[0]}"
     for _ in range(50):
@@ -331,18 +309,15 @@ async def test_stop_publishes_agent_stopping_last(
     start_agent: Callable[..., Awaitable[RunningAgent]],
     nc: NATS,
     stop_first: bool,
+    testdrv: Any,
 ) -> None:
     """An orderly stop publishes agent_stopping after every event, with the agent's counters."""
     agent = await start_agent()
-    conn = libvirt.open("test:///default")
-    try:
-        dom = define(conn)
-        for _ in range(30):
-            dom.create()
-            dom.destroy()
-        dom.undefine()
-    finally:
-        conn.close()
+    dom = define(testdrv)
+    for _ in range(30):
+        dom.create()
+        dom.destroy()
+    dom.undefine()
     await agent.stop()
     stored = await stream_messages(nc, EVENTS_STREAM, f"virt.{agent.host}.>")
     last = stored[-1][1]

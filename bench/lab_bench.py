@@ -1,0 +1,91 @@
+"""Lab baselines: guest boot, raw live migration, raw unplug → migrate → replug, lost probes.
+
+These are the figures migrate-with-failover is measured against. Each round migrates A→B or
+B→A; lost probes are counted from the start of the sequence to 3 s after its end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from lab.lab import Lab, guest_mac, probes, wait_for_serial
+from lab.scenarios import raw_failover_migration, raw_migration
+
+SETTLE_S = 3.0
+
+
+def median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+async def _settled(lab: Lab, name: str) -> None:
+    serial = lab.serial_path(name)
+    await asyncio.to_thread(wait_for_serial, serial, " ok", 60)
+    await asyncio.sleep(SETTLE_S)
+
+
+def _lost_since(lab: Lab, name: str, offset: int) -> tuple[int, int]:
+    text = lab.serial_path(name).read_bytes()[offset:].decode(errors="replace")
+    ps = probes(text)
+    return sum(1 for p in ps if not p.ok), len(ps)
+
+
+async def lab_baselines(lab: Lab, rounds: int = 3) -> dict[str, Any]:
+    a, b = lab.host("a"), lab.host("b")
+    out: dict[str, Any] = {"accel": lab.accel, "network": "bridge" if lab.bridge else "user"}
+
+    # Boot: wall time from define+start to the guest's LAB-READY, against the guest's own
+    # uptime at that line (kernel + init): the ratio is what libvirt and QEMU add.
+    t0 = time.monotonic()
+    await asyncio.to_thread(lab.boot, "a", "bench-failover", "failover", 0)
+    boot_wall = time.monotonic() - t0
+    ready = lab.serial_path("bench-failover").read_text()
+    guest_uptime = float(ready.split("LAB-READY uptime=", 1)[1].split()[0])
+    out["boot"] = {
+        "wall_s": round(boot_wall, 2),
+        "guest_uptime_s": guest_uptime,
+        "ratio": round(boot_wall / guest_uptime, 2),
+    }
+    await asyncio.to_thread(lab.boot, "a", "bench-virtio", "virtio", 1)
+    await _settled(lab, "bench-failover")
+    await _settled(lab, "bench-virtio")
+
+    plain: list[dict[str, float]] = []
+    seq: list[dict[str, float]] = []
+    where = {"bench-failover": (a, b), "bench-virtio": (a, b)}
+    for _ in range(rounds):
+        src, dst = where["bench-virtio"]
+        offset = lab.serial_path("bench-virtio").stat().st_size
+        r = await raw_migration(src.uri, dst.uri, "bench-virtio")
+        await asyncio.sleep(SETTLE_S)
+        r["lost"], r["probes"] = _lost_since(lab, "bench-virtio", offset)
+        plain.append(r)
+        where["bench-virtio"] = (dst, src)
+
+        src, dst = where["bench-failover"]
+        offset = lab.serial_path("bench-failover").stat().st_size
+        r = await raw_failover_migration(
+            src.uri, dst.uri, "bench-failover", guest_mac(0), lab.bridge
+        )
+        await asyncio.sleep(SETTLE_S)
+        r["lost"], r["probes"] = _lost_since(lab, "bench-failover", offset)
+        seq.append(r)
+        where["bench-failover"] = (dst, src)
+
+    plain_migrate = median([r["migrate_s"] for r in plain])
+    seq_total = median([r["total_s"] for r in seq])
+    out["raw_migration"] = {
+        "migrate_s_median": round(plain_migrate, 3),
+        "lost_probes": [int(r["lost"]) for r in plain],
+    }
+    out["raw_failover_sequence"] = {
+        "unplug_s_median": round(median([r["unplug_s"] for r in seq]), 3),
+        "migrate_s_median": round(median([r["migrate_s"] for r in seq]), 3),
+        "replug_s_median": round(median([r["replug_s"] for r in seq]), 3),
+        "total_s_median": round(seq_total, 3),
+        "lost_probes": [int(r["lost"]) for r in seq],
+    }
+    out["sequence_over_plain_migration"] = round(seq_total / plain_migrate, 2)
+    return out
