@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -127,7 +128,8 @@ class Lab:
         ensure_host_ready()
         self.down()  # whatever an interrupted run left behind
         self.root.mkdir(parents=True, exist_ok=True)
-        self.serial_dir.mkdir(exist_ok=True)
+        shutil.rmtree(self.serial_dir, ignore_errors=True)
+        self.serial_dir.mkdir()
         self.image.ensure()
         try:
             network.up()

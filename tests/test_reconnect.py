@@ -1,0 +1,61 @@
+"""libvirtd goes away and comes back: the agent says so on the bus and keeps publishing."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from lab.daemon import LibvirtDaemon
+from tests.conftest import Collector, RunningAgent
+from tests.test_events import define
+
+pytestmark = pytest.mark.daemon
+
+
+async def test_libvirtd_restart_is_announced_and_callbacks_come_back(
+    tmp_path: Path,
+    start_agent: Callable[..., Awaitable[RunningAgent]],
+    collect: Callable[[str], Awaitable[Collector]],
+) -> None:
+    """libvirtd stops and restarts: libvirt_disconnected, then libvirt_connected and a resync, then events again."""
+    daemon = await asyncio.to_thread(LibvirtDaemon(tmp_path, "restart").start)
+    try:
+        agent = await start_agent(
+            **{
+                "libvirt.uri": daemon.test_uri,
+                "libvirt.keepalive_interval_s": 1,
+                "libvirt.keepalive_count": 2,
+                "libvirt.reconnect_min_s": 0.2,
+                "libvirt.reconnect_max_s": 1.0,
+            }
+        )
+        hosts = await collect(f"virt.{agent.host}.host.>")
+        events = await collect(f"virt.{agent.host}.event.>")
+
+        await asyncio.to_thread(daemon.stop)
+        down = await hosts.wait_for(lambda e: e["type"] == "virt.host.libvirt_disconnected", 20)
+        assert down["data"]["uri"] == daemon.test_uri
+        assert agent.agent.metrics.libvirt_connected._value.get() == 0
+
+        await asyncio.to_thread(daemon.start)
+        await hosts.wait_for(lambda e: e["type"] == "virt.host.libvirt_connected", 30)
+        resync = await hosts.wait_for(
+            lambda e: e["type"] == "virt.host.resync" and e["data"]["reason"] == "reconnect", 10
+        )
+        assert [d["name"] for d in resync["data"]["domains"]] == ["test"]
+
+        conn = await asyncio.to_thread(libvirt.open, daemon.test_uri)
+        try:
+            dom = await asyncio.to_thread(define, conn)
+            ev = await events.wait_for(lambda e: e["subject"] == dom.UUIDString(), 10)
+            assert (ev["data"]["event"], ev["data"]["detail"]) == ("defined", "added")
+            await asyncio.to_thread(dom.undefine)
+        finally:
+            conn.close()
+        assert agent.agent.metrics.libvirt_reconnects._value.get() == 1
+    finally:
+        await asyncio.to_thread(daemon.stop)
