@@ -74,6 +74,7 @@ class Bus:
         self.client_name = client_name
         self.metrics = metrics
         self.nc: NATS | None = None
+        self._draining = False
 
     @property
     def connected(self) -> bool:
@@ -120,7 +121,8 @@ class Bus:
 
     async def _on_disconnected(self) -> None:
         self.metrics.nats_connected.set(0)
-        log.warning("NATS disconnected")
+        if not self._draining:
+            log.warning("NATS disconnected")
 
     async def _on_reconnected(self) -> None:
         self.metrics.nats_connected.set(1)
@@ -135,6 +137,7 @@ class Bus:
         nc, self.nc = self.nc, None
         if nc is None or nc.is_closed:
             return
+        self._draining = True
         try:
             await asyncio.wait_for(nc.drain(), timeout)
         except (TimeoutError, NatsError) as exc:

@@ -86,13 +86,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     agent_logging.configure(s.log.level, s.log.format)
     log = structlog.get_logger("agent.cli")
     server: NatsServer | None = None
-    Path(s.state_dir).mkdir(parents=True, exist_ok=True)
     try:
+        Path(s.state_dir).mkdir(parents=True, exist_ok=True)
         if s.embedded:
             s, server = start_embedded(loaded)
         return asyncio.run(_run_agent(s))
     except AgentError as exc:
         log.error("agent failed", error=exc.message, **exc.details)  # noqa: TRY400 - expected failure, no traceback
+        return EXIT_FAILED
+    except OSError as exc:
+        # A port already in use, a state directory we may not write: say which, no traceback.
+        log.error("agent failed", error=str(exc))  # noqa: TRY400
         return EXIT_FAILED
     finally:
         if server is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -93,4 +94,23 @@ def test_bad_configuration_exits_with_status_2(
     assert p.wait(30) == 2
     out = p.output()
     assert needle in out
+    assert "Traceback" not in out
+
+
+def test_http_port_in_use_exits_1_with_the_reason(
+    agent_process: Callable[..., AgentProcess], tmp_path: Path
+) -> None:
+    """A valid but unusable setting (port taken) fails at start with exit 1 and the OS reason, no traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        p = agent_process(
+            "--http-addr", f"127.0.0.1:{port}", "--state-dir", str(tmp_path / "st"),
+            "--nats-url", "nats://127.0.0.1:1",
+        )  # fmt: skip
+        assert p.wait(30) == 1
+    out = p.output()
+    assert "agent failed" in out
+    assert "address already in use" in out.lower()
     assert "Traceback" not in out
