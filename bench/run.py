@@ -132,7 +132,7 @@ async def round_(uri: str, n: int, sub: Subscriber) -> tuple[dict[str, Any], dic
 
 
 async def event_bridge(
-    daemon: LibvirtDaemon, server: NatsServer, work: Path, total: int, rounds: int = 3
+    daemon: LibvirtDaemon, server: NatsServer, work: Path, total: int, rounds: int = 5
 ) -> dict[str, Any]:
     """Rounds in which the bare listener and the agent consume the same generator run at the
     same time (same events, same machine load); the ratio is of the medians."""

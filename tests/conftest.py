@@ -260,6 +260,18 @@ def lab() -> Iterator[Any]:
 
 
 @pytest.fixture
+def host_a(lab: Any) -> Any:
+    """Lab host a (its libvirtd: host_a.uri)."""
+    return lab.host("a")
+
+
+@pytest.fixture
+def host_b(lab: Any) -> Any:
+    """Lab host b (its libvirtd: host_b.uri)."""
+    return lab.host("b")
+
+
+@pytest.fixture
 def guest(lab: Any) -> Iterator[Callable[..., Any]]:
     """Boot lab guests (failover pair or virtio only); each is destroyed and undefined after."""
     booted: list[str] = []

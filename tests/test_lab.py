@@ -53,13 +53,14 @@ async def test_guest_serial_shows_the_failover_bond_and_its_pings(
 
 async def test_primary_detach_and_attach_with_virsh_become_device_events(
     lab: Any,
+    host_a: Any,
     guest: Callable[..., Any],
     start_agent: Callable[..., Awaitable[RunningAgent]],
     collect: Callable[[str], Awaitable[Collector]],
     tmp_path: Path,
 ) -> None:
     """virsh detach/attach of the primary NIC: device_removed then device_added on the bus, and the guest's bond follows."""
-    a = lab.host("a")
+    a = host_a
     agent = await start_agent(**{"libvirt.uri": a.uri})
     dom = await asyncio.to_thread(guest, "a", "failover")
     u = dom.UUIDString()
@@ -89,12 +90,14 @@ async def test_primary_detach_and_attach_with_virsh_become_device_events(
 
 async def test_live_migration_gives_the_lifecycle_pair_on_both_hosts(
     lab: Any,
+    host_a: Any,
+    host_b: Any,
     guest: Callable[..., Any],
     start_agent: Callable[..., Awaitable[RunningAgent]],
     collect: Callable[[str], Awaitable[Collector]],
 ) -> None:
     """A live migration A→B: source agent publishes stopped/migrated, destination agent resumed/migrated."""
-    a, b = lab.host("a"), lab.host("b")
+    a, b = host_a, host_b
     agent_a = await start_agent(**{"libvirt.uri": a.uri})
     agent_b = await start_agent(**{"libvirt.uri": b.uri})
     dom = await asyncio.to_thread(guest, "a", "virtio")
