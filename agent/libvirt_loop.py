@@ -3,7 +3,8 @@
 libvirtaio touches the asyncio loop (add_reader, ensure_future) directly from whichever thread
 libvirt calls it on. libvirt calls it from the thread doing an RPC - which, in this agent, is
 often a thread of the bounded executor - and asyncio loops are not thread-safe. This subclass
-keeps libvirtaio's dispatching but applies every handle and timer change on the loop thread:
+keeps libvirtaio's file-handle dispatching, runs timers as plain loop callbacks, and applies
+every handle and timer change on the loop thread:
 calls made on the loop thread apply at once (after any queued ones, so order is kept); calls
 from other threads are queued in order and applied by the loop. libvirt tolerates a watch
 change that lands a moment late: its client takes its own lock before touching a socket.
@@ -28,6 +29,7 @@ class LoopSafeEventImpl(libvirtaio.virEventAsyncIOImpl):  # type: ignore[misc]
         self._loop_thread = loop_thread
         self._ops: collections.deque[Callable[[], None]] = collections.deque()
         self._ops_lock = threading.Lock()
+        self._timers: dict[int, _Timer] = {}
 
     # ------------------------------------------------------------ ordering
 
@@ -106,36 +108,68 @@ class LoopSafeEventImpl(libvirtaio.virEventAsyncIOImpl):  # type: ignore[misc]
         return 0
 
     # ------------------------------------------------------------ timers
+    #
+    # libvirtaio runs each timer as an asyncio Task, created and cancelled every time libvirt
+    # arms and disarms it - and libvirt arms a 0 ms timer to dispatch every queued event.
+    # Plain loop callbacks do the same job without a Task per event.
 
     def _add_timeout(self, timeout: int, cb: Any, opaque: Any) -> int:
-        iden = self._next_iden()
+        timer = _Timer(self._next_iden(), cb, opaque)
 
         def op() -> None:
-            callback = libvirtaio.TimeoutCallback(self, cb, opaque)
-            callback.iden = iden
-            self.callbacks[iden] = callback
-            callback.update(timeout=timeout)
-            self._pending_inc()
+            self._timers[timer.iden] = timer
+            self._arm(timer, timeout)
 
         self._run(op)
-        return iden
+        return timer.iden
 
     def _update_timeout(self, timer: int, timeout: int) -> None:
         def op() -> None:
-            callback = self.callbacks.get(timer)
-            if isinstance(callback, libvirtaio.TimeoutCallback):
-                callback.update(timeout=timeout)
+            t = self._timers.get(timer)
+            if t is not None:
+                self._arm(t, timeout)
 
         self._run(op)
 
     def _remove_timeout(self, timer: int) -> int:
         def op() -> None:
-            callback = self.callbacks.pop(timer, None)
-            if callback is not None:
-                callback.close()
+            t = self._timers.pop(timer, None)
+            if t is None:
+                return
+            self._arm(t, -1)
+            # libvirt frees the opaque later, never inside the call that removed the timer.
+            self.loop.call_soon(libvirt.virEventInvokeFreeCallback, t.opaque)
 
         self._run(op)
         return 0
+
+    def _arm(self, t: _Timer, timeout: int) -> None:
+        t.timeout = timeout
+        if t.handle is not None:
+            t.handle.cancel()
+            t.handle = None
+        if timeout == 0:
+            t.handle = self.loop.call_soon(self._fire, t)
+        elif timeout > 0:
+            t.handle = self.loop.call_later(timeout / 1000, self._fire, t)
+
+    def _fire(self, t: _Timer) -> None:
+        t.handle = None
+        t.cb(t.iden, t.opaque)
+        # A libvirt timer repeats until it is updated or removed (the callback may do either).
+        if t.handle is None and t.timeout >= 0 and self._timers.get(t.iden) is t:
+            self._arm(t, t.timeout)
+
+
+class _Timer:
+    __slots__ = ("cb", "handle", "iden", "opaque", "timeout")
+
+    def __init__(self, iden: int, cb: Any, opaque: Any) -> None:
+        self.iden = iden
+        self.cb = cb
+        self.opaque = opaque
+        self.timeout = -1
+        self.handle: asyncio.Handle | None = None
 
 
 _impl: LoopSafeEventImpl | None = None

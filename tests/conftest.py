@@ -72,6 +72,18 @@ class RunningAgent:
         self.agent.request_stop("test")
         await asyncio.wait_for(self.task, 30)
 
+    async def settled(self, timeout: float = 10.0) -> None:
+        """Wait until libvirt has gone quiet and JetStream acknowledged everything queued."""
+        deadline = time.monotonic() + timeout
+        pub = self.agent.publisher
+        while True:
+            received = pub.received
+            await asyncio.sleep(0.05)
+            if pub.received == received and pub.idle():
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"agent not settled: depth {pub.depth}, idle {pub.idle()}")
+
 
 @pytest.fixture
 async def start_agent(

@@ -125,7 +125,7 @@ async def test_events_stored_in_stream_with_strictly_increasing_sequence(
         dom.destroy()
     dom.undefine()
     await c.wait_for(lambda e: e["data"].get("event") == "undefined")
-    await asyncio.sleep(0.3)
+    await agent.settled()
     stored = await stream_messages(nc, EVENTS_STREAM, f"virt.{agent.host}.>")
     seqs = [ev["sequence"] for _, ev, _ in stored]
     assert seqs == sorted(seqs)
@@ -156,7 +156,7 @@ async def test_republished_message_id_is_stored_once(
     dom = define(testdrv)
     await c.wait_for(lambda e: e["data"].get("event") == "defined")
     dom.undefine()
-    await asyncio.sleep(0.3)
+    await agent.settled()
     js = nc.jetstream()
     before = (await js.stream_info(EVENTS_STREAM)).state.messages
     subject, _, headers = c.messages[0]
@@ -179,7 +179,7 @@ async def test_resync_snapshot_matches_libvirt(
     paused.suspend()
     off = define(testdrv)
     agent = await start_agent()
-    await asyncio.sleep(0.3)
+    await agent.settled()
     stored = await stream_messages(nc, EVENTS_STREAM, f"virt.{agent.host}.host.resync")
     assert len(stored) == 1
     snap = {d["uuid"]: d for d in stored[0][1]["data"]["domains"]}
@@ -229,7 +229,7 @@ async def test_queue_overflow_is_counted_and_followed_by_a_resync(
             break
     dom.destroy()
     dom.undefine()
-    await asyncio.sleep(0.5)
+    await agent.settled()
     stored = await stream_messages(nc, EVENTS_STREAM, f"virt.{agent.host}.>")
     resyncs = [
         ev
@@ -270,8 +270,8 @@ async def test_streams_are_created_or_updated_idempotently(
     assert info.config.duplicate_window == a.agent.settings.nats.duplicate_window_s
     ops = await js.stream_info("VIRT_OPS")
     assert ops.config.subjects == ["virt.*.op.>"]
-    await asyncio.sleep(0.3)
     for agent in (a, b):
+        await agent.settled()
         stored = await stream_messages(nc, EVENTS_STREAM, f"virt.{agent.host}.host.agent_started")
         assert len(stored) == 1
 
@@ -286,10 +286,7 @@ async def test_health_readiness_and_metrics_over_http(
     dom.undefine()
     assert agent.agent.http is not None
     base = f"http://{agent.agent.http.bound[0]}"
-    for _ in range(50):
-        if agent.agent.publisher.idle():
-            break
-        await asyncio.sleep(0.05)
+    await agent.settled()
     async with aiohttp.ClientSession() as s:
         async with s.get(base + "/healthz") as r:
             assert r.status == 200
