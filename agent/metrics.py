@@ -65,6 +65,12 @@ class Metrics:
         self.executor_capacity = Gauge(
             f"{NS}_executor_capacity", "Bound of libvirt calls running or queued", registry=r
         )
+        self.commands = Counter(
+            f"{NS}_commands",
+            "Commands answered, by verb and outcome",
+            ["verb", "outcome"],
+            registry=r,
+        )
         self.executor_rejected = Counter(
             f"{NS}_executor_rejected",
             "libvirt calls refused because the executor was full",

@@ -76,6 +76,21 @@ class PublisherSettings(_Section, frozen=True, kw_only=True, forbid_unknown_fiel
     resync_low_watermark: Annotated[float, Meta(gt=0, lt=1)] = 0.5
 
 
+class CommandSettings(_Section, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    # Requests larger than this are refused with invalid_request.
+    max_payload_bytes: Annotated[int, Meta(ge=256, le=8 * 1024 * 1024)] = 65536
+    # Empty: every verb. Otherwise only these (denied_verbs still applies).
+    allowed_verbs: list[str] = msgspec.field(default_factory=list)
+    denied_verbs: list[str] = msgspec.field(default_factory=list)
+    # Commands executing at once; more wait (bounded by max_pending) for a slot.
+    max_concurrent: PosInt = 64
+    max_pending: PosInt = 1024
+    # A repeated request_id within this window gets the first reply, without acting again.
+    idempotency_window_s: PosFloat = 600.0
+    # A command still running after this long is answered with `timeout`.
+    timeout_s: PosFloat = 60.0
+
+
 class HttpSettings(_Section, frozen=True, kw_only=True, forbid_unknown_fields=True):
     # host:port for /healthz, /readyz and /metrics; empty disables the server.
     listen: str = "127.0.0.1:9178"
@@ -109,6 +124,7 @@ class Settings(_Section, frozen=True, kw_only=True, forbid_unknown_fields=True):
     libvirt: LibvirtSettings = msgspec.field(default_factory=LibvirtSettings)
     nats: NatsSettings = msgspec.field(default_factory=NatsSettings)
     publisher: PublisherSettings = msgspec.field(default_factory=PublisherSettings)
+    commands: CommandSettings = msgspec.field(default_factory=CommandSettings)
     http: HttpSettings = msgspec.field(default_factory=HttpSettings)
     log: LogSettings = msgspec.field(default_factory=LogSettings)
     agent: AgentSettings = msgspec.field(default_factory=AgentSettings)

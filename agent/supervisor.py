@@ -19,6 +19,7 @@ import structlog
 
 from agent import __version__
 from agent.bus import Bus, ensure_streams
+from agent.commands import CommandService
 from agent.envelope import (
     AgentStarted,
     AgentStopping,
@@ -34,6 +35,7 @@ from agent.hypervisor import Hypervisor
 from agent.metrics import Metrics
 from agent.publisher import Publisher
 from agent.settings import Settings
+from handlers import Context, all_verbs
 
 log = structlog.get_logger("agent.supervisor")
 
@@ -67,6 +69,19 @@ class Agent:
         self.state = AgentState.STARTING
         self.stop_reason = ""
         self.started_at = time.monotonic()
+        self.commands = CommandService(
+            settings.commands,
+            Context(
+                host=self.host,
+                boot_id=self.boot_id,
+                version=__version__,
+                subjects=self.subjects,
+                hypervisor=self.hypervisor,
+                metrics=self.metrics,
+                started_at=self.started_at,
+            ),
+            all_verbs(),
+        )
         self._stop = asyncio.Event()
         self.ready = asyncio.Event()
 
@@ -114,6 +129,7 @@ class Agent:
             tasks = [
                 tg.create_task(self.publisher.run(), name="publisher"),
                 tg.create_task(self.publisher.watch_acks(), name="ack-watchdog"),
+                tg.create_task(self.commands.run(nc), name="commands"),
             ]
             self.publisher.submit_host_event(
                 AgentStarted(
@@ -145,6 +161,8 @@ class Agent:
 
     async def _shutdown(self) -> None:
         self.state = AgentState.STOPPING
+        # 0. Stop taking commands: new ones are answered `unavailable`.
+        self.commands.stop_accepting()
         grace = self.settings.agent.shutdown_grace_s
         deadline = time.monotonic() + grace
         # 1. Let libvirt dispatch what it already holds (its queue, the socket) until the

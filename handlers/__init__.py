@@ -1,1 +1,53 @@
-"""Command handlers, one module per verb family (the command plane)."""
+"""Command handlers, one module per verb family; `all_verbs()` is the registry.
+
+A handler is `async def handler(ctx, request) -> result`: it receives a validated, typed
+request and returns something msgspec can encode, or raises an AgentError whose family is the
+reply's error code. Handlers never publish to NATS themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.envelope import Subjects
+from agent.hypervisor import Hypervisor
+from agent.metrics import Metrics
+
+
+@dataclass
+class Context:
+    """What handlers may use: libvirt through the hypervisor, identity, metrics, locks."""
+
+    host: str
+    boot_id: str
+    version: str
+    subjects: Subjects
+    hypervisor: Hypervisor
+    metrics: Metrics
+    started_at: float
+    # Mutating commands on one domain run one at a time.
+    domain_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+
+    def lock(self, domain_uuid: str) -> asyncio.Lock:
+        return self.domain_locks.setdefault(domain_uuid, asyncio.Lock())
+
+
+Handler = Callable[[Context, Any], Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class Verb:
+    name: str
+    request: type[Any]
+    handler: Handler
+    mutating: bool = False
+
+
+def all_verbs() -> dict[str, Verb]:
+    from handlers import domain, system  # noqa: PLC0415 - the families import this module
+
+    verbs: list[Verb] = [*system.VERBS, *domain.VERBS]
+    return {v.name: v for v in verbs}

@@ -1,0 +1,194 @@
+"""Where a NATS request becomes a handler call: subscribe, decode, validate, authorize,
+de-duplicate by request_id, bound concurrency, reply.
+
+Every request gets exactly one reply, `{"ok": true, "result": ...}` or `{"ok": false,
+"error": {"code", "message", "details"}}` with a code from the contract; nothing a client
+sends can crash the service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from typing import Any
+
+import msgspec
+import structlog
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
+
+from agent.errors import AgentError, Forbidden, InvalidRequest, NotFound, Timeout, Unavailable
+from agent.settings import CommandSettings
+from handlers import Context, Verb
+
+log = structlog.get_logger("agent.commands")
+
+_encoder = msgspec.json.Encoder()
+
+
+class Reply(msgspec.Struct, omit_defaults=True):
+    ok: bool
+    result: Any = None
+    error: dict[str, Any] | None = None
+
+
+def error_reply(exc: AgentError) -> bytes:
+    return _encoder.encode(
+        Reply(ok=False, error={"code": exc.code, "message": exc.message, "details": exc.details})
+    )
+
+
+class _Outcomes:
+    """Replies of requests that carried a request_id, kept for the idempotency window."""
+
+    def __init__(self, window_s: float, limit: int = 100_000) -> None:
+        self.window_s = window_s
+        self.limit = limit
+        self._done: OrderedDict[tuple[str, str], tuple[float, bytes]] = OrderedDict()
+        self._running: dict[tuple[str, str], asyncio.Future[bytes]] = {}
+
+    def _expire(self) -> None:
+        cutoff = time.monotonic() - self.window_s
+        done = self._done
+        while done and (next(iter(done.values()))[0] < cutoff or len(done) > self.limit):
+            done.popitem(last=False)
+
+    def get(self, key: tuple[str, str]) -> bytes | asyncio.Future[bytes] | None:
+        self._expire()
+        done = self._done.get(key)
+        if done is not None:
+            return done[1]
+        return self._running.get(key)
+
+    def start(self, key: tuple[str, str]) -> asyncio.Future[bytes]:
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._running[key] = fut
+        return fut
+
+    def finish(self, key: tuple[str, str], reply: bytes) -> None:
+        fut = self._running.pop(key, None)
+        if fut is not None and not fut.done():
+            fut.set_result(reply)
+        self._done[key] = (time.monotonic(), reply)
+
+
+class CommandService:
+    def __init__(self, settings: CommandSettings, ctx: Context, verbs: dict[str, Verb]) -> None:
+        self.settings = settings
+        self.ctx = ctx
+        self.verbs = verbs
+        self.prefix = ctx.subjects.base + ".cmd."
+        self._outcomes = _Outcomes(settings.idempotency_window_s)
+        self._slots = asyncio.Semaphore(settings.max_concurrent)
+        self._accepting = True
+        self.handled = 0
+
+    def stop_accepting(self) -> None:
+        self._accepting = False
+
+    async def run(self, nc: NATS) -> None:
+        """Serve requests until cancelled; in-flight ones finish or are cancelled with it."""
+        sub = await nc.subscribe(self.prefix + ">", pending_msgs_limit=self.settings.max_pending)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                async for msg in sub.messages:
+                    if not msg.reply:
+                        continue  # a command without a reply inbox cannot be answered
+                    if not self._accepting:
+                        await self._respond(msg, error_reply(Unavailable("agent is stopping")))
+                        continue
+                    await self._slots.acquire()
+                    tg.create_task(self._serve(msg))
+        finally:
+            await sub.unsubscribe()
+
+    async def _serve(self, msg: Msg) -> None:
+        verb = msg.subject[len(self.prefix) :]
+        started = time.monotonic()
+        outcome = "error"
+        try:
+            reply = await self._dispatch(verb, msg.data)
+            outcome = "ok" if reply.startswith(b'{"ok":true') else "error"
+        except Exception:
+            log.exception("command handler failed", verb=verb)
+            reply = error_reply(AgentError("internal error; see the agent's log", verb=verb))
+        finally:
+            self._slots.release()
+        self.handled += 1
+        self.ctx.metrics.commands.labels(verb if verb in self.verbs else "unknown", outcome).inc()
+        ms = round((time.monotonic() - started) * 1000, 2)
+        log.debug("command", verb=verb, outcome=outcome, ms=ms)
+        await self._respond(msg, reply)
+
+    async def _respond(self, msg: Msg, reply: bytes) -> None:
+        try:
+            await msg.respond(reply)
+        except NatsError as exc:
+            log.warning("could not reply", subject=msg.subject, error=str(exc))
+
+    async def _dispatch(self, verb_name: str, data: bytes) -> bytes:
+        try:
+            verb = self._authorize(verb_name, data)
+            try:
+                raw = msgspec.json.decode(data)
+            except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+                raise InvalidRequest(f"request is not valid JSON (UTF-8): {exc}") from None
+            if not isinstance(raw, dict):
+                raise InvalidRequest(
+                    f"request must be a JSON object, got {type(raw).__name__}",
+                    got=type(raw).__name__,
+                )
+            try:
+                request = msgspec.convert(raw, verb.request, strict=True)
+            except msgspec.ValidationError as exc:
+                raise InvalidRequest(
+                    f"invalid {verb_name} request: {exc}", verb=verb_name
+                ) from None
+        except AgentError as exc:
+            return error_reply(exc)
+
+        request_id = getattr(request, "request_id", None)
+        if request_id is None:
+            return await self._call(verb, request)
+        key = (verb_name, request_id)
+        seen = self._outcomes.get(key)
+        if isinstance(seen, bytes):
+            return seen
+        if seen is not None:
+            return await asyncio.shield(seen)
+        self._outcomes.start(key)
+        reply = b""
+        try:
+            reply = await self._call(verb, request)
+        finally:
+            self._outcomes.finish(key, reply or error_reply(AgentError("cancelled")))
+        return reply
+
+    def _authorize(self, verb_name: str, data: bytes) -> Verb:
+        if len(data) > self.settings.max_payload_bytes:
+            raise InvalidRequest(
+                f"request of {len(data)} bytes exceeds the limit of "
+                f"{self.settings.max_payload_bytes}",
+                size=len(data),
+                limit=self.settings.max_payload_bytes,
+            )
+        verb = self.verbs.get(verb_name)
+        if verb is None:
+            raise NotFound(f"unknown verb {verb_name!r}", verb=verb_name, verbs=sorted(self.verbs))
+        allowed = self.settings.allowed_verbs
+        if verb_name in self.settings.denied_verbs or (allowed and verb_name not in allowed):
+            raise Forbidden(f"verb {verb_name!r} is not allowed on this host", verb=verb_name)
+        return verb
+
+    async def _call(self, verb: Verb, request: Any) -> bytes:
+        try:
+            async with asyncio.timeout(self.settings.timeout_s):
+                result = await verb.handler(self.ctx, request)
+        except AgentError as exc:
+            return error_reply(exc)
+        except TimeoutError:
+            limit = self.settings.timeout_s
+            return error_reply(Timeout(f"{verb.name} did not finish within {limit}s"))
+        return _encoder.encode(Reply(ok=True, result=result))

@@ -1,0 +1,128 @@
+"""Domain verbs: `domain.list`, `domain.get` and the lifecycle actions `domain.start`,
+`domain.shutdown`, `domain.destroy`, `domain.reboot`, `domain.suspend`, `domain.resume`."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Annotated, Any
+
+import libvirt
+import msgspec
+from msgspec import Meta
+
+from agent.errors import Conflict, NotFound, Unavailable
+from agent.events import DomainSnapshot, domain_state_names
+from handlers import Context, Verb
+
+UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
+DomainName = Annotated[str, Meta(min_length=1, max_length=256)]
+RequestId = Annotated[str, Meta(min_length=1, max_length=128)]
+
+
+class ListRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    request_id: RequestId | None = None
+
+
+class DomainRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    domain: DomainName
+    request_id: RequestId | None = None
+
+
+class DomainInfo(msgspec.Struct, frozen=True):
+    uuid: str
+    name: str
+    id: int | None
+    state: str
+    reason: str
+    persistent: bool
+    autostart: bool
+    vcpus: int
+    memory_kib: int
+    max_memory_kib: int
+
+
+def _lookup(conn: Any, name_or_uuid: str) -> Any:
+    """A domain by UUID or name; NotFound names what was asked for."""
+    try:
+        if UUID_RE.match(name_or_uuid):
+            return conn.lookupByUUIDString(name_or_uuid)
+        return conn.lookupByName(name_or_uuid)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            raise NotFound(f"domain {name_or_uuid!r} not found", domain=name_or_uuid) from None
+        raise
+
+
+def _info(dom: Any) -> DomainInfo:
+    state, reason = dom.state()
+    st, rs = domain_state_names(state, reason)
+    _, max_mem, mem, vcpus, _ = dom.info()
+    dom_id = dom.ID()
+    return DomainInfo(
+        uuid=dom.UUIDString(),
+        name=dom.name(),
+        id=dom_id if dom_id >= 0 else None,
+        state=st,
+        reason=rs,
+        persistent=bool(dom.isPersistent()),
+        autostart=bool(dom.autostart()) if dom.isPersistent() else False,
+        vcpus=int(vcpus),
+        memory_kib=int(mem),
+        max_memory_kib=int(max_mem),
+    )
+
+
+def _conn(ctx: Context) -> Any:
+    conn = ctx.hypervisor.conn
+    if conn is None or not ctx.hypervisor.connected:
+        raise Unavailable("libvirt is not connected", uri=ctx.hypervisor.uri)
+    return conn
+
+
+async def domain_list(ctx: Context, _: ListRequest) -> list[DomainSnapshot]:
+    _conn(ctx)
+    return await ctx.hypervisor.snapshot()
+
+
+async def domain_get(ctx: Context, req: DomainRequest) -> DomainInfo:
+    conn = _conn(ctx)
+    return await ctx.hypervisor.call(lambda: _info(_lookup(conn, req.domain)))
+
+
+ACTIVE = frozenset({"running", "paused", "blocked", "pmsuspended", "shutdown"})
+
+
+def _action(name: str, act: Callable[[Any], Any], needs: frozenset[str]) -> Verb:
+    """A lifecycle verb: checked against the domain's state first, so every driver answers
+    a wrong-state request with `conflict` naming the state, then done under the domain's lock."""
+
+    async def handler(ctx: Context, req: DomainRequest) -> DomainInfo:
+        conn = _conn(ctx)
+        dom = await ctx.hypervisor.call(_lookup, conn, req.domain)
+        async with ctx.lock(dom.UUIDString()):
+            state, reason = await ctx.hypervisor.call(dom.state)
+            st, _ = domain_state_names(state, reason)
+            if st not in needs:
+                raise Conflict(
+                    f"domain {req.domain!r} is {st}; domain.{name} needs it "
+                    + " or ".join(sorted(needs)),
+                    domain=req.domain,
+                    state=st,
+                )
+            await ctx.hypervisor.call(act, dom)
+            return await ctx.hypervisor.call(_info, dom)
+
+    return Verb(f"domain.{name}", DomainRequest, handler, mutating=True)
+
+
+VERBS = [
+    Verb("domain.list", ListRequest, domain_list),
+    Verb("domain.get", DomainRequest, domain_get),
+    _action("start", lambda d: d.create(), frozenset({"shutoff", "crashed", "nostate"})),
+    _action("shutdown", lambda d: d.shutdown(), frozenset({"running", "paused", "blocked"})),
+    _action("destroy", lambda d: d.destroy(), ACTIVE),
+    _action("reboot", lambda d: d.reboot(0), frozenset({"running", "blocked"})),
+    _action("suspend", lambda d: d.suspend(), frozenset({"running", "blocked"})),
+    _action("resume", lambda d: d.resume(), frozenset({"paused"})),
+]
