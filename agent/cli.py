@@ -1,4 +1,5 @@
-"""Command line: `virt-agent run` (the agent) and `virt-agent events` (tail the bus)."""
+"""Command line: `virt-agent run` (the agent), `events` (tail the bus), `call` (send a
+command to a host's agent) and `hosts` (the registered hosts)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import gc
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +58,51 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--type", dest="etype", help="only this event type, e.g. lifecycle")
     ev.add_argument("--json", action="store_true", help="print each CloudEvent as raw JSON")
     ev.add_argument("--count", type=int, help="exit after this many events")
+
+    call = sub.add_parser("call", help="send a command to a host's agent and print the reply")
+    call.add_argument("host", help="host id")
+    call.add_argument("verb", help="e.g. ping, capabilities, domain.list, domain.start")
+    call.add_argument("args", nargs="*", help="one JSON object, or key=value pairs")
+    _bus_args(call)
+    call.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the reply")
+
+    hosts = sub.add_parser("hosts", help="list the hosts registered in virt_hosts")
+    _bus_args(hosts)
+    hosts.add_argument("--json", action="store_true", help="print the registrations as JSON")
     return p
+
+
+def _bus_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nats-url", action="append", help="NATS server URL (repeatable)")
+    p.add_argument("--prefix", default=None, help="subject prefix (default: virt)")
+
+
+def _bus(args: argparse.Namespace) -> tuple[list[str], str]:
+    urls = args.nats_url or [
+        u.strip()
+        for u in os.environ.get("VIRT_AGENT_NATS_URLS", "nats://127.0.0.1:4222").split(",")
+        if u.strip()
+    ]
+    return urls, args.prefix or os.environ.get("VIRT_AGENT_SUBJECT_PREFIX", "virt")
+
+
+def parse_call_args(args: list[str]) -> dict[str, Any]:
+    """`{"a": 1}` as it is, or `a=1 b=text` with each value read as JSON when it parses."""
+    if len(args) == 1 and args[0].lstrip().startswith("{"):
+        body = msgspec.json.decode(args[0])
+        if not isinstance(body, dict):
+            raise ValueError("the request must be a JSON object")
+        return body
+    out: dict[str, Any] = {}
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if not sep or not key:
+            raise ValueError(f"expected key=value, got {arg!r}")
+        try:
+            out[key] = msgspec.json.decode(value)
+        except msgspec.DecodeError:
+            out[key] = value
+    return out
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -70,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_run(args)
     if args.command == "events":
         return cmd_events(args)
+    if args.command == "call":
+        return cmd_call(args)
+    if args.command == "hosts":
+        return cmd_hosts(args)
     return EXIT_FAILED  # pragma: no cover - argparse enforces the choices
 
 
@@ -152,14 +202,80 @@ async def _run_agent(settings: Settings) -> int:
 def cmd_events(args: argparse.Namespace) -> int:
     from agent.tail import tail  # noqa: PLC0415
 
-    urls = args.nats_url or [
-        u.strip()
-        for u in os.environ.get("VIRT_AGENT_NATS_URLS", "nats://127.0.0.1:4222").split(",")
-        if u.strip()
-    ]
-    prefix = args.prefix or os.environ.get("VIRT_AGENT_SUBJECT_PREFIX", "virt")
+    urls, prefix = _bus(args)
     with contextlib.suppress(KeyboardInterrupt):
         return asyncio.run(
             tail(urls, prefix, args.host, args.domain, args.etype, args.json, limit=args.count)
         )
     return EXIT_OK
+
+
+# ---------------------------------------------------------------- call and hosts
+
+
+def cmd_call(args: argparse.Namespace) -> int:
+    """Exit 0 when the reply is ok, 1 when it is an error, 2 for a bad invocation."""
+    import nats  # noqa: PLC0415
+
+    try:
+        body = parse_call_args(args.args)
+    except (ValueError, msgspec.DecodeError) as exc:
+        print(f"virt-agent call: {exc}", file=sys.stderr)
+        return EXIT_BAD_SETTINGS
+    urls, prefix = _bus(args)
+
+    async def go() -> int:
+        nc = await nats.connect(servers=urls, name="virt-agent call")
+        try:
+            msg = await nc.request(
+                f"{prefix}.{args.host}.cmd.{args.verb}",
+                msgspec.json.encode(body),
+                timeout=args.timeout,
+            )
+        except nats.errors.NoRespondersError:
+            print(f"virt-agent call: no agent answers for host {args.host!r}", file=sys.stderr)
+            return EXIT_FAILED
+        except TimeoutError:
+            print(f"virt-agent call: no reply within {args.timeout}s", file=sys.stderr)
+            return EXIT_FAILED
+        finally:
+            await nc.close()
+        reply = msgspec.json.decode(msg.data)
+        print(msgspec.json.format(msg.data, indent=2).decode())
+        return EXIT_OK if isinstance(reply, dict) and reply.get("ok") else EXIT_FAILED
+
+    return asyncio.run(go())
+
+
+def cmd_hosts(args: argparse.Namespace) -> int:
+    import nats  # noqa: PLC0415
+
+    from agent.registry import BUCKET, Registry  # noqa: PLC0415
+
+    urls, _ = _bus(args)
+
+    async def go() -> int:
+        nc = await nats.connect(servers=urls, name="virt-agent hosts")
+        try:
+            try:
+                kv = await nc.jetstream().key_value(BUCKET)
+            except nats.js.errors.BucketNotFoundError:
+                regs = []
+            else:
+                regs = await Registry(kv).hosts()
+        finally:
+            await nc.close()
+        if args.json:
+            print(msgspec.json.format(msgspec.json.encode(regs), indent=2).decode())
+            return EXIT_OK
+        print(f"{'HOST':<20} {'VERSION':<8} {'LIBVIRT':<8} {'FAILOVER':<8} {'AGE':>6}  URI")
+        now = time.time()
+        for r in sorted(regs, key=lambda r: r.host):
+            caps = r.capabilities
+            lib = caps.libvirt_version if caps else "?"
+            fo = "yes" if caps and caps.virtio_net_failover else "no"
+            age = f"{now - r.updated:>5.0f}s"
+            print(f"{r.host:<20} {r.version:<8} {lib:<8} {fo:<8} {age}  {r.libvirt_uri}")
+        return EXIT_OK
+
+    return asyncio.run(go())

@@ -45,6 +45,8 @@ class LibvirtSettings(_Section, frozen=True, kw_only=True, forbid_unknown_fields
     executor_workers: Annotated[int, Meta(ge=1, le=256)] = 8
     # Calls allowed to wait for a thread; one more is refused with `unavailable`.
     executor_queue: NonNegInt = 256
+    # Advertised in virt_hosts for migrations to this host; empty: libvirt peer-to-peer via uri.
+    migration_uri: str = ""
     reconnect_min_s: PosFloat = 0.5
     reconnect_max_s: PosFloat = 30.0
 
@@ -106,6 +108,8 @@ class AgentSettings(_Section, frozen=True, kw_only=True, forbid_unknown_fields=T
     # Longest an orderly shutdown may take before the agent exits anyway.
     shutdown_grace_s: PosFloat = 15.0
     heartbeat_interval_s: PosFloat = 30.0
+    # The virt_hosts entry expires this many heartbeats after the agent's last one.
+    registration_ttl_heartbeats: Annotated[int, Meta(ge=2, le=100)] = 3
 
 
 def default_state_dir() -> str:

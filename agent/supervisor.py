@@ -9,6 +9,7 @@ and every outstanding ack, drain NATS, close libvirt - all within `shutdown_grac
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import os
 import time
@@ -16,6 +17,7 @@ import uuid
 from typing import Any
 
 import structlog
+from nats.errors import Error as NatsError
 
 from agent import __version__
 from agent.bus import Bus, ensure_streams
@@ -34,6 +36,7 @@ from agent.http import HttpServer
 from agent.hypervisor import Hypervisor
 from agent.metrics import Metrics
 from agent.publisher import Publisher
+from agent.registry import Registration, Registry, open_bucket
 from agent.settings import Settings
 from handlers import Context, all_verbs
 
@@ -69,19 +72,17 @@ class Agent:
         self.state = AgentState.STARTING
         self.stop_reason = ""
         self.started_at = time.monotonic()
-        self.commands = CommandService(
-            settings.commands,
-            Context(
-                host=self.host,
-                boot_id=self.boot_id,
-                version=__version__,
-                subjects=self.subjects,
-                hypervisor=self.hypervisor,
-                metrics=self.metrics,
-                started_at=self.started_at,
-            ),
-            all_verbs(),
+        self.ctx = Context(
+            host=self.host,
+            boot_id=self.boot_id,
+            version=__version__,
+            subjects=self.subjects,
+            hypervisor=self.hypervisor,
+            metrics=self.metrics,
+            started_at=self.started_at,
         )
+        self.commands = CommandService(settings.commands, self.ctx, all_verbs())
+        self.registry: Registry | None = None
         self._stop = asyncio.Event()
         self.ready = asyncio.Event()
 
@@ -124,6 +125,11 @@ class Agent:
         except Unavailable:
             return
         await ensure_streams(nc, self.settings.nats, self.subjects)
+        ttl = (
+            self.settings.agent.heartbeat_interval_s
+            * self.settings.agent.registration_ttl_heartbeats
+        )
+        self.registry = Registry(await open_bucket(nc, ttl, self.settings.nats.stream_replicas))
         await self.publisher.attach(nc)
         async with asyncio.TaskGroup() as tg:
             tasks = [
@@ -198,6 +204,9 @@ class Agent:
                 return
 
     async def _close(self) -> None:
+        if self.registry is not None:
+            with contextlib.suppress(NatsError, TimeoutError):
+                await asyncio.wait_for(self.registry.withdraw(self.host), 2.0)
         # 4. Drain NATS, 5. close libvirt, 6. stop HTTP. Each step runs even if one before failed.
         try:
             await self.bus.drain(timeout=2.0)
@@ -225,6 +234,29 @@ class Agent:
             )
         )
         await self.resync(reason)
+        try:
+            await self.ctx.probe_capabilities()
+        except AgentError as exc:
+            log.warning("capabilities probe failed", error=exc.message)
+        await self._register()
+
+    async def _register(self) -> None:
+        if self.registry is None:
+            return
+        try:
+            await self.registry.publish(
+                Registration(
+                    host=self.host,
+                    boot_id=self.boot_id,
+                    version=__version__,
+                    libvirt_uri=self.settings.libvirt.uri,
+                    migration_uri=self.settings.libvirt.migration_uri,
+                    capabilities=self.ctx.capabilities,
+                    updated=0.0,
+                )
+            )
+        except NatsError as exc:
+            log.warning("could not refresh the virt_hosts registration", error=str(exc))
 
     async def resync(self, reason: str) -> None:
         """Publish a snapshot of every domain; it also accounts for any dropped events."""
@@ -282,3 +314,4 @@ class Agent:
                     queue_depth=self.publisher.depth,
                 )
             )
+            await self._register()

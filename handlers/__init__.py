@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.capabilities import Capabilities, probe
 from agent.envelope import Subjects
 from agent.hypervisor import Hypervisor
 from agent.metrics import Metrics
@@ -30,9 +31,15 @@ class Context:
     started_at: float
     # Mutating commands on one domain run one at a time.
     domain_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    # Probed once per libvirt connection (agent/capabilities.py).
+    capabilities: Capabilities | None = None
 
     def lock(self, domain_uuid: str) -> asyncio.Lock:
         return self.domain_locks.setdefault(domain_uuid, asyncio.Lock())
+
+    async def probe_capabilities(self) -> Capabilities:
+        self.capabilities = await probe(self.hypervisor)
+        return self.capabilities
 
 
 Handler = Callable[[Context, Any], Awaitable[Any]]

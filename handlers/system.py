@@ -1,4 +1,5 @@
-"""`ping`: is this host's agent there, and who is it."""
+"""`ping` (is this host's agent there, and who is it) and `capabilities` (what this host can
+do, including virtio-net failover)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import time
 
 import msgspec
 
+from agent.capabilities import Capabilities
+from agent.errors import Unavailable
 from handlers import Context, Verb
 
 
@@ -31,4 +34,18 @@ async def ping(ctx: Context, _: PingRequest) -> Pong:
     )
 
 
-VERBS = [Verb("ping", PingRequest, ping)]
+class CapabilitiesRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    # Probe again instead of answering from this connection's cached probe.
+    refresh: bool = False
+    request_id: str | None = None
+
+
+async def capabilities(ctx: Context, req: CapabilitiesRequest) -> Capabilities:
+    if not ctx.hypervisor.connected:
+        raise Unavailable("libvirt is not connected", uri=ctx.hypervisor.uri)
+    if ctx.capabilities is None or req.refresh:
+        return await ctx.probe_capabilities()
+    return ctx.capabilities
+
+
+VERBS = [Verb("ping", PingRequest, ping), Verb("capabilities", CapabilitiesRequest, capabilities)]

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import libvirt
 import msgspec
+import nats
 import pytest
 from nats.aio.client import Client as NATS
 
-from tests.conftest import Collector, RunningAgent
+from tests.conftest import ROOT, Collector, RunningAgent
 from tests.test_events import define
 
 ERROR_CODES = {
@@ -161,3 +163,38 @@ async def test_stopping_agent_refuses_new_commands(
     reply = await call(nc, agent.host, verb, {"domain": "test"})
     assert error_code(reply) == "unavailable"
     assert reply["error"]["code"] in ERROR_CODES
+
+
+async def test_registration_in_virt_hosts_and_the_cli(
+    start_agent: Callable[..., Awaitable[RunningAgent]], nc: NATS, nats_server: Any
+) -> None:
+    """The agent registers in virt_hosts; `virt-agent hosts` and `virt-agent call` see it; stop withdraws it."""
+    agent = await start_agent()
+    kv = await nc.jetstream().key_value("virt_hosts")
+    entry = await kv.get(agent.host)
+    reg = msgspec.json.decode(entry.value)
+    assert reg["boot_id"] == agent.agent.boot_id
+    assert reg["libvirt_uri"] == "test:///default"
+    assert reg["capabilities"]["libvirt_version"] == "9.0.0"
+
+    async def cli(*args: str) -> tuple[int, str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "agent", *args, "--nats-url", nats_server.url,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=ROOT,
+        )  # fmt: skip
+        out, _ = await asyncio.wait_for(proc.communicate(), 30)
+        return proc.returncode or 0, out.decode()
+
+    code, out = await cli("hosts")
+    assert code == 0
+    assert agent.host in out
+    code, out = await cli("call", agent.host, "domain.get", "domain=test")
+    assert code == 0, out
+    assert msgspec.json.decode(out)["result"]["name"] == "test"
+    code, out = await cli("call", agent.host, "domain.get", "domain=nope")
+    assert code == 1
+    assert msgspec.json.decode(out)["error"]["code"] == "not_found"
+
+    await agent.stop()
+    with pytest.raises(nats.js.errors.KeyNotFoundError):
+        await kv.get(agent.host)

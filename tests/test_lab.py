@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from lab.lab import guest_mac, primary_interface_xml, probes, wait_for_serial
@@ -126,3 +127,19 @@ async def test_live_migration_gives_the_lifecycle_pair_on_both_hosts(
     size = serial.stat().st_size
     await asyncio.sleep(2)
     assert serial.stat().st_size > size
+
+
+async def test_capabilities_report_virtio_net_failover_on_a_qemu_host(
+    host_a: Any, start_agent: Callable[..., Awaitable[RunningAgent]], nc: Any
+) -> None:
+    """On a real QEMU host the capabilities verb finds the failover property and libvirt teaming."""
+    agent = await start_agent(**{"libvirt.uri": host_a.uri})
+    msg = await nc.request(f"virt.{agent.host}.cmd.capabilities", b"{}", timeout=30)
+    reply = msgspec.json.decode(msg.data)
+    assert reply["ok"] is True, reply
+    caps = reply["result"]
+    assert caps["qemu_failover"] is True
+    assert caps["libvirt_teaming"] is True
+    assert caps["virtio_net_failover"] is True
+    assert caps["domain_caps"]["emulator"].endswith("qemu-system-x86_64")
+    assert caps["domain_caps"]["machine"].startswith("pc-")

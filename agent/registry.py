@@ -1,0 +1,88 @@
+"""This host's registration in the JetStream key-value bucket `virt_hosts`: one key per host,
+refreshed by the heartbeat, expiring when the agent is gone, deleted on an orderly stop. A
+`destination` host id in a command is resolved here."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import msgspec
+import structlog
+from nats.aio.client import Client as NATS
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.errors import BadRequestError, KeyNotFoundError, NoKeysError, NotFoundError
+from nats.js.kv import KeyValue
+
+from agent.capabilities import Capabilities
+from agent.errors import NotFound
+
+log = structlog.get_logger("agent.registry")
+
+BUCKET = "virt_hosts"
+
+
+class Registration(msgspec.Struct, frozen=True, kw_only=True):
+    host: str
+    boot_id: str
+    version: str
+    libvirt_uri: str
+    # Where other hosts' libvirt migrates to; empty: peer-to-peer through libvirt_uri.
+    migration_uri: str
+    capabilities: Capabilities | None
+    updated: float
+
+
+_decoder = msgspec.json.Decoder(Registration)
+
+
+async def open_bucket(nc: NATS, ttl_s: float, replicas: int) -> KeyValue:
+    js = nc.jetstream()
+    cfg = KeyValueConfig(
+        bucket=BUCKET,
+        history=1,
+        ttl=ttl_s,
+        storage=StorageType.FILE,
+        replicas=replicas,
+        description="virt-agent host registrations (contract v1)",
+    )
+    try:
+        return await js.create_key_value(cfg)
+    except BadRequestError:
+        # Exists (another host made it, perhaps with another TTL): use it as it is.
+        return await js.key_value(BUCKET)
+
+
+class Registry:
+    def __init__(self, kv: KeyValue) -> None:
+        self.kv = kv
+
+    async def publish(self, reg: Registration) -> None:
+        fresh = msgspec.structs.replace(reg, updated=time.time())
+        await self.kv.put(reg.host, msgspec.json.encode(fresh))
+
+    async def withdraw(self, host: str) -> None:
+        with contextlib.suppress(KeyNotFoundError, NotFoundError):
+            await self.kv.delete(host)
+
+    async def resolve(self, host: str) -> Registration:
+        try:
+            entry = await self.kv.get(host)
+        except (KeyNotFoundError, NotFoundError):
+            raise NotFound(f"host {host!r} is not registered in {BUCKET}", host=host) from None
+        if entry.value is None:
+            raise NotFound(f"host {host!r} is not registered in {BUCKET}", host=host)
+        return _decoder.decode(entry.value)
+
+    async def hosts(self) -> list[Registration]:
+        try:
+            keys = await self.kv.keys()
+        except (NoKeysError, NotFoundError):
+            return []
+        out = []
+        for k in keys:
+            try:
+                out.append(await self.resolve(k))
+            except NotFound:
+                continue  # expired between listing and reading
+        return out
