@@ -118,6 +118,9 @@ class Subjects:
     def host_event(self, event_type: str) -> str:
         return f"{self.base}.host.{event_type}"
 
+    def op(self, operation_id: str) -> str:
+        return f"{self.base}.op.{operation_id}"
+
     def events_stream_subjects(self) -> list[str]:
         return [f"{self.prefix}.*.event.>", f"{self.prefix}.*.host.>"]
 

@@ -41,6 +41,7 @@ from agent.envelope import (
 )
 from agent.events import DomainEvent
 from agent.metrics import Metrics
+from agent.operations import OpEvent
 from agent.settings import PublisherSettings
 
 log = structlog.get_logger("agent.publisher")
@@ -57,8 +58,11 @@ class PubAck(msgspec.Struct):
 class _Queued:
     sequence: int
     event: DomainEvent | None
-    host_data: HostData | None
+    # For host and operation events: their data, subject and CloudEvents type.
+    data: Any
     time_ns: int
+    subject: str = ""
+    ce_type: str = ""
 
 
 @dataclass(slots=True)
@@ -142,8 +146,17 @@ class Publisher:
 
     def submit_host_event(self, data: HostData) -> int:
         """Queue a host event: rare, and carrying recovery state, so never dropped."""
+        name = HOST_EVENT_TYPES[type(data)]
+        return self._submit_other(data, self.subjects.host_event(name), host_event_type(name))
+
+    def submit_op_event(self, state: str, data: OpEvent) -> int:
+        """Queue an operation's progress or outcome; never dropped either."""
+        op_id = data.operation.id
+        return self._submit_other(data, self.subjects.op(op_id), f"virt.operation.{state}")
+
+    def _submit_other(self, data: Any, subject: str, ce_type: str) -> int:
         self._sequence += 1
-        self._queue.append(_Queued(self._sequence, None, data, time.time_ns()))
+        self._queue.append(_Queued(self._sequence, None, data, time.time_ns(), subject, ce_type))
         self._wakeup.set()
         return self._sequence
 
@@ -202,16 +215,14 @@ class Publisher:
                 data=ev.data,
             )
         else:
-            assert item.host_data is not None
-            name = HOST_EVENT_TYPES[type(item.host_data)]
-            subject = self.subjects.host_event(name)
+            subject = item.subject
             envelope = CloudEvent(
                 id=msg_id,
                 source=self.source,
-                type=host_event_type(name),
+                type=item.ce_type,
                 time=rfc3339(item.time_ns),
                 sequence=item.sequence,
-                data=item.host_data,
+                data=item.data,
             )
         return _Outgoing(subject, encode(envelope), msg_id, item.time_ns)
 

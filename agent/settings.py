@@ -89,6 +89,8 @@ class CommandSettings(_Section, frozen=True, kw_only=True, forbid_unknown_fields
     max_pending: PosInt = 1024
     # A repeated request_id within this window gets the first reply, without acting again.
     idempotency_window_s: PosFloat = 600.0
+    # Long operations (migrations) running at once on this host; one more gets `unavailable`.
+    max_operations: Annotated[int, Meta(ge=1, le=1000)] = 4
     # A command still running after this long is answered with `timeout`.
     timeout_s: PosFloat = 60.0
 

@@ -14,6 +14,7 @@ import enum
 import os
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -35,6 +36,7 @@ from agent.errors import AgentError, Unavailable
 from agent.http import HttpServer
 from agent.hypervisor import Hypervisor
 from agent.metrics import Metrics
+from agent.operations import Journal, OperationManager
 from agent.publisher import Publisher
 from agent.registry import Registration, Registry, open_bucket
 from agent.settings import Settings
@@ -83,6 +85,7 @@ class Agent:
         )
         self.commands = CommandService(settings.commands, self.ctx, all_verbs())
         self.registry: Registry | None = None
+        self.operations: OperationManager | None = None
         self._stop = asyncio.Event()
         self.ready = asyncio.Event()
 
@@ -130,12 +133,20 @@ class Agent:
             * self.settings.agent.registration_ttl_heartbeats
         )
         self.registry = Registry(await open_bucket(nc, ttl, self.settings.nats.stream_replicas))
+        self.ctx.registry = self.registry
+        self.ctx.operations = self.operations = OperationManager(
+            Journal(Path(self.settings.state_dir) / "operations.db"),
+            self.host,
+            self.publisher.submit_op_event,
+            self.settings.commands.max_operations,
+        )
         await self.publisher.attach(nc)
         async with asyncio.TaskGroup() as tg:
             tasks = [
                 tg.create_task(self.publisher.run(), name="publisher"),
                 tg.create_task(self.publisher.watch_acks(), name="ack-watchdog"),
                 tg.create_task(self.commands.run(nc), name="commands"),
+                tg.create_task(self.operations.run(), name="operations"),
             ]
             self.publisher.submit_host_event(
                 AgentStarted(

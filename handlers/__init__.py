@@ -16,6 +16,8 @@ from agent.capabilities import Capabilities, probe
 from agent.envelope import Subjects
 from agent.hypervisor import Hypervisor
 from agent.metrics import Metrics
+from agent.operations import OperationManager
+from agent.registry import Registry
 
 
 @dataclass
@@ -33,6 +35,9 @@ class Context:
     domain_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     # Probed once per libvirt connection (agent/capabilities.py).
     capabilities: Capabilities | None = None
+    # Set once NATS is up: the journal of long operations and the virt_hosts registry.
+    operations: OperationManager | None = None
+    registry: Registry | None = None
 
     def lock(self, domain_uuid: str) -> asyncio.Lock:
         return self.domain_locks.setdefault(domain_uuid, asyncio.Lock())
@@ -54,7 +59,7 @@ class Verb:
 
 
 def all_verbs() -> dict[str, Verb]:
-    from handlers import domain, system  # noqa: PLC0415 - the families import this module
+    from handlers import domain, migration, operations, system  # noqa: PLC0415
 
-    verbs: list[Verb] = [*system.VERBS, *domain.VERBS]
+    verbs: list[Verb] = [*system.VERBS, *domain.VERBS, *migration.VERBS, *operations.VERBS]
     return {v.name: v for v in verbs}

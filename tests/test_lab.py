@@ -143,3 +143,92 @@ async def test_capabilities_report_virtio_net_failover_on_a_qemu_host(
     assert caps["virtio_net_failover"] is True
     assert caps["domain_caps"]["emulator"].endswith("qemu-system-x86_64")
     assert caps["domain_caps"]["machine"].startswith("pc-")
+
+
+async def _call(nc: Any, host: str, verb: str, payload: dict[str, Any]) -> dict[str, Any]:
+    msg = await nc.request(f"virt.{host}.cmd.{verb}", msgspec.json.encode(payload), timeout=30)
+    reply: dict[str, Any] = msgspec.json.decode(msg.data)
+    return reply
+
+
+def _running_on(host: Any, uuid: str) -> bool:
+    conn = host.connect()
+    try:
+        return bool(conn.lookupByUUIDString(uuid).isActive())
+    except Exception:
+        return False
+    finally:
+        conn.close()
+
+
+async def test_migrate_verb_moves_the_domain_and_reports_the_operation(
+    host_a: Any,
+    host_b: Any,
+    guest: Callable[..., Any],
+    start_agent: Callable[..., Awaitable[RunningAgent]],
+    collect: Callable[[str], Awaitable[Collector]],
+    nc: Any,
+    tmp_path: Path,
+) -> None:
+    """migrate over the bus: the domain ends running on B only; steps, progress and success are on VIRT_OPS; the journal survives a restart."""
+    state_dir = str(tmp_path / "agent-a-state")
+    agent_a = await start_agent(**{"libvirt.uri": host_a.uri, "state_dir": state_dir})
+    agent_b = await start_agent(**{"libvirt.uri": host_b.uri})
+    dom = await asyncio.to_thread(guest, "a", "virtio")
+    u = dom.UUIDString()
+    ops = await collect(f"virt.{agent_a.host}.op.>")
+
+    reply = await _call(
+        nc, agent_a.host, "migrate", {"domain": dom.name(), "destination": agent_b.host}
+    )
+    assert reply["ok"] is True, reply
+    op_id = reply["result"]["operation_id"]
+    final = await ops.wait_for(
+        lambda e: e["type"] in ("virt.operation.succeeded", "virt.operation.failed"), 120
+    )
+    assert final["type"] == "virt.operation.succeeded", final
+    assert [s["step"] for s in final["data"]["operation"]["steps"]] == ["migrate", "verify"]
+    assert all("duration_s" in s for s in final["data"]["operation"]["steps"])
+    assert await asyncio.to_thread(_running_on, host_b, u)
+    assert not await asyncio.to_thread(_running_on, host_a, u)
+    assert {m[0] for m in ops.messages} == {f"virt.{agent_a.host}.op.{op_id}"}
+
+    got = await _call(nc, agent_a.host, "operation.get", {"operation_id": op_id})
+    assert got["result"]["state"] == "succeeded"
+    await agent_a.stop()
+    again = await start_agent(
+        **{"libvirt.uri": host_a.uri, "state_dir": state_dir, "host_id": agent_a.host}
+    )
+    got = await _call(nc, again.host, "operation.get", {"operation_id": op_id})
+    assert got["result"]["state"] == "succeeded", "the journal outlives the process"
+
+
+async def test_second_migration_conflicts_and_cancel_aborts_the_job(
+    host_a: Any,
+    host_b: Any,
+    guest: Callable[..., Any],
+    start_agent: Callable[..., Awaitable[RunningAgent]],
+    collect: Callable[[str], Awaitable[Collector]],
+    nc: Any,
+) -> None:
+    """While a slow migration runs a second one gets conflict naming it; operation.cancel aborts it and the domain stays on A."""
+    agent_a = await start_agent(**{"libvirt.uri": host_a.uri})
+    agent_b = await start_agent(**{"libvirt.uri": host_b.uri})
+    dom = await asyncio.to_thread(guest, "a", "virtio")
+    u = dom.UUIDString()
+    ops = await collect(f"virt.{agent_a.host}.op.>")
+    slow = {"domain": dom.name(), "destination": agent_b.host, "bandwidth_mib_s": 1}
+    first = await _call(nc, agent_a.host, "migrate", slow)
+    op_id = first["result"]["operation_id"]
+    await ops.wait_for(lambda e: e["data"]["operation"]["progress"].get("percent") is not None, 60)
+
+    second = await _call(nc, agent_a.host, "migrate", slow)
+    assert second["error"]["code"] == "conflict"
+    assert second["error"]["details"]["operation_id"] == op_id
+
+    cancel = await _call(nc, agent_a.host, "operation.cancel", {"operation_id": op_id})
+    assert cancel["ok"] is True, cancel
+    final = await ops.wait_for(lambda e: e["type"] == "virt.operation.cancelled", 60)
+    assert final["data"]["operation"]["id"] == op_id
+    assert await asyncio.to_thread(_running_on, host_a, u)
+    assert not await asyncio.to_thread(_running_on, host_b, u)

@@ -1,0 +1,222 @@
+"""Long operations: a journal in SQLite (state_dir/operations.db) that survives restarts,
+progress and outcome published on `virt.<host>.op.<id>` (stream VIRT_OPS), one running
+operation per domain, and a global bound on concurrent operations.
+
+Handlers start an operation with a runner coroutine; the runner reports steps through its
+`Progress` and returns a result or raises an AgentError. The manager owns the tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import structlog
+
+from agent.errors import AgentError, Conflict, NotFound, Unavailable
+
+log = structlog.get_logger("agent.operations")
+
+RUNNING, SUCCEEDED, FAILED, ROLLED_BACK, CANCELLED = (
+    "running", "succeeded", "failed", "rolled_back", "cancelled",
+)  # fmt: skip
+FINAL = {SUCCEEDED, FAILED, ROLLED_BACK, CANCELLED}
+
+
+class Operation(msgspec.Struct, kw_only=True):
+    id: str
+    verb: str
+    domain: str
+    state: str
+    step: str
+    created: float
+    updated: float
+    progress: dict[str, Any] = msgspec.field(default_factory=dict)
+    steps: list[dict[str, Any]] = msgspec.field(default_factory=list)
+    result: Any = None
+    error: dict[str, Any] | None = None
+
+
+class OpEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """The `data` of an operation event."""
+
+    host: str
+    operation: Operation
+
+
+Publish = Callable[[str, OpEvent], object]
+
+
+class Journal:
+    """Operations on disk; small writes, so done inline (SQLite in WAL mode)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(path, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute(
+            "CREATE TABLE IF NOT EXISTS operations (id TEXT PRIMARY KEY, domain TEXT, state TEXT,"
+            " created REAL, body TEXT)"
+        )
+
+    def save(self, op: Operation) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO operations VALUES (?, ?, ?, ?, ?)",
+            (op.id, op.domain, op.state, op.created, msgspec.json.encode(op).decode()),
+        )
+
+    def get(self, op_id: str) -> Operation | None:
+        row = self.db.execute("SELECT body FROM operations WHERE id = ?", (op_id,)).fetchone()
+        return msgspec.json.decode(row[0], type=Operation) if row else None
+
+    def recent(
+        self, limit: int, state: str | None = None, domain: str | None = None
+    ) -> list[Operation]:
+        sql, args = "SELECT body FROM operations", []
+        where = []
+        if state:
+            where.append("state = ?")
+            args.append(state)
+        if domain:
+            where.append("domain = ?")
+            args.append(domain)
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created DESC LIMIT ?"
+        rows = self.db.execute(sql, (*args, limit)).fetchall()
+        return [msgspec.json.decode(r[0], type=Operation) for r in rows]
+
+    def running(self) -> list[Operation]:
+        return self.recent(10_000, state=RUNNING)
+
+    def close(self) -> None:
+        self.db.close()
+
+
+class Progress:
+    """What a runner uses to report: step boundaries (timed) and progress within a step."""
+
+    def __init__(self, manager: OperationManager, op: Operation) -> None:
+        self._m = manager
+        self.op = op
+        self._step_started = time.monotonic()
+
+    def step(self, name: str, **detail: Any) -> None:
+        now = time.monotonic()
+        if self.op.steps:
+            self.op.steps[-1]["duration_s"] = round(now - self._step_started, 3)
+        self._step_started = now
+        self.op.step = name
+        self.op.steps.append({"step": name, **detail})
+        self.op.progress = {}
+        self._m.record(self.op)
+
+    def update(self, **progress: Any) -> None:
+        self.op.progress = progress
+        self._m.record(self.op)
+
+
+Runner = Callable[[Progress], Awaitable[Any]]
+
+
+class OperationManager:
+    def __init__(self, journal: Journal, host: str, publish: Publish, max_concurrent: int) -> None:
+        self.journal = journal
+        self.host = host
+        self._publish = publish
+        self.max_concurrent = max_concurrent
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._by_domain: dict[str, str] = {}
+        self._group: asyncio.TaskGroup | None = None
+        for op in journal.running():
+            # The agent stopped while this ran: its outcome is unknown to this process.
+            op.state = FAILED
+            op.error = {
+                "code": "internal",
+                "message": "the agent restarted while this ran",
+                "details": {},
+            }
+            op.updated = time.time()
+            journal.save(op)
+
+    def record(self, op: Operation) -> None:
+        op.updated = time.time()
+        self.journal.save(op)
+        self._publish(op.state, OpEvent(host=self.host, operation=op))
+
+    async def run(self) -> None:
+        """Own the operation tasks until cancelled (which cancels the running ones)."""
+        async with asyncio.TaskGroup() as tg:
+            self._group = tg
+            await asyncio.Event().wait()
+
+    def start(
+        self, verb: str, domain_uuid: str, runner: Runner, rollback_state: str = FAILED
+    ) -> Operation:
+        if domain_uuid in self._by_domain:
+            running = self._by_domain[domain_uuid]
+            raise Conflict(
+                f"domain {domain_uuid} already has operation {running} running",
+                operation_id=running,
+            )
+        if len(self._tasks) >= self.max_concurrent:
+            raise Unavailable(
+                f"{len(self._tasks)} operations are running, the bound is {self.max_concurrent}",
+                running=len(self._tasks),
+            )
+        if self._group is None:
+            raise Unavailable("operations are not being accepted")
+        now = time.time()
+        op = Operation(
+            id=uuid.uuid4().hex, verb=verb, domain=domain_uuid, state=RUNNING, step="",
+            created=now, updated=now,
+        )  # fmt: skip
+        self.record(op)
+        self._by_domain[domain_uuid] = op.id
+        self._tasks[op.id] = self._group.create_task(self._drive(op, runner))
+        return op
+
+    async def _drive(self, op: Operation, runner: Runner) -> None:
+        progress = Progress(self, op)
+        with structlog.contextvars.bound_contextvars(operation_id=op.id, domain=op.domain):
+            try:
+                op.result = await runner(progress)
+                op.state = SUCCEEDED
+            except asyncio.CancelledError:
+                op.state = CANCELLED
+                op.error = {"code": "cancelled", "message": "operation cancelled", "details": {}}
+            except AgentError as exc:
+                op.state = exc.details.pop("final_state", FAILED)
+                op.error = {"code": exc.code, "message": exc.message, "details": exc.details}
+            except Exception as exc:
+                log.exception("operation failed unexpectedly")
+                op.state = FAILED
+                op.error = {"code": "internal", "message": str(exc), "details": {}}
+            finally:
+                if op.steps and "duration_s" not in op.steps[-1]:
+                    op.steps[-1]["duration_s"] = round(time.monotonic() - progress._step_started, 3)
+                op.progress = {}
+                self.record(op)
+                self._tasks.pop(op.id, None)
+                self._by_domain.pop(op.domain, None)
+                log.info("operation finished", state=op.state, verb=op.verb)
+
+    def get(self, op_id: str) -> Operation:
+        op = self.journal.get(op_id)
+        if op is None:
+            raise NotFound(f"operation {op_id!r} not found", operation_id=op_id)
+        return op
+
+    def cancel(self, op_id: str) -> Operation:
+        op = self.get(op_id)
+        task = self._tasks.get(op_id)
+        if task is None:
+            raise Conflict(f"operation {op_id!r} is {op.state}, not running", state=op.state)
+        task.cancel()
+        return op

@@ -1,0 +1,146 @@
+"""`migrate`: live migration to another registered host, peer-to-peer through libvirtd, as a
+long operation with progress from the job statistics and a convergence policy."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Annotated, Any
+
+import libvirt
+import msgspec
+from msgspec import Meta
+
+from agent.errors import AgentError, Conflict, InvalidRequest, Timeout, Unavailable
+from agent.events import domain_state_names
+from agent.operations import Progress
+from handlers import Context, Verb
+from handlers.domain import DomainName, RequestId, _conn, _lookup
+
+HostId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]+$", max_length=128)]
+MIGRATE_FLAGS = (
+    libvirt.VIR_MIGRATE_LIVE
+    | libvirt.VIR_MIGRATE_PEER2PEER
+    | libvirt.VIR_MIGRATE_PERSIST_DEST
+    | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
+)
+POLL_S = 0.5
+# Iterations without progress in data_remaining before post-copy (when allowed) is started.
+STALL_ITERATIONS = 5
+
+
+class MigrateRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    domain: DomainName
+    destination: HostId
+    max_downtime_ms: Annotated[int, Meta(ge=1, le=60_000)] | None = None
+    bandwidth_mib_s: Annotated[int, Meta(ge=1, le=1_000_000)] | None = None
+    postcopy: bool = False
+    timeout_s: Annotated[float, Meta(gt=0, le=86_400)] = 600.0
+    request_id: RequestId | None = None
+
+
+def _stats(dom: Any) -> dict[str, Any]:
+    try:
+        s = dom.jobStats()
+    except libvirt.libvirtError:
+        return {}
+    total = s.get("data_total") or 0
+    processed = s.get("data_processed") or 0
+    return {
+        "percent": round(100.0 * processed / total, 1) if total else None,
+        "data_remaining": s.get("data_remaining"),
+        "memory_dirty_rate": s.get("memory_dirty_rate"),
+        "iteration": s.get("memory_iteration"),
+        "expected_downtime_ms": s.get("downtime"),
+        "elapsed_ms": s.get("time_elapsed"),
+    }
+
+
+async def run_migration(ctx: Context, p: Progress, dom: Any, dest_uri: str, req: MigrateRequest,
+                        migration_uri: str = "") -> dict[str, Any]:  # fmt: skip
+    """The migration itself, reporting progress; aborts the job on timeout or cancellation."""
+    hv = ctx.hypervisor
+    params: dict[str, Any] = {}
+    if req.bandwidth_mib_s:
+        params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = req.bandwidth_mib_s
+    if migration_uri:
+        params[libvirt.VIR_MIGRATE_PARAM_URI] = migration_uri
+    flags = MIGRATE_FLAGS | (libvirt.VIR_MIGRATE_POSTCOPY if req.postcopy else 0)
+    if req.max_downtime_ms:
+        await hv.call(dom.migrateSetMaxDowntime, req.max_downtime_ms, 0)
+    started = time.monotonic()
+    job = asyncio.ensure_future(hv.call(dom.migrateToURI3, dest_uri, params, flags))
+    best_remaining: int | None = None
+    stalled = 0
+    postcopy_started = False
+    try:
+        while not job.done():
+            await asyncio.wait({job}, timeout=POLL_S)
+            if job.done():
+                break
+            stats = await hv.call(_stats, dom)
+            p.update(**stats)
+            remaining = stats.get("data_remaining")
+            if remaining is not None:
+                if best_remaining is None or remaining < best_remaining:
+                    best_remaining, stalled = remaining, 0
+                else:
+                    stalled += 1
+            if req.postcopy and not postcopy_started and stalled >= STALL_ITERATIONS:
+                await hv.call(dom.migrateStartPostCopy, 0)
+                postcopy_started = True
+                p.update(**stats, postcopy=True)
+            if time.monotonic() - started > req.timeout_s:
+                with contextlib.suppress(AgentError):
+                    await hv.call(dom.abortJob)
+                with contextlib.suppress(AgentError):
+                    await job
+                raise Timeout(f"migration did not finish within {req.timeout_s}s; aborted",
+                              timeout_s=req.timeout_s)  # fmt: skip
+        await job
+    except asyncio.CancelledError:
+        with contextlib.suppress(AgentError):
+            await hv.call(dom.abortJob)
+        with contextlib.suppress(AgentError, asyncio.CancelledError):
+            await job
+        raise
+    return {"seconds": round(time.monotonic() - started, 3), "postcopy": postcopy_started}
+
+
+async def migrate(ctx: Context, req: MigrateRequest) -> dict[str, Any]:
+    conn = _conn(ctx)
+    if ctx.registry is None or ctx.operations is None:
+        raise Unavailable("the host registry is not available yet")
+    if req.destination == ctx.host:
+        raise InvalidRequest(
+            f"destination {req.destination!r} is this host", destination=req.destination
+        )
+    dest = await ctx.registry.resolve(req.destination)
+    dom = await ctx.hypervisor.call(_lookup, conn, req.domain)
+    state, reason = await ctx.hypervisor.call(dom.state)
+    st, _ = domain_state_names(state, reason)
+    if st not in ("running", "paused"):
+        raise Conflict(
+            f"domain {req.domain!r} is {st}; migrate needs it running or paused", state=st
+        )
+
+    async def runner(p: Progress) -> dict[str, Any]:
+        p.step("migrate", destination=req.destination)
+        result = await run_migration(ctx, p, dom, dest.libvirt_uri, req, dest.migration_uri)
+        p.step("verify")
+        dst = await ctx.hypervisor.call(libvirt.open, dest.libvirt_uri)
+        try:
+            ddom = await ctx.hypervisor.call(dst.lookupByUUIDString, dom.UUIDString())
+            active = await ctx.hypervisor.call(ddom.isActive)
+        finally:
+            await ctx.hypervisor.call(dst.close)
+        if not active:
+            raise AgentError(f"domain is not running on {req.destination} after the migration")
+        return {**result, "destination": req.destination}
+
+    op = ctx.operations.start("migrate", dom.UUIDString(), runner)
+    return {"operation_id": op.id, "state": op.state}
+
+
+VERBS = [Verb("migrate", MigrateRequest, migrate, mutating=True)]

@@ -1,0 +1,51 @@
+"""`operation.get`, `operation.list`, `operation.cancel`: long operations, from the journal."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+from msgspec import Meta
+
+from agent.errors import Unavailable
+from agent.operations import Operation, OperationManager
+from handlers import Context, Verb
+
+OpId = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[0-9a-f]+$")]
+
+
+class OpRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    operation_id: OpId
+    request_id: str | None = None
+
+
+class ListRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    state: str | None = None
+    domain: str | None = None
+    limit: Annotated[int, Meta(ge=1, le=1000)] = 100
+    request_id: str | None = None
+
+
+def _ops(ctx: Context) -> OperationManager:
+    if ctx.operations is None:
+        raise Unavailable("operations are not available yet")
+    return ctx.operations
+
+
+async def op_get(ctx: Context, req: OpRequest) -> Operation:
+    return _ops(ctx).get(req.operation_id)
+
+
+async def op_list(ctx: Context, req: ListRequest) -> list[Operation]:
+    return _ops(ctx).journal.recent(req.limit, req.state, req.domain)
+
+
+async def op_cancel(ctx: Context, req: OpRequest) -> Operation:
+    return _ops(ctx).cancel(req.operation_id)
+
+
+VERBS = [
+    Verb("operation.get", OpRequest, op_get),
+    Verb("operation.list", ListRequest, op_list),
+    Verb("operation.cancel", OpRequest, op_cancel, mutating=True),
+]
