@@ -104,6 +104,7 @@ class Hypervisor:
         self._busy = 0
         self._bound = settings.executor_workers + settings.executor_queue
         self.decode_errors = 0
+        self._waiters: dict[tuple[str, str, str | None], list[asyncio.Future[DomainEvent]]] = {}
         metrics.executor_capacity.set(self._bound)
         metrics.track(metrics.executor_busy, lambda: self._busy)
 
@@ -179,6 +180,30 @@ class Hypervisor:
             )
             return
         self._on_event(event)
+        if self._waiters:
+            self._wake(event)
+
+    # ------------------------------------------------------------ waiting for events
+
+    def expect(
+        self, domain_uuid: str, event_types: tuple[str, ...], alias: str
+    ) -> asyncio.Future[DomainEvent]:
+        """A future for the next event of one of these types naming this device alias.
+        Register it before the call that causes the event."""
+        fut: asyncio.Future[DomainEvent] = asyncio.get_running_loop().create_future()
+        for t in event_types:
+            self._waiters.setdefault((domain_uuid, t, alias), []).append(fut)
+        return fut
+
+    def _wake(self, event: DomainEvent) -> None:
+        alias = getattr(event.data, "alias", None)
+        key = (event.data.domain.uuid, event.event_type, alias)
+        for fut in self._waiters.pop(key, []):
+            if not fut.done():
+                fut.set_result(event)
+        # Drop futures that were resolved through another of their event types.
+        for k in [k for k, futs in self._waiters.items() if all(f.done() for f in futs)]:
+            del self._waiters[k]
 
     def _on_close(self, _conn: Any, reason: int, _opaque: Any) -> None:
         self.close_reason = _CLOSE_REASONS.get(reason, f"unknown_{reason}")

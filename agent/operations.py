@@ -1,4 +1,5 @@
-"""Long operations: a journal in SQLite (state_dir/operations.db) that survives restarts,
+"""Long operations: a journal in SQLite (state_dir/operations.db) that survives restarts (it
+also keeps the definitions of devices the agent unplugged),
 progress and outcome published on `virt.<host>.op.<id>` (stream VIRT_OPS), one running
 operation per domain, and a global bound on concurrent operations.
 
@@ -64,6 +65,23 @@ class Journal:
             "CREATE TABLE IF NOT EXISTS operations (id TEXT PRIMARY KEY, domain TEXT, state TEXT,"
             " created REAL, body TEXT)"
         )
+        self.db.execute(
+            "CREATE TABLE IF NOT EXISTS devices (domain TEXT, alias TEXT, xml TEXT, recorded REAL,"
+            " PRIMARY KEY (domain, alias))"
+        )
+
+    def record_device(self, domain_uuid: str, alias: str, xml: str) -> None:
+        """What device.detach unplugged, so device.attach can plug the same thing back."""
+        self.db.execute(
+            "INSERT OR REPLACE INTO devices VALUES (?, ?, ?, ?)",
+            (domain_uuid, alias, xml, time.time()),
+        )
+
+    def recorded_device(self, domain_uuid: str, alias: str) -> str | None:
+        row = self.db.execute(
+            "SELECT xml FROM devices WHERE domain = ? AND alias = ?", (domain_uuid, alias)
+        ).fetchone()
+        return str(row[0]) if row else None
 
     def save(self, op: Operation) -> None:
         self.db.execute(

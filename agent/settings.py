@@ -95,6 +95,14 @@ class CommandSettings(_Section, frozen=True, kw_only=True, forbid_unknown_fields
     timeout_s: PosFloat = 60.0
 
 
+class DeviceSettings(_Section, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    # Devices `device.attach` may plug by name: name -> file with the device's libvirt XML.
+    # No XML is ever taken from the bus.
+    templates: dict[str, str] = msgspec.field(default_factory=dict)
+    # How long device.detach waits for DEVICE_REMOVED (the guest must release the device).
+    detach_timeout_s: PosFloat = 30.0
+
+
 class HttpSettings(_Section, frozen=True, kw_only=True, forbid_unknown_fields=True):
     # host:port for /healthz, /readyz and /metrics; empty disables the server.
     listen: str = "127.0.0.1:9178"
@@ -131,6 +139,7 @@ class Settings(_Section, frozen=True, kw_only=True, forbid_unknown_fields=True):
     nats: NatsSettings = msgspec.field(default_factory=NatsSettings)
     publisher: PublisherSettings = msgspec.field(default_factory=PublisherSettings)
     commands: CommandSettings = msgspec.field(default_factory=CommandSettings)
+    devices: DeviceSettings = msgspec.field(default_factory=DeviceSettings)
     http: HttpSettings = msgspec.field(default_factory=HttpSettings)
     log: LogSettings = msgspec.field(default_factory=LogSettings)
     agent: AgentSettings = msgspec.field(default_factory=AgentSettings)
@@ -179,7 +188,7 @@ def _get(tree: Mapping[str, Any], parts: list[str]) -> Any:
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in tree.items():
-        if isinstance(v, Mapping):
+        if isinstance(v, Mapping) and f"{prefix}{k}" not in LEAVES:
             out.update(_flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v

@@ -82,6 +82,7 @@ class Agent:
             hypervisor=self.hypervisor,
             metrics=self.metrics,
             started_at=self.started_at,
+            devices=settings.devices,
         )
         self.commands = CommandService(settings.commands, self.ctx, all_verbs())
         self.registry: Registry | None = None

@@ -18,6 +18,7 @@ from agent.hypervisor import Hypervisor
 from agent.metrics import Metrics
 from agent.operations import OperationManager
 from agent.registry import Registry
+from agent.settings import DeviceSettings
 
 
 @dataclass
@@ -38,6 +39,7 @@ class Context:
     # Set once NATS is up: the journal of long operations and the virt_hosts registry.
     operations: OperationManager | None = None
     registry: Registry | None = None
+    devices: DeviceSettings = field(default_factory=DeviceSettings)
 
     def lock(self, domain_uuid: str) -> asyncio.Lock:
         return self.domain_locks.setdefault(domain_uuid, asyncio.Lock())
@@ -59,7 +61,9 @@ class Verb:
 
 
 def all_verbs() -> dict[str, Verb]:
-    from handlers import domain, migration, operations, system  # noqa: PLC0415
+    from handlers import devices, domain, migration, operations, system  # noqa: PLC0415
 
-    verbs: list[Verb] = [*system.VERBS, *domain.VERBS, *migration.VERBS, *operations.VERBS]
+    verbs: list[Verb] = [
+        *system.VERBS, *domain.VERBS, *devices.VERBS, *migration.VERBS, *operations.VERBS,
+    ]  # fmt: skip
     return {v.name: v for v in verbs}

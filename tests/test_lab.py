@@ -232,3 +232,45 @@ async def test_second_migration_conflicts_and_cancel_aborts_the_job(
     assert final["data"]["operation"]["id"] == op_id
     assert await asyncio.to_thread(_running_on, host_a, u)
     assert not await asyncio.to_thread(_running_on, host_b, u)
+
+
+async def test_device_detach_and_attach_verbs_on_the_primary(
+    lab: Any,
+    host_a: Any,
+    guest: Callable[..., Any],
+    start_agent: Callable[..., Awaitable[RunningAgent]],
+    nc: Any,
+    tmp_path: Path,
+) -> None:
+    """device.detach waits for the guest to release the primary; device.attach plugs the recorded one or a template back."""
+    tpl = tmp_path / "primary.xml"
+    tpl.write_text(primary_interface_xml(guest_mac(0), lab.bridge))
+    agent = await start_agent(
+        **{"libvirt.uri": host_a.uri, "devices.templates": {"primary": str(tpl)}}
+    )
+    dom = await asyncio.to_thread(guest, "a", "failover")
+    serial = lab.serial_path(dom.name())
+    for attach in ({"alias": "ua-primary0"}, {"template": "primary"}):
+        offset = serial.stat().st_size
+        out = await _call(
+            nc, agent.host, "device.detach", {"domain": dom.name(), "alias": "ua-primary0"}
+        )
+        assert out["ok"] is True, out
+        assert "ua-primary0" not in dom.XMLDesc(0), (
+            "DEVICE_REMOVED came, so libvirt no longer lists it"
+        )
+        text = await asyncio.to_thread(wait_for_serial, serial, "LAB-BOND", 20, offset)
+        assert bond_members(text)[0] == ["eth1"]
+        again = await _call(
+            nc, agent.host, "device.detach", {"domain": dom.name(), "alias": "ua-primary0"}
+        )
+        assert again["error"]["code"] == "not_found"
+
+        offset = serial.stat().st_size
+        out = await _call(nc, agent.host, "device.attach", {"domain": dom.name(), **attach})
+        assert out["ok"] is True, out
+        assert "ua-primary0" in dom.XMLDesc(0)
+        text = await asyncio.to_thread(wait_for_serial, serial, "LAB-BOND", 20, offset)
+        assert len(bond_members(text)[0]) == 2
+        dup = await _call(nc, agent.host, "device.attach", {"domain": dom.name(), **attach})
+        assert dup["error"]["code"] == "conflict"
