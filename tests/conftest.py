@@ -28,6 +28,11 @@ from lab.daemon import LibvirtDaemon
 from lab.prereqs import LabUnavailable
 
 ROOT = Path(__file__).resolve().parent.parent
+# The contract's error codes (../shared/CONTRACT.md).
+ERROR_CODES = frozenset({
+    "invalid_request", "not_found", "conflict", "unsupported", "forbidden",
+    "libvirt_error", "timeout", "unavailable", "internal",
+})  # fmt: skip
 
 
 @pytest.fixture

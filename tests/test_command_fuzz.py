@@ -17,12 +17,8 @@ from hypothesis import strategies as st
 
 from agent.embedded import NatsServer
 from handlers import all_verbs
-from tests.conftest import AgentProcess
+from tests.conftest import ERROR_CODES, AgentProcess
 
-ERROR_CODES = {
-    "invalid_request", "not_found", "conflict", "unsupported", "forbidden",
-    "libvirt_error", "timeout", "unavailable", "internal",
-}  # fmt: skip
 VERBS = sorted(all_verbs())
 FIELDS = ["domain", "request_id", "force", "primary", "mode", "destination", ""]
 

@@ -13,13 +13,8 @@ import nats
 import pytest
 from nats.aio.client import Client as NATS
 
-from tests.conftest import ROOT, Collector, RunningAgent
+from tests.conftest import ERROR_CODES, ROOT, Collector, RunningAgent
 from tests.test_events import define
-
-ERROR_CODES = {
-    "invalid_request", "not_found", "conflict", "unsupported", "forbidden",
-    "libvirt_error", "timeout", "unavailable", "internal",
-}  # fmt: skip
 
 
 async def call(
