@@ -212,7 +212,17 @@ async def event_bridge(
             "rss_mb_idle": round(rss_idle / 1024, 1),
             "rss_mb_after_events": round(rss / 1024, 1),
         },
-        "throughput_ratio": round(agent_rate / bare_rate, 3),
+        # Paired: each round's agent rate over the bare listener's rate in that same round.
+        "throughput_ratio": round(
+            median(
+                [a["events_per_s"] / b["events_per_s"] for a, b in zip(through, bare, strict=True)]
+            ),
+            3,
+        ),
+        "throughput_ratio_rounds": [
+            round(a["events_per_s"] / b["events_per_s"], 3)
+            for a, b in zip(through, bare, strict=True)
+        ],
         "lost": n * rounds - agent_events,
         "rss_ratio": round(rss / max(r["rss_kib"] for r in bare), 2),
         "latency_ms": {
@@ -232,7 +242,8 @@ async def event_bridge(
 def render_table(res: dict[str, Any]) -> str:
     eb = res["event_bridge"]
     rows = [
-        ("Throughput, events/s reaching a NATS subscriber (median of rounds)",
+        ("Throughput, events/s reaching a NATS subscriber (medians; ratio: median of per-round ratios "
+         f"{eb['throughput_ratio_rounds']})",
          f"{eb['agent']['events_per_s_median']:,}",
          f"bare libvirtaio listener {eb['bare_listener']['events_per_s_median']:,}",
          f"**{eb['throughput_ratio']}**", "≥ 0.95"),
@@ -312,4 +323,8 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    if sys.argv[1:] == ["--render"]:
+        # Re-draw the README table from the stored results, without measuring again.
+        update_readme(render_table(json.loads((HERE / "results" / "latest.json").read_text())))
+    else:
+        asyncio.run(main())
