@@ -71,10 +71,9 @@ class PublisherSettings(_Section, frozen=True, kw_only=True, forbid_unknown_fiel
     max_inflight: PosInt = 2048
     # An unacknowledged publish is sent again (same Nats-Msg-Id) after this long.
     ack_timeout_s: PosFloat = 5.0
-    # While acks are outstanding, at most one socket write to NATS per interval, so events
-    # under load share a write; with nothing in flight an event goes out at once. Adds at
-    # most this much latency, and only under load.
-    min_write_interval_ms: Annotated[float, Meta(ge=0, le=100)] = 1.5
+    # At most one socket write to NATS per interval: under load, events share a write; when
+    # idle, an event goes out at once. Adds at most this much latency.
+    min_write_interval_ms: Annotated[float, Meta(ge=0, le=100)] = 1.0
     # After an overflow, the resync snapshot is taken once the queue is below this fraction.
     resync_low_watermark: Annotated[float, Meta(gt=0, lt=1)] = 0.5
 
