@@ -29,7 +29,15 @@ from agent.errors import (
     Unavailable,
     Unsupported,
 )
-from agent.events import DomainEvent, DomainSnapshot, EventKind, catalog, decode, domain_state_names
+from agent.events import (
+    DomainEvent,
+    DomainSnapshot,
+    EventKind,
+    catalog,
+    decode,
+    domain_ref,
+    domain_state_names,
+)
 from agent.metrics import Metrics
 from agent.settings import LibvirtSettings
 
@@ -237,13 +245,10 @@ class Hypervisor:
         return False
 
     def _drop_connection(self) -> None:
+        self.stop_events()
         conn, self.conn = self.conn, None
         if conn is None:
             return
-        for cid in self._callback_ids:
-            with contextlib.suppress(libvirt.libvirtError):
-                conn.domainEventDeregisterAny(cid)
-        self._callback_ids = []
         with contextlib.suppress(libvirt.libvirtError):
             conn.unregisterCloseCallback()
         with contextlib.suppress(libvirt.libvirtError):
@@ -260,7 +265,6 @@ class Hypervisor:
         self._callback_ids = []
 
     async def close(self) -> None:
-        self.stop_events()
         self._drop_connection()
         self.state = LinkState.CLOSED
         self.metrics.libvirt_connected.set(0)
@@ -300,14 +304,14 @@ class Hypervisor:
                 except libvirt.libvirtError:
                     continue  # vanished between the listing and the query
                 st, rs = domain_state_names(state, reason)
-                dom_id = dom.ID()
+                ref = domain_ref(dom)
                 out.append(
                     DomainSnapshot(
-                        uuid=dom.UUIDString(),
-                        name=dom.name(),
+                        uuid=ref.uuid,
+                        name=ref.name,
                         state=st,
                         reason=rs,
-                        id=dom_id if dom_id >= 0 else None,
+                        id=ref.id,
                         persistent=persistent,
                     )
                 )

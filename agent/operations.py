@@ -125,10 +125,13 @@ class Progress:
         self.op = op
         self._step_started = time.monotonic()
 
+    def _close_step(self, now: float) -> None:
+        if self.op.steps and "duration_s" not in self.op.steps[-1]:
+            self.op.steps[-1]["duration_s"] = round(now - self._step_started, 3)
+
     def step(self, name: str, **detail: Any) -> None:
         now = time.monotonic()
-        if self.op.steps:
-            self.op.steps[-1]["duration_s"] = round(now - self._step_started, 3)
+        self._close_step(now)
         self._step_started = now
         self.op.step = name
         self.op.steps.append({"step": name, **detail})
@@ -217,8 +220,7 @@ class OperationManager:
                 op.state = FAILED
                 op.error = {"code": "internal", "message": str(exc), "details": {}}
             finally:
-                if op.steps and "duration_s" not in op.steps[-1]:
-                    op.steps[-1]["duration_s"] = round(time.monotonic() - progress._step_started, 3)
+                progress._close_step(time.monotonic())
                 op.progress = {}
                 self.record(op)
                 self._tasks.pop(op.id, None)

@@ -14,6 +14,7 @@ from typing import Any
 
 from agent.capabilities import Capabilities, probe
 from agent.envelope import Subjects
+from agent.errors import Unavailable
 from agent.hypervisor import Hypervisor
 from agent.metrics import Metrics
 from agent.operations import OperationManager
@@ -43,6 +44,13 @@ class Context:
 
     def lock(self, domain_uuid: str) -> asyncio.Lock:
         return self.domain_locks.setdefault(domain_uuid, asyncio.Lock())
+
+    def conn(self) -> Any:
+        """The libvirt connection, or `unavailable` while libvirt is disconnected."""
+        conn = self.hypervisor.conn
+        if conn is None or not self.hypervisor.connected:
+            raise Unavailable("libvirt is not connected", uri=self.hypervisor.uri)
+        return conn
 
     async def probe_capabilities(self) -> Capabilities:
         self.capabilities = await probe(self.hypervisor)

@@ -16,7 +16,7 @@ from msgspec import Meta
 from agent.errors import Conflict, InvalidRequest, LibvirtFailure, NotFound, Timeout, Unavailable
 from agent.settings import DeviceSettings
 from handlers import Context, Verb
-from handlers.domain import DomainName, RequestId, _conn, _lookup
+from handlers.domain import DomainName, RequestId, find_domain
 
 Alias = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.-]+$", min_length=1, max_length=128)]
 TemplateName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.-]+$", min_length=1, max_length=128)]
@@ -71,11 +71,10 @@ def template_xml(settings: DeviceSettings, name: str) -> str:
 
 
 async def detach(ctx: Context, req: DetachRequest) -> dict[str, Any]:
-    conn = _conn(ctx)
     hv = ctx.hypervisor
     if ctx.operations is None:
         raise Unavailable("the journal is not open yet")
-    dom = await hv.call(_lookup, conn, req.domain)
+    dom = await find_domain(ctx, req.domain)
     uuid = dom.UUIDString()
     async with ctx.lock(uuid):
         live = await hv.call(dom.XMLDesc, 0)
@@ -103,13 +102,12 @@ async def detach(ctx: Context, req: DetachRequest) -> dict[str, Any]:
 
 
 async def attach(ctx: Context, req: AttachRequest) -> dict[str, Any]:
-    conn = _conn(ctx)
     hv = ctx.hypervisor
     if (req.template is None) == (req.alias is None):
         raise InvalidRequest("give exactly one of template or alias")
     if ctx.operations is None:
         raise Unavailable("the journal is not open yet")
-    dom = await hv.call(_lookup, conn, req.domain)
+    dom = await find_domain(ctx, req.domain)
     uuid = dom.UUIDString()
     if req.template is not None:
         xml = template_xml(ctx.devices, req.template)

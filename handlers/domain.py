@@ -11,8 +11,8 @@ import libvirt
 import msgspec
 from msgspec import Meta
 
-from agent.errors import Conflict, NotFound, Unavailable
-from agent.events import DomainSnapshot, domain_state_names
+from agent.errors import Conflict, NotFound
+from agent.events import DomainSnapshot, domain_ref, domain_state_names
 from handlers import Context, Verb
 
 UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
@@ -42,7 +42,7 @@ class DomainInfo(msgspec.Struct, frozen=True):
     max_memory_kib: int
 
 
-def _lookup(conn: Any, name_or_uuid: str) -> Any:
+def _lookup(conn: Any, name_or_uuid: str) -> Any:  # runs on the executor
     """A domain by UUID or name; NotFound names what was asked for."""
     try:
         if UUID_RE.match(name_or_uuid):
@@ -54,15 +54,20 @@ def _lookup(conn: Any, name_or_uuid: str) -> Any:
         raise
 
 
+async def find_domain(ctx: Context, name_or_uuid: str) -> Any:
+    """The domain named by a request (name or UUID); `not_found` names what was asked for."""
+    return await ctx.hypervisor.call(_lookup, ctx.conn(), name_or_uuid)
+
+
 def _info(dom: Any) -> DomainInfo:
     state, reason = dom.state()
     st, rs = domain_state_names(state, reason)
     _, max_mem, mem, vcpus, _ = dom.info()
-    dom_id = dom.ID()
+    ref = domain_ref(dom)
     return DomainInfo(
-        uuid=dom.UUIDString(),
-        name=dom.name(),
-        id=dom_id if dom_id >= 0 else None,
+        uuid=ref.uuid,
+        name=ref.name,
+        id=ref.id,
         state=st,
         reason=rs,
         persistent=bool(dom.isPersistent()),
@@ -73,21 +78,14 @@ def _info(dom: Any) -> DomainInfo:
     )
 
 
-def _conn(ctx: Context) -> Any:
-    conn = ctx.hypervisor.conn
-    if conn is None or not ctx.hypervisor.connected:
-        raise Unavailable("libvirt is not connected", uri=ctx.hypervisor.uri)
-    return conn
-
-
 async def domain_list(ctx: Context, _: ListRequest) -> list[DomainSnapshot]:
-    _conn(ctx)
+    ctx.conn()
     return await ctx.hypervisor.snapshot()
 
 
 async def domain_get(ctx: Context, req: DomainRequest) -> DomainInfo:
-    conn = _conn(ctx)
-    return await ctx.hypervisor.call(lambda: _info(_lookup(conn, req.domain)))
+    dom = await find_domain(ctx, req.domain)
+    return await ctx.hypervisor.call(_info, dom)
 
 
 ACTIVE = frozenset({"running", "paused", "blocked", "pmsuspended", "shutdown"})
@@ -98,8 +96,7 @@ def _action(name: str, act: Callable[[Any], Any], needs: frozenset[str]) -> Verb
     a wrong-state request with `conflict` naming the state, then done under the domain's lock."""
 
     async def handler(ctx: Context, req: DomainRequest) -> DomainInfo:
-        conn = _conn(ctx)
-        dom = await ctx.hypervisor.call(_lookup, conn, req.domain)
+        dom = await find_domain(ctx, req.domain)
         async with ctx.lock(dom.UUIDString()):
             state, reason = await ctx.hypervisor.call(dom.state)
             st, _ = domain_state_names(state, reason)

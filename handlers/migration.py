@@ -16,7 +16,7 @@ from agent.errors import AgentError, Conflict, InvalidRequest, Timeout, Unavaila
 from agent.events import domain_state_names
 from agent.operations import Progress
 from handlers import Context, Verb
-from handlers.domain import DomainName, RequestId, _conn, _lookup
+from handlers.domain import DomainName, RequestId, find_domain
 
 HostId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]+$", max_length=128)]
 MIGRATE_FLAGS = (
@@ -109,7 +109,7 @@ async def run_migration(ctx: Context, p: Progress, dom: Any, dest_uri: str, req:
 
 
 async def migrate(ctx: Context, req: MigrateRequest) -> dict[str, Any]:
-    conn = _conn(ctx)
+    ctx.conn()
     if ctx.registry is None or ctx.operations is None:
         raise Unavailable("the host registry is not available yet")
     if req.destination == ctx.host:
@@ -117,7 +117,7 @@ async def migrate(ctx: Context, req: MigrateRequest) -> dict[str, Any]:
             f"destination {req.destination!r} is this host", destination=req.destination
         )
     dest = await ctx.registry.resolve(req.destination)
-    dom = await ctx.hypervisor.call(_lookup, conn, req.domain)
+    dom = await find_domain(ctx, req.domain)
     state, reason = await ctx.hypervisor.call(dom.state)
     st, _ = domain_state_names(state, reason)
     if st not in ("running", "paused"):

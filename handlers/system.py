@@ -8,7 +8,6 @@ import time
 import msgspec
 
 from agent.capabilities import Capabilities
-from agent.errors import Unavailable
 from handlers import Context, Verb
 
 
@@ -41,8 +40,7 @@ class CapabilitiesRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=Tru
 
 
 async def capabilities(ctx: Context, req: CapabilitiesRequest) -> Capabilities:
-    if not ctx.hypervisor.connected:
-        raise Unavailable("libvirt is not connected", uri=ctx.hypervisor.uri)
+    ctx.conn()
     if ctx.capabilities is None or req.refresh:
         return await ctx.probe_capabilities()
     return ctx.capabilities

@@ -174,14 +174,7 @@ class Lab:
             return
         try:
             for dom in conn.listAllDomains(0):
-                with contextlib.suppress(libvirt.libvirtError):
-                    if dom.isActive():
-                        dom.destroy()
-                with contextlib.suppress(libvirt.libvirtError):
-                    dom.undefineFlags(
-                        libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
-                        | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
-                    )
+                remove_domain(dom)
         finally:
             conn.close()
 
@@ -286,6 +279,19 @@ class Lab:
                 conn.close()
         cached.write_text(accel + "\n")
         return accel
+
+
+def remove_domain(dom: Any) -> None:
+    """Stop a domain if it runs and forget it if it is defined; errors (already gone) ignored."""
+    with contextlib.suppress(libvirt.libvirtError):
+        if dom.isActive():
+            dom.destroy()
+    with contextlib.suppress(libvirt.libvirtError):
+        if dom.isPersistent():
+            dom.undefineFlags(
+                libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+                | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+            )
 
 
 def wait_for_serial(path: Path, needle: str, timeout: float, after: int = 0) -> str:

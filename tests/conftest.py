@@ -25,6 +25,7 @@ from agent.embedded import NatsServer
 from agent.settings import Settings, load
 from agent.supervisor import Agent
 from lab.daemon import LibvirtDaemon
+from lab.lab import remove_domain
 from lab.prereqs import LabUnavailable
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -304,10 +305,7 @@ def guest(lab: Any) -> Iterator[Callable[..., Any]]:
         try:
             for name in booted:
                 with contextlib.suppress(Exception):
-                    dom = conn.lookupByName(name)
-                    if dom.isActive():
-                        dom.destroy()
-                    dom.undefine()
+                    remove_domain(conn.lookupByName(name))
         finally:
             conn.close()
 
@@ -325,9 +323,5 @@ async def testdrv() -> AsyncIterator[Any]:
     yield conn
     for dom in conn.listAllDomains(0):
         if dom.name().startswith("t-"):
-            with contextlib.suppress(libvirt.libvirtError):
-                if dom.isActive():
-                    dom.destroy()
-                if dom.isPersistent():
-                    dom.undefine()
+            remove_domain(dom)
     conn.close()
