@@ -76,6 +76,33 @@ class Metrics:
             "libvirt calls refused because the executor was full",
             registry=r,
         )
+        self.operations = Counter(
+            f"{NS}_operations",
+            "Long operations finished, by verb and state",
+            ["verb", "state"],
+            registry=r,
+        )
+        self.step_seconds = Histogram(
+            f"{NS}_operation_step_seconds",
+            "Duration of each step of long operations",
+            ["verb", "step"],
+            buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900),
+            registry=r,
+        )
+        self.owed_primaries = Gauge(
+            f"{NS}_failover_owed_primaries",
+            "Running domains on this host whose primary NIC is out, at the last reconcile pass",
+            registry=r,
+        )
+        self.replugs = Counter(
+            f"{NS}_failover_replugs",
+            "Owed primaries settled by the reconcile loop, by outcome",
+            ["outcome"],
+            registry=r,
+        )
+        self.reservations = Gauge(
+            f"{NS}_failover_reservations", "Unexpired primary-NIC reservations", registry=r
+        )
 
     @staticmethod
     def track(gauge: Gauge, fn: Callable[[], float]) -> None:

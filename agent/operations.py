@@ -21,6 +21,7 @@ import msgspec
 import structlog
 
 from agent.errors import AgentError, Conflict, NotFound, Unavailable
+from agent.metrics import Metrics
 
 log = structlog.get_logger("agent.operations")
 
@@ -42,6 +43,17 @@ class Operation(msgspec.Struct, kw_only=True):
     steps: list[dict[str, Any]] = msgspec.field(default_factory=list)
     result: Any = None
     error: dict[str, Any] | None = None
+
+
+class Reservation(msgspec.Struct, frozen=True, kw_only=True):
+    """A primary NIC held on this host for a domain an operation migrates here."""
+
+    id: str
+    operation: str
+    domain: str
+    # "recorded" | "template:<name>" | "network:<name>" | "pci:<address>"
+    resource: str
+    expires: float
 
 
 class OpEvent(msgspec.Struct, frozen=True, kw_only=True):
@@ -69,6 +81,28 @@ class Journal:
             "CREATE TABLE IF NOT EXISTS devices (domain TEXT, alias TEXT, xml TEXT, recorded REAL,"
             " PRIMARY KEY (domain, alias))"
         )
+        self.db.execute(
+            "CREATE TABLE IF NOT EXISTS reservations (id TEXT PRIMARY KEY, operation TEXT,"
+            " domain TEXT, resource TEXT, expires REAL)"
+        )
+
+    # Reservations of primary NICs for migrated-in domains (agent/pool.py), with a lease.
+    def add_reservation(self, r: Reservation) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO reservations VALUES (?, ?, ?, ?, ?)",
+            (r.id, r.operation, r.domain, r.resource, r.expires),
+        )
+
+    def reservations(self, now: float) -> list[Reservation]:
+        """Every unexpired reservation (expired ones are deleted on the way)."""
+        self.db.execute("DELETE FROM reservations WHERE expires < ?", (now,))
+        rows = self.db.execute("SELECT * FROM reservations ORDER BY expires").fetchall()
+        return [Reservation(id=r[0], operation=r[1], domain=r[2], resource=r[3], expires=r[4])
+                for r in rows]  # fmt: skip
+
+    def drop_reservation(self, reservation_id: str) -> bool:
+        cur = self.db.execute("DELETE FROM reservations WHERE id = ?", (reservation_id,))
+        return cur.rowcount > 0
 
     def record_device(self, domain_uuid: str, alias: str, xml: str) -> None:
         """What device.detach unplugged, so device.attach can plug the same thing back."""
@@ -127,7 +161,11 @@ class Progress:
 
     def _close_step(self, now: float) -> None:
         if self.op.steps and "duration_s" not in self.op.steps[-1]:
-            self.op.steps[-1]["duration_s"] = round(now - self._step_started, 3)
+            seconds = now - self._step_started
+            self.op.steps[-1]["duration_s"] = round(seconds, 3)
+            if self._m.metrics is not None:
+                step = self.op.steps[-1]["step"]
+                self._m.metrics.step_seconds.labels(self.op.verb, step).observe(seconds)
 
     def step(self, name: str, **detail: Any) -> None:
         now = time.monotonic()
@@ -136,6 +174,11 @@ class Progress:
         self.op.step = name
         self.op.steps.append({"step": name, **detail})
         self.op.progress = {}
+        self._m.record(self.op)
+
+    def note(self, **detail: Any) -> None:
+        """Add to the current step's record (what the step found out)."""
+        self.op.steps[-1].update(detail)
         self._m.record(self.op)
 
     def update(self, **progress: Any) -> None:
@@ -147,15 +190,30 @@ Runner = Callable[[Progress], Awaitable[Any]]
 
 
 class OperationManager:
-    def __init__(self, journal: Journal, host: str, publish: Publish, max_concurrent: int) -> None:
+    def __init__(
+        self,
+        journal: Journal,
+        host: str,
+        publish: Publish,
+        max_concurrent: int,
+        metrics: Metrics | None = None,
+        recoverable: frozenset[str] = frozenset(),
+    ) -> None:
         self.journal = journal
         self.host = host
         self._publish = publish
         self.max_concurrent = max_concurrent
+        self.metrics = metrics
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._by_domain: dict[str, str] = {}
         self._group: asyncio.TaskGroup | None = None
+        self._running = asyncio.Event()
+        # Operations of verbs that can be finished after a restart wait here for `adopt`.
+        self.orphans: list[Operation] = []
         for op in journal.running():
+            if op.verb in recoverable:
+                self.orphans.append(op)
+                continue
             # The agent stopped while this ran: its outcome is unknown to this process.
             op.state = FAILED
             op.error = {
@@ -175,11 +233,27 @@ class OperationManager:
         """Own the operation tasks until cancelled (which cancels the running ones)."""
         async with asyncio.TaskGroup() as tg:
             self._group = tg
+            self._running.set()
             await asyncio.Event().wait()
 
-    def start(
-        self, verb: str, domain_uuid: str, runner: Runner, rollback_state: str = FAILED
-    ) -> Operation:
+    def holder(self, domain_uuid: str) -> str | None:
+        """The id of the operation running on this domain, if any."""
+        return self._by_domain.get(domain_uuid)
+
+    def adopt(self, op: Operation, runner: Runner) -> None:
+        """Finish an operation that a previous process of this agent left running."""
+        if self._group is None:
+            raise Unavailable("operations are not being accepted")
+        self.orphans = [o for o in self.orphans if o.id != op.id]
+        log.info("adopting interrupted operation", operation_id=op.id, verb=op.verb, step=op.step)
+        self._by_domain[op.domain] = op.id
+        self._tasks[op.id] = self._group.create_task(self._drive(op, runner))
+
+    async def started(self) -> None:
+        """Wait until operations are accepted (the task group runs)."""
+        await self._running.wait()
+
+    def start(self, verb: str, domain_uuid: str, runner: Runner) -> Operation:
         if domain_uuid in self._by_domain:
             running = self._by_domain[domain_uuid]
             raise Conflict(
@@ -225,6 +299,8 @@ class OperationManager:
                 self.record(op)
                 self._tasks.pop(op.id, None)
                 self._by_domain.pop(op.domain, None)
+                if self.metrics is not None:
+                    self.metrics.operations.labels(op.verb, op.state).inc()
                 log.info("operation finished", state=op.state, verb=op.verb)
 
     def get(self, op_id: str) -> Operation:

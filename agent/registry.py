@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from typing import Any
 
 import msgspec
 import structlog
@@ -31,6 +32,8 @@ class Registration(msgspec.Struct, frozen=True, kw_only=True):
     migration_uri: str
     capabilities: Capabilities | None
     updated: float
+    # Where this host finds primary NICs for migrated-in domains (agent/pool.py).
+    failover_pool: dict[str, Any] | None = None
 
 
 _decoder = msgspec.json.Decoder(Registration)

@@ -10,7 +10,7 @@ import os
 import re
 import socket
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -21,7 +21,9 @@ from agent.errors import SettingsError
 
 ENV_PREFIX = "VIRT_AGENT_"
 # Environment variables that are about finding the settings, not settings themselves.
-ENV_META = {"VIRT_AGENT_CONFIG"}
+# Not settings: the config file's path, and the test-only crash switch (agent/crashpoints.py).
+ENV_META = {"VIRT_AGENT_CONFIG", "VIRT_AGENT_TEST_EXIT_AT"}
+PCI_RE = re.compile(r"^[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]$")
 
 TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 SUBJECT_PREFIX_RE = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
@@ -103,6 +105,26 @@ class DeviceSettings(_Section, frozen=True, kw_only=True, forbid_unknown_fields=
     detach_timeout_s: PosFloat = 30.0
 
 
+class FailoverSettings(_Section, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    # Where this host finds a primary NIC for a migrated-in domain (failover.reserve). At most
+    # one of the three; none: plug the definition recorded at unplug (right for emulated NICs
+    # and for type='network' interfaces on a hostdev network, where libvirt picks a free VF).
+    pool_template: str = ""  # a name in [devices.templates]; MAC and alias become the domain's
+    pool_network: str = ""  # a libvirt network with <forward mode='hostdev'>
+    pool_pci: list[str] = msgspec.field(default_factory=list)  # VF addresses, 0000:3b:02.0
+    # A reservation not consumed within this long is released.
+    lease_s: PosFloat = 300.0
+    # How often every running domain is checked for an owed primary (also at start).
+    reconcile_interval_s: PosFloat = 2.0
+    # How long the source waits for the destination to plug the primary back.
+    replug_timeout_s: PosFloat = 120.0
+    # One agent-to-agent request (failover.reserve / release / replug).
+    peer_timeout_s: PosFloat = 10.0
+    # An unplug the guest never finished: the record is dropped after this long if the primary
+    # is still attached (until then it is kept, in case the guest releases the device late).
+    unplug_grace_s: PosFloat = 300.0
+
+
 class HttpSettings(_Section, frozen=True, kw_only=True, forbid_unknown_fields=True):
     # host:port for /healthz, /readyz and /metrics; empty disables the server.
     listen: str = "127.0.0.1:9178"
@@ -140,6 +162,7 @@ class Settings(_Section, frozen=True, kw_only=True, forbid_unknown_fields=True):
     publisher: PublisherSettings = msgspec.field(default_factory=PublisherSettings)
     commands: CommandSettings = msgspec.field(default_factory=CommandSettings)
     devices: DeviceSettings = msgspec.field(default_factory=DeviceSettings)
+    failover: FailoverSettings = msgspec.field(default_factory=FailoverSettings)
     http: HttpSettings = msgspec.field(default_factory=HttpSettings)
     log: LogSettings = msgspec.field(default_factory=LogSettings)
     agent: AgentSettings = msgspec.field(default_factory=AgentSettings)
@@ -315,5 +338,20 @@ def _validate(s: Settings, sources: Mapping[str, str]) -> None:
         raise bad("log.level", s.log.level, "one of debug, info, warning, error, critical")
     if s.log.format not in {"auto", "json", "console"}:
         raise bad("log.format", s.log.format, "one of auto, json, console")
+    _validate_failover(s, bad)
     if not s.state_dir:
         raise bad("state_dir", s.state_dir, "must be a directory path")
+
+
+def _validate_failover(s: Settings, bad: Callable[[str, Any, str], SettingsError]) -> None:
+    pools = [k for k in ("pool_template", "pool_network", "pool_pci") if getattr(s.failover, k)]
+    if len(pools) > 1:
+        key = "failover." + pools[1]
+        raise bad(key, getattr(s.failover, pools[1]), f"only one pool; {pools[0]} is set too")
+    if s.failover.pool_template and s.failover.pool_template not in s.devices.templates:
+        raise bad(
+            "failover.pool_template", s.failover.pool_template, "not a name in devices.templates"
+        )
+    for addr in s.failover.pool_pci:
+        if not PCI_RE.match(addr):
+            raise bad("failover.pool_pci", addr, "expected a PCI address like 0000:3b:02.0")

@@ -33,14 +33,18 @@ from agent.envelope import (
     Subjects,
 )
 from agent.errors import AgentError, Unavailable
+from agent.failover import Reconciler
 from agent.http import HttpServer
 from agent.hypervisor import Hypervisor
 from agent.metrics import Metrics
 from agent.operations import Journal, OperationManager
+from agent.peers import Peers
+from agent.pool import Pool
 from agent.publisher import Publisher
 from agent.registry import Registration, Registry, open_bucket
 from agent.settings import Settings
 from handlers import Context, all_verbs
+from handlers.failover import recovery
 
 log = structlog.get_logger("agent.supervisor")
 
@@ -83,10 +87,12 @@ class Agent:
             metrics=self.metrics,
             started_at=self.started_at,
             devices=settings.devices,
+            failover=settings.failover,
         )
         self.commands = CommandService(settings.commands, self.ctx, all_verbs())
         self.registry: Registry | None = None
         self.operations: OperationManager | None = None
+        self.reconciler: Reconciler | None = None
         self._stop = asyncio.Event()
         self.ready = asyncio.Event()
 
@@ -135,11 +141,25 @@ class Agent:
         )
         self.registry = Registry(await open_bucket(nc, ttl, self.settings.nats.stream_replicas))
         self.ctx.registry = self.registry
+        journal = Journal(Path(self.settings.state_dir) / "operations.db")
         self.ctx.operations = self.operations = OperationManager(
-            Journal(Path(self.settings.state_dir) / "operations.db"),
+            journal,
             self.host,
             self.publisher.submit_op_event,
             self.settings.commands.max_operations,
+            self.metrics,
+            recoverable=frozenset({"migrate_with_failover"}),
+        )
+        self.ctx.peers = Peers(nc, self.settings.subject_prefix)
+        self.ctx.reconciler = self.reconciler = Reconciler(
+            self.hypervisor,
+            self.host,
+            self.settings.failover,
+            Pool(self.settings.failover, self.settings.devices, journal),
+            self.metrics,
+            self.ctx.lock,
+            self.operations.holder,
+            self.settings.devices.detach_timeout_s,
         )
         await self.publisher.attach(nc)
         async with asyncio.TaskGroup() as tg:
@@ -168,7 +188,11 @@ class Agent:
                     tg.create_task(self._watch_libvirt(), name="libvirt-watch"),
                     tg.create_task(self._resync_on_overflow(), name="overflow-resync"),
                     tg.create_task(self._heartbeat(), name="heartbeat"),
+                    tg.create_task(self.reconciler.run(), name="failover-reconcile"),
                 ]
+                await self.operations.started()
+                for op in list(self.operations.orphans):
+                    self.operations.adopt(op, recovery(self.ctx, op))
                 self.state = AgentState.RUNNING
                 self.ready.set()
                 log.info("agent running", event_types=len(self.hypervisor.registered))
@@ -264,6 +288,7 @@ class Agent:
                     libvirt_uri=self.settings.libvirt.uri,
                     migration_uri=self.settings.libvirt.migration_uri,
                     capabilities=self.ctx.capabilities,
+                    failover_pool=self.reconciler.pool.describe() if self.reconciler else None,
                     updated=0.0,
                 )
             )

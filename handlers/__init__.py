@@ -15,11 +15,13 @@ from typing import Any
 from agent.capabilities import Capabilities, probe
 from agent.envelope import Subjects
 from agent.errors import Unavailable
+from agent.failover import Reconciler
 from agent.hypervisor import Hypervisor
 from agent.metrics import Metrics
 from agent.operations import OperationManager
+from agent.peers import Peers
 from agent.registry import Registry
-from agent.settings import DeviceSettings
+from agent.settings import DeviceSettings, FailoverSettings
 
 
 @dataclass
@@ -41,6 +43,10 @@ class Context:
     operations: OperationManager | None = None
     registry: Registry | None = None
     devices: DeviceSettings = field(default_factory=DeviceSettings)
+    failover: FailoverSettings = field(default_factory=FailoverSettings)
+    # Set once NATS is up: requests to other hosts' agents; the owed-primary reconciler.
+    peers: Peers | None = None
+    reconciler: Reconciler | None = None
 
     def lock(self, domain_uuid: str) -> asyncio.Lock:
         return self.domain_locks.setdefault(domain_uuid, asyncio.Lock())
@@ -69,9 +75,10 @@ class Verb:
 
 
 def all_verbs() -> dict[str, Verb]:
-    from handlers import devices, domain, migration, operations, system  # noqa: PLC0415
+    from handlers import devices, domain, failover, migration, operations, system  # noqa: PLC0415
 
     verbs: list[Verb] = [
-        *system.VERBS, *domain.VERBS, *devices.VERBS, *migration.VERBS, *operations.VERBS,
+        *system.VERBS, *domain.VERBS, *devices.VERBS, *migration.VERBS, *failover.VERBS,
+        *operations.VERBS,
     ]  # fmt: skip
     return {v.name: v for v in verbs}

@@ -222,10 +222,10 @@ class Lab:
         self, name: str, kind: str = "failover", index: int = 0, accel: str | None = None
     ) -> str:
         """`failover`: virtio standby (teaming persistent) + e1000e primary, same MAC.
-        `virtio`: the standby alone."""
+        `virtio`: the standby alone. `primary`: the e1000e alone (no standby)."""
         mac = guest_mac(index)
-        nics = [standby_interface_xml(mac, self.bridge)]
-        if kind == "failover":
+        nics = [] if kind == "primary" else [standby_interface_xml(mac, self.bridge)]
+        if kind in ("failover", "primary"):
             nics.append(primary_interface_xml(mac, self.bridge))
         gw = network.GATEWAY if self.bridge else "10.0.2.2"
         ip = network.guest_address(index) if self.bridge else "10.0.2.15/24"
@@ -324,3 +324,13 @@ def probes(text: str) -> list[Probe]:
 
 def lost_probes(text: str) -> int:
     return sum(1 for p in probes(text) if not p.ok)
+
+
+def bond_members(text: str) -> list[list[str]]:
+    """Every LAB-BOND report in the serial text: the members of the failover master."""
+    out = []
+    for line in text.splitlines():
+        if line.startswith("LAB-BOND "):
+            part = line.split("members=", 1)[1].split(" uptime=")[0]
+            out.append(part.split())
+    return out

@@ -11,7 +11,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from lab.lab import guest_mac, primary_interface_xml, probes, wait_for_serial
+from lab.lab import bond_members, guest_mac, primary_interface_xml, probes, wait_for_serial
 from lab.scenarios import raw_migration
 from tests.conftest import Collector, RunningAgent
 
@@ -22,16 +22,6 @@ def virsh(uri: str, *args: str) -> str:
     return subprocess.run(
         ["virsh", "-c", uri, *args], check=True, capture_output=True, text=True
     ).stdout
-
-
-def bond_members(text: str) -> list[list[str]]:
-    """Every LAB-BOND report in the serial text: the members of the failover master."""
-    out = []
-    for line in text.splitlines():
-        if line.startswith("LAB-BOND "):
-            part = line.split("members=", 1)[1].split(" uptime=")[0]
-            out.append(part.split())
-    return out
 
 
 async def test_guest_serial_shows_the_failover_bond_and_its_pings(

@@ -1,0 +1,124 @@
+"""Device definitions and hot-plug: the one place a device is unplugged (waiting for libvirt's
+DEVICE_REMOVED) or plugged (waiting for DEVICE_ADDED). Used by the `device.*` verbs, by
+migrate-with-failover and by the reconcile loop that plugs owed primaries."""
+
+from __future__ import annotations
+
+import asyncio
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import libvirt
+
+from agent.errors import InvalidRequest, LibvirtFailure, NotFound, Timeout
+from agent.hypervisor import Hypervisor
+from agent.settings import DeviceSettings
+
+
+def device_element(domain_xml: str, alias: str) -> ET.Element | None:
+    root = ET.fromstring(domain_xml)  # noqa: S314 - libvirt's own XML
+    for dev in list(root.find("devices") or []):
+        a = dev.find("alias")
+        if a is not None and a.get("name") == alias:
+            return dev
+    return None
+
+
+def device_xml(domain_xml: str, alias: str) -> str | None:
+    """The definition of the device with this alias, without host-chosen parts (the tap
+    name, the guest PCI address: the destination picks its own)."""
+    dev = device_element(domain_xml, alias)
+    if dev is None:
+        return None
+    for tag in ("target", "address"):
+        for t in dev.findall(tag):
+            dev.remove(t)
+    return ET.tostring(dev, encoding="unicode")
+
+
+def alias_of(xml: str) -> str:
+    a = ET.fromstring(xml).find("alias")  # noqa: S314 - from the agent's own config or records
+    if a is None or not a.get("name"):
+        raise InvalidRequest(
+            "the device definition has no <alias name='ua-...'/>; it cannot be tracked"
+        )
+    return str(a.get("name"))
+
+
+def template_xml(settings: DeviceSettings, name: str) -> str:
+    path = settings.templates.get(name)
+    if path is None:
+        raise NotFound(
+            f"no device template {name!r} in the configuration",
+            templates=sorted(settings.templates),
+        )
+    return Path(path).read_text()
+
+
+@dataclass(frozen=True)
+class Nic:
+    """One interface of a domain, as far as failover cares."""
+
+    alias: str
+    mac: str
+    type: str
+    model: str
+    teaming: str  # "", "persistent" or "transient"
+    teaming_peer: str  # for a transient member: the alias of its persistent (standby) peer
+
+
+def interfaces(domain_xml: str) -> list[Nic]:
+    root = ET.fromstring(domain_xml)  # noqa: S314 - libvirt's own XML
+    out = []
+    for dev in root.findall("devices/interface"):
+        alias = dev.find("alias")
+        mac = dev.find("mac")
+        model = dev.find("model")
+        teaming = dev.find("teaming")
+        out.append(
+            Nic(
+                alias=alias.get("name", "") if alias is not None else "",
+                mac=(mac.get("address", "") if mac is not None else "").lower(),
+                type=dev.get("type", ""),
+                model=model.get("type", "") if model is not None else "",
+                teaming=teaming.get("type", "") if teaming is not None else "",
+                teaming_peer=teaming.get("persistent", "") if teaming is not None else "",
+            )
+        )
+    return out
+
+
+async def unplug(hv: Hypervisor, dom: Any, alias: str, timeout_s: float) -> None:
+    """Detach by alias from the live domain and wait for DEVICE_REMOVED.
+
+    Raises LibvirtFailure on DEVICE_REMOVAL_FAILED (the device stays) and Timeout when the guest
+    has not released it in time - the unplug is then still in flight and is never re-sent: a
+    second device_del would interrupt the guest's own removal."""
+    uuid = dom.UUIDString()
+    done = hv.expect(uuid, ("device_removed", "device_removal_failed"), alias)
+    try:
+        await hv.call(dom.detachDeviceAlias, alias, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        event = await asyncio.wait_for(asyncio.shield(done), timeout_s)
+    except TimeoutError:
+        raise Timeout(
+            f"no DEVICE_REMOVED for {alias!r} within {timeout_s}s; the unplug is still in flight",
+            alias=alias,
+        ) from None
+    finally:
+        done.cancel()
+    if event.event_type == "device_removal_failed":
+        raise LibvirtFailure(f"the guest refused to release {alias!r}", alias=alias)
+
+
+async def plug(hv: Hypervisor, dom: Any, xml: str, alias: str, timeout_s: float) -> None:
+    """Attach to the live domain and wait for DEVICE_ADDED."""
+    done = hv.expect(dom.UUIDString(), ("device_added",), alias)
+    try:
+        await hv.call(dom.attachDeviceFlags, xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        await asyncio.wait_for(asyncio.shield(done), timeout_s)
+    except TimeoutError:
+        raise Timeout(f"no DEVICE_ADDED for {alias!r} within {timeout_s}s", alias=alias) from None
+    finally:
+        done.cancel()

@@ -1,0 +1,276 @@
+"""Owed primaries: the failover record a domain carries in its own metadata, and the reconcile
+loop that plugs a primary back wherever the domain runs.
+
+Before migrate-with-failover unplugs a primary NIC it writes a record into the live domain's
+metadata (namespace below): which alias, its definition, the operation, source and
+destination. The record travels with the VM in the migration. Whichever agent runs the
+domain settles it - the source after a failed or interrupted migration (rollback), the
+destination after a successful one (replug):
+
+- record, device attached, no unplug in flight: the record is cleared;
+- record, device missing: the primary is plugged (this host's reservation, else the recorded
+  definition), DEVICE_ADDED awaited, then the record is cleared.
+
+A domain is left alone while it is not running, has a job (a migration) active, or an
+operation of this agent holds it. The loop runs every `failover.reconcile_interval_s`, at
+start, and on demand (`failover.replug`), with back-off per domain after failures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from typing import Any
+
+import libvirt
+import msgspec
+import structlog
+
+from agent.devices import device_element, plug
+from agent.errors import AgentError
+from agent.hypervisor import Hypervisor
+from agent.metrics import Metrics
+from agent.pool import Pool
+from agent.settings import FailoverSettings
+
+log = structlog.get_logger("agent.failover")
+
+NS = "https://virt-agent.dev/xmlns/failover/1"
+PREFIX = "virtagent"
+UNPLUGGING = "unplugging"  # detach sent; DEVICE_REMOVED not (yet) seen
+OWED = "owed"  # the primary is out of the guest: plug it wherever the domain runs
+
+
+class Record(msgspec.Struct, frozen=True, kw_only=True):
+    operation: str
+    source: str
+    destination: str
+    alias: str
+    mac: str
+    mode: str
+    state: str
+    since: float
+    device: str  # the primary's definition, as recorded at unplug
+
+
+def record_to_xml(r: Record) -> str:
+    el = ET.Element("failover")
+    for k in ("operation", "source", "destination", "alias", "mac", "mode", "state"):
+        el.set(k, getattr(r, k))
+    el.set("since", repr(r.since))
+    ET.SubElement(el, "device").text = r.device
+    return ET.tostring(el, encoding="unicode")
+
+
+def record_from_xml(xml: str) -> Record:
+    el = ET.fromstring(xml)  # noqa: S314 - written by an agent into libvirt's metadata
+    return Record(
+        **{k: el.get(k, "") for k in ("operation", "source", "destination", "alias", "mac",
+                                      "mode", "state")},
+        since=float(el.get("since", "0")),
+        device=el.findtext("device", ""),
+    )  # fmt: skip
+
+
+def _read(dom: Any) -> str | None:
+    try:
+        return str(
+            dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, NS, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        )
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_METADATA:
+            return None
+        raise
+
+
+async def read_record(hv: Hypervisor, dom: Any) -> Record | None:
+    xml = await hv.call(_read, dom)
+    return record_from_xml(xml) if xml else None
+
+
+async def write_record(hv: Hypervisor, dom: Any, r: Record) -> None:
+    await hv.call(dom.setMetadata, libvirt.VIR_DOMAIN_METADATA_ELEMENT, record_to_xml(r),
+                  PREFIX, NS, libvirt.VIR_DOMAIN_AFFECT_LIVE)  # fmt: skip
+
+
+async def clear_record(hv: Hypervisor, dom: Any) -> None:
+    await hv.call(dom.setMetadata, libvirt.VIR_DOMAIN_METADATA_ELEMENT, None, None, NS,
+                  libvirt.VIR_DOMAIN_AFFECT_LIVE)  # fmt: skip
+
+
+class Settled(enum.Enum):
+    NO_RECORD = "no_record"
+    ATTACHED = "attached"  # the primary was there; the record is cleared
+    PLUGGED = "plugged"  # the primary was plugged; the record is cleared
+    WAITING = "waiting"  # not now: not running, a job or an operation holds it, unplug in flight
+
+
+class Outcome(msgspec.Struct, frozen=True):
+    settled: Settled
+    alias: str = ""
+    why: str = ""
+
+
+def _same_nic(a: str, b: str) -> bool:
+    """Same kind of NIC on the same host resource (type, source, model)."""
+
+    def key(xml: str) -> tuple[str, ...]:
+        el = ET.fromstring(xml)  # noqa: S314 - libvirt's or the agent's own XML
+        parts = [el.get("type", "")]
+        for tag in ("source", "model"):
+            sub = el.find(tag)
+            parts.append(ET.tostring(sub, encoding="unicode").strip() if sub is not None else "")
+        return tuple(parts)
+
+    return key(a) == key(b)
+
+
+class Reconciler:
+    def __init__(
+        self,
+        hv: Hypervisor,
+        host: str,
+        settings: FailoverSettings,
+        pool: Pool,
+        metrics: Metrics,
+        locks: Callable[[str], asyncio.Lock],
+        busy: Callable[[str], str | None],
+        plug_timeout_s: float,
+    ) -> None:
+        self.hv = hv
+        self.host = host
+        self.settings = settings
+        self.pool = pool
+        self.metrics = metrics
+        self.lock = locks
+        self.busy = busy  # the operation holding a domain, if any
+        self.plug_timeout_s = plug_timeout_s
+        self._retry_at: dict[str, tuple[float, float]] = {}  # uuid -> (when, back-off)
+        self.kick = asyncio.Event()
+
+    async def settle(self, dom: Any, owner: str | None = None) -> Outcome:
+        """Bring one domain's primary back in line with its record (see the module doc).
+        `owner`: the id of this agent's operation that holds the domain and asks itself."""
+        hv = self.hv
+        uuid = dom.UUIDString()
+        async with self.lock(uuid):
+            rec = await read_record(hv, dom)
+            if rec is None:
+                return Outcome(Settled.NO_RECORD)
+            why = await self._not_now(dom, uuid, owner)
+            if why:
+                return Outcome(Settled.WAITING, rec.alias, why)
+            live = await hv.call(dom.XMLDesc, 0)
+            if device_element(live, rec.alias) is not None:
+                young = time.time() - rec.since < self.settings.unplug_grace_s
+                if rec.state == UNPLUGGING and owner is None and young:
+                    return Outcome(Settled.WAITING, rec.alias, "an unplug may still be in flight")
+                await clear_record(hv, dom)
+                self._consume(rec)
+                return Outcome(Settled.ATTACHED, rec.alias)
+            xml = rec.device
+            if rec.source != self.host:
+                res = self.pool.for_operation(rec.operation) or self.pool.reserve(
+                    rec.operation, uuid, await self.pci_in_use()
+                )
+                xml = self.pool.definition(res.resource, rec.device)
+            log.info("plugging owed primary", domain=uuid, alias=rec.alias,
+                     operation=rec.operation, source=rec.source)  # fmt: skip
+            await plug(hv, dom, xml, rec.alias, self.plug_timeout_s)
+            await self._sync_config(dom, xml, rec.alias)
+            await clear_record(hv, dom)
+            self._consume(rec)
+            self.metrics.replugs.labels("plugged").inc()
+            return Outcome(Settled.PLUGGED, rec.alias)
+
+    async def _not_now(self, dom: Any, uuid: str, owner: str | None) -> str:
+        holder = self.busy(uuid)
+        if holder is not None and holder != owner:
+            return f"operation {holder} holds it"
+        state, _ = await self.hv.call(dom.state)
+        if state != libvirt.VIR_DOMAIN_RUNNING:
+            return "not running"
+        job = await self.hv.call(dom.jobInfo)
+        if job[0] != libvirt.VIR_DOMAIN_JOB_NONE:
+            return "a job is active"
+        return ""
+
+    def _consume(self, rec: Record) -> None:
+        res = self.pool.for_operation(rec.operation)
+        if res is not None:
+            self.pool.release(res.id)
+
+    async def _sync_config(self, dom: Any, xml: str, alias: str) -> None:
+        """The persistent definition keeps the primary all along (the live unplug leaves it);
+        it changes only when this host plugged a different resource than it lists."""
+        hv = self.hv
+        if not await hv.call(dom.isPersistent):
+            return
+        inactive = await hv.call(dom.XMLDesc, libvirt.VIR_DOMAIN_XML_INACTIVE)
+        cur = device_element(inactive, alias)
+        if cur is None:
+            return
+        cur_xml = ET.tostring(cur, encoding="unicode")
+        if _same_nic(cur_xml, xml):
+            return
+        await hv.call(dom.detachDeviceFlags, cur_xml, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+        await hv.call(dom.attachDeviceFlags, xml, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+
+    async def pci_in_use(self) -> set[str]:
+        """PCI addresses of host devices given to running domains."""
+
+        def scan(conn: Any) -> set[str]:
+            out: set[str] = set()
+            for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+                root = ET.fromstring(d.XMLDesc(0))  # noqa: S314 - libvirt's own XML
+                for a in root.iterfind("devices/*/source/address[@type='pci']"):
+                    parts = [int(a.get(k, "0"), 16) for k in ("domain", "bus", "slot", "function")]
+                    out.add("{:04x}:{:02x}:{:02x}.{:x}".format(*parts))
+            return out
+
+        return await self.hv.call(scan, self.hv.conn)
+
+    async def pass_once(self) -> int:
+        """Settle every running domain that is due; the number still owed a primary."""
+        hv = self.hv
+        if hv.conn is None or not hv.connected:
+            return 0
+        doms = await hv.call(hv.conn.listAllDomains, libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+        owed = 0
+        now = time.monotonic()
+        for dom in doms:
+            uuid = dom.UUIDString()
+            when, backoff = self._retry_at.get(uuid, (0.0, 0.0))
+            if now < when:
+                owed += 1
+                continue
+            try:
+                out = await self.settle(dom)
+            except AgentError as exc:
+                backoff = min(60.0, max(1.0, backoff * 2))
+                self._retry_at[uuid] = (now + backoff, backoff)
+                self.metrics.replugs.labels("failed").inc()
+                log.warning("could not settle owed primary", domain=uuid, error=exc.message,
+                            retry_in_s=backoff)  # fmt: skip
+                owed += 1
+                continue
+            self._retry_at.pop(uuid, None)
+            if out.settled is Settled.WAITING:
+                owed += 1
+        self.metrics.owed_primaries.set(owed)
+        self.metrics.reservations.set(len(self.pool.active()))
+        return owed
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.pass_once()
+            except AgentError as exc:
+                log.warning("reconcile pass failed", error=exc.message)
+            self.kick.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.kick.wait(), self.settings.reconcile_interval_s)

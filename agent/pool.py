@@ -1,0 +1,128 @@
+"""This host's pool of primary NICs for domains migrated in with failover: reservations with a
+lease (kept in the journal, so they survive a restart) and the definition plugged for one.
+
+Kinds, from [failover] in the configuration:
+- `recorded` (no pool configured): plug what the source recorded at unplug - right for
+  emulated NICs and for `type='network'` interfaces on a hostdev network (this host's libvirt
+  picks a free VF from its own network of the same name);
+- `template:<name>`: a device template; the domain's MAC and alias are put into it;
+- `network:<name>`: an `<interface type='network'>` on a libvirt hostdev network;
+- `pci:<address>`: one VF by PCI address (`<interface type='hostdev' managed='yes'>`), each
+  address held by at most one reservation and not in use by a running domain.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+import xml.etree.ElementTree as ET
+
+from agent.devices import template_xml
+from agent.errors import Unavailable
+from agent.operations import Journal, Reservation
+from agent.settings import DeviceSettings, FailoverSettings
+
+
+class Pool:
+    def __init__(
+        self, settings: FailoverSettings, devices: DeviceSettings, journal: Journal
+    ) -> None:
+        self.settings = settings
+        self.devices = devices
+        self.journal = journal
+
+    @property
+    def kind(self) -> str:
+        s = self.settings
+        if s.pool_template:
+            return "template"
+        if s.pool_network:
+            return "network"
+        if s.pool_pci:
+            return "pci"
+        return "recorded"
+
+    def describe(self) -> dict[str, object]:
+        """What the registry advertises."""
+        s = self.settings
+        out: dict[str, object] = {"kind": self.kind}
+        if s.pool_template:
+            out["template"] = s.pool_template
+        if s.pool_network:
+            out["network"] = s.pool_network
+        if s.pool_pci:
+            out["size"] = len(s.pool_pci)
+        return out
+
+    def active(self) -> list[Reservation]:
+        return self.journal.reservations(time.time())
+
+    def reserve(self, operation: str, domain: str, pci_in_use: set[str]) -> Reservation:
+        """Hold a primary for `domain`; the same operation asking again gets the same one."""
+        active = self.active()
+        for r in active:
+            if r.operation == operation:
+                return r
+        s = self.settings
+        if s.pool_pci:
+            held = {r.resource for r in active}
+            free = [a for a in s.pool_pci if f"pci:{a}" not in held and a not in pci_in_use]
+            if not free:
+                raise Unavailable(
+                    f"no free VF: {len(s.pool_pci)} in the pool, all reserved or in use",
+                    pool_size=len(s.pool_pci),
+                )
+            resource = f"pci:{free[0]}"
+        elif s.pool_template:
+            resource = f"template:{s.pool_template}"
+        elif s.pool_network:
+            resource = f"network:{s.pool_network}"
+        else:
+            resource = "recorded"
+        r = Reservation(
+            id=uuid.uuid4().hex,
+            operation=operation,
+            domain=domain,
+            resource=resource,
+            expires=time.time() + s.lease_s,
+        )
+        self.journal.add_reservation(r)
+        return r
+
+    def for_operation(self, operation: str) -> Reservation | None:
+        return next((r for r in self.active() if r.operation == operation), None)
+
+    def release(self, reservation_id: str) -> bool:
+        return self.journal.drop_reservation(reservation_id)
+
+    def definition(self, resource: str, recorded: str) -> str:
+        """The device to plug here for a reservation, from what the source recorded: the same
+        alias, MAC and teaming, this host's resource."""
+        rec = ET.fromstring(recorded)  # noqa: S314 - written by the agent itself
+        mac = rec.find("mac")
+        alias = rec.find("alias")
+        teaming = rec.find("teaming")
+        kind, _, name = resource.partition(":")
+        if kind == "recorded":
+            return recorded
+        if kind == "template":
+            dev = ET.fromstring(template_xml(self.devices, name))  # noqa: S314 - operator's file
+            for tag in ("mac", "alias", "teaming"):
+                for old in dev.findall(tag):
+                    dev.remove(old)
+        elif kind == "network":
+            dev = ET.Element("interface", type="network")
+            ET.SubElement(dev, "source", network=name)
+        elif kind == "pci":
+            dom_, bus, rest = name.split(":")
+            slot, fn = rest.split(".")
+            dev = ET.Element("interface", type="hostdev", managed="yes")
+            src = ET.SubElement(dev, "source")
+            ET.SubElement(src, "address", type="pci", domain=f"0x{dom_}", bus=f"0x{bus}",
+                          slot=f"0x{slot}", function=f"0x{fn}")  # fmt: skip
+        else:
+            raise ValueError(f"unknown pool resource {resource!r}")
+        for el in (mac, teaming, alias):
+            if el is not None:
+                dev.append(el)
+        return ET.tostring(dev, encoding="unicode")

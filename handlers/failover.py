@@ -1,0 +1,474 @@
+"""migrate-with-failover: move a VM whose passthrough primary NIC cannot migrate, keeping its
+network on the virtio standby, and leave it running on exactly one host with exactly one
+primary attached - whatever fails.
+
+Source agent, verb `migrate_with_failover`, one long operation:
+  plan     find primary and standby, choose the mode, refuse when there is no standby
+  reserve  the destination agent holds an equivalent primary (failover.reserve, with a lease)
+  unplug   record the primary in the domain's metadata, then detach it and wait for
+           DEVICE_REMOVED (mode `qemu`: QEMU unplugs it itself during the migration)
+  migrate  live migration, as `migrate`; where the domain runs is then checked, not assumed
+  replug   the destination agent plugs the primary (failover.replug; it also does so on its
+           own: agent/failover.py)
+  verify   running on the destination only, primary attached, record cleared
+A failure before the migration completes plugs the primary back on the source (`rollback`,
+final state `rolled_back`); after it, the destination's reconcile loop owes the primary.
+An operation interrupted by the agent's death is adopted after restart (`recover`).
+
+Destination agent: `failover.reserve`, `failover.release`, `failover.replug`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Annotated, Any, Literal
+
+import libvirt
+import msgspec
+from msgspec import Meta
+
+from agent import crashpoints
+from agent.devices import Nic, device_element, device_xml, interfaces, unplug
+from agent.errors import AgentError, InvalidRequest, NotFound, Timeout, Unavailable, Unsupported
+from agent.failover import OWED, UNPLUGGING, Record, Settled, read_record, write_record
+from agent.operations import Operation, Progress
+from agent.registry import Registration
+from handlers import Context, Verb
+from handlers.devices import Alias
+from handlers.domain import DomainName, RequestId, find_domain
+from handlers.migration import HostId, MigrateRequest, remote_domain, run_migration
+
+Mode = Literal["auto", "sequenced", "qemu"]
+DomainUUID = Annotated[str, Meta(pattern=r"^[0-9a-fA-F-]{36}$")]
+OpId = Annotated[str, Meta(pattern=r"^[0-9a-f]{1,64}$")]
+BEFORE_CHANGE = ("plan", "reserve")  # steps after which nothing on the source has changed yet
+
+
+class FailoverRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    domain: DomainName
+    destination: HostId
+    mode: Mode = "auto"
+    # Alias of the passthrough NIC; found from <teaming> or the same-MAC pair when omitted.
+    primary: Alias | None = None
+    # Unplug even when no standby carries the traffic meanwhile (the VM loses its network).
+    force: bool = False
+    max_downtime_ms: Annotated[int, Meta(ge=1, le=60_000)] | None = None
+    bandwidth_mib_s: Annotated[int, Meta(ge=1, le=1_000_000)] | None = None
+    postcopy: bool = False
+    timeout_s: Annotated[float, Meta(gt=0, le=86_400)] = 600.0
+    request_id: RequestId | None = None
+
+
+class ReserveRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    operation_id: OpId
+    domain: DomainUUID
+    alias: Alias
+    source: HostId
+    request_id: RequestId | None = None
+
+
+class ReleaseRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    reservation_id: OpId
+    request_id: RequestId | None = None
+
+
+class ReplugRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    domain: DomainUUID
+    alias: Alias
+    operation_id: OpId | None = None
+    request_id: RequestId | None = None
+
+
+# ---------------------------------------------------------------- plan
+
+
+class Plan(msgspec.Struct, frozen=True, kw_only=True):
+    mode: str
+    primary: str
+    standby: str | None
+    mac: str
+    destination: str
+    device: str  # the primary's definition as it is now
+
+
+def find_pair(nics: list[Nic], primary: str | None) -> tuple[Nic, Nic | None]:
+    """The primary and its standby: teaming elements first, then the same-MAC pair."""
+    if primary is not None:
+        p = next((n for n in nics if n.alias == primary), None)
+        if p is None:
+            raise NotFound(f"the domain has no interface with alias {primary!r}", alias=primary,
+                           interfaces=[n.alias for n in nics])  # fmt: skip
+    else:
+        transient = [n for n in nics if n.teaming == "transient"]
+        paired = [
+            n for n in nics
+            if n.teaming != "persistent" and n.model != "virtio"
+            and any(o.mac == n.mac and o.alias != n.alias and o.teaming == "persistent"
+                    for o in nics)
+        ]  # fmt: skip
+        hostdev = [n for n in nics if n.type == "hostdev"]
+        candidates = transient or paired or hostdev
+        if not candidates:
+            raise NotFound(
+                "no primary NIC found (no <teaming type='transient'>, no interface sharing its "
+                "MAC with a <teaming type='persistent'/> standby, no hostdev interface); "
+                "name it with `primary`",
+                interfaces=[n.alias for n in nics],
+            )
+        p = candidates[0]
+    if not p.alias:
+        raise InvalidRequest("the primary has no alias; give it <alias name='ua-...'/>")
+    standby = None
+    if p.teaming_peer:
+        standby = next((n for n in nics if n.alias == p.teaming_peer), None)
+    if standby is None:
+        standby = next(
+            (
+                n
+                for n in nics
+                if n.mac == p.mac and n.alias != p.alias and n.teaming == "persistent"
+            ),
+            None,
+        )
+    return p, standby
+
+
+async def make_plan(ctx: Context, dom: Any, req: FailoverRequest, dest: Registration) -> Plan:
+    live = await ctx.hypervisor.call(dom.XMLDesc, 0)
+    p, standby = find_pair(interfaces(live), req.primary)
+    if standby is None and not req.force:
+        raise InvalidRequest(
+            f"primary {p.alias!r} has no virtio standby with <teaming type='persistent'/> and "
+            f"MAC {p.mac}; unplugging it would cut the VM off the network (set force to do it "
+            "anyway)",
+            primary=p.alias,
+        )
+    src_caps, dst_caps = ctx.capabilities, dest.capabilities
+    missing = []
+    if p.teaming != "transient" or p.type != "hostdev":
+        missing.append(f"{p.alias!r} is not a transient <teaming> hostdev interface")
+    if not (src_caps and src_caps.virtio_net_failover):
+        missing.append(f"{ctx.host} does not report virtio-net failover")
+    if not (dst_caps and dst_caps.virtio_net_failover):
+        missing.append(f"{dest.host} does not report virtio-net failover")
+    if req.mode == "qemu" and missing:
+        raise Unsupported("mode qemu is not possible: " + "; ".join(missing), reasons=missing)
+    mode = req.mode if req.mode != "auto" else ("qemu" if not missing else "sequenced")
+    device = device_xml(live, p.alias)
+    assert device is not None
+    return Plan(mode=mode, primary=p.alias, standby=standby.alias if standby else None,
+                mac=p.mac, destination=dest.host, device=device)  # fmt: skip
+
+
+# ---------------------------------------------------------------- source: the operation
+
+
+def _need(ctx: Context) -> tuple[Any, Any, Any]:
+    if ctx.operations is None or ctx.registry is None or ctx.peers is None:
+        raise Unavailable("the agent is not connected to NATS yet")
+    if ctx.reconciler is None:
+        raise Unavailable("libvirt is not connected")
+    return ctx.operations, ctx.peers, ctx.reconciler
+
+
+async def migrate_with_failover(ctx: Context, req: FailoverRequest) -> dict[str, Any]:
+    ctx.conn()
+    operations, _, _ = _need(ctx)
+    assert ctx.registry is not None
+    if req.destination == ctx.host:
+        raise InvalidRequest(f"destination {req.destination!r} is this host",
+                             destination=req.destination)  # fmt: skip
+    dest = await ctx.registry.resolve(req.destination)
+    dom = await find_domain(ctx, req.domain)
+    state, _ = await ctx.hypervisor.call(dom.state)
+    if state != libvirt.VIR_DOMAIN_RUNNING:
+        raise InvalidRequest(f"domain {req.domain!r} is not running", domain=req.domain)
+    if await read_record(ctx.hypervisor, dom) is not None:
+        raise InvalidRequest(
+            f"domain {req.domain!r} is still owed a primary from an earlier failover; "
+            "the reconcile loop settles it first",
+            domain=req.domain,
+        )
+    plan = await make_plan(ctx, dom, req, dest)
+    flow = Failover(ctx, dom, req, plan, dest)
+    op = operations.start("migrate_with_failover", dom.UUIDString(), flow.run)
+    return {"operation_id": op.id, "state": op.state, "mode": plan.mode}
+
+
+class Failover:
+    """One migrate-with-failover on the source, step by step, with its rollback."""
+
+    def __init__(self, ctx: Context, dom: Any, req: FailoverRequest, plan: Plan,
+                 dest: Registration) -> None:  # fmt: skip
+        self.ctx = ctx
+        self.dom = dom
+        self.uuid = dom.UUIDString()
+        self.req = req
+        self.plan = plan
+        self.dest = dest
+        self.reservation: str | None = None
+        self.recorded = False  # the record is in the domain's metadata
+        self.unplug_in_flight = False
+        self.migrated = False
+
+    async def step(self, p: Progress, name: str, **detail: Any) -> None:
+        crashpoints.reached(name)
+        p.step(name, **detail)
+
+    async def run(self, p: Progress) -> dict[str, Any]:
+        ctx, plan, hv = self.ctx, self.plan, self.ctx.hypervisor
+        _, peers, _ = _need(ctx)
+        timeout = ctx.failover.peer_timeout_s
+        await self.step(p, "plan", mode=plan.mode, primary=plan.primary, standby=plan.standby,
+                        mac=plan.mac, destination=plan.destination)  # fmt: skip
+        try:
+            await self.step(p, "reserve", host=plan.destination)
+            res = await peers.call(plan.destination, "failover.reserve", {
+                "operation_id": p.op.id, "domain": self.uuid, "alias": plan.primary,
+                "source": ctx.host,
+            }, timeout)  # fmt: skip
+            self.reservation = res["reservation_id"]
+            p.note(reservation=self.reservation, resource=res["resource"])
+
+            await self.step(p, "unplug", alias=plan.primary, mode=plan.mode,
+                            reservation=self.reservation)  # fmt: skip
+            await write_record(
+                hv,
+                self.dom,
+                self._record(UNPLUGGING if plan.mode == "sequenced" else OWED, p.op.id),
+            )
+            self.recorded = True
+            if plan.mode == "sequenced":
+                await self._unplug()
+                await write_record(hv, self.dom, self._record(OWED, p.op.id))
+
+            await self.step(p, "migrate", destination=plan.destination)
+            result = await self._migrate(p)
+            self.migrated = True
+        except BaseException as exc:
+            if not self.migrated:
+                await asyncio.shield(self._rollback(p, exc))
+            raise
+
+        await self.step(p, "replug", host=plan.destination)
+        replug = await replug_on(ctx, plan.destination, self.uuid, plan.primary, p.op.id)
+        await self.step(p, "verify")
+        await self._verify()
+        return {"mode": plan.mode, "destination": plan.destination, "primary": plan.primary,
+                "migration": result, "replug": replug}  # fmt: skip
+
+    async def _migrate(self, p: Progress) -> dict[str, Any]:
+        """The migration; success means the domain runs on the destination, whatever the
+        call or the lifecycle events said."""
+        mreq = MigrateRequest(
+            domain=self.uuid, destination=self.plan.destination,
+            max_downtime_ms=self.req.max_downtime_ms, bandwidth_mib_s=self.req.bandwidth_mib_s,
+            postcopy=self.req.postcopy, timeout_s=self.req.timeout_s,
+        )  # fmt: skip
+        try:
+            result = await run_migration(self.ctx, p, self.dom, self.dest.libvirt_uri, mreq,
+                                         self.dest.migration_uri)  # fmt: skip
+        except AgentError as exc:
+            if await self._where() != "destination":
+                raise
+            result = {"note": f"the migration call failed ({exc.message}) but the domain runs "
+                              "on the destination"}  # fmt: skip
+        where = await self._where()
+        if where != "destination":
+            raise AgentError(f"after the migration the domain runs on: {where}", where=where)
+        return result
+
+    def _record(self, state: str, op_id: str) -> Record:
+        return Record(operation=op_id, source=self.ctx.host, destination=self.plan.destination,
+                      alias=self.plan.primary, mac=self.plan.mac, mode=self.plan.mode,
+                      state=state, since=time.time(), device=self.plan.device)  # fmt: skip
+
+    async def _unplug(self) -> None:
+        try:
+            await unplug(self.ctx.hypervisor, self.dom, self.plan.primary,
+                         self.ctx.devices.detach_timeout_s)  # fmt: skip
+        except Timeout:
+            self.unplug_in_flight = True
+            raise
+
+    async def _where(self) -> str:
+        return await where_is(self.ctx, self.uuid, self.dest.libvirt_uri)
+
+    async def _rollback(self, p: Progress, exc: BaseException) -> None:
+        """Before the migration completed: the domain stays here; its primary comes back."""
+        ctx = self.ctx
+        p.step("rollback", reason=getattr(exc, "message", type(exc).__name__))
+        if self.reservation is not None and ctx.peers is not None:
+            with contextlib.suppress(AgentError):
+                await ctx.peers.call(self.plan.destination, "failover.release",
+                                     {"reservation_id": self.reservation},
+                                     ctx.failover.peer_timeout_s)  # fmt: skip
+        if not self.recorded:
+            return
+        if self.unplug_in_flight:
+            # The guest may still release the device; the reconcile loop plugs it back if so.
+            return
+        assert ctx.reconciler is not None
+        await ctx.reconciler.settle(self.dom, owner=p.op.id)
+        if isinstance(exc, AgentError):
+            exc.details["final_state"] = "rolled_back"
+
+    async def _verify(self) -> None:
+        ctx, plan = self.ctx, self.plan
+        here = await where_is(ctx, self.uuid, None)
+        if here == "source":
+            raise AgentError("the domain runs on the source as well as the destination")
+        active, xml = await remote_domain(ctx, self.dest.libvirt_uri, self.uuid)
+        if not active or xml is None:
+            raise AgentError(f"the domain is not running on {plan.destination}")
+        if device_element(xml, plan.primary) is None:
+            raise AgentError(f"the primary {plan.primary!r} is not attached on "
+                             f"{plan.destination}")  # fmt: skip
+
+
+async def where_is(ctx: Context, uuid: str, dest_uri: str | None) -> str:
+    """Where the domain runs: "source" (this host), "destination" or "nowhere"."""
+
+    def local() -> bool:
+        try:
+            return bool(ctx.conn().lookupByUUIDString(uuid).isActive())
+        except libvirt.libvirtError:
+            return False
+
+    if await ctx.hypervisor.call(local):
+        return "source"
+    if dest_uri is not None:
+        active, _ = await remote_domain(ctx, dest_uri, uuid)
+        if active:
+            return "destination"
+    return "nowhere"
+
+
+async def replug_on(ctx: Context, host: str, uuid: str, alias: str, op_id: str) -> dict[str, Any]:
+    """Ask the destination to settle the domain's owed primary; retried with back-off until it
+    reports the primary attached or `failover.replug_timeout_s` passes."""
+    assert ctx.peers is not None
+    s = ctx.failover
+    deadline = time.monotonic() + s.replug_timeout_s
+    delay, last = 0.2, "no answer"
+    while True:
+        try:
+            out: dict[str, Any] = await ctx.peers.call(host, "failover.replug", {
+                "domain": uuid, "alias": alias, "operation_id": op_id,
+            }, s.peer_timeout_s + ctx.devices.detach_timeout_s)  # fmt: skip
+            if out.get("attached"):
+                return out
+            last = out.get("why") or out.get("settled", "")
+        except (Unavailable, Timeout, NotFound) as exc:
+            last = exc.message
+        if time.monotonic() + delay > deadline:
+            raise Timeout(f"{host} did not report the primary {alias!r} attached within "
+                          f"{s.replug_timeout_s}s ({last}); its reconcile loop keeps trying",
+                          host=host, alias=alias)  # fmt: skip
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 5.0)
+
+
+# ---------------------------------------------------------------- source: after a restart
+
+
+def recovery(ctx: Context, op: Operation) -> Any:
+    """The runner that finishes an operation this agent was running when it died."""
+
+    async def recover(p: Progress) -> dict[str, Any]:
+        plan = next((s for s in op.steps if s["step"] == "plan"), None)
+        interrupted = op.step or "plan"
+        p.step("recover", interrupted_at=interrupted)
+        if plan is None:
+            raise AgentError("the agent restarted before the plan was recorded; nothing changed",
+                             final_state="failed")  # fmt: skip
+        dest, alias = plan["destination"], plan["primary"]
+        reservation = next((s.get("reservation") for s in op.steps if s.get("reservation")), None)
+        deadline = time.monotonic() + ctx.failover.replug_timeout_s
+        last = ""
+        while time.monotonic() < deadline:
+            try:
+                out = await _recover_once(ctx, op, dest, alias)
+            except AgentError as exc:
+                last = exc.message
+                await asyncio.sleep(1.0)
+                continue
+            if out == "destination":
+                return {"recovered": True, "destination": dest, "primary": alias,
+                        "interrupted_at": interrupted}  # fmt: skip
+            if out == "source":
+                if reservation and ctx.peers is not None:
+                    with contextlib.suppress(AgentError):
+                        await ctx.peers.call(dest, "failover.release",
+                                             {"reservation_id": reservation},
+                                             ctx.failover.peer_timeout_s)  # fmt: skip
+                changed = interrupted not in BEFORE_CHANGE
+                raise AgentError(
+                    f"the agent restarted during {interrupted}; the domain stays on "
+                    f"{ctx.host} with its primary {alias!r}",
+                    final_state="rolled_back" if changed else "failed",
+                )
+            await asyncio.sleep(1.0)
+        raise Timeout(f"could not settle the interrupted operation ({last or 'still waiting'})")
+
+    return recover
+
+
+async def _recover_once(ctx: Context, op: Operation, dest: str, alias: str) -> str:
+    def lookup() -> Any:
+        try:
+            return ctx.conn().lookupByUUIDString(op.domain)
+        except libvirt.libvirtError:
+            return None
+
+    dom = await ctx.hypervisor.call(lookup)
+    if dom is not None and await ctx.hypervisor.call(dom.isActive):
+        assert ctx.reconciler is not None
+        out = await ctx.reconciler.settle(dom, owner=op.id)
+        if out.settled is Settled.WAITING:
+            return "waiting"
+        live = await ctx.hypervisor.call(dom.XMLDesc, 0)
+        return "source" if device_element(live, alias) is not None else "waiting"
+    await replug_on(ctx, dest, op.domain, alias, op.id)
+    return "destination"
+
+
+# ---------------------------------------------------------------- destination verbs
+
+
+async def reserve(ctx: Context, req: ReserveRequest) -> dict[str, Any]:
+    _need(ctx)
+    assert ctx.reconciler is not None
+    if req.source == ctx.host:
+        raise InvalidRequest("a host cannot reserve a primary for itself", source=req.source)
+    pool = ctx.reconciler.pool
+    r = pool.reserve(req.operation_id, req.domain, await ctx.reconciler.pci_in_use())
+    crashpoints.reached("dest.reserve")
+    return {"reservation_id": r.id, "resource": r.resource, "pool": pool.kind,
+            "expires_in_s": round(r.expires - time.time(), 1)}  # fmt: skip
+
+
+async def release(ctx: Context, req: ReleaseRequest) -> dict[str, Any]:
+    _need(ctx)
+    assert ctx.reconciler is not None
+    return {"released": ctx.reconciler.pool.release(req.reservation_id)}
+
+
+async def replug(ctx: Context, req: ReplugRequest) -> dict[str, Any]:
+    _, _, reconciler = _need(ctx)
+    crashpoints.reached("dest.replug")
+    dom = await find_domain(ctx, req.domain)
+    out = await reconciler.settle(dom)
+    live = await ctx.hypervisor.call(dom.XMLDesc, 0)
+    return {"settled": out.settled.value, "why": out.why,
+            "attached": device_element(live, req.alias) is not None}  # fmt: skip
+
+
+VERBS = [
+    Verb("migrate_with_failover", FailoverRequest, migrate_with_failover, mutating=True),
+    Verb("failover.reserve", ReserveRequest, reserve, mutating=True),
+    Verb("failover.release", ReleaseRequest, release, mutating=True),
+    Verb("failover.replug", ReplugRequest, replug, mutating=True),
+]

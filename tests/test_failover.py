@@ -1,0 +1,299 @@
+"""migrate-with-failover in the two-host lab: the guest's primary NIC is unplugged, the guest
+migrates on its virtio standby, and a primary comes back on the destination - or on the
+source when anything fails. Asserted on libvirt's state on both hosts, on the bus and on what
+the guest's own kernel reports (its failover bond and its pings)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import libvirt
+import msgspec
+import pytest
+
+from agent.devices import device_xml
+from agent.failover import NS, PREFIX, Record, record_to_xml
+from lab.lab import bond_members, guest_mac, primary_interface_xml, probes, wait_for_serial
+from tests.conftest import Collector, RunningAgent
+
+pytestmark = pytest.mark.lab
+
+PRIMARY = "ua-primary0"
+STEPS = ["plan", "reserve", "unplug", "migrate", "replug", "verify"]
+FINAL = ("succeeded", "failed", "rolled_back", "cancelled")
+
+
+async def call(nc: Any, host: str, verb: str, payload: dict[str, Any], timeout: float = 30):
+    msg = await nc.request(f"virt.{host}.cmd.{verb}", msgspec.json.encode(payload), timeout=timeout)
+    reply: dict[str, Any] = msgspec.json.decode(msg.data)
+    return reply
+
+
+def where(host: Any, uuid: str) -> dict[str, Any]:
+    """What one lab host's libvirt says about the domain: running?, primary?, record?"""
+    conn = host.connect()
+    try:
+        try:
+            dom = conn.lookupByUUIDString(uuid)
+        except libvirt.libvirtError:
+            return {"running": False}
+        if not dom.isActive():
+            return {"running": False}
+        xml = dom.XMLDesc(0)
+        try:
+            dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, NS, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            record = True
+        except libvirt.libvirtError:
+            record = False
+        return {"running": True, "primary": f"<alias name='{PRIMARY}'/>" in xml, "record": record}
+    finally:
+        conn.close()
+
+
+async def final_of(ops: Collector, timeout: float = 180) -> dict[str, Any]:
+    ev = await ops.wait_for(lambda e: e["data"]["operation"]["state"] in FINAL, timeout)
+    op: dict[str, Any] = ev["data"]["operation"]
+    return op
+
+
+def serial_text(serial: Path, offset: int) -> str:
+    return serial.read_bytes()[offset:].decode(errors="replace")
+
+
+async def bond_after(serial: Path, offset: int, want: int, timeout: float = 30) -> list[str]:
+    """Wait until the guest reports a bond with `want` members after byte `offset`."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        text = await asyncio.to_thread(serial_text, serial, offset)
+        reports = bond_members(text)
+        if reports and len(reports[-1]) == want:
+            return reports[-1]
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"bond never had {want} members; reports {reports}")
+        await asyncio.sleep(0.2)
+
+
+async def test_migrate_with_failover_moves_the_guest_and_plugs_its_primary_on_the_destination(
+    lab: Any,
+    host_a: Any,
+    host_b: Any,
+    guest: Callable[..., Any],
+    start_agent: Callable[..., Awaitable[RunningAgent]],
+    collect: Callable[[str], Awaitable[Collector]],
+    nc: Any,
+) -> None:
+    """A→B: every step timed on VIRT_OPS; libvirt on B shows the domain with its primary, A
+    does not run it; device_removed on A and device_added on B on the bus; the guest's bond
+    lost its primary and has it again; the standby carried the pings meanwhile."""
+    agent_a = await start_agent(**{"libvirt.uri": host_a.uri})
+    agent_b = await start_agent(**{"libvirt.uri": host_b.uri})
+    dom = await asyncio.to_thread(guest, "a", "failover")
+    u = dom.UUIDString()
+    serial = lab.serial_path(dom.name())
+    await asyncio.to_thread(wait_for_serial, serial, " ok", 30)
+    ops = await collect(f"virt.{agent_a.host}.op.>")
+    removed = await collect(f"virt.{agent_a.host}.event.{u}.device_removed")
+    added = await collect(f"virt.{agent_b.host}.event.{u}.device_added")
+    offset = serial.stat().st_size
+
+    reply = await call(
+        nc, agent_a.host, "migrate_with_failover",
+        {"domain": dom.name(), "destination": agent_b.host},
+    )  # fmt: skip
+    assert reply["ok"] is True, reply
+    assert reply["result"]["mode"] == "sequenced"
+    op = await final_of(ops)
+    assert op["state"] == "succeeded", op
+    assert [s["step"] for s in op["steps"]] == STEPS
+    assert all(s["duration_s"] >= 0 for s in op["steps"])
+    plan = op["steps"][0]
+    assert (plan["primary"], plan["standby"]) == (PRIMARY, "ua-backup0")
+
+    assert await asyncio.to_thread(where, host_b, u) == {
+        "running": True, "primary": True, "record": False,
+    }  # fmt: skip
+    assert (await asyncio.to_thread(where, host_a, u))["running"] is False
+    assert (await removed.wait_for(lambda e: True, 10))["data"]["alias"] == PRIMARY
+    assert (await added.wait_for(lambda e: True, 10))["data"]["alias"] == PRIMARY
+
+    text = serial_text(serial, offset)
+    assert ["eth1"] in bond_members(text), "the guest saw its primary go"
+    assert len(await bond_after(serial, offset, 2)) == 2, "and come back"
+    await pings_flow(serial, offset)
+
+
+async def pings_flow(serial: Path, offset: int, run: int = 20, timeout: float = 30) -> None:
+    """The guest's last `run` probes all answered (the bond carries traffic)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        got = probes(await asyncio.to_thread(serial_text, serial, offset))
+        if len(got) >= run and all(p.ok for p in got[-run:]):
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"pings do not flow: last {got[-run:]}")
+        await asyncio.sleep(0.5)
+
+
+async def test_a_primary_without_standby_is_refused_unless_forced(
+    host_a: Any,
+    host_b: Any,
+    guest: Callable[..., Any],
+    start_agent: Callable[..., Awaitable[RunningAgent]],
+    nc: Any,
+) -> None:
+    """Unplugging a NIC that no standby backs would cut the VM off: invalid_request, and the
+    domain keeps its NIC on A; a virtio-only guest has no primary at all: not_found."""
+    agent_a = await start_agent(**{"libvirt.uri": host_a.uri})
+    agent_b = await start_agent(**{"libvirt.uri": host_b.uri})
+    lone = await asyncio.to_thread(guest, "a", "primary")
+    req = {"domain": lone.name(), "destination": agent_b.host, "primary": PRIMARY}
+    reply = await call(nc, agent_a.host, "migrate_with_failover", req)
+    assert reply["error"]["code"] == "invalid_request", reply
+    assert "cut the VM off" in reply["error"]["message"]
+    assert await asyncio.to_thread(where, host_a, lone.UUIDString()) == {
+        "running": True, "primary": True, "record": False,
+    }  # fmt: skip
+    plain = await asyncio.to_thread(guest, "a", "virtio")
+    reply = await call(
+        nc, agent_a.host, "migrate_with_failover",
+        {"domain": plain.name(), "destination": agent_b.host},
+    )  # fmt: skip
+    assert reply["error"]["code"] == "not_found", reply
+    reply = await call(
+        nc, agent_a.host, "migrate_with_failover",
+        {"domain": plain.name(), "destination": agent_b.host, "mode": "qemu",
+         "primary": "ua-backup0"},
+    )  # fmt: skip
+    assert reply["error"]["code"] in ("invalid_request", "unsupported"), reply
+
+
+@pytest.mark.parametrize("how", ["timeout", "cancel"])
+async def test_a_migration_that_does_not_complete_rolls_back_to_the_source(
+    how: str,
+    lab: Any,
+    host_a: Any,
+    host_b: Any,
+    guest: Callable[..., Any],
+    start_agent: Callable[..., Awaitable[RunningAgent]],
+    collect: Callable[[str], Awaitable[Collector]],
+    nc: Any,
+) -> None:
+    """The migration times out (or is cancelled) after the unplug: the job is aborted, the
+    primary is plugged back on A, the operation ends rolled_back (cancelled), B has nothing."""
+    agent_a = await start_agent(**{"libvirt.uri": host_a.uri})
+    agent_b = await start_agent(**{"libvirt.uri": host_b.uri})
+    dom = await asyncio.to_thread(guest, "a", "failover")
+    u = dom.UUIDString()
+    serial = lab.serial_path(dom.name())
+    ops = await collect(f"virt.{agent_a.host}.op.>")
+    offset = serial.stat().st_size
+    req: dict[str, Any] = {"domain": dom.name(), "destination": agent_b.host, "bandwidth_mib_s": 1}
+    if how == "timeout":
+        req["timeout_s"] = 4
+    reply = await call(nc, agent_a.host, "migrate_with_failover", req)
+    assert reply["ok"] is True, reply
+    op_id = reply["result"]["operation_id"]
+    if how == "cancel":
+        await ops.wait_for(lambda e: e["data"]["operation"]["step"] == "migrate", 60)
+        await asyncio.sleep(1)
+        out = await call(nc, agent_a.host, "operation.cancel", {"operation_id": op_id})
+        assert out["ok"] is True, out
+    op = await final_of(ops)
+    assert op["state"] == ("rolled_back" if how == "timeout" else "cancelled"), op
+    assert [s["step"] for s in op["steps"]] == ["plan", "reserve", "unplug", "migrate", "rollback"]
+    assert await asyncio.to_thread(where, host_a, u) == {
+        "running": True, "primary": True, "record": False,
+    }  # fmt: skip
+    assert (await asyncio.to_thread(where, host_b, u))["running"] is False
+    await bond_after(serial, offset, 2)
+    await pings_flow(serial, offset)
+    # The reservation on B was given back.
+    assert agent_b.agent.reconciler is not None
+    assert agent_b.agent.reconciler.pool.active() == []
+
+
+async def test_the_destination_plugs_a_reserved_template_primary(
+    lab: Any,
+    host_a: Any,
+    host_b: Any,
+    guest: Callable[..., Any],
+    start_agent: Callable[..., Awaitable[RunningAgent]],
+    collect: Callable[[str], Awaitable[Collector]],
+    nc: Any,
+    tmp_path: Path,
+) -> None:
+    """B's pool is a device template: B reserves it, plugs it with the domain's MAC and alias
+    (not the template's), and the guest bonds it as its new primary."""
+    tpl = tmp_path / "vf.xml"
+    tpl.write_text(
+        primary_interface_xml(guest_mac(0), lab.bridge)
+        .replace(guest_mac(0), "52:54:00:ff:ff:ff")
+    )  # fmt: skip
+    agent_a = await start_agent(**{"libvirt.uri": host_a.uri})
+    agent_b = await start_agent(**{
+        "libvirt.uri": host_b.uri, "devices.templates": {"vf": str(tpl)},
+        "failover.pool_template": "vf",
+    })  # fmt: skip
+    dom = await asyncio.to_thread(guest, "a", "failover")
+    u = dom.UUIDString()
+    mac = guest_mac(0)
+    serial = lab.serial_path(dom.name())
+    offset = serial.stat().st_size
+    ops = await collect(f"virt.{agent_a.host}.op.>")
+    reply = await call(
+        nc, agent_a.host, "migrate_with_failover",
+        {"domain": dom.name(), "destination": agent_b.host},
+    )  # fmt: skip
+    assert reply["ok"] is True, reply
+    op = await final_of(ops)
+    assert op["state"] == "succeeded", op
+    reserve = next(s for s in op["steps"] if s["step"] == "reserve")
+    assert reserve["resource"] == "template:vf"
+    conn = host_b.connect()
+    try:
+        d = conn.lookupByUUIDString(u)
+        live, config = d.XMLDesc(0), d.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    finally:
+        conn.close()
+    for xml in (live, config):
+        assert xml.count(f"<mac address='{mac}'/>") == 2, xml
+        assert "52:54:00:ff:ff:ff" not in xml
+    assert agent_b.agent.reconciler is not None
+    assert agent_b.agent.reconciler.pool.active() == [], "the reservation was consumed"
+    await bond_after(serial, offset, 2)
+    await pings_flow(serial, offset)
+
+
+async def test_an_agent_that_starts_plugs_a_primary_its_domain_is_owed(
+    host_a: Any,
+    guest: Callable[..., Any],
+    start_agent: Callable[..., Awaitable[RunningAgent]],
+) -> None:
+    """A domain whose metadata says a primary is owed (as after a failover whose destination
+    agent was down) gets it from the agent running it, within the reconcile interval."""
+    dom = await asyncio.to_thread(guest, "a", "failover")
+    u = dom.UUIDString()
+    device = device_xml(dom.XMLDesc(0), PRIMARY)
+    assert device is not None
+    await asyncio.to_thread(dom.detachDeviceAlias, PRIMARY, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    for _ in range(100):
+        if f"'{PRIMARY}'" not in dom.XMLDesc(0):
+            break
+        await asyncio.sleep(0.1)
+    rec = Record(operation="0" * 32, source="elsewhere", destination="here", alias=PRIMARY,
+                 mac=guest_mac(0), mode="sequenced", state="owed", since=0.0, device=device)  # fmt: skip
+    dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, record_to_xml(rec), PREFIX, NS,
+                    libvirt.VIR_DOMAIN_AFFECT_LIVE)  # fmt: skip
+    assert (await asyncio.to_thread(where, host_a, u))["primary"] is False
+    await start_agent(**{"libvirt.uri": host_a.uri})
+    for _ in range(100):
+        state = await asyncio.to_thread(where, host_a, u)
+        if state["primary"] and not state["record"]:
+            break
+        await asyncio.sleep(0.2)
+    assert await asyncio.to_thread(where, host_a, u) == {
+        "running": True, "primary": True, "record": False,
+    }  # fmt: skip
