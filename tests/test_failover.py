@@ -63,12 +63,11 @@ def serial_text(serial: Path, offset: int) -> str:
     return serial.read_bytes()[offset:].decode(errors="replace")
 
 
-async def bond_after(serial: Path, offset: int, want: int, timeout: float = 30) -> list[str]:
-    """Wait until the guest reports a bond with `want` members after byte `offset`."""
+async def bond_now(serial: Path, want: int, timeout: float = 30) -> list[str]:
+    """Wait until the guest's latest bond report has `want` members."""
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
-        text = await asyncio.to_thread(serial_text, serial, offset)
-        reports = bond_members(text)
+        reports = bond_members(await asyncio.to_thread(serial_text, serial, 0))
         if reports and len(reports[-1]) == want:
             return reports[-1]
         if asyncio.get_running_loop().time() > deadline:
@@ -121,7 +120,7 @@ async def test_migrate_with_failover_moves_the_guest_and_plugs_its_primary_on_th
 
     text = serial_text(serial, offset)
     assert ["eth1"] in bond_members(text), "the guest saw its primary go"
-    assert len(await bond_after(serial, offset, 2)) == 2, "and come back"
+    assert len(await bond_now(serial, 2)) == 2, "and come back"
     await pings_flow(serial, offset)
 
 
@@ -208,7 +207,7 @@ async def test_a_migration_that_does_not_complete_rolls_back_to_the_source(
         "running": True, "primary": True, "record": False,
     }  # fmt: skip
     assert (await asyncio.to_thread(where, host_b, u))["running"] is False
-    await bond_after(serial, offset, 2)
+    await bond_now(serial, 2)
     await pings_flow(serial, offset)
     # The reservation on B was given back.
     assert agent_b.agent.reconciler is not None
@@ -263,7 +262,7 @@ async def test_the_destination_plugs_a_reserved_template_primary(
         assert "52:54:00:ff:ff:ff" not in xml
     assert agent_b.agent.reconciler is not None
     assert agent_b.agent.reconciler.pool.active() == [], "the reservation was consumed"
-    await bond_after(serial, offset, 2)
+    await bond_now(serial, 2)
     await pings_flow(serial, offset)
 
 
