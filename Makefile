@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: run test check bench install system-deps lab-up lab-down clean
+.PHONY: run test check bench demo install system-deps lab-up lab-down clean
 
 # Debian packages (libvirt, QEMU, build tools): installed when missing, as root.
 system-deps:
@@ -44,3 +44,7 @@ lab-up: install
 
 lab-down: install
 	$(BIN)/python -m lab down
+
+## migrate-with-failover A→B→A in the lab, with live progress and the guest's bond state.
+demo: install
+	$(BIN)/python -m lab.demo

@@ -1,5 +1,6 @@
 """Command line: `virt-agent run` (the agent), `events` (tail the bus), `call` (send a
-command to a host's agent) and `hosts` (the registered hosts)."""
+command to a host's agent), `hosts` (the registered hosts) and `migrate` (a live migration,
+with failover if asked, followed with a progress bar)."""
 
 from __future__ import annotations
 
@@ -69,6 +70,29 @@ def build_parser() -> argparse.ArgumentParser:
     hosts = sub.add_parser("hosts", help="list the hosts registered in virt_hosts")
     _bus_args(hosts)
     hosts.add_argument("--json", action="store_true", help="print the registrations as JSON")
+
+    mig = sub.add_parser("migrate", help="live-migrate a domain between two hosts' agents")
+    mig.add_argument("domain", help="domain name or UUID")
+    mig.add_argument("--from", dest="source", required=True, help="the source host id")
+    mig.add_argument("--to", dest="destination", required=True, help="the destination host id")
+    mig.add_argument(
+        "--failover",
+        action="store_true",
+        help="migrate_with_failover: unplug the passthrough primary, replug it there",
+    )
+    mig.add_argument("--mode", choices=["auto", "sequenced", "qemu"], help="failover mode")
+    mig.add_argument("--primary", help="alias of the primary NIC (default: found)")
+    mig.add_argument("--max-downtime-ms", type=int)
+    mig.add_argument("--bandwidth-mib-s", type=int)
+    mig.add_argument(
+        "--postcopy",
+        action="store_true",
+        default=None,
+        help="switch to post-copy if the migration stalls",
+    )
+    mig.add_argument("--timeout-s", type=float, help="abort the migration after this long")
+    mig.add_argument("--wait", action="store_true", help="follow the operation to its end")
+    _bus_args(mig)
     return p
 
 
@@ -120,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_call(args)
     if args.command == "hosts":
         return cmd_hosts(args)
+    if args.command == "migrate":
+        return cmd_migrate(args)
     return EXIT_FAILED  # pragma: no cover - argparse enforces the choices
 
 
@@ -277,5 +303,53 @@ def cmd_hosts(args: argparse.Namespace) -> int:
             age = f"{now - r.updated:>5.0f}s"
             print(f"{r.host:<20} {r.version:<8} {lib:<8} {fo:<8} {age}  {r.libvirt_uri}")
         return EXIT_OK
+
+    return asyncio.run(go())
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """Exit 0 when the migration was accepted (or, with --wait, succeeded), else 1."""
+    import nats  # noqa: PLC0415
+
+    from agent.opwatch import follow, printer  # noqa: PLC0415
+
+    urls, prefix = _bus(args)
+    verb = "migrate_with_failover" if args.failover else "migrate"
+    body: dict[str, Any] = {"domain": args.domain, "destination": args.destination}
+    for key in ("mode", "primary", "max_downtime_ms", "bandwidth_mib_s", "postcopy", "timeout_s"):
+        value = getattr(args, key)
+        if value is not None:
+            if key in ("mode", "primary") and not args.failover:
+                print(f"virt-agent migrate: --{key} needs --failover", file=sys.stderr)
+                return EXIT_BAD_SETTINGS
+            body[key] = value
+
+    async def go() -> int:
+        nc = await nats.connect(servers=urls, name="virt-agent migrate")
+        try:
+            try:
+                msg = await nc.request(f"{prefix}.{args.source}.cmd.{verb}",
+                                       msgspec.json.encode(body), timeout=30)  # fmt: skip
+            except nats.errors.NoRespondersError:
+                print(f"virt-agent migrate: no agent answers for host {args.source!r}",
+                      file=sys.stderr)  # fmt: skip
+                return EXIT_FAILED
+            reply = msgspec.json.decode(msg.data)
+            if not reply.get("ok"):
+                err = reply["error"]
+                print(f"virt-agent migrate: {err['code']}: {err['message']}", file=sys.stderr)
+                return EXIT_FAILED
+            op_id = reply["result"]["operation_id"]
+            mode = reply["result"].get("mode")
+            print(f"{verb} {args.domain} {args.source} → {args.destination}: operation {op_id}"
+                  + (f" (mode {mode})" if mode else ""), flush=True)  # fmt: skip
+            if not args.wait:
+                return EXIT_OK
+            op = await follow(nc, f"{prefix}.{args.source}.op.{op_id}",
+                              printer(sys.stdout, sys.stdout.isatty()))  # fmt: skip
+        finally:
+            await nc.close()
+        print(f"{op['state']}" + (f": {op['error']['message']}" if op.get("error") else ""))
+        return EXIT_OK if op["state"] == "succeeded" else EXIT_FAILED
 
     return asyncio.run(go())

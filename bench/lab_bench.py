@@ -1,7 +1,10 @@
-"""Lab baselines: guest boot, raw live migration, raw unplug → migrate → replug, lost probes.
+"""Lab figures: guest boot, raw live migration, raw unplug → migrate → replug, and the agents'
+migrate-with-failover, with the guest's lost ping probes.
 
-These are the figures migrate-with-failover is measured against. Each round migrates A→B or
-B→A; lost probes are counted from the start of the sequence to 3 s after its end.
+Each round moves the failover guest A→B with the raw script and back B→A with
+migrate_with_failover through the agents (so both run on the same guest, in both directions
+over the rounds), and the virtio-only guest with a plain migration. Lost probes are counted
+from the start of each sequence to 3 s after its end.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import asyncio
 import time
 from typing import Any
 
+from lab.agents import LabAgents
 from lab.lab import Lab, guest_mac, probes, wait_for_serial
 from lab.scenarios import raw_failover_migration, raw_migration
 
@@ -32,7 +36,7 @@ def _lost_since(lab: Lab, name: str, offset: int) -> tuple[int, int]:
     return sum(1 for p in ps if not p.ok), len(ps)
 
 
-async def lab_baselines(lab: Lab, rounds: int = 3) -> dict[str, Any]:
+async def lab_baselines(lab: Lab, agents: LabAgents, rounds: int = 3) -> dict[str, Any]:
     a, b = lab.host("a"), lab.host("b")
     out: dict[str, Any] = {"accel": lab.accel, "network": "bridge" if lab.bridge else "user"}
 
@@ -54,6 +58,7 @@ async def lab_baselines(lab: Lab, rounds: int = 3) -> dict[str, Any]:
 
     plain: list[dict[str, float]] = []
     seq: list[dict[str, float]] = []
+    agent: list[dict[str, float]] = []
     where = {"bench-failover": (a, b), "bench-virtio": (a, b)}
     for _ in range(rounds):
         src, dst = where["bench-virtio"]
@@ -72,7 +77,16 @@ async def lab_baselines(lab: Lab, rounds: int = 3) -> dict[str, Any]:
         await asyncio.sleep(SETTLE_S)
         r["lost"], r["probes"] = _lost_since(lab, "bench-failover", offset)
         seq.append(r)
-        where["bench-failover"] = (dst, src)
+
+        offset = lab.serial_path("bench-failover").stat().st_size
+        op, wall = await agents.failover("bench-failover", dst.name, src.name)
+        if op["state"] != "succeeded":
+            raise RuntimeError(f"migrate_with_failover failed in the benchmark: {op['error']}")
+        await asyncio.sleep(SETTLE_S)
+        a_r: dict[str, float] = {s["step"] + "_s": s["duration_s"] for s in op["steps"]}
+        a_r["total_s"] = wall
+        a_r["lost"], a_r["probes"] = _lost_since(lab, "bench-failover", offset)
+        agent.append(a_r)
 
     plain_migrate = median([r["migrate_s"] for r in plain])
     seq_total = median([r["total_s"] for r in seq])
@@ -88,4 +102,14 @@ async def lab_baselines(lab: Lab, rounds: int = 3) -> dict[str, Any]:
         "lost_probes": [int(r["lost"]) for r in seq],
     }
     out["sequence_over_plain_migration"] = round(seq_total / plain_migrate, 2)
+    agent_total = median([r["total_s"] for r in agent])
+    out["agent_failover"] = {
+        "total_s_median": round(agent_total, 3),
+        "steps_s_median": {
+            step: round(median([r[step + "_s"] for r in agent]), 3)
+            for step in ("plan", "reserve", "unplug", "migrate", "replug", "verify")
+        },
+        "lost_probes": [int(r["lost"]) for r in agent],
+    }
+    out["agent_over_raw_sequence"] = round(agent_total / seq_total, 3)
     return out

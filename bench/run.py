@@ -25,6 +25,7 @@ from nats.aio.msg import Msg
 from agent.embedded import NatsServer
 from bench.eventgen import rss_kib
 from bench.lab_bench import lab_baselines
+from lab.agents import LabAgents
 from lab.daemon import LibvirtDaemon
 from lab.lab import Lab
 
@@ -278,6 +279,14 @@ def render_table(res: dict[str, Any]) -> str:
             f"| Raw unplug → migrate → replug (s) | {seq['total_s_median']} (unplug {seq['unplug_s_median']}, migrate {seq['migrate_s_median']}, replug {seq['replug_s_median']}) | raw live migration, virtio-only guest {plain['migrate_s_median']} | {lb['sequence_over_plain_migration']} |",
             f"| Lost 50 ms ping probes per round | {seq['lost_probes']} | plain migration {plain['lost_probes']} | - |",
         ]
+        ag = lb.get("agent_failover")
+        if ag:
+            st = ag["steps_s_median"]
+            steps = ", ".join(f"{k} {v}" for k, v in st.items())
+            lines += [
+                f"| migrate_with_failover through the agents (s) | {ag['total_s_median']} ({steps}) | raw unplug → migrate → replug {seq['total_s_median']} | **{lb['agent_over_raw_sequence']}** (goal ≤ 1.15) |",
+                f"| Lost 50 ms ping probes, migrate_with_failover | {ag['lost_probes']} | raw sequence {seq['lost_probes']}, plain migration {plain['lost_probes']} | - |",
+            ]
     return "\n".join(lines)
 
 
@@ -310,9 +319,15 @@ async def main() -> None:
             res["event_bridge"] = await event_bridge(daemon, server, work, n)
     if os.environ.get("BENCH_LAB", "1") != "0":
         lab = Lab(hosts=2)
+        agents = None
         try:
             lab.up()
-            res["lab"] = await lab_baselines(lab)
+            with tempfile.TemporaryDirectory(prefix="virt-agent-bench-lab-") as tmp:
+                agents = await LabAgents(lab, Path(tmp)).start()
+                try:
+                    res["lab"] = await lab_baselines(lab, agents)
+                finally:
+                    await agents.stop()
         finally:
             lab.down()
     (HERE / "results").mkdir(exist_ok=True)

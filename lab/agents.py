@@ -1,0 +1,96 @@
+"""A nats-server and one `virt-agent run` process per lab host: what the demo and the lab
+benchmark drive migrate-with-failover through, as an operator would."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import nats
+from nats.aio.client import Client as NATS
+
+from agent.embedded import NatsServer, stop_process
+from agent.opwatch import follow
+from lab.lab import Lab
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class LabAgents:
+    def __init__(self, lab: Lab, work: Path, **env: str) -> None:
+        self.lab = lab
+        self.work = Path(work)
+        self.env = env
+        self.server: NatsServer | None = None
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.nc: NATS | None = None
+
+    def host_id(self, name: str) -> str:
+        return f"lab-{name}"
+
+    async def start(self) -> LabAgents:
+        await asyncio.to_thread(self._spawn)
+        assert self.server is not None
+        self.nc = await nats.connect(self.server.url)
+        for h in self.lab.hosts:
+            await self._ready(h.name)
+        return self
+
+    def _spawn(self) -> None:
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.server = NatsServer(self.work / "nats").start()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("VIRT_AGENT_")}
+        env.update({"VIRT_AGENT_LOG_FORMAT": "json", **self.env})
+        for h in self.lab.hosts:
+            log = open(self.work / f"agent-{h.name}.log", "wb")  # noqa: SIM115 - owned by the process
+            self.procs[h.name] = subprocess.Popen(
+                [sys.executable, "-m", "agent", "run", "--libvirt-uri", h.uri,
+                 "--nats-url", self.server.url, "--host-id", self.host_id(h.name),
+                 "--state-dir", str(self.work / f"state-{h.name}"), "--http-addr", ""],
+                env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+            )  # fmt: skip
+
+    async def _ready(self, name: str, timeout: float = 30) -> None:
+        assert self.nc is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(Exception):
+                msg = await self.nc.request(f"virt.{self.host_id(name)}.cmd.ping", b"{}", 1)
+                if msgspec.json.decode(msg.data).get("ok"):
+                    return
+            await asyncio.sleep(0.3)
+        raise RuntimeError(f"agent for lab host {name} not ready; see {self.work}/agent-{name}.log")
+
+    async def failover(
+        self, domain: str, src: str, dst: str, on_update: Any = None
+    ) -> tuple[dict[str, Any], float]:
+        """migrate_with_failover src → dst; the final operation and the wall time from the
+        request to the final state."""
+        assert self.nc is not None
+        t0 = time.monotonic()
+        msg = await self.nc.request(
+            f"virt.{self.host_id(src)}.cmd.migrate_with_failover",
+            msgspec.json.encode({"domain": domain, "destination": self.host_id(dst)}),
+            timeout=30,
+        )
+        reply = msgspec.json.decode(msg.data)
+        if not reply.get("ok"):
+            raise RuntimeError(f"migrate_with_failover refused: {reply['error']}")
+        op_id = reply["result"]["operation_id"]
+        op = await follow(self.nc, f"virt.{self.host_id(src)}.op.{op_id}", on_update, 600)
+        return op, time.monotonic() - t0
+
+    async def stop(self) -> None:
+        if self.nc is not None:
+            await self.nc.close()
+        for p in self.procs.values():
+            stop_process(p)
+        if self.server is not None:
+            self.server.stop()
