@@ -23,7 +23,7 @@ GUEST = "demo-failover"
 
 async def tail_bond(serial: Path, tty: bool) -> None:
     """Print every LAB-BOND line the guest writes from now on."""
-    offset = serial.stat().st_size
+    offset = len(await asyncio.to_thread(serial.read_bytes))
     while True:
         data = await asyncio.to_thread(serial.read_bytes)
         for line in data[offset:].decode(errors="replace").splitlines():
@@ -51,8 +51,9 @@ async def demo(keep: bool) -> int:
     with tempfile.TemporaryDirectory(prefix="virt-agent-demo-") as tmp:
         agents = await LabAgents(lab, Path(tmp)).start()
         try:
-            print(f"lab: {lab.accel} guests, {'bridge' if lab.bridge else 'user'} network; "
-                  f"agents lab-a and lab-b on NATS {agents.server.url if agents.server else ''}")  # fmt: skip
+            url = agents.server.url if agents.server else ""
+            net = "bridge" if lab.bridge else "user"
+            print(f"lab: {lab.accel} guests, {net} network; agents lab-a and lab-b on NATS {url}")
             print(f"guest: booting {GUEST} on a (virtio standby + e1000e primary, same MAC) ...")
             await asyncio.to_thread(lab.boot, "a", GUEST, "failover", 0)
             serial = lab.serial_path(GUEST)
