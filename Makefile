@@ -47,4 +47,4 @@ lab-down: install
 
 ## migrate-with-failover A→B→A in the lab, with live progress and the guest's bond state.
 demo: install
-	$(BIN)/python -m lab.demo
+	$(BIN)/python -m lab.demo $(ARGS)

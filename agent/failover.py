@@ -150,7 +150,13 @@ class Reconciler:
         self.busy = busy  # the operation holding a domain, if any
         self.plug_timeout_s = plug_timeout_s
         self._retry_at: dict[str, tuple[float, float]] = {}  # uuid -> (when, back-off)
+        # A domain that starts or resumes here (a migration in) is checked at once.
         self.kick = asyncio.Event()
+        hv.on_lifecycle = self._on_lifecycle
+
+    def _on_lifecycle(self, event: Any) -> None:
+        if event.data.event in ("started", "resumed"):
+            self.kick.set()
 
     async def settle(self, dom: Any, owner: str | None = None) -> Outcome:
         """Bring one domain's primary back in line with its record (see the module doc).

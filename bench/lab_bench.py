@@ -53,10 +53,13 @@ async def lab_baselines(lab: Lab, agents: LabAgents, rounds: int = 3) -> dict[st
         "ratio": round(boot_wall / guest_uptime, 2),
     }
     await asyncio.to_thread(lab.boot, "a", "bench-virtio", "virtio", 1)
-    await _settled(lab, "bench-failover")
-    await _settled(lab, "bench-virtio")
+    # The same failover pair, the guest's net_failover with the standby-rx rule (lab/guest.py).
+    await asyncio.to_thread(lab.boot, "a", "bench-standby-rx", "failover", 2, 90.0, "standby-rx")
+    for name in ("bench-failover", "bench-virtio", "bench-standby-rx"):
+        await _settled(lab, name)
 
     plain: list[dict[str, float]] = []
+    fixed: list[dict[str, float]] = []
     seq: list[dict[str, float]] = []
     agent: list[dict[str, float]] = []
     where = {"bench-failover": (a, b), "bench-virtio": (a, b)}
@@ -88,6 +91,16 @@ async def lab_baselines(lab: Lab, agents: LabAgents, rounds: int = 3) -> dict[st
         a_r["lost"], a_r["probes"] = _lost_since(lab, "bench-failover", offset)
         agent.append(a_r)
 
+        # standby-rx guest: A→B in even rounds, B→A in odd ones.
+        s_src, s_dst = ("a", "b") if len(fixed) % 2 == 0 else ("b", "a")
+        offset = lab.serial_path("bench-standby-rx").stat().st_size
+        op, wall = await agents.failover("bench-standby-rx", s_src, s_dst)
+        if op["state"] != "succeeded":
+            raise RuntimeError(f"migrate_with_failover failed in the benchmark: {op['error']}")
+        await asyncio.sleep(SETTLE_S)
+        lost, n = _lost_since(lab, "bench-standby-rx", offset)
+        fixed.append({"total_s": wall, "lost": lost, "probes": n})
+
     plain_migrate = median([r["migrate_s"] for r in plain])
     seq_total = median([r["total_s"] for r in seq])
     out["raw_migration"] = {
@@ -112,4 +125,8 @@ async def lab_baselines(lab: Lab, agents: LabAgents, rounds: int = 3) -> dict[st
         "lost_probes": [int(r["lost"]) for r in agent],
     }
     out["agent_over_raw_sequence"] = round(agent_total / seq_total, 3)
+    out["agent_failover_standby_rx_guest"] = {
+        "total_s_median": round(median([r["total_s"] for r in fixed]), 3),
+        "lost_probes": [int(r["lost"]) for r in fixed],
+    }
     return out

@@ -287,6 +287,11 @@ def render_table(res: dict[str, Any]) -> str:
                 f"| migrate_with_failover through the agents (s) | {ag['total_s_median']} ({steps}) | raw unplug → migrate → replug {seq['total_s_median']} | **{lb['agent_over_raw_sequence']}** (goal ≤ 1.15) |",
                 f"| Lost 50 ms ping probes, migrate_with_failover | {ag['lost_probes']} | raw sequence {seq['lost_probes']}, plain migration {plain['lost_probes']} | - |",
             ]
+        fx = lb.get("agent_failover_standby_rx_guest")
+        if fx:
+            lines.append(
+                f"| Lost probes, migrate_with_failover, guest net_failover with the standby-rx rule | {fx['lost_probes']} | plain migration {plain['lost_probes']} | - |"
+            )
     return "\n".join(lines)
 
 

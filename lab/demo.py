@@ -2,7 +2,10 @@
 primary), and one agent per host; the guest is moved A→B→A with migrate_with_failover while
 its progress and the guest's own bond reports are shown; then a summary table.
 
-    python -m lab.demo [--keep]     (--keep leaves the lab running afterwards)
+    python -m lab.demo [--keep] [--guest stock|standby-rx]
+
+--keep leaves the lab running; --guest standby-rx boots the guest whose net_failover keeps
+accepting frames on the standby while the primary has no carrier (lab/guest.py).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any
 
 from agent.opwatch import printer
 from lab.agents import LabAgents
+from lab.guest import VARIANTS
 from lab.lab import Lab, probes, wait_for_serial
 
 GUEST = "demo-failover"
@@ -42,7 +46,7 @@ def lost(serial: Path, offset: int) -> tuple[int, int]:
     return sum(1 for p in ps if not p.ok), len(ps)
 
 
-async def demo(keep: bool) -> int:
+async def demo(keep: bool, variant: str) -> int:
     tty = sys.stdout.isatty()
     lab = Lab(hosts=2)
     print("lab: starting two libvirt hosts (a, b), bridge and gateway ...", flush=True)
@@ -54,8 +58,9 @@ async def demo(keep: bool) -> int:
             url = agents.server.url if agents.server else ""
             net = "bridge" if lab.bridge else "user"
             print(f"lab: {lab.accel} guests, {net} network; agents lab-a and lab-b on NATS {url}")
-            print(f"guest: booting {GUEST} on a (virtio standby + e1000e primary, same MAC) ...")
-            await asyncio.to_thread(lab.boot, "a", GUEST, "failover", 0)
+            print(f"guest: booting {GUEST} on a (virtio standby + e1000e primary, same MAC; "
+                  f"{variant} net_failover) ...")  # fmt: skip
+            await asyncio.to_thread(lab.boot, "a", GUEST, "failover", 0, 90.0, variant)
             serial = lab.serial_path(GUEST)
             await asyncio.to_thread(wait_for_serial, serial, " ok", 60)
             await asyncio.sleep(2)
@@ -99,7 +104,9 @@ def print_summary(rows: list[dict[str, Any]]) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m lab.demo", description=__doc__)
     p.add_argument("--keep", action="store_true", help="leave the lab running")
-    sys.exit(asyncio.run(demo(p.parse_args().keep)))
+    p.add_argument("--guest", choices=VARIANTS, default="stock", help="guest net_failover")
+    args = p.parse_args()
+    sys.exit(asyncio.run(demo(args.keep, args.guest)))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,14 @@ up with a static address from the kernel command line, brings up hot-plugged NIC
 would, reports the bond's members whenever they change (`LAB-BOND ...`), and pings the
 gateway every 50 ms, one line per probe (`LAB-PING seq=N t=UPTIME ok|lost`, lost after 1 s
 without a reply) on the serial console, where tests read it.
+
+Two variants. `stock`: Debian's modules as shipped. `standby-rx`: the same, but net_failover
+is rebuilt from the Debian kernel source of the very same version with one condition changed:
+frames that arrive on the standby are dropped only while the primary can carry traffic
+(running with carrier - the condition net_failover already uses to choose its transmit
+device), instead of whenever a primary is registered. docs/lab.md shows why: with the stock
+rule the guest drops its replies from the moment a re-plugged primary registers until its
+link is up.
 """
 
 from __future__ import annotations
@@ -120,11 +128,51 @@ def kernel_package() -> str:
     )
 
 
+# The one change of the `standby-rx` variant, in net_failover_handle_frame().
+STOCK_RULE = "\tif (primary_dev && skb->dev == standby_dev)\n"
+STANDBY_RX_RULE = (
+    "\tif (primary_dev && skb->dev == standby_dev &&\n\t    net_failover_xmit_ready(primary_dev))\n"
+)
+VARIANTS = ("stock", "standby-rx")
+
+
+def build_standby_rx_module(work: Path, kernel_deb: Path) -> Path:
+    """net_failover.ko from the Debian source of `kernel_deb`'s version, with STANDBY_RX_RULE,
+    built against the matching headers package."""
+    fields = _run("dpkg-deb", "-f", str(kernel_deb), "Package", "Version", "Source")
+    info = dict(line.split(": ", 1) for line in fields.splitlines() if ": " in line)
+    abi = info["Package"].removeprefix("linux-image-")  # 6.1.0-56-amd64
+    version = info["Version"]  # 6.1.192-2
+    series = ".".join(version.split(".")[:2])  # 6.1
+    subprocess.run(
+        ["apt-get", "install", "-y", "-q", f"linux-headers-{abi}", "make"],
+        check=True, capture_output=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+    )  # fmt: skip
+    _run("apt-get", "download", f"linux-source-{series}={version}", cwd=work)
+    src_deb = next(work.glob(f"linux-source-{series}_*.deb"))
+    member = f"linux-source-{series}/drivers/net/net_failover.c"
+    _run("dpkg-deb", "-x", str(src_deb), str(work / "source"))
+    tarball = work / "source" / "usr" / "src" / f"linux-source-{series}.tar.xz"
+    _run("tar", "-xJf", str(tarball), member, cwd=work)
+    mod = work / "net_failover"
+    mod.mkdir()
+    code = (work / member).read_text()
+    if STOCK_RULE not in code:
+        raise RuntimeError(f"net_failover.c of {version} does not have the expected rule")
+    (mod / "net_failover.c").write_text(code.replace(STOCK_RULE, STANDBY_RX_RULE))
+    (mod / "Makefile").write_text("obj-m := net_failover.o\n")
+    _run("make", "-s", "-C", f"/usr/src/linux-headers-{abi}", f"M={mod}", "modules")
+    return mod / "net_failover.ko"
+
+
 class GuestImage:
     """vmlinuz + initrd.gz under `cache_dir`, built on first use."""
 
-    def __init__(self, cache_dir: Path) -> None:
+    def __init__(self, cache_dir: Path, variant: str = "stock") -> None:
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown guest variant {variant!r}")
         self.dir = Path(cache_dir)
+        self.variant = variant
         self.kernel = self.dir / "vmlinuz"
         self.initrd = self.dir / "initrd.gz"
         self.stamp = self.dir / "built"
@@ -151,6 +199,9 @@ class GuestImage:
             for mod in MODULES:
                 src = next(extracted.glob(f"lib/modules/*/kernel/**/{mod}.ko"))
                 shutil.copy2(src, root / "lib" / "modules" / f"{mod}.ko")
+            if self.variant == "standby-rx":
+                built = build_standby_rx_module(work, deb)
+                shutil.copy2(built, root / "lib" / "modules" / "net_failover.ko")
             init = root / "init"
             init.write_text(INIT)
             init.chmod(0o755)
@@ -165,7 +216,7 @@ class GuestImage:
             gz = subprocess.run(["gzip", "-1"], input=cpio, check=True, capture_output=True).stdout
             self.initrd.write_bytes(gz)
             shutil.copy2(vmlinuz, self.kernel)
-        self.stamp.write_text(pkg + "\n")
+        self.stamp.write_text(f"{pkg} {self.variant}\n")
         # QEMU of every lab host reads the kernel and initrd from here.
         os.chmod(self.dir, 0o755)  # noqa: S103
         return self

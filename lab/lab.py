@@ -115,6 +115,11 @@ class Lab:
         self.n_hosts = hosts
         self.hosts: list[Host] = []
         self.image = GuestImage(self.root / "guest")
+        # Built on first use only (it needs the kernel source): see lab/guest.py.
+        self.images = {
+            "stock": self.image,
+            "standby-rx": GuestImage(self.root / "guest-standby-rx", "standby-rx"),
+        }
         self.serial_dir = self.root / "serial"
         self.state_file = self.root / "lab.json"
         self.bridge = False
@@ -219,7 +224,12 @@ class Lab:
         return self.serial_dir / f"{name}.log"
 
     def domain_xml(
-        self, name: str, kind: str = "failover", index: int = 0, accel: str | None = None
+        self,
+        name: str,
+        kind: str = "failover",
+        index: int = 0,
+        accel: str | None = None,
+        variant: str = "stock",
     ) -> str:
         """`failover`: virtio standby (teaming persistent) + e1000e primary, same MAC.
         `virtio`: the standby alone. `primary`: the e1000e alone (no standby)."""
@@ -229,11 +239,12 @@ class Lab:
             nics.append(primary_interface_xml(mac, self.bridge))
         gw = network.GATEWAY if self.bridge else "10.0.2.2"
         ip = network.guest_address(index) if self.bridge else "10.0.2.15/24"
+        image = self.images[variant].ensure()
         return DOMAIN.format(
             accel=accel or self.accel,
             name=name,
-            kernel=self.image.kernel,
-            initrd=self.image.initrd,
+            kernel=image.kernel,
+            initrd=image.initrd,
             ip=ip,
             gw=gw,
             interfaces="\n    ".join(nics),
@@ -241,14 +252,20 @@ class Lab:
         )
 
     def boot(
-        self, host: str, name: str, kind: str = "failover", index: int = 0, timeout: float = 90.0
+        self,
+        host: str,
+        name: str,
+        kind: str = "failover",
+        index: int = 0,
+        timeout: float = 90.0,
+        variant: str = "stock",
     ) -> Any:
         """Define and start a persistent guest; return its domain once the guest says LAB-READY."""
         conn = self.host(host).connect()
         serial = self.serial_path(name)
         with contextlib.suppress(FileNotFoundError):
             serial.unlink()
-        dom = conn.defineXML(self.domain_xml(name, kind, index))
+        dom = conn.defineXML(self.domain_xml(name, kind, index, variant=variant))
         dom.create()
         wait_for_serial(serial, READY_LINE, timeout)
         return dom
