@@ -277,6 +277,9 @@ class Reconciler:
                 await self.pass_once()
             except AgentError as exc:
                 log.warning("reconcile pass failed", error=exc.message)
+            except Exception:
+                # A bug here must not take the agent down; the next pass tries again.
+                log.exception("reconcile pass failed unexpectedly")
             self.kick.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.kick.wait(), self.settings.reconcile_interval_s)

@@ -122,6 +122,8 @@ class Hypervisor:
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a blocking libvirt call on the bounded executor, errors mapped."""
+        if self.state is LinkState.CLOSED:
+            raise Unavailable("the libvirt connection is closed", uri=self.uri)
         if self._busy >= self._bound:
             self.metrics.executor_rejected.inc()
             raise Unavailable(
