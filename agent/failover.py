@@ -41,6 +41,7 @@ log = structlog.get_logger("agent.failover")
 
 NS = "https://virt-agent.dev/xmlns/failover/1"
 PREFIX = "virtagent"
+MIN_GAP_S = 0.2  # between two reconcile passes, however many domains start or resume
 UNPLUGGING = "unplugging"  # detach sent; DEVICE_REMOVED not (yet) seen
 OWED = "owed"  # the primary is out of the guest: plug it wherever the domain runs
 
@@ -152,10 +153,12 @@ class Reconciler:
         self._retry_at: dict[str, tuple[float, float]] = {}  # uuid -> (when, back-off)
         # A domain that starts or resumes here (a migration in) is checked at once.
         self.kick = asyncio.Event()
+        self._due: set[str] = set()
         hv.on_lifecycle = self._on_lifecycle
 
     def _on_lifecycle(self, event: Any) -> None:
         if event.data.event in ("started", "resumed"):
+            self._due.add(event.data.domain.uuid)
             self.kick.set()
 
     async def settle(self, dom: Any, owner: str | None = None) -> Outcome:
@@ -240,46 +243,71 @@ class Reconciler:
 
         return await self.hv.call(scan, self.hv.conn)
 
+    async def _settle_counted(self, dom: Any, now: float) -> bool:
+        """Settle one domain with per-domain back-off; whether it is still owed a primary."""
+        uuid = dom.UUIDString()
+        when, backoff = self._retry_at.get(uuid, (0.0, 0.0))
+        if now < when:
+            return True
+        try:
+            out = await self.settle(dom)
+        except AgentError as exc:
+            backoff = min(60.0, max(1.0, backoff * 2))
+            self._retry_at[uuid] = (now + backoff, backoff)
+            self.metrics.replugs.labels("failed").inc()
+            log.warning("could not settle owed primary", domain=uuid, error=exc.message,
+                        retry_in_s=backoff)  # fmt: skip
+            return True
+        self._retry_at.pop(uuid, None)
+        return out.settled is Settled.WAITING
+
     async def pass_once(self) -> int:
-        """Settle every running domain that is due; the number still owed a primary."""
+        """Settle every running domain; the number still owed a primary."""
         hv = self.hv
         if hv.conn is None or not hv.connected:
             return 0
         doms = await hv.call(hv.conn.listAllDomains, libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
-        owed = 0
         now = time.monotonic()
+        owed = 0
         for dom in doms:
-            uuid = dom.UUIDString()
-            when, backoff = self._retry_at.get(uuid, (0.0, 0.0))
-            if now < when:
-                owed += 1
-                continue
-            try:
-                out = await self.settle(dom)
-            except AgentError as exc:
-                backoff = min(60.0, max(1.0, backoff * 2))
-                self._retry_at[uuid] = (now + backoff, backoff)
-                self.metrics.replugs.labels("failed").inc()
-                log.warning("could not settle owed primary", domain=uuid, error=exc.message,
-                            retry_in_s=backoff)  # fmt: skip
-                owed += 1
-                continue
-            self._retry_at.pop(uuid, None)
-            if out.settled is Settled.WAITING:
-                owed += 1
+            owed += await self._settle_counted(dom, now)
         self.metrics.owed_primaries.set(owed)
         self.metrics.reservations.set(len(self.pool.active()))
         return owed
 
-    async def run(self) -> None:
-        while True:
+    async def settle_due(self) -> None:
+        """Settle the domains that just started or resumed here."""
+        due, self._due = self._due, set()
+        hv = self.hv
+        if hv.conn is None or not hv.connected:
+            return
+        now = time.monotonic()
+        for uuid in due:
             try:
-                await self.pass_once()
+                dom = await hv.call(hv.conn.lookupByUUIDString, uuid)
+            except AgentError:
+                continue  # gone again
+            await self._settle_counted(dom, now)
+
+    async def run(self) -> None:
+        """A full pass every interval; in between, domains that start or resume are settled
+        at once (at most every MIN_GAP_S, so a burst of lifecycle events costs nothing)."""
+        loop = asyncio.get_running_loop()
+        next_full = 0.0
+        while True:
+            self.kick.clear()
+            try:
+                if loop.time() >= next_full:
+                    self._due.clear()
+                    await self.pass_once()
+                    next_full = loop.time() + self.settings.reconcile_interval_s
+                else:
+                    await self.settle_due()
             except AgentError as exc:
                 log.warning("reconcile pass failed", error=exc.message)
             except Exception:
                 # A bug here must not take the agent down; the next pass tries again.
                 log.exception("reconcile pass failed unexpectedly")
-            self.kick.clear()
+            await asyncio.sleep(MIN_GAP_S)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.kick.wait(), self.settings.reconcile_interval_s)
+                await asyncio.wait_for(self.kick.wait(), max(0.0, next_full - loop.time()))

@@ -89,6 +89,12 @@ class Metrics:
             buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900),
             registry=r,
         )
+        self.loop_lag = Histogram(
+            f"{NS}_loop_lag_seconds",
+            "How late the event loop wakes for a 100 ms timer (blocking work shows here)",
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+            registry=r,
+        )
         self.owed_primaries = Gauge(
             f"{NS}_failover_owed_primaries",
             "Running domains on this host whose primary NIC is out, at the last reconcile pass",

@@ -84,4 +84,3 @@ def printer(stream: Any, tty: bool) -> Callable[[dict[str, Any]], None]:
         stream.flush()
 
     return show
-

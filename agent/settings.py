@@ -115,7 +115,7 @@ class FailoverSettings(_Section, frozen=True, kw_only=True, forbid_unknown_field
     # A reservation not consumed within this long is released.
     lease_s: PosFloat = 300.0
     # How often every running domain is checked for an owed primary (also at start).
-    reconcile_interval_s: PosFloat = 2.0
+    reconcile_interval_s: PosFloat = 5.0
     # How long the source waits for the destination to plug the primary back.
     replug_timeout_s: PosFloat = 120.0
     # One agent-to-agent request (failover.reserve / release / replug).

@@ -168,6 +168,7 @@ class Agent:
                 tg.create_task(self.publisher.watch_acks(), name="ack-watchdog"),
                 tg.create_task(self.commands.run(nc), name="commands"),
                 tg.create_task(self.operations.run(), name="operations"),
+                tg.create_task(self._measure_loop_lag(), name="loop-lag"),
             ]
             self.publisher.submit_host_event(
                 AgentStarted(
@@ -338,6 +339,13 @@ class Agent:
             except AgentError as exc:
                 log.warning("overflow resync failed, will retry", error=exc.message)
                 await asyncio.sleep(1.0)
+
+    async def _measure_loop_lag(self, period: float = 0.1) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            t0 = loop.time()
+            await asyncio.sleep(period)
+            self.metrics.loop_lag.observe(max(0.0, loop.time() - t0 - period))
 
     async def _heartbeat(self) -> None:
         while True:

@@ -4,7 +4,7 @@ migrate-with-failover, with the guest's lost ping probes.
 Each round moves the failover guest A→B with the raw script and back B→A with
 migrate_with_failover through the agents (so both run on the same guest, in both directions
 over the rounds), and the virtio-only guest with a plain migration. Lost probes are counted
-from the start of each sequence to 3 s after its end.
+from the start of each sequence to 5 s after its end.
 """
 
 from __future__ import annotations
@@ -17,7 +17,38 @@ from lab.agents import LabAgents
 from lab.lab import Lab, guest_mac, probes, wait_for_serial
 from lab.scenarios import raw_failover_migration, raw_migration
 
-SETTLE_S = 3.0
+# After a sequence: the replug outage of a stock guest (≤ 3 s) and the 1 s probe timeout.
+SETTLE_S = 5.0
+IDLE_S = 10.0
+LAG = "virt_agent_loop_lag_seconds"
+
+
+def lag_snapshot(agents: LabAgents) -> dict[str, float]:
+    """The agents' loop-lag histograms, summed over the lab hosts."""
+    total: dict[str, float] = {}
+    for h in agents.lab.hosts:
+        for k, v in agents.metric(h.name, LAG).items():
+            total[k] = total.get(k, 0.0) + v
+    return total
+
+
+def lag_window(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Loop lag between two snapshots: samples, mean, the bucket bound under which 99% fall,
+    and how many were later than 10 ms."""
+    d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    n = d.get("_count", 0.0)
+    buckets = sorted(
+        (float(k.split('le="')[1].rstrip('"}')), v)
+        for k, v in d.items() if k.startswith("_bucket") and "+Inf" not in k
+    )  # fmt: skip
+    p99 = next((le for le, c in buckets if c >= 0.99 * n), float("inf"))
+    le10 = next((c for le, c in buckets if le == 0.01), n)
+    return {
+        "samples": int(n),
+        "mean_ms": round(1000 * d.get("_sum", 0.0) / n, 3) if n else 0.0,
+        "p99_ms_at_most": p99 * 1000,
+        "over_10ms": int(n - le10),
+    }
 
 
 def median(values: list[float]) -> float:
@@ -57,6 +88,11 @@ async def lab_baselines(lab: Lab, agents: LabAgents, rounds: int = 3) -> dict[st
     await asyncio.to_thread(lab.boot, "a", "bench-standby-rx", "failover", 2, 90.0, "standby-rx")
     for name in ("bench-failover", "bench-virtio", "bench-standby-rx"):
         await _settled(lab, name)
+
+    # The agents' event loops while nothing happens (the baseline of the lag figures).
+    idle0 = await asyncio.to_thread(lag_snapshot, agents)
+    await asyncio.sleep(IDLE_S)
+    idle1 = await asyncio.to_thread(lag_snapshot, agents)
 
     plain: list[dict[str, float]] = []
     fixed: list[dict[str, float]] = []
@@ -101,6 +137,13 @@ async def lab_baselines(lab: Lab, agents: LabAgents, rounds: int = 3) -> dict[st
         lost, n = _lost_since(lab, "bench-standby-rx", offset)
         fixed.append({"total_s": wall, "lost": lost, "probes": n})
 
+    busy1 = await asyncio.to_thread(lag_snapshot, agents)
+    idle, busy = lag_window(idle0, idle1), lag_window(idle1, busy1)
+    out["loop_lag"] = {
+        "idle": idle,
+        "during_rounds": busy,
+        "mean_ratio": round(busy["mean_ms"] / idle["mean_ms"], 2) if idle["mean_ms"] else None,
+    }
     plain_migrate = median([r["migrate_s"] for r in plain])
     seq_total = median([r["total_s"] for r in seq])
     out["raw_migration"] = {

@@ -287,6 +287,12 @@ def render_table(res: dict[str, Any]) -> str:
                 f"| migrate_with_failover through the agents (s) | {ag['total_s_median']} ({steps}) | raw unplug → migrate → replug {seq['total_s_median']} | **{lb['agent_over_raw_sequence']}** (goal ≤ 1.15) |",
                 f"| Lost 50 ms ping probes, migrate_with_failover | {ag['lost_probes']} | raw sequence {seq['lost_probes']}, plain migration {plain['lost_probes']} | - |",
             ]
+        lag = lb.get("loop_lag")
+        if lag:
+            i, b = lag["idle"], lag["during_rounds"]
+            lines.append(
+                f"| Agents' event-loop lag during the rounds (100 ms timer): mean / p99 ≤ / samples > 10 ms | {b['mean_ms']} ms / {b['p99_ms_at_most']} ms / {b['over_10ms']} of {b['samples']} | idle agents {i['mean_ms']} ms / {i['p99_ms_at_most']} ms / {i['over_10ms']} of {i['samples']} | {lag['mean_ratio']} |"
+            )
         fx = lb.get("agent_failover_standby_rx_guest")
         if fx:
             lines.append(

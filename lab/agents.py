@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from nats.aio.client import Client as NATS
 
 from agent.embedded import NatsServer, stop_process
 from agent.opwatch import follow
+from lab.daemon import free_port
 from lab.lab import Lab
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,6 +33,7 @@ class LabAgents:
         self.server: NatsServer | None = None
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.nc: NATS | None = None
+        self.http: dict[str, str] = {}  # lab host -> the agent's health and metrics address
 
     def host_id(self, name: str) -> str:
         return f"lab-{name}"
@@ -49,11 +52,13 @@ class LabAgents:
         env = {k: v for k, v in os.environ.items() if not k.startswith("VIRT_AGENT_")}
         env.update({"VIRT_AGENT_LOG_FORMAT": "json", **self.env})
         for h in self.lab.hosts:
+            self.http[h.name] = f"127.0.0.1:{free_port()}"
             log = open(self.work / f"agent-{h.name}.log", "wb")  # noqa: SIM115 - owned by the process
             self.procs[h.name] = subprocess.Popen(
                 [sys.executable, "-m", "agent", "run", "--libvirt-uri", h.uri,
                  "--nats-url", self.server.url, "--host-id", self.host_id(h.name),
-                 "--state-dir", str(self.work / f"state-{h.name}"), "--http-addr", ""],
+                 "--state-dir", str(self.work / f"state-{h.name}"),
+                 "--http-addr", self.http[h.name]],
                 env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
             )  # fmt: skip
 
@@ -86,6 +91,17 @@ class LabAgents:
         op_id = reply["result"]["operation_id"]
         op = await follow(self.nc, f"virt.{self.host_id(src)}.op.{op_id}", on_update, 600)
         return op, time.monotonic() - t0
+
+    def metric(self, name: str, metric: str) -> dict[str, float]:
+        """Samples of one metric family from a lab host's agent, by label text."""
+        with urllib.request.urlopen(f"http://{self.http[name]}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        out = {}
+        for line in text.splitlines():
+            if line.startswith(metric):
+                key, _, value = line.rpartition(" ")
+                out[key[len(metric) :]] = float(value)
+        return out
 
     async def stop(self) -> None:
         if self.nc is not None:
