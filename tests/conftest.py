@@ -131,6 +131,49 @@ def test_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LibvirtDae
     daemon.stop()
 
 
+async def call(
+    nc: NATS,
+    host: str,
+    verb: str,
+    payload: Any = None,
+    raw: bytes | None = None,
+    timeout: float = 30.0,
+) -> dict[str, Any]:
+    """One command over NATS request/reply; the reply, checked to be a contract reply."""
+    data = raw if raw is not None else msgspec.json.encode(payload if payload is not None else {})
+    msg = await nc.request(f"virt.{host}.cmd.{verb}", data, timeout=timeout)
+    reply = msgspec.json.decode(msg.data)
+    assert isinstance(reply, dict)
+    assert isinstance(reply["ok"], bool)
+    return reply
+
+
+def where(host: Any, uuid: str, alias: str = "ua-primary0") -> dict[str, Any]:
+    """What one lab host's libvirt says about a domain: running, and if so whether the device
+    `alias` is attached and whether a failover record is in its metadata."""
+    import libvirt  # noqa: PLC0415
+
+    from agent.failover import NS  # noqa: PLC0415
+
+    conn = host.connect()
+    try:
+        try:
+            dom = conn.lookupByUUIDString(uuid)
+        except libvirt.libvirtError:
+            return {"running": False}
+        if not dom.isActive():
+            return {"running": False}
+        xml = dom.XMLDesc(0)
+        try:
+            dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, NS, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            record = True
+        except libvirt.libvirtError:
+            record = False
+        return {"running": True, "primary": f"<alias name='{alias}'/>" in xml, "record": record}
+    finally:
+        conn.close()
+
+
 class Collector:
     """Every message on a subject pattern, decoded; wait for one matching a predicate."""
 

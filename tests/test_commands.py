@@ -13,19 +13,8 @@ import nats
 import pytest
 from nats.aio.client import Client as NATS
 
-from tests.conftest import ERROR_CODES, ROOT, Collector, RunningAgent
+from tests.conftest import ERROR_CODES, ROOT, Collector, RunningAgent, call
 from tests.test_events import define
-
-
-async def call(
-    nc: NATS, host: str, verb: str, payload: Any = None, raw: bytes | None = None
-) -> dict[str, Any]:
-    data = raw if raw is not None else msgspec.json.encode(payload if payload is not None else {})
-    msg = await nc.request(f"virt.{host}.cmd.{verb}", data, timeout=10)
-    reply = msgspec.json.decode(msg.data)
-    assert isinstance(reply, dict)
-    assert isinstance(reply["ok"], bool)
-    return reply
 
 
 def error_code(reply: dict[str, Any]) -> str:

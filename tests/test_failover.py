@@ -11,46 +11,18 @@ from pathlib import Path
 from typing import Any
 
 import libvirt
-import msgspec
 import pytest
 
 from agent.devices import device_xml
 from agent.failover import NS, PREFIX, Record, record_to_xml
 from lab.lab import bond_members, guest_mac, primary_interface_xml, probes, wait_for_serial
-from tests.conftest import Collector, RunningAgent
+from tests.conftest import Collector, RunningAgent, call, where
 
 pytestmark = pytest.mark.lab
 
 PRIMARY = "ua-primary0"
 STEPS = ["plan", "reserve", "unplug", "migrate", "replug", "verify"]
 FINAL = ("succeeded", "failed", "rolled_back", "cancelled")
-
-
-async def call(nc: Any, host: str, verb: str, payload: dict[str, Any], timeout: float = 30):
-    msg = await nc.request(f"virt.{host}.cmd.{verb}", msgspec.json.encode(payload), timeout=timeout)
-    reply: dict[str, Any] = msgspec.json.decode(msg.data)
-    return reply
-
-
-def where(host: Any, uuid: str) -> dict[str, Any]:
-    """What one lab host's libvirt says about the domain: running?, primary?, record?"""
-    conn = host.connect()
-    try:
-        try:
-            dom = conn.lookupByUUIDString(uuid)
-        except libvirt.libvirtError:
-            return {"running": False}
-        if not dom.isActive():
-            return {"running": False}
-        xml = dom.XMLDesc(0)
-        try:
-            dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, NS, libvirt.VIR_DOMAIN_AFFECT_LIVE)
-            record = True
-        except libvirt.libvirtError:
-            record = False
-        return {"running": True, "primary": f"<alias name='{PRIMARY}'/>" in xml, "record": record}
-    finally:
-        conn.close()
 
 
 async def final_of(ops: Collector, timeout: float = 180) -> dict[str, Any]:

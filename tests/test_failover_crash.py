@@ -16,8 +16,8 @@ import msgspec
 import pytest
 
 from agent.crashpoints import ENV, EXIT_STATUS
-from tests.conftest import AgentProcess, Collector
-from tests.test_failover import bond_now, call, final_of, pings_flow, where
+from tests.conftest import AgentProcess, Collector, call, where
+from tests.test_failover import bond_now, final_of, pings_flow
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(300)]
 

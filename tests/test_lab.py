@@ -13,7 +13,7 @@ import pytest
 
 from lab.lab import bond_members, guest_mac, primary_interface_xml, probes, wait_for_serial
 from lab.scenarios import raw_migration
-from tests.conftest import Collector, RunningAgent
+from tests.conftest import Collector, RunningAgent, call, where
 
 pytestmark = pytest.mark.lab
 
@@ -135,22 +135,6 @@ async def test_capabilities_report_virtio_net_failover_on_a_qemu_host(
     assert caps["domain_caps"]["machine"].startswith("pc-")
 
 
-async def _call(nc: Any, host: str, verb: str, payload: dict[str, Any]) -> dict[str, Any]:
-    msg = await nc.request(f"virt.{host}.cmd.{verb}", msgspec.json.encode(payload), timeout=30)
-    reply: dict[str, Any] = msgspec.json.decode(msg.data)
-    return reply
-
-
-def _running_on(host: Any, uuid: str) -> bool:
-    conn = host.connect()
-    try:
-        return bool(conn.lookupByUUIDString(uuid).isActive())
-    except Exception:
-        return False
-    finally:
-        conn.close()
-
-
 async def test_migrate_verb_moves_the_domain_and_reports_the_operation(
     host_a: Any,
     host_b: Any,
@@ -168,7 +152,7 @@ async def test_migrate_verb_moves_the_domain_and_reports_the_operation(
     u = dom.UUIDString()
     ops = await collect(f"virt.{agent_a.host}.op.>")
 
-    reply = await _call(
+    reply = await call(
         nc, agent_a.host, "migrate", {"domain": dom.name(), "destination": agent_b.host}
     )
     assert reply["ok"] is True, reply
@@ -179,17 +163,17 @@ async def test_migrate_verb_moves_the_domain_and_reports_the_operation(
     assert final["type"] == "virt.operation.succeeded", final
     assert [s["step"] for s in final["data"]["operation"]["steps"]] == ["migrate", "verify"]
     assert all("duration_s" in s for s in final["data"]["operation"]["steps"])
-    assert await asyncio.to_thread(_running_on, host_b, u)
-    assert not await asyncio.to_thread(_running_on, host_a, u)
+    assert (await asyncio.to_thread(where, host_b, u))["running"]
+    assert not (await asyncio.to_thread(where, host_a, u))["running"]
     assert {m[0] for m in ops.messages} == {f"virt.{agent_a.host}.op.{op_id}"}
 
-    got = await _call(nc, agent_a.host, "operation.get", {"operation_id": op_id})
+    got = await call(nc, agent_a.host, "operation.get", {"operation_id": op_id})
     assert got["result"]["state"] == "succeeded"
     await agent_a.stop()
     again = await start_agent(
         **{"libvirt.uri": host_a.uri, "state_dir": state_dir, "host_id": agent_a.host}
     )
-    got = await _call(nc, again.host, "operation.get", {"operation_id": op_id})
+    got = await call(nc, again.host, "operation.get", {"operation_id": op_id})
     assert got["result"]["state"] == "succeeded", "the journal outlives the process"
 
 
@@ -208,20 +192,20 @@ async def test_second_migration_conflicts_and_cancel_aborts_the_job(
     u = dom.UUIDString()
     ops = await collect(f"virt.{agent_a.host}.op.>")
     slow = {"domain": dom.name(), "destination": agent_b.host, "bandwidth_mib_s": 1}
-    first = await _call(nc, agent_a.host, "migrate", slow)
+    first = await call(nc, agent_a.host, "migrate", slow)
     op_id = first["result"]["operation_id"]
     await ops.wait_for(lambda e: e["data"]["operation"]["progress"].get("percent") is not None, 60)
 
-    second = await _call(nc, agent_a.host, "migrate", slow)
+    second = await call(nc, agent_a.host, "migrate", slow)
     assert second["error"]["code"] == "conflict"
     assert second["error"]["details"]["operation_id"] == op_id
 
-    cancel = await _call(nc, agent_a.host, "operation.cancel", {"operation_id": op_id})
+    cancel = await call(nc, agent_a.host, "operation.cancel", {"operation_id": op_id})
     assert cancel["ok"] is True, cancel
     final = await ops.wait_for(lambda e: e["type"] == "virt.operation.cancelled", 60)
     assert final["data"]["operation"]["id"] == op_id
-    assert await asyncio.to_thread(_running_on, host_a, u)
-    assert not await asyncio.to_thread(_running_on, host_b, u)
+    assert (await asyncio.to_thread(where, host_a, u))["running"]
+    assert not (await asyncio.to_thread(where, host_b, u))["running"]
 
 
 async def test_device_detach_and_attach_verbs_on_the_primary(
@@ -242,7 +226,7 @@ async def test_device_detach_and_attach_verbs_on_the_primary(
     serial = lab.serial_path(dom.name())
     for attach in ({"alias": "ua-primary0"}, {"template": "primary"}):
         offset = serial.stat().st_size
-        out = await _call(
+        out = await call(
             nc, agent.host, "device.detach", {"domain": dom.name(), "alias": "ua-primary0"}
         )
         assert out["ok"] is True, out
@@ -251,16 +235,16 @@ async def test_device_detach_and_attach_verbs_on_the_primary(
         )
         text = await asyncio.to_thread(wait_for_serial, serial, "LAB-BOND", 20, offset)
         assert bond_members(text)[0] == ["eth1"]
-        again = await _call(
+        again = await call(
             nc, agent.host, "device.detach", {"domain": dom.name(), "alias": "ua-primary0"}
         )
         assert again["error"]["code"] == "not_found"
 
         offset = serial.stat().st_size
-        out = await _call(nc, agent.host, "device.attach", {"domain": dom.name(), **attach})
+        out = await call(nc, agent.host, "device.attach", {"domain": dom.name(), **attach})
         assert out["ok"] is True, out
         assert "ua-primary0" in dom.XMLDesc(0)
         text = await asyncio.to_thread(wait_for_serial, serial, "LAB-BOND", 20, offset)
         assert len(bond_members(text)[0]) == 2
-        dup = await _call(nc, agent.host, "device.attach", {"domain": dom.name(), **attach})
+        dup = await call(nc, agent.host, "device.attach", {"domain": dom.name(), **attach})
         assert dup["error"]["code"] == "conflict"
