@@ -40,6 +40,46 @@ class MigrateRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     request_id: RequestId | None = None
 
 
+class Convergence:
+    """The convergence policy. When the data still to send has not shrunk for STALL_ITERATIONS
+    polls, allow twice the downtime (up to `ceiling_ms`); once at the ceiling, switch to
+    post-copy if the request allows it. `timeout_s` (the caller's) aborts in the end."""
+
+    def __init__(self, downtime_ms: int, ceiling_ms: int, postcopy: bool) -> None:
+        self.downtime_ms = downtime_ms
+        self.ceiling_ms = max(ceiling_ms, downtime_ms)
+        self.postcopy_allowed = postcopy
+        self.postcopy = False
+        self.steps = 0
+        self._best: int | None = None
+        self._stalled = 0
+
+    def observe(self, remaining: int | None) -> str | None:
+        """One poll; the action to take now: "downtime" (set self.downtime_ms), "postcopy"."""
+        if remaining is None or self.postcopy:
+            return None
+        if self._best is None or remaining < self._best:
+            self._best, self._stalled = remaining, 0
+            return None
+        self._stalled += 1
+        if self._stalled < STALL_ITERATIONS:
+            return None
+        self._stalled = 0
+        self._best = None  # judge the next stretch on its own
+        if self.downtime_ms < self.ceiling_ms:
+            self.downtime_ms = min(self.ceiling_ms, self.downtime_ms * 2)
+            self.steps += 1
+            return "downtime"
+        if self.postcopy_allowed:
+            self.postcopy = True
+            return "postcopy"
+        return None
+
+    def state(self) -> dict[str, Any]:
+        return {"max_downtime_ms": self.downtime_ms, "downtime_steps": self.steps,
+                "postcopy": self.postcopy}  # fmt: skip
+
+
 def _stats(dom: Any) -> dict[str, Any]:
     try:
         s = dom.jobStats()
@@ -67,30 +107,25 @@ async def run_migration(ctx: Context, p: Progress, dom: Any, dest_uri: str, req:
     if migration_uri:
         params[libvirt.VIR_MIGRATE_PARAM_URI] = migration_uri
     flags = MIGRATE_FLAGS | (libvirt.VIR_MIGRATE_POSTCOPY if req.postcopy else 0)
-    if req.max_downtime_ms:
-        await hv.call(dom.migrateSetMaxDowntime, req.max_downtime_ms, 0)
+    downtime = await hv.call(dom.migrateGetMaxDowntime, 0)
+    if req.max_downtime_ms and req.max_downtime_ms < downtime:
+        downtime = req.max_downtime_ms
+        await hv.call(dom.migrateSetMaxDowntime, downtime, 0)
+    policy = Convergence(downtime, req.max_downtime_ms or downtime, req.postcopy)
     started = time.monotonic()
     job = asyncio.ensure_future(hv.call(dom.migrateToURI3, dest_uri, params, flags))
-    best_remaining: int | None = None
-    stalled = 0
-    postcopy_started = False
     try:
         while not job.done():
             await asyncio.wait({job}, timeout=POLL_S)
             if job.done():
                 break
             stats = await hv.call(_stats, dom)
-            p.update(**stats)
-            remaining = stats.get("data_remaining")
-            if remaining is not None:
-                if best_remaining is None or remaining < best_remaining:
-                    best_remaining, stalled = remaining, 0
-                else:
-                    stalled += 1
-            if req.postcopy and not postcopy_started and stalled >= STALL_ITERATIONS:
+            action = policy.observe(stats.get("data_remaining"))
+            if action == "downtime":
+                await hv.call(dom.migrateSetMaxDowntime, policy.downtime_ms, 0)
+            elif action == "postcopy":
                 await hv.call(dom.migrateStartPostCopy, 0)
-                postcopy_started = True
-                p.update(**stats, postcopy=True)
+            p.update(**stats, **policy.state())
             if time.monotonic() - started > req.timeout_s:
                 with contextlib.suppress(AgentError):
                     await hv.call(dom.abortJob)
@@ -105,7 +140,7 @@ async def run_migration(ctx: Context, p: Progress, dom: Any, dest_uri: str, req:
         with contextlib.suppress(AgentError, asyncio.CancelledError):
             await job
         raise
-    return {"seconds": round(time.monotonic() - started, 3), "postcopy": postcopy_started}
+    return {"seconds": round(time.monotonic() - started, 3), **policy.state()}
 
 
 async def remote_domain(ctx: Context, uri: str, uuid: str) -> tuple[bool, str | None]:

@@ -17,6 +17,7 @@ link is up.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -50,8 +51,16 @@ for arg in $(cat /proc/cmdline); do
   case "$arg" in
     lab.ip=*) IP="${arg#lab.ip=}" ;;
     lab.gw=*) GW="${arg#lab.gw=}" ;;
+    lab.dirty=*) DIRTY="${arg#lab.dirty=}" ;;
   esac
 done
+if [ -n "$DIRTY" ]; then
+  # Keep rewriting DIRTY MiB of memory: a migration must copy them again and again.
+  mkdir -p /dirty && mount -t tmpfs -o size=$((DIRTY + 8))m tmpfs /dirty
+  ( while true; do
+      dd if=/dev/urandom of=/dirty/x bs=1M count="$DIRTY" conv=notrunc 2>/dev/null
+    done ) &
+fi
 ip link set lo up
 bond() {
   # The failover master is the netdev with lower devices; else the first ethernet device.
@@ -177,8 +186,19 @@ class GuestImage:
         self.initrd = self.dir / "initrd.gz"
         self.stamp = self.dir / "built"
 
+    def recipe(self) -> str:
+        """What the image is built from, besides the kernel package: a changed init script,
+        module list or patch rebuilds it."""
+        text = "\n".join([INIT, *MODULES, self.variant, STANDBY_RX_RULE])
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
     def ensure(self) -> GuestImage:
-        if self.stamp.exists() and self.kernel.exists() and self.initrd.exists():
+        if (
+            self.stamp.exists()
+            and self.stamp.read_text().split()[-1:] == [self.recipe()]
+            and self.kernel.exists()
+            and self.initrd.exists()
+        ):
             return self
         self.dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=self.dir) as tmp:
@@ -216,7 +236,7 @@ class GuestImage:
             gz = subprocess.run(["gzip", "-1"], input=cpio, check=True, capture_output=True).stdout
             self.initrd.write_bytes(gz)
             shutil.copy2(vmlinuz, self.kernel)
-        self.stamp.write_text(f"{pkg} {self.variant}\n")
+        self.stamp.write_text(f"{pkg} {self.variant} {self.recipe()}\n")
         # QEMU of every lab host reads the kernel and initrd from here.
         os.chmod(self.dir, 0o755)  # noqa: S103
         return self

@@ -60,7 +60,7 @@ DOMAIN = """<domain type='{accel}'>
     <type arch='x86_64' machine='q35'>hvm</type>
     <kernel>{kernel}</kernel>
     <initrd>{initrd}</initrd>
-    <cmdline>console=ttyS0 quiet loglevel=4 panic=-1 lab.ip={ip} lab.gw={gw}</cmdline>
+    <cmdline>console=ttyS0 quiet loglevel=4 panic=-1 lab.ip={ip} lab.gw={gw}{extra}</cmdline>
   </os>
   <features><acpi/><apic/></features>
   <on_poweroff>destroy</on_poweroff>
@@ -230,9 +230,12 @@ class Lab:
         index: int = 0,
         accel: str | None = None,
         variant: str = "stock",
+        dirty_mib: int = 0,
     ) -> str:
         """`failover`: virtio standby (teaming persistent) + e1000e primary, same MAC.
-        `virtio`: the standby alone. `primary`: the e1000e alone (no standby)."""
+        `virtio`: the standby alone. `primary`: the e1000e alone (no standby).
+        `dirty_mib`: the guest keeps rewriting that much memory (a migration that converges
+        slowly)."""
         mac = guest_mac(index)
         nics = [] if kind == "primary" else [standby_interface_xml(mac, self.bridge)]
         if kind in ("failover", "primary"):
@@ -247,6 +250,7 @@ class Lab:
             initrd=image.initrd,
             ip=ip,
             gw=gw,
+            extra=f" lab.dirty={dirty_mib}" if dirty_mib else "",
             interfaces="\n    ".join(nics),
             serial=self.serial_path(name),
         )
@@ -259,13 +263,16 @@ class Lab:
         index: int = 0,
         timeout: float = 90.0,
         variant: str = "stock",
+        dirty_mib: int = 0,
     ) -> Any:
         """Define and start a persistent guest; return its domain once the guest says LAB-READY."""
         conn = self.host(host).connect()
         serial = self.serial_path(name)
         with contextlib.suppress(FileNotFoundError):
             serial.unlink()
-        dom = conn.defineXML(self.domain_xml(name, kind, index, variant=variant))
+        dom = conn.defineXML(
+            self.domain_xml(name, kind, index, variant=variant, dirty_mib=dirty_mib)
+        )
         dom.create()
         wait_for_serial(serial, READY_LINE, timeout)
         return dom

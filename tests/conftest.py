@@ -337,10 +337,14 @@ def guest(lab: Any) -> Iterator[Callable[..., Any]]:
     """Boot lab guests (failover pair or virtio only); each is destroyed and undefined after."""
     booted: list[str] = []
 
-    def boot(host: str = "a", kind: str = "failover", variant: str = "stock") -> Any:
+    def boot(
+        host: str = "a", kind: str = "failover", variant: str = "stock", dirty_mib: int = 0
+    ) -> Any:
         name = f"g{uuid.uuid4().hex[:6]}"
         booted.append(name)
-        return lab.boot(host, name, kind, index=len(booted) - 1, variant=variant)
+        return lab.boot(
+            host, name, kind, index=len(booted) - 1, variant=variant, dirty_mib=dirty_mib
+        )
 
     yield boot
     for h in lab.hosts:

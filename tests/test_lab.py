@@ -248,3 +248,42 @@ async def test_device_detach_and_attach_verbs_on_the_primary(
         assert len(bond_members(text)[0]) == 2
         dup = await call(nc, agent.host, "device.attach", {"domain": dom.name(), **attach})
         assert dup["error"]["code"] == "conflict"
+
+
+@pytest.mark.timeout(300)
+async def test_a_migration_that_does_not_converge_steps_its_downtime_then_goes_post_copy(
+    lab: Any,
+    host_a: Any,
+    host_b: Any,
+    guest: Callable[..., Any],
+    start_agent: Callable[..., Awaitable[RunningAgent]],
+    collect: Callable[[str], Awaitable[Collector]],
+    nc: Any,
+) -> None:
+    """A guest that keeps rewriting 48 MiB, migrated at 8 MiB/s, never converges: the agent
+    doubles the allowed downtime up to max_downtime_ms, then switches to post-copy; the
+    domain ends running on B and the guest keeps running there."""
+    agent_a = await start_agent(**{"libvirt.uri": host_a.uri})
+    agent_b = await start_agent(**{"libvirt.uri": host_b.uri})
+    dom = await asyncio.to_thread(guest, "a", "virtio", "stock", 48)
+    u = dom.UUIDString()
+    ops = await collect(f"virt.{agent_a.host}.op.>")
+    reply = await call(nc, agent_a.host, "migrate", {
+        "domain": dom.name(), "destination": agent_b.host, "bandwidth_mib_s": 8,
+        "max_downtime_ms": 1200, "postcopy": True, "timeout_s": 240,
+    })  # fmt: skip
+    assert reply["ok"] is True, reply
+    final = await ops.wait_for(lambda e: e["data"]["operation"]["state"] != "running", 280)
+    op = final["data"]["operation"]
+    assert op["state"] == "succeeded", op
+    assert op["result"]["postcopy"] is True
+    assert op["result"]["downtime_steps"] == 2  # 300 → 600 → 1200 ms
+    assert op["result"]["max_downtime_ms"] == 1200
+    seen = [e["data"]["operation"]["progress"] for e in ops.events()]
+    assert any(p.get("max_downtime_ms") == 600 for p in seen), "each step is reported"
+    assert (await asyncio.to_thread(where, host_b, u))["running"]
+    assert not (await asyncio.to_thread(where, host_a, u))["running"]
+    serial = lab.serial_path(dom.name())
+    size = serial.stat().st_size
+    await asyncio.sleep(2)
+    assert serial.stat().st_size > size, "the guest runs on B"
