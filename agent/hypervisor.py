@@ -113,8 +113,9 @@ class Hypervisor:
         self._bound = settings.executor_workers + settings.executor_queue
         self.decode_errors = 0
         self._waiters: dict[tuple[str, str, str | None], list[asyncio.Future[DomainEvent]]] = {}
-        # Told of every lifecycle event (the failover reconciler wakes on starts and resumes).
-        self.on_lifecycle: Callable[[DomainEvent], None] | None = None
+        # Told of every lifecycle event: the state tracker (agent/inference.py), the failover
+        # reconciler (it wakes on starts and resumes).
+        self.lifecycle_listeners: list[Callable[[DomainEvent], None]] = []
         metrics.executor_capacity.set(self._bound)
         metrics.track(metrics.executor_busy, lambda: self._busy)
 
@@ -194,8 +195,9 @@ class Hypervisor:
         self._on_event(event)
         if self._waiters:
             self._wake(event)
-        if self.on_lifecycle is not None and kind.event_type == "lifecycle":
-            self.on_lifecycle(event)
+        if kind.event_type == "lifecycle":
+            for listener in self.lifecycle_listeners:
+                listener(event)
 
     # ------------------------------------------------------------ waiting for events
 

@@ -24,6 +24,11 @@ class Metrics:
         self.events_dropped = Counter(
             f"{NS}_events_dropped", "Domain events dropped because the queue was full", registry=r
         )
+        self.events_inferred = Counter(
+            f"{NS}_events_inferred",
+            "Lifecycle events computed from snapshot differences after a libvirt reconnect",
+            registry=r,
+        )
         self.publish_retries = Counter(
             f"{NS}_publish_retries",
             "JetStream publishes sent again after a timeout or error",

@@ -36,6 +36,7 @@ from agent.errors import AgentError, Unavailable
 from agent.failover import Reconciler
 from agent.http import HttpServer
 from agent.hypervisor import Hypervisor
+from agent.inference import StateTracker
 from agent.metrics import Metrics
 from agent.operations import Journal, OperationManager
 from agent.peers import Peers
@@ -71,6 +72,8 @@ class Agent:
             self.publisher.submit_event,
             self.metrics,
         )
+        self.tracker = StateTracker()
+        self.hypervisor.lifecycle_listeners.append(self.tracker.observe)
         self.bus = Bus(settings.nats, f"virt-agent/{settings.host_id}", self.metrics)
         self.http: HttpServer | None = None
         if settings.http.listen:
@@ -304,6 +307,13 @@ class Agent:
         except AgentError:
             self.publisher.restore_missed(missed)
             raise
+        if reason == "reconnect":
+            # What changed while libvirt was away, as events marked inferred, before the resync.
+            inferred = self.tracker.infer(self.host, domains)
+            for event in inferred:
+                self.publisher.submit_event(event)
+            self.metrics.events_inferred.inc(len(inferred))
+        self.tracker.reset(domains)
         self.publisher.submit_host_event(
             Resync(host=self.host, reason=reason, domains=domains, missed=missed)
         )

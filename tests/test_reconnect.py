@@ -59,3 +59,52 @@ async def test_libvirtd_restart_is_announced_and_callbacks_come_back(
         assert agent.agent.metrics.libvirt_reconnects._value.get() == 1
     finally:
         await asyncio.to_thread(daemon.stop)
+
+
+async def test_what_changed_while_libvirt_was_away_is_published_as_inferred_events(
+    tmp_path: Path,
+    start_agent: Callable[..., Awaitable[RunningAgent]],
+    collect: Callable[[str], Awaitable[Collector]],
+) -> None:
+    """The test driver forgets everything when its libvirtd restarts: a paused domain is
+    running again and a defined, started one is gone. The agent publishes exactly those
+    changes, marked inferred, before the reconnect resync - and nothing for what did not change."""
+    daemon = await asyncio.to_thread(LibvirtDaemon(tmp_path, "infer").start)
+    try:
+        agent = await start_agent(**{
+            "libvirt.uri": daemon.test_uri, "libvirt.keepalive_interval_s": 1,
+            "libvirt.keepalive_count": 2, "libvirt.reconnect_min_s": 0.2,
+            "libvirt.reconnect_max_s": 1.0,
+        })  # fmt: skip
+        everything = await collect(f"virt.{agent.host}.>")
+        conn = await asyncio.to_thread(libvirt.open, daemon.test_uri)
+        try:
+            test = conn.lookupByName("test")
+            await asyncio.to_thread(test.suspend)
+            extra = await asyncio.to_thread(define, conn)
+            await asyncio.to_thread(extra.create)
+            gone = extra.UUIDString()
+        finally:
+            conn.close()
+        await everything.wait_for(
+            lambda e: e.get("subject") == gone and e["data"].get("event") == "started", 10
+        )
+        await agent.settled()
+
+        await asyncio.to_thread(daemon.stop)
+        await asyncio.to_thread(daemon.start)
+        resync = await everything.wait_for(
+            lambda e: e["type"] == "virt.host.resync" and e["data"]["reason"] == "reconnect", 30
+        )
+        inferred = [
+            (e["data"]["domain"]["name"], e["data"]["event"], e["sequence"])
+            for e in everything.events()
+            if e["type"] == "virt.domain.lifecycle" and e["data"]["inferred"]
+        ]
+        assert [(n, ev) for n, ev, _ in inferred] == [
+            (extra.name(), "stopped"), (extra.name(), "undefined"), ("test", "resumed"),
+        ]  # fmt: skip
+        assert all(seq < resync["sequence"] for _, _, seq in inferred)
+        assert agent.agent.metrics.events_inferred._value.get() == 3
+    finally:
+        await asyncio.to_thread(daemon.stop)
