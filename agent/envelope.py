@@ -91,6 +91,15 @@ class Heartbeat(HostData, frozen=True, kw_only=True):
     queue_depth: int
 
 
+class SpoolOverflow(HostData, frozen=True, kw_only=True):
+    """The spool exceeded its bound: its oldest messages (of boot `boot_id`) were dropped."""
+
+    boot_id: str
+    count: int
+    first_sequence: int
+    last_sequence: int
+
+
 HOST_EVENT_TYPES: dict[type[HostData], str] = {
     AgentStarted: "agent_started",
     AgentStopping: "agent_stopping",
@@ -98,6 +107,7 @@ HOST_EVENT_TYPES: dict[type[HostData], str] = {
     LibvirtDisconnected: "libvirt_disconnected",
     Resync: "resync",
     Heartbeat: "heartbeat",
+    SpoolOverflow: "spool_overflow",
 }
 
 

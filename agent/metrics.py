@@ -29,6 +29,14 @@ class Metrics:
             "Lifecycle events computed from snapshot differences after a libvirt reconnect",
             registry=r,
         )
+        self.spooled = Counter(f"{NS}_spooled", "Messages written to the on-disk spool", registry=r)
+        self.spool_dropped = Counter(
+            f"{NS}_spool_dropped",
+            "Spooled messages given up because the spool exceeded its bound",
+            registry=r,
+        )
+        self.spool_depth = Gauge(f"{NS}_spool_depth", "Spooled messages not yet sent", registry=r)
+        self.spool_bytes = Gauge(f"{NS}_spool_bytes", "Size of the spool on disk", registry=r)
         self.publish_retries = Counter(
             f"{NS}_publish_retries",
             "JetStream publishes sent again after a timeout or error",

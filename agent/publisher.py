@@ -10,6 +10,12 @@ Nats-Msg-Id, so JetStream stores it once.
 
 nats-py's own `publish_async` is not used: its futures never time out, and a send that fails
 while the client reconnects keeps its in-flight slot forever.
+
+With a spool (agent/spool.py), nothing is dropped while NATS is unreachable or slow: once NATS
+is disconnected or the memory queue reaches `spool_after`, new messages are rendered and
+appended to the spool, and sent from there, in order, after the memory queue; the spool's
+bound (`spool_max_bytes`) is the only place where old messages are given up, and a
+`spool_overflow` host event says how many.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from agent.envelope import (
     Counters,
     HostData,
     Missed,
+    SpoolOverflow,
     Subjects,
     domain_event_type,
     encode,
@@ -43,6 +50,7 @@ from agent.events import DomainEvent
 from agent.metrics import Metrics
 from agent.operations import OpEvent
 from agent.settings import PublisherSettings
+from agent.spool import Record, Spool
 
 log = structlog.get_logger("agent.publisher")
 
@@ -71,6 +79,9 @@ class _Outgoing:
     payload: bytes
     msg_id: str
     time_ns: int
+    sequence: int = 0
+    # The spool segment the message was read from (None: it came from memory).
+    segment: int | None = None
     sent_at: float = 0.0
     attempts: int = 0
 
@@ -85,8 +96,15 @@ class Publisher:
         subjects: Subjects,
         boot_id: str,
         metrics: Metrics,
+        spool: Spool | None = None,
     ) -> None:
         self.settings = settings
+        self.spool = spool
+        # Appending to the spool instead of the memory queue (also at start, if a previous
+        # process left messages there: they go first).
+        self._spooling = spool is not None and not spool.empty()
+        self._spool_after = min(settings.spool_after, settings.queue_size // 2)
+        self.spooled = 0
         self.subjects = subjects
         self.boot_id = boot_id
         self.source = f"/virt/{subjects.host}"
@@ -110,6 +128,9 @@ class Publisher:
         metrics.inflight_capacity.set(settings.max_inflight)
         metrics.track(metrics.queue_depth, lambda: len(self._queue))
         metrics.track(metrics.inflight, lambda: len(self._inflight))
+        if spool is not None:
+            metrics.track(metrics.spool_depth, lambda: spool.depth)
+            metrics.track(metrics.spool_bytes, lambda: spool.bytes)
 
     # ------------------------------------------------------------ producers (loop thread)
 
@@ -138,10 +159,49 @@ class Publisher:
                 self.metrics.events_received.labels(event.event_type)
             )
         counter.inc()
+        item = _Queued(self._sequence, event, None, event.time_ns)
+        if self._spool_now():
+            self._to_spool(item)
+            return
         if len(self._queue) >= self.settings.queue_size:
             self._drop(self._sequence, event)
             return
-        self._queue.append(_Queued(self._sequence, event, None, event.time_ns))
+        self._queue.append(item)
+        self._wakeup.set()
+
+    def _spool_now(self) -> bool:
+        if self.spool is None:
+            return False
+        if not self._spooling:
+            nc = self._nc
+            if len(self._queue) >= self._spool_after or (nc is not None and not nc.is_connected):
+                self._spooling = True
+                log.warning("spooling to disk", queued=len(self._queue),
+                            nats_connected=bool(nc and nc.is_connected))  # fmt: skip
+        return self._spooling
+
+    def _to_spool(self, item: _Queued) -> None:
+        assert self.spool is not None
+        out = self._render(item)
+        dropped = self.spool.append(
+            Record(out.subject, out.msg_id, out.time_ns, item.sequence, out.payload)
+        )
+        self.spooled += 1
+        self.metrics.spooled.inc()
+        if dropped is not None:
+            self.metrics.spool_dropped.inc(dropped.count)
+            # Rare, and it says what was given up: spooled like everything else, never dropped
+            # before it (the bound drops whole old segments, this goes at the end).
+            self._sequence += 1
+            overflow = _Queued(
+                self._sequence, None,
+                SpoolOverflow(host=self.subjects.host, boot_id=self.boot_id,
+                              count=dropped.count, first_sequence=dropped.first_sequence,
+                              last_sequence=dropped.last_sequence),
+                time.time_ns(), self.subjects.host_event("spool_overflow"),
+                host_event_type("spool_overflow"),
+            )  # fmt: skip
+            self._to_spool(overflow)
         self._wakeup.set()
 
     def submit_host_event(self, data: HostData) -> int:
@@ -156,8 +216,12 @@ class Publisher:
 
     def _submit_other(self, data: Any, subject: str, ce_type: str) -> int:
         self._sequence += 1
-        self._queue.append(_Queued(self._sequence, None, data, time.time_ns(), subject, ce_type))
-        self._wakeup.set()
+        item = _Queued(self._sequence, None, data, time.time_ns(), subject, ce_type)
+        if self._spool_now():
+            self._to_spool(item)
+        else:
+            self._queue.append(item)
+            self._wakeup.set()
         return self._sequence
 
     def _drop(self, sequence: int, event: DomainEvent) -> None:
@@ -224,7 +288,7 @@ class Publisher:
                 sequence=item.sequence,
                 data=item.data,
             )
-        return _Outgoing(subject, encode(envelope), msg_id, item.time_ns)
+        return _Outgoing(subject, encode(envelope), msg_id, item.time_ns, item.sequence)
 
     # ------------------------------------------------------------ sending
 
@@ -257,9 +321,30 @@ class Publisher:
                 await self._send(self._render(item), new=True)
                 if self._missed is not None and len(self._queue) <= low:
                     self.resync_needed.set()
+            if self._spooling:
+                await self._send_spooled()
             last_write = time.monotonic()
             if self._missed is not None:
                 self.resync_needed.set()
+
+    async def _send_spooled(self, batch: int = 256) -> None:
+        """Send from the spool (after the memory queue, which holds older messages) until it
+        has nothing unread; then new messages go to memory again."""
+        spool = self.spool
+        assert spool is not None
+        while True:
+            records = spool.read(batch)
+            if not records:
+                break
+            for index, rec in records:
+                out = _Outgoing(rec.subject, rec.payload, rec.msg_id, rec.time_ns, rec.sequence,
+                                segment=index)  # fmt: skip
+                await self._send(out, new=True)
+            if self._queue:
+                return  # cannot happen while spooling; kept for safety: memory first
+        if not self._queue:
+            self._spooling = False
+            log.info("spool drained; back to the memory queue", spooled=self.spooled)
 
     async def _send(self, out: _Outgoing, *, new: bool) -> None:
         if new:
@@ -304,6 +389,8 @@ class Publisher:
             return
         del self._inflight[token]
         self._slots.release()
+        if out.segment is not None and self.spool is not None:
+            self.spool.acked(out.segment)
         self.published += 1
         self.metrics.events_published.inc()
         self.metrics.publish_latency.observe((time.time_ns() - out.time_ns) / 1e9)
@@ -313,6 +400,8 @@ class Publisher:
         timeout = self.settings.ack_timeout_s
         while True:
             await asyncio.sleep(min(1.0, timeout / 4))
+            if self._nc is not None and not self._nc.is_connected:
+                continue  # re-sending into nats-py's reconnect buffer would only pile up copies
             deadline = time.monotonic() - timeout
             expired = []
             for token, out in self._inflight.items():
@@ -329,7 +418,7 @@ class Publisher:
     # ------------------------------------------------------------ shutdown
 
     def idle(self) -> bool:
-        return not self._queue and not self._inflight
+        return not self._queue and not self._inflight and (self.spool is None or self.spool.empty())
 
     async def flush(self, timeout: float) -> bool:
         """Wait until every queued message is acknowledged; False if the timeout ran out."""
@@ -340,6 +429,24 @@ class Publisher:
                 log.warning(
                     "flush timed out", queued=len(self._queue), inflight=len(self._inflight)
                 )
+                self._spill()
                 return False
             await asyncio.sleep(0.01)
         return True
+
+    def _spill(self) -> None:
+        """At a shutdown that could not flush: what only memory holds (unacknowledged sends
+        and the queue) goes to the front of the spool, so the next process sends it first."""
+        spool = self.spool
+        if spool is None:
+            return
+        unacked = sorted(
+            (o for o in self._inflight.values() if o.segment is None), key=lambda o: o.sequence
+        )
+        records = [Record(o.subject, o.msg_id, o.time_ns, o.sequence, o.payload) for o in unacked]
+        for item in self._queue:
+            o = self._render(item)
+            records.append(Record(o.subject, o.msg_id, o.time_ns, item.sequence, o.payload))
+        spool.prepend(records)
+        if records:
+            log.warning("kept in the spool for the next start", messages=len(records))

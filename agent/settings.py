@@ -78,6 +78,12 @@ class PublisherSettings(_Section, frozen=True, kw_only=True, forbid_unknown_fiel
     min_write_interval_ms: Annotated[float, Meta(ge=0, le=100)] = 1.0
     # After an overflow, the resync snapshot is taken once the queue is below this fraction.
     resync_low_watermark: Annotated[float, Meta(gt=0, lt=1)] = 0.5
+    # The on-disk spool (state_dir/spool): new messages go there once NATS is disconnected
+    # or this many (at most half of queue_size) wait in memory, and are sent from there in
+    # order. 0 bytes disables it (then a full queue drops events, counted, and a resync names
+    # the gap).
+    spool_after: PosInt = 5000
+    spool_max_bytes: NonNegInt = 1024 * 1024 * 1024
 
 
 class CommandSettings(_Section, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -44,6 +44,7 @@ from agent.pool import Pool
 from agent.publisher import Publisher
 from agent.registry import Registration, Registry, open_bucket
 from agent.settings import Settings
+from agent.spool import Spool
 from handlers import Context, all_verbs
 from handlers.failover import recovery
 
@@ -64,7 +65,14 @@ class Agent:
         self.boot_id = uuid.uuid4().hex
         self.subjects = Subjects(settings.subject_prefix, settings.host_id)
         self.metrics = Metrics()
-        self.publisher = Publisher(settings.publisher, self.subjects, self.boot_id, self.metrics)
+        self.spool = (
+            Spool(Path(settings.state_dir) / "spool", settings.publisher.spool_max_bytes)
+            if settings.publisher.spool_max_bytes
+            else None
+        )
+        self.publisher = Publisher(
+            settings.publisher, self.subjects, self.boot_id, self.metrics, self.spool
+        )
         self.hypervisor = Hypervisor(
             settings.libvirt,
             settings.libvirt.uri,
@@ -117,6 +125,8 @@ class Agent:
             "libvirt": self.hypervisor.connected,
             "nats": self.bus.connected,
             "queue_below_bound": self.publisher.depth < self.settings.publisher.queue_size,
+            "spool_below_bound": self.spool is None
+            or self.spool.bytes < self.settings.publisher.spool_max_bytes,
         }
         return {"ready": all(checks.values()), "checks": checks}
 
@@ -256,6 +266,8 @@ class Agent:
             finally:
                 if self.http is not None:
                     await self.http.stop()
+                if self.spool is not None:
+                    self.spool.close()
                 self.state = AgentState.STOPPED
                 log.info("agent stopped")
 

@@ -215,7 +215,8 @@ async def test_queue_overflow_is_counted_and_followed_by_a_resync(
     testdrv: Any,
 ) -> None:
     """Events dropped by a full queue leave a sequence gap that the next resync names exactly."""
-    agent = await start_agent(**{"publisher.queue_size": 10})
+    # Without the spool (which would take the overflow instead: tests/test_faults.py).
+    agent = await start_agent(**{"publisher.queue_size": 10, "publisher.spool_max_bytes": 0})
     dom = define(testdrv)
     dom.create()
     # Callbacks are dispatched on this loop: 400 events arrive in one burst, before the

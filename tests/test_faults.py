@@ -4,10 +4,12 @@ the agent is connected to killed in the middle of a stream of events from anothe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import nats
 import pytest
@@ -15,7 +17,7 @@ from nats.js.api import StreamConfig
 
 from agent.embedded import NatsServer
 from lab.daemon import LibvirtDaemon, free_port
-from tests.conftest import RunningAgent, stream_messages
+from tests.conftest import AgentProcess, RunningAgent, stream_messages
 from tests.test_daemon_events import Flipper
 
 pytestmark = [pytest.mark.faults, pytest.mark.daemon, pytest.mark.timeout(300)]
@@ -115,3 +117,163 @@ async def test_killing_the_connected_node_of_a_three_node_cluster_loses_and_doub
     seqs = sorted(ev["sequence"] for _, ev, _ in stored)
     assert seqs == list(range(1, len(seqs) + 1)), "a gap in the sequence"
     assert agent.agent.metrics.nats_reconnects._value.get() >= 1
+
+
+# ---------------------------------------------------------------- NATS unreachable: the spool
+
+
+def restart(server: NatsServer) -> None:
+    """The same nats-server again: same port, same JetStream store."""
+    server.requested_port = server.port
+    server.start()
+
+
+async def flip(uri: str, events: int) -> Flipper:
+    """Suspend/resume a test-driver domain from another connection until `events` happened."""
+    flipper = await asyncio.to_thread(lambda: Flipper(uri).start())
+    try:
+        await until(lambda: flipper.count >= events)
+    finally:
+        await asyncio.to_thread(flipper.stop)
+    return flipper
+
+
+async def stored_flips(
+    url: str, host: str, dom_uuid: str
+) -> tuple[list[dict[str, Any]], Counter[str]]:
+    nc = await nats.connect(url)
+    try:
+        stored = await stream_messages(nc, "VIRT_EVENTS", f"virt.{host}.>")
+    finally:
+        await nc.close()
+    ids = Counter(headers.get("Nats-Msg-Id", "") for _, _, headers in stored)
+    flips = [ev for _, ev, _ in stored if ev.get("subject") == dom_uuid
+             and ev["data"].get("event") in ("suspended", "resumed")]  # fmt: skip
+    return flips, ids
+
+
+async def test_events_while_nats_is_down_are_spooled_and_published_in_order_once_it_is_back(
+    nats_server: NatsServer,
+    test_daemon: LibvirtDaemon,
+    start_agent: Callable[..., Awaitable[RunningAgent]],
+) -> None:
+    """nats-server stopped; 3,000 events happen; it starts again: every event is stored once,
+    in the order of its sequence, and the spool is empty again."""
+    agent = await start_agent(**{"libvirt.uri": test_daemon.test_uri})
+    await asyncio.to_thread(nats_server.stop)
+    flipper = await flip(test_daemon.test_uri, 3000)
+    pub = agent.agent.publisher
+    await until(lambda: pub.received >= flipper.count)
+    assert pub.spooled >= flipper.count - 10, "events went to the spool"
+    assert agent.agent.spool is not None
+    assert agent.agent.spool.depth > 0
+    await asyncio.to_thread(restart, nats_server)
+    await agent.settled(timeout=60)
+    assert agent.agent.spool.empty()
+    assert list((Path(agent.agent.settings.state_dir) / "spool").glob("*.seg")) == []
+
+    flips, ids = await stored_flips(nats_server.url, agent.host, flipper.dom.UUIDString())
+    assert len(flips) == flipper.count
+    assert [i for i, c in ids.items() if c > 1] == []
+    seqs = [ev["sequence"] for ev in flips]
+    assert seqs == sorted(seqs), "spooled events are stored in their order"
+    assert pub.dropped == 0
+
+
+async def test_spooled_events_survive_sigkill_and_go_out_with_their_ids_after_restart(
+    nats_server: NatsServer,
+    test_daemon: LibvirtDaemon,
+    agent_process: Callable[..., AgentProcess],
+    tmp_path: Path,
+) -> None:
+    """NATS down, 2,000 events spooled, the agent killed with SIGKILL; NATS back, the agent
+    started again: every event is stored once with the id the first process gave it, and the
+    new process's boot_id differs (its sequence restarted)."""
+    host = "spoolkill"
+    args = ("--libvirt-uri", test_daemon.test_uri, "--nats-url", nats_server.url,
+            "--host-id", host, "--http-addr", "", "--state-dir", str(tmp_path / "st"))  # fmt: skip
+    first = agent_process(*args)
+    nc = await nats.connect(nats_server.url)
+    try:
+        await until_ok(nc, host)
+    finally:
+        await nc.close()
+    await asyncio.to_thread(nats_server.stop)
+    flipper = await flip(test_daemon.test_uri, 2000)
+    await asyncio.sleep(2)  # the agent receives and spools the last ones
+    first.signal(signal.SIGKILL)
+    await asyncio.to_thread(first.wait, 10)
+    spooled = list((tmp_path / "st" / "spool").glob("*.seg"))
+    assert spooled, "the events were spooled on disk"
+
+    await asyncio.to_thread(restart, nats_server)
+    agent_process(*args)
+    flips: list[dict[str, Any]] = []
+    deadline = asyncio.get_running_loop().time() + 60
+    while len(flips) < flipper.count and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(1)
+        flips, ids = await stored_flips(nats_server.url, host, flipper.dom.UUIDString())
+    assert len(flips) == flipper.count, f"{len(flips)} of {flipper.count} stored"
+    assert [i for i, c in ids.items() if c > 1] == []
+    boots = {ev["id"].split(":")[1] for ev in flips}
+    assert len(boots) == 1, "stored with the ids of the process that received them"
+    nc = await nats.connect(nats_server.url)
+    try:
+        stored = await stream_messages(nc, "VIRT_EVENTS", f"virt.{host}.host.agent_started")
+    finally:
+        await nc.close()
+    started = [ev["data"]["boot_id"] for _, ev, _ in stored]
+    assert len(started) == 2
+    assert started[1] != started[0]
+    assert boots == {started[0]}
+
+
+async def until_ok(nc: Any, host: str, timeout: float = 30) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        with contextlib.suppress(Exception):
+            msg = await nc.request(f"virt.{host}.cmd.ping", b"{}", timeout=1)
+            if b'"ok":true' in msg.data:
+                return
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"agent {host} not answering")
+        await asyncio.sleep(0.2)
+
+
+async def test_a_burst_while_nats_is_paused_loses_nothing_and_stays_in_its_memory_bound(
+    nats_server: NatsServer,
+    test_daemon: LibvirtDaemon,
+    start_agent: Callable[..., Awaitable[RunningAgent]],
+) -> None:
+    """nats-server stopped with SIGSTOP for 5 s in the middle of a 100,000-event burst (the
+    connection stays up but nothing moves), then SIGCONT: every event stored once; the memory
+    queue never held more than spool_after; the rest waited on disk."""
+    agent = await start_agent(**{"libvirt.uri": test_daemon.test_uri})
+    pub = agent.agent.publisher
+    peak = 0
+
+    async def watch() -> None:
+        nonlocal peak
+        while True:
+            peak = max(peak, pub.depth)
+            await asyncio.sleep(0.01)
+
+    watcher = asyncio.create_task(watch())
+    flipper = await asyncio.to_thread(lambda: Flipper(test_daemon.test_uri).start())
+    try:
+        await until(lambda: flipper.count >= 20_000)
+        nats_server.signal(signal.SIGSTOP)
+        await asyncio.sleep(5)
+        nats_server.signal(signal.SIGCONT)
+        await until(lambda: flipper.count >= 100_000)
+    finally:
+        nats_server.signal(signal.SIGCONT)
+        await asyncio.to_thread(flipper.stop)
+    await agent.settled(timeout=120)
+    watcher.cancel()
+    flips, ids = await stored_flips(nats_server.url, agent.host, flipper.dom.UUIDString())
+    assert len(flips) == flipper.count
+    assert [i for i, c in ids.items() if c > 1] == []
+    assert pub.dropped == 0
+    assert pub.spooled > 0, "the pause pushed events to the spool"
+    assert peak <= agent.agent.settings.publisher.spool_after + 1
