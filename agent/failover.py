@@ -154,7 +154,7 @@ class Reconciler:
         # A domain that starts or resumes here (a migration in) is checked at once.
         self.kick = asyncio.Event()
         self._due: set[str] = set()
-        hv.lifecycle_listeners.append(self._on_lifecycle)
+        hv.listen("lifecycle", self._on_lifecycle)
 
     def _on_lifecycle(self, event: Any) -> None:
         if event.data.event in ("started", "resumed"):

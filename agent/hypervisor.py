@@ -113,9 +113,9 @@ class Hypervisor:
         self._bound = settings.executor_workers + settings.executor_queue
         self.decode_errors = 0
         self._waiters: dict[tuple[str, str, str | None], list[asyncio.Future[DomainEvent]]] = {}
-        # Told of every lifecycle event: the state tracker (agent/inference.py), the failover
-        # reconciler (it wakes on starts and resumes).
-        self.lifecycle_listeners: list[Callable[[DomainEvent], None]] = []
+        # Told of every event of a type: the state tracker and the failover reconciler follow
+        # lifecycle events, a running migration its migration_iteration events.
+        self._listeners: dict[str, list[Callable[[DomainEvent], None]]] = {}
         metrics.executor_capacity.set(self._bound)
         metrics.track(metrics.executor_busy, lambda: self._busy)
 
@@ -195,11 +195,22 @@ class Hypervisor:
         self._on_event(event)
         if self._waiters:
             self._wake(event)
-        if kind.event_type == "lifecycle":
-            for listener in self.lifecycle_listeners:
+        listeners = self._listeners.get(kind.event_type)
+        if listeners:
+            for listener in listeners:
                 listener(event)
 
     # ------------------------------------------------------------ waiting for events
+
+    def listen(self, event_type: str, fn: Callable[[DomainEvent], None]) -> Callable[[], None]:
+        """Call `fn` with every event of this type (on the loop); returns what stops it."""
+        self._listeners.setdefault(event_type, []).append(fn)
+
+        def stop() -> None:
+            with contextlib.suppress(ValueError):
+                self._listeners[event_type].remove(fn)
+
+        return stop
 
     def expect(
         self, domain_uuid: str, event_types: tuple[str, ...], alias: str

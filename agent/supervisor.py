@@ -81,7 +81,7 @@ class Agent:
             self.metrics,
         )
         self.tracker = StateTracker()
-        self.hypervisor.lifecycle_listeners.append(self.tracker.observe)
+        self.hypervisor.listen("lifecycle", self.tracker.observe)
         self.bus = Bus(settings.nats, f"virt-agent/{settings.host_id}", self.metrics)
         self.http: HttpServer | None = None
         if settings.http.listen:

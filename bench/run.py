@@ -303,7 +303,42 @@ def render_table(res: dict[str, Any]) -> str:
             lines.append(
                 f"| Lost probes, migrate_with_failover, guest net_failover with the standby-rx rule | {fx['lost_probes']} | plain migration {plain['lost_probes']} | - |"
             )
+    if res.get("faults"):
+        lines += fault_table(res["faults"])
     return "\n".join(lines)
+
+
+def fault_suite() -> list[dict[str, Any]]:
+    """The fault tests (marker `faults`) run for real, each reporting its row."""
+    with tempfile.TemporaryDirectory(prefix="virt-agent-faults-") as tmp:
+        out = Path(tmp) / "faults.jsonl"
+        proc = subprocess.run(
+            [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "faults", "tests/test_faults.py"],
+            cwd=ROOT, env={**os.environ, "VIRT_AGENT_FAULT_REPORT": str(out)},
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    if proc.returncode != 0:
+        print(proc.stdout[-3000:], file=sys.stderr)
+        raise RuntimeError("the fault suite failed; its rows are not figures")
+    return rows
+
+
+def fault_table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "",
+        "Faults (the fault suite, tests/test_faults.py, run by the benchmark; recovery: from the "
+        "end of the fault to the first JetStream acknowledgement, or for the SIGKILL case from "
+        "the restart to the last event stored):",
+        "",
+        "| fault | events generated | stored | lost | duplicates | time to recover (s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['fault']} | {r['generated']:,} | {r['stored']:,} | {r['lost']} | {r['duplicates']} | {r['recover_s']} |"
+        for r in rows
+    ]
+    return lines
 
 
 def update_readme(table: str) -> None:
@@ -333,6 +368,8 @@ async def main() -> None:
         work = Path(tmp)
         with LibvirtDaemon(work, "bench") as daemon, NatsServer(work / "nats") as server:
             res["event_bridge"] = await event_bridge(daemon, server, work, n)
+    if os.environ.get("BENCH_FAULTS", "1") != "0":
+        res["faults"] = fault_suite()
     if os.environ.get("BENCH_LAB", "1") != "0":
         lab = Lab(hosts=2)
         agents = None

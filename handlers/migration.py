@@ -113,6 +113,16 @@ async def run_migration(ctx: Context, p: Progress, dom: Any, dest_uri: str, req:
         await hv.call(dom.migrateSetMaxDowntime, downtime, 0)
     policy = Convergence(downtime, req.max_downtime_ms or downtime, req.postcopy)
     started = time.monotonic()
+    uuid = dom.UUIDString()
+    iterations = [0]
+
+    def on_iteration(event: Any) -> None:
+        # QEMU starts another pass over dirty memory: reported at once, not at the next poll.
+        if event.data.domain.uuid == uuid:
+            iterations[0] = event.data.iteration
+            p.update(**{**p.op.progress, "iteration": event.data.iteration})
+
+    stop_listening = hv.listen("migration_iteration", on_iteration)
     job = asyncio.ensure_future(hv.call(dom.migrateToURI3, dest_uri, params, flags))
     try:
         while not job.done():
@@ -125,7 +135,7 @@ async def run_migration(ctx: Context, p: Progress, dom: Any, dest_uri: str, req:
                 await hv.call(dom.migrateSetMaxDowntime, policy.downtime_ms, 0)
             elif action == "postcopy":
                 await hv.call(dom.migrateStartPostCopy, 0)
-            p.update(**stats, **policy.state())
+            p.update(**stats, **policy.state(), passes=iterations[0])
             if time.monotonic() - started > req.timeout_s:
                 with contextlib.suppress(AgentError):
                     await hv.call(dom.abortJob)
@@ -140,7 +150,10 @@ async def run_migration(ctx: Context, p: Progress, dom: Any, dest_uri: str, req:
         with contextlib.suppress(AgentError, asyncio.CancelledError):
             await job
         raise
-    return {"seconds": round(time.monotonic() - started, 3), **policy.state()}
+    finally:
+        stop_listening()
+    return {"seconds": round(time.monotonic() - started, 3), "passes": iterations[0],
+            **policy.state()}  # fmt: skip
 
 
 async def remote_domain(ctx: Context, uri: str, uuid: str) -> tuple[bool, str | None]:

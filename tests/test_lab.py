@@ -279,6 +279,7 @@ async def test_a_migration_that_does_not_converge_steps_its_downtime_then_goes_p
     assert op["result"]["postcopy"] is True
     assert op["result"]["downtime_steps"] == 2  # 300 → 600 → 1200 ms
     assert op["result"]["max_downtime_ms"] == 1200
+    assert op["result"]["passes"] >= 2, "migration_iteration events were followed"
     seen = [e["data"]["operation"]["progress"] for e in ops.events()]
     assert any(p.get("max_downtime_ms") == 600 for p in seen), "each step is reported"
     assert (await asyncio.to_thread(where, host_b, u))["running"]
