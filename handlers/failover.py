@@ -145,6 +145,14 @@ async def make_plan(ctx: Context, dom: Any, req: FailoverRequest, dest: Registra
             "anyway)",
             primary=p.alias,
         )
+    pool = (dest.failover_pool or {}).get("kind", "recorded")
+    if p.type == "hostdev" and pool == "recorded":
+        raise InvalidRequest(
+            f"primary {p.alias!r} is a PCI passthrough device of this host; {dest.host} has no "
+            "primary pool configured ([failover] pool_pci or pool_network) to give it an "
+            "equivalent one",
+            primary=p.alias, destination=dest.host,
+        )  # fmt: skip
     src_caps, dst_caps = ctx.capabilities, dest.capabilities
     missing = []
     if p.teaming != "transient" or p.type != "hostdev":
