@@ -1,6 +1,6 @@
 """Command line: `virt-agent run` (the agent), `events` (tail the bus), `call` (send a
-command to a host's agent), `hosts` (the registered hosts) and `migrate` (a live migration,
-with failover if asked, followed with a progress bar)."""
+command to a host's agent), `hosts` (the registered hosts), `migrate` (a live migration,
+with failover if asked, followed with a progress bar) and `check-config`."""
 
 from __future__ import annotations
 
@@ -35,21 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"virt-agent {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run the agent")
-    run.add_argument("--config", help="TOML settings file (default: $VIRT_AGENT_CONFIG)")
-    run.add_argument("--libvirt-uri", help="libvirt connection URI")
-    run.add_argument("--nats-url", action="append", help="NATS server URL (repeatable)")
-    run.add_argument("--host-id", help="this host's id: one subject token")
-    run.add_argument("--state-dir", help="directory for the agent's state")
-    run.add_argument("--http-addr", help="host:port for health and metrics ('' disables)")
-    run.add_argument("--log-level", help="debug, info, warning, error")
-    run.add_argument("--log-format", help="auto, json or console")
-    run.add_argument(
-        "--embedded",
-        action="store_true",
-        default=None,
-        help="start a bundled nats-server; use test:///default unless a libvirt URI is given",
-    )
+    _settings_args(sub.add_parser("run", help="run the agent"))
 
     ev = sub.add_parser("events", help="tail events from the bus")
     ev.add_argument("--nats-url", action="append", help="NATS server URL (repeatable)")
@@ -93,7 +79,33 @@ def build_parser() -> argparse.ArgumentParser:
     mig.add_argument("--timeout-s", type=float, help="abort the migration after this long")
     mig.add_argument("--wait", action="store_true", help="follow the operation to its end")
     _bus_args(mig)
+
+    chk = sub.add_parser("check-config", help="validate the settings and what they must reach")
+    _settings_args(chk)
+    chk.add_argument(
+        "--offline",
+        action="store_true",
+        help="the settings only; do not try libvirt, NATS, the state dir, HTTP",
+    )
     return p
+
+
+def _settings_args(p: argparse.ArgumentParser) -> None:
+    """The flags that override settings (agent.settings.FLAGS), for `run` and `check-config`."""
+    p.add_argument("--config", help="TOML settings file (default: $VIRT_AGENT_CONFIG)")
+    p.add_argument("--libvirt-uri", help="libvirt connection URI")
+    p.add_argument("--nats-url", action="append", help="NATS server URL (repeatable)")
+    p.add_argument("--host-id", help="this host's id: one subject token")
+    p.add_argument("--state-dir", help="directory for the agent's state")
+    p.add_argument("--http-addr", help="host:port for health and metrics ('' disables)")
+    p.add_argument("--log-level", help="debug, info, warning, error")
+    p.add_argument("--log-format", help="auto, json or console")
+    p.add_argument(
+        "--embedded",
+        action="store_true",
+        default=None,
+        help="start a bundled nats-server; use test:///default unless a libvirt URI is given",
+    )
 
 
 def _bus_args(p: argparse.ArgumentParser) -> None:
@@ -136,17 +148,21 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "run":
-        return cmd_run(args)
-    if args.command == "events":
-        return cmd_events(args)
-    if args.command == "call":
-        return cmd_call(args)
-    if args.command == "hosts":
-        return cmd_hosts(args)
-    if args.command == "migrate":
-        return cmd_migrate(args)
-    return EXIT_FAILED  # pragma: no cover - argparse enforces the choices
+    commands = {
+        "run": cmd_run,
+        "events": cmd_events,
+        "call": cmd_call,
+        "hosts": cmd_hosts,
+        "migrate": cmd_migrate,
+        "check-config": cmd_check_config,
+    }
+    return commands[args.command](args)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from agent.checkconfig import check  # noqa: PLC0415
+
+    return check(args.config, _overrides(args), args.offline)
 
 
 # ---------------------------------------------------------------- run

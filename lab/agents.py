@@ -50,7 +50,9 @@ class LabAgents:
         self.work.mkdir(parents=True, exist_ok=True)
         self.server = NatsServer(self.work / "nats").start()
         env = {k: v for k, v in os.environ.items() if not k.startswith("VIRT_AGENT_")}
-        env.update({"VIRT_AGENT_LOG_FORMAT": "json", **self.env})
+        # Migration data over loopback, as the raw scripted baselines send it.
+        env.update({"VIRT_AGENT_LOG_FORMAT": "json",
+                    "VIRT_AGENT_LIBVIRT_MIGRATION_URI": "tcp://127.0.0.1", **self.env})  # fmt: skip
         for h in self.lab.hosts:
             self.http[h.name] = f"127.0.0.1:{free_port()}"
             log = open(self.work / f"agent-{h.name}.log", "wb")  # noqa: SIM115 - owned by the process

@@ -1,0 +1,90 @@
+"""`virt-agent check-config`: validate the configuration and, unless --offline, what it must
+reach - each check printed, the exit status naming the first that failed:
+
+    0 all good            2 a setting is invalid     3 the state directory is not writable
+    4 libvirt unreachable 5 NATS or JetStream unreachable   6 the HTTP address cannot be bound
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from agent.errors import SettingsError
+from agent.settings import load
+
+EXIT = {"settings": 2, "state_dir": 3, "libvirt": 4, "nats": 5, "http": 6}
+
+
+def _state_dir(path: str) -> str:
+    Path(path).mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path):
+        pass
+    return f"{path} writable"
+
+
+def _libvirt(uri: str) -> str:
+    import libvirt  # noqa: PLC0415
+
+    conn = libvirt.open(uri)
+    try:
+        return f"{uri}: {conn.getType()} {conn.getLibVersion()}"
+    finally:
+        conn.close()
+
+
+async def _nats(urls: list[str], timeout: float) -> str:
+    import nats  # noqa: PLC0415
+
+    nc = await asyncio.wait_for(
+        nats.connect(servers=urls, connect_timeout=timeout, max_reconnect_attempts=0,
+                     allow_reconnect=False),
+        timeout * len(urls) + 1,
+    )  # fmt: skip
+    try:
+        info = await nc.jetstream().account_info()
+        server = nc.connected_url.netloc if nc.connected_url else "?"
+        return f"{server}: JetStream, {info.streams} streams"
+    finally:
+        await nc.close()
+
+
+def _http(listen: str) -> str:
+    if not listen:
+        return "disabled"
+    host, _, port = listen.rpartition(":")
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((host.strip("[]"), int(port)))
+    return f"{listen} free"
+
+
+def check(config: str | None, overrides: dict[str, Any], offline: bool) -> int:
+    def line(name: str, ok: bool, text: str) -> None:
+        print(f"{'ok  ' if ok else 'FAIL'} {name:<10} {text}", flush=True)
+
+    try:
+        s = load(config, os.environ, overrides).settings
+    except SettingsError as exc:
+        line("settings", False, exc.message)
+        return EXIT["settings"]
+    line("settings", True, f"host {s.host_id}, libvirt {s.libvirt.uri}, nats {s.nats.urls}")
+    if offline:
+        return 0
+    checks: list[tuple[str, Any]] = [
+        ("state_dir", lambda: _state_dir(s.state_dir)),
+        ("libvirt", lambda: _libvirt(s.libvirt.uri)),
+        ("nats", lambda: asyncio.run(_nats(s.nats.urls, s.nats.connect_timeout_s))),
+        ("http", lambda: _http(s.http.listen)),
+    ]
+    for name, fn in checks:
+        try:
+            line(name, True, fn())
+        except Exception as exc:  # noqa: BLE001 - every failure is reported, not raised
+            line(name, False, str(exc).strip() or type(exc).__name__)
+            return EXIT[name]
+    return 0

@@ -1,0 +1,68 @@
+"""`virt-agent check-config`: each check printed, the exit status naming the first failure -
+against a real nats-server, libvirt's test driver, a real socket in use."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent.embedded import NatsServer
+from lab.daemon import free_port
+from tests.conftest import ROOT
+
+
+def check(*args: str, **env: str) -> tuple[int, str]:
+    full = {k: v for k, v in os.environ.items() if not k.startswith("VIRT_AGENT_")}
+    full.update(env)
+    p = subprocess.run([sys.executable, "-m", "agent", "check-config", *args], cwd=ROOT,
+                       env=full, capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    return p.returncode, p.stdout + p.stderr
+
+
+@pytest.fixture
+def good(nats_server: NatsServer, tmp_path: Path) -> list[str]:
+    return ["--libvirt-uri", "test:///default", "--nats-url", nats_server.url,
+            "--state-dir", str(tmp_path / "st"), "--http-addr", f"127.0.0.1:{free_port()}"]  # fmt: skip
+
+
+def test_a_good_configuration_passes_every_check(good: list[str]) -> None:
+    code, out = check(*good)
+    assert code == 0, out
+    assert [line.split()[:2] for line in out.splitlines()] == [
+        ["ok", "settings"], ["ok", "state_dir"], ["ok", "libvirt"], ["ok", "nats"], ["ok", "http"],
+    ]  # fmt: skip
+    assert "JetStream" in out
+
+
+def test_each_failure_has_its_exit_status(good: list[str], tmp_path: Path) -> None:
+    def with_(flag: str, value: str) -> list[str]:
+        args = list(good)
+        args[args.index(flag) + 1] = value
+        return args
+
+    assert check(*with_("--nats-url", "bogus"))[0] == 2
+    ro = tmp_path / "ro"
+    ro.write_text("a file, not a directory")
+    assert check(*with_("--state-dir", str(ro / "st")))[0] == 3
+    assert check(*with_("--libvirt-uri", f"test+tcp://127.0.0.1:{free_port()}/default"))[0] == 4
+    code, out = check(*with_("--nats-url", f"nats://127.0.0.1:{free_port()}"),
+                      VIRT_AGENT_NATS_CONNECT_TIMEOUT_S="1")  # fmt: skip
+    assert code == 5, out
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code, out = check(*with_("--http-addr", f"127.0.0.1:{port}"))
+    assert code == 6, out
+    assert "FAIL http" in out
+
+
+def test_offline_checks_only_the_settings() -> None:
+    code, out = check("--offline", "--nats-url", f"nats://127.0.0.1:{free_port()}")
+    assert code == 0, out
+    assert out.splitlines()[-1].startswith("ok   settings")
