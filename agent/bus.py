@@ -14,7 +14,7 @@ from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfi
 from nats.js.errors import BadRequestError
 
 from agent.envelope import Subjects
-from agent.errors import Unavailable
+from agent.errors import Unavailable, redact
 from agent.metrics import Metrics
 from agent.settings import NatsSettings
 
@@ -84,22 +84,37 @@ class Bus:
         delay = 0.25
         while True:
             try:
-                nc = await nats.connect(
-                    servers=self.settings.urls,
-                    name=self.client_name,
-                    connect_timeout=self.settings.connect_timeout_s,
-                    max_reconnect_attempts=-1,
-                    reconnect_time_wait=1,
-                    # Buffer while reconnecting, beyond the publisher's in-flight bound.
-                    pending_size=64 * 1024 * 1024,
-                    error_cb=self._on_error,
-                    disconnected_cb=self._on_disconnected,
-                    reconnected_cb=self._on_reconnected,
-                )
+                # nats-py retries the initial connection forever by itself (reconnects are
+                # unlimited); each attempt is bounded here so a stop request is heard and the
+                # failure is logged.
+                attempt = asyncio.ensure_future(asyncio.wait_for(
+                    nats.connect(
+                        servers=self.settings.urls,
+                        name=self.client_name,
+                        connect_timeout=self.settings.connect_timeout_s,
+                        max_reconnect_attempts=-1,
+                        reconnect_time_wait=1,
+                        # Buffer while reconnecting, beyond the publisher's in-flight bound.
+                        pending_size=64 * 1024 * 1024,
+                        error_cb=self._on_error,
+                        disconnected_cb=self._on_disconnected,
+                        reconnected_cb=self._on_reconnected,
+                    ),
+                    self.settings.connect_timeout_s * len(self.settings.urls) + 1,
+                ))  # fmt: skip
+                stopping = asyncio.ensure_future(stop.wait())
+                await asyncio.wait({attempt, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                stopping.cancel()
+                if not attempt.done():
+                    attempt.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, NatsError, OSError):
+                        await attempt
+                    raise Unavailable("stopped before NATS was reachable")
+                nc = attempt.result()
             except (NatsError, OSError, TimeoutError) as exc:
                 log.warning(
                     "NATS not reachable yet",
-                    servers=self.settings.urls,
+                    servers=redact(self.settings.urls),
                     error=str(exc) or type(exc).__name__,
                     retry_in_s=round(delay, 2),
                 )
@@ -112,7 +127,8 @@ class Bus:
             self.nc = nc
             self.metrics.nats_connected.set(1)
             log.info(
-                "NATS connected", server=str(nc.connected_url.netloc if nc.connected_url else "")
+                "NATS connected",
+                server=redact(f"//{nc.connected_url.netloc}")[2:] if nc.connected_url else "",
             )
             return nc
 
@@ -130,7 +146,7 @@ class Bus:
         nc = self.nc
         log.info(
             "NATS reconnected",
-            server=str(nc.connected_url.netloc if nc and nc.connected_url else ""),
+            server=redact(f"//{nc.connected_url.netloc}")[2:] if nc and nc.connected_url else "",
         )
 
     async def drain(self, timeout: float) -> None:

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from agent.errors import SettingsError
+from agent.errors import SettingsError, redact
 from agent.settings import load
 
 EXIT = {"settings": 2, "state_dir": 3, "libvirt": 4, "nats": 5, "http": 6}
@@ -47,7 +47,7 @@ async def _nats(urls: list[str], timeout: float) -> str:
     )  # fmt: skip
     try:
         info = await nc.jetstream().account_info()
-        server = nc.connected_url.netloc if nc.connected_url else "?"
+        server = redact(f"//{nc.connected_url.netloc}")[2:] if nc.connected_url else "?"
         return f"{server}: JetStream, {info.streams} streams"
     finally:
         await nc.close()
@@ -72,7 +72,7 @@ def check(config: str | None, overrides: dict[str, Any], offline: bool) -> int:
     except SettingsError as exc:
         line("settings", False, exc.message)
         return EXIT["settings"]
-    line("settings", True, f"host {s.host_id}, libvirt {s.libvirt.uri}, nats {s.nats.urls}")
+    line("settings", True, f"host {s.host_id}, libvirt {s.libvirt.uri}, nats {redact(s.nats.urls)}")
     if offline:
         return 0
     checks: list[tuple[str, Any]] = [
@@ -85,6 +85,6 @@ def check(config: str | None, overrides: dict[str, Any], offline: bool) -> int:
         try:
             line(name, True, fn())
         except Exception as exc:  # noqa: BLE001 - every failure is reported, not raised
-            line(name, False, str(exc).strip() or type(exc).__name__)
+            line(name, False, redact(str(exc).strip() or type(exc).__name__))
             return EXIT[name]
     return 0

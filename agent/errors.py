@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, ClassVar
+
+_USERINFO = re.compile(r"(//[^/@\s:]+):[^/@\s]*@")
+
+
+def redact(value: Any) -> Any:
+    """A URL (or a list of them) with any password replaced by ***: for logs and messages."""
+    if isinstance(value, str):
+        return _USERINFO.sub(r"\1:***@", value)
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    return value
 
 
 class AgentError(Exception):
@@ -55,7 +67,7 @@ class SettingsError(AgentError):
 
     def __init__(self, key: str, value: Any, reason: str, source: str | None = None) -> None:
         where = f" (from {source})" if source else ""
-        super().__init__(f"invalid setting {key} = {value!r}{where}: {reason}")
+        super().__init__(f"invalid setting {key} = {redact(value)!r}{where}: {reason}")
         self.key = key
-        self.value = value
+        self.value = redact(value)
         self.source = source

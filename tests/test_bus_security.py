@@ -1,0 +1,118 @@
+"""A secured bus: nats-server with config/nats-server.conf.example (per-host users and
+permissions). A host's credentials speak only for that host: its agent works, but they cannot
+publish another host's events or send it a domain.destroy - only the failover verbs - and
+the password never appears in the agent's output."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import nats
+import pytest
+
+from agent.embedded import NatsServer
+from tests.conftest import ROOT, Collector, RunningAgent
+
+CONF = ROOT / "config" / "nats-server.conf.example"
+
+
+@pytest.fixture
+def secured(tmp_path: Path) -> Iterator[NatsServer]:
+    server = NatsServer(tmp_path / "nats", config_file=CONF).start()
+    yield server
+    server.stop()
+
+
+def url(server: NatsServer, user: str) -> str:
+    return f"nats://{user}:change-me-{user}@127.0.0.1:{server.port}"
+
+
+async def connect(server: NatsServer, user: str) -> tuple[Any, list[str]]:
+    errors: list[str] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(str(exc))
+
+    nc = await nats.connect(url(server, user), error_cb=on_error)
+    return nc, errors
+
+
+async def test_a_hosts_credentials_speak_only_for_that_host(
+    secured: NatsServer, start_agent: Callable[..., Awaitable[RunningAgent]]
+) -> None:
+    agent = await start_agent(**{"host_id": "hv02", "nats.urls": [url(secured, "hv02")]})
+    controller, _ = await connect(secured, "controller")
+    hv01, hv01_errors = await connect(secured, "hv01")
+    try:
+        # The agent works under its own credentials: streams, registration, commands.
+        reply = await controller.request("virt.hv02.cmd.ping", b"{}", timeout=10)
+        assert msgspec.json.decode(reply.data)["ok"] is True
+        kv = await controller.jetstream().key_value("virt_hosts")
+        assert (await kv.get("hv02")).value is not None
+
+        seen = Collector()
+        await controller.subscribe("virt.>", cb=seen.on_msg)
+        await controller.flush()
+        # hv01 may publish its own events ...
+        await hv01.publish("virt.hv01.event.x.lifecycle", b'{"own": true}')
+        # ... not hv02's,
+        await hv01.publish("virt.hv02.event.x.lifecycle", b'{"forged": true}')
+        await hv01.flush()
+        await seen.wait_for(lambda e: e.get("own") is True, 5)
+        await asyncio.sleep(0.5)
+        assert [m[0] for m in seen.messages] == ["virt.hv01.event.x.lifecycle"]
+        assert any("permissions violation" in e.lower() for e in hv01_errors), hv01_errors
+        # ... cannot send hv02 a domain.destroy (nothing reaches its agent, no reply) ...
+        with pytest.raises(TimeoutError):
+            await hv01.request("virt.hv02.cmd.domain.destroy", b'{"domain": "test"}', timeout=2)
+        assert agent.agent.commands.handled == 1, "only the controller's ping reached the agent"
+        # ... but can call its failover verbs, and gets the answer.
+        out = await hv01.request(
+            "virt.hv02.cmd.failover.release", b'{"reservation_id": "ab12"}', timeout=10
+        )
+        assert msgspec.json.decode(out.data) == {"ok": True, "result": {"released": False}}
+        # The controller cannot call the agent-to-agent verbs.
+        with pytest.raises(TimeoutError):
+            await controller.request(
+                "virt.hv02.cmd.failover.release", b'{"reservation_id": "ab12"}', timeout=2
+            )
+    finally:
+        for nc in (controller, hv01):
+            with contextlib.suppress(Exception):
+                await nc.close()
+
+
+def test_the_password_never_appears_in_the_agents_output(
+    secured: NatsServer, tmp_path: Path
+) -> None:
+    """A wrong password: the agent keeps retrying and says so, without the password."""
+    bad = f"nats://hv01:Wr0ngSecret@127.0.0.1:{secured.port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent", "run", "--libvirt-uri", "test:///default",
+         "--nats-url", bad, "--host-id", "hv01", "--state-dir", str(tmp_path / "st"),
+         "--http-addr", "", "--log-format", "json"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        out, _ = proc.communicate(timeout=9)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=20)
+    text = out.decode(errors="replace")
+    assert "NATS not reachable yet" in text, text[-2000:]
+    assert "Wr0ngSecret" not in text
+    assert "hv01:***@" in text
+    bad_setting = subprocess.run(
+        [sys.executable, "-m", "agent", "check-config", "--offline",
+         "--nats-url", "http://hv01:Wr0ngSecret@host:1"],
+        cwd=ROOT, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert bad_setting.returncode == 2
+    assert "Wr0ngSecret" not in bad_setting.stdout + bad_setting.stderr
