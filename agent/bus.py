@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import ssl
+from pathlib import Path
+from typing import Any
 
 import nats
 import structlog
@@ -65,6 +68,27 @@ async def ensure_streams(nc: NATS, settings: NatsSettings, subjects: Subjects) -
             log.info("stream configuration updated", stream=cfg.name)
 
 
+def connect_options(settings: NatsSettings) -> dict[str, Any]:
+    """nats-py options for the configured TLS and authentication (secrets read from files)."""
+    opts: dict[str, Any] = {}
+    if settings.tls_ca_file or settings.tls_cert_file:
+        ctx = ssl.create_default_context(cafile=settings.tls_ca_file or None)
+        if settings.tls_cert_file:
+            ctx.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
+        opts["tls"] = ctx
+    if settings.user:
+        opts["user"] = settings.user
+        if settings.password_file:
+            opts["password"] = Path(settings.password_file).read_text().strip()
+    if settings.token_file:
+        opts["token"] = Path(settings.token_file).read_text().strip()
+    if settings.nkey_seed_file:
+        opts["nkeys_seed"] = settings.nkey_seed_file
+    if settings.creds_file:
+        opts["user_credentials"] = settings.creds_file
+    return opts
+
+
 class Bus:
     """Owns the NATS connection. nats-py reconnects by itself once connected; the first
     connection is retried here with back-off until it succeeds or the agent stops."""
@@ -99,6 +123,7 @@ class Bus:
                         error_cb=self._on_error,
                         disconnected_cb=self._on_disconnected,
                         reconnected_cb=self._on_reconnected,
+                        **connect_options(self.settings),
                     ),
                     self.settings.connect_timeout_s * len(self.settings.urls) + 1,
                 ))  # fmt: skip

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import SettingsError, redact
-from agent.settings import load
+from agent.settings import NatsSettings, load
 
 EXIT = {"settings": 2, "state_dir": 3, "libvirt": 4, "nats": 5, "http": 6}
 
@@ -37,12 +37,15 @@ def _libvirt(uri: str) -> str:
         conn.close()
 
 
-async def _nats(urls: list[str], timeout: float) -> str:
+async def _nats(settings: NatsSettings) -> str:
     import nats  # noqa: PLC0415
 
+    from agent.bus import connect_options  # noqa: PLC0415
+
+    urls, timeout = settings.urls, settings.connect_timeout_s
     nc = await asyncio.wait_for(
         nats.connect(servers=urls, connect_timeout=timeout, max_reconnect_attempts=0,
-                     allow_reconnect=False),
+                     allow_reconnect=False, **connect_options(settings)),
         timeout * len(urls) + 1,
     )  # fmt: skip
     try:
@@ -78,7 +81,7 @@ def check(config: str | None, overrides: dict[str, Any], offline: bool) -> int:
     checks: list[tuple[str, Any]] = [
         ("state_dir", lambda: _state_dir(s.state_dir)),
         ("libvirt", lambda: _libvirt(s.libvirt.uri)),
-        ("nats", lambda: asyncio.run(_nats(s.nats.urls, s.nats.connect_timeout_s))),
+        ("nats", lambda: asyncio.run(_nats(s.nats))),
         ("http", lambda: _http(s.http.listen)),
     ]
     for name, fn in checks:

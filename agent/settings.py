@@ -64,6 +64,16 @@ class NatsSettings(_Section, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     duplicate_window_s: PosInt = 120
     # Port of the nats-server started by --embedded.
     embedded_port: Annotated[int, Meta(ge=0, le=65535)] = 4222
+    # Authentication and TLS. Secrets are read from files (never written in this file, never
+    # logged); a user and password may also be given in the URLs (nats://user:pass@host).
+    tls_ca_file: str = ""  # verify the servers with this CA (tls:// URLs, or any with this)
+    tls_cert_file: str = ""  # client certificate for mutual TLS, with tls_key_file
+    tls_key_file: str = ""
+    user: str = ""
+    password_file: str = ""
+    token_file: str = ""
+    nkey_seed_file: str = ""  # an nkey user seed (needs the `nkeys` package)
+    creds_file: str = ""  # a JWT user credentials file (decentralized auth)
 
 
 class PublisherSettings(_Section, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -344,9 +354,25 @@ def _validate(s: Settings, sources: Mapping[str, str]) -> None:
         raise bad("log.level", s.log.level, "one of debug, info, warning, error, critical")
     if s.log.format not in {"auto", "json", "console"}:
         raise bad("log.format", s.log.format, "one of auto, json, console")
+    _validate_nats_auth(s, bad)
     _validate_failover(s, bad)
     if not s.state_dir:
         raise bad("state_dir", s.state_dir, "must be a directory path")
+
+
+def _validate_nats_auth(s: Settings, bad: Callable[[str, Any, str], SettingsError]) -> None:
+    n = s.nats
+    if bool(n.tls_cert_file) != bool(n.tls_key_file):
+        raise bad(
+            "nats.tls_cert_file", n.tls_cert_file, "tls_cert_file and tls_key_file go together"
+        )
+    for key in ("tls_ca_file", "tls_cert_file", "tls_key_file", "password_file", "token_file",
+                "nkey_seed_file", "creds_file"):  # fmt: skip
+        path = getattr(n, key)
+        if path and not os.path.isfile(path):
+            raise bad(f"nats.{key}", path, "no such file")
+    if n.password_file and not n.user:
+        raise bad("nats.password_file", n.password_file, "needs nats.user")
 
 
 def _validate_failover(s: Settings, bad: Callable[[str, Any, str], SettingsError]) -> None:

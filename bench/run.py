@@ -343,7 +343,7 @@ def fleet_table(f: dict[str, Any]) -> list[str]:
         "| measure | agents | baseline (same run) | ratio |",
         "|---|---|---|---|",
         f"| Scatter-gather `capabilities` to all {n} hosts, time to the last reply p50 / p99 (ms) | {sg['p50']} / {sg['p99']} | {n} trivial NATS responders, same reply size: {base['p50']} / {base['p99']} | {f['scatter_gather_p50_ratio']} |",
-        f"| Events stored per second, every host driven with suspend/resume at once | {ev[f'{n}_agents']} | one agent driven alone: {ev['one_agent']} | {f['aggregate_over_one']} |",
+        f"| Events stored per second, every host driven at once by suspend/resume commands over NATS (each a request round trip) | {ev[f'{n}_agents']} | one agent driven alone: {ev['one_agent']} | {f['aggregate_over_one']} |",
         "",
         f"What 10,000 hosts need from NATS, from this run's sizes (an event {ev_bytes} B with its "
         f"subject, a `capabilities` reply {cap_bytes} B) and stated assumptions:",
@@ -356,7 +356,6 @@ def fleet_table(f: dict[str, Any]) -> list[str]:
         f"| domain events, evacuation burst | {burst:,.0f} msg/s, {burst * ev_bytes / 1e6:.2f} MB/s | 10% of hosts evacuated within 10 min, ~12 events per VM migration |",
         f"| VIRT_EVENTS storage, replicas 3, 7 days | {3 * 7 * 86400 * (steady + 2 * hosts / hb_s / 2) * ev_bytes / 1e9:,.0f} GB | steady events + heartbeats, `events_max_age_s` 7 days |",
         f"| scatter-gather to every host | ≈{per_host_ms * hosts / 1000:.1f} s at this run's {per_host_ms:.2f} ms per host (one requester, linear) | p50 above ÷ {n}; split across requesters or subject wildcards to go faster |",
-        f"| one JetStream stream leader | {steady + 2 * hosts / hb_s:,.0f} to {burst + 2 * hosts / hb_s:,.0f} acknowledged msg/s | this run: one agent alone reached {ev['one_agent']} ev/s on 2 CPUs through one nats-server; a stream per region or subject-partitioned streams beyond that |",
     ]
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Iterator
@@ -19,6 +20,7 @@ import pytest
 
 from agent.embedded import NatsServer
 from tests.conftest import ROOT, Collector, RunningAgent
+from tests.test_checkconfig import check
 
 CONF = ROOT / "config" / "nats-server.conf.example"
 
@@ -116,3 +118,94 @@ def test_the_password_never_appears_in_the_agents_output(
     )  # fmt: skip
     assert bad_setting.returncode == 2
     assert "Wr0ngSecret" not in bad_setting.stdout + bad_setting.stderr
+
+
+def openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def make_pki(d: Path) -> None:
+    """A CA of the test's own, a server certificate for 127.0.0.1 and a client certificate."""
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-subj",
+            "/CN=virt-agent test CA", "-days", "1", cwd=d)  # fmt: skip
+    for name, ext in (("server", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth"),
+                      ("client", "extendedKeyUsage=clientAuth")):  # fmt: skip
+        (d / f"{name}.ext").write_text(ext + "\n")
+        openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj",
+                f"/CN={name}", cwd=d)  # fmt: skip
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+                "-CAcreateserial", "-out", f"{name}.crt", "-days", "1", "-extfile",
+                f"{name}.ext", cwd=d)  # fmt: skip
+
+
+@pytest.fixture
+def tls_server(tmp_path: Path) -> Iterator[tuple[NatsServer, Path]]:
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    make_pki(pki)
+    conf = tmp_path / "tls.conf"
+    conf.write_text(
+        f'tls {{\n  cert_file: "{pki}/server.crt"\n  key_file: "{pki}/server.key"\n'
+        f'  ca_file: "{pki}/ca.crt"\n  verify: true\n  timeout: 2\n}}\n'
+    )
+    server = NatsServer(tmp_path / "nats", config_file=conf).start()
+    yield server, pki
+    server.stop()
+
+
+async def test_mutual_tls_with_a_ca_of_our_own(
+    tls_server: tuple[NatsServer, Path], start_agent: Callable[..., Awaitable[RunningAgent]]
+) -> None:
+    """The agent connects with its client certificate and works; without one it is refused."""
+    server, pki = tls_server
+    tls = {"nats.tls_ca_file": str(pki / "ca.crt"), "nats.tls_cert_file": str(pki / "client.crt"),
+           "nats.tls_key_file": str(pki / "client.key")}  # fmt: skip
+    agent = await start_agent(**{"nats.urls": [f"tls://127.0.0.1:{server.port}"], **tls})
+    ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+    ctx.load_cert_chain(str(pki / "client.crt"), str(pki / "client.key"))
+    nc = await nats.connect(f"tls://127.0.0.1:{server.port}", tls=ctx)
+    try:
+        reply = await nc.request(f"virt.{agent.host}.cmd.ping", b"{}", timeout=10)
+        assert msgspec.json.decode(reply.data)["ok"] is True
+    finally:
+        await nc.close()
+    args = ["--libvirt-uri", "test:///default", "--nats-url", f"tls://127.0.0.1:{server.port}",
+            "--state-dir", str(pki / "st"), "--http-addr", ""]  # fmt: skip
+    env = {"VIRT_AGENT_NATS_CONNECT_TIMEOUT_S": "2",
+           "VIRT_AGENT_NATS_TLS_CA_FILE": str(pki / "ca.crt")}  # fmt: skip
+    assert check(*args, **env)[0] == 5, "no client certificate: refused"
+    env |= {"VIRT_AGENT_NATS_TLS_CERT_FILE": str(pki / "client.crt"),
+            "VIRT_AGENT_NATS_TLS_KEY_FILE": str(pki / "client.key")}  # fmt: skip
+    code, out = check(*args, **env)
+    assert code == 0, out
+
+
+async def test_token_authentication_from_a_file(
+    tmp_path: Path, start_agent: Callable[..., Awaitable[RunningAgent]]
+) -> None:
+    conf = tmp_path / "token.conf"
+    conf.write_text('authorization { token: "t0ken-S3cret" }\n')
+    server = NatsServer(tmp_path / "nats", config_file=conf).start()
+    try:
+        token = tmp_path / "token"
+        token.write_text("t0ken-S3cret\n")
+        agent = await start_agent(**{"nats.urls": [server.url], "nats.token_file": str(token)})
+        nc = await nats.connect(server.url, token="t0ken-S3cret")
+        try:
+            reply = await nc.request(f"virt.{agent.host}.cmd.ping", b"{}", timeout=10)
+            assert msgspec.json.decode(reply.data)["ok"] is True
+        finally:
+            await nc.close()
+        wrong = tmp_path / "wrong"
+        wrong.write_text("nope\n")
+        args = ["--libvirt-uri", "test:///default", "--nats-url", server.url,
+                "--state-dir", str(tmp_path / "st"), "--http-addr", ""]  # fmt: skip
+        code, out = check(*args, VIRT_AGENT_NATS_TOKEN_FILE=str(wrong),
+                                 VIRT_AGENT_NATS_CONNECT_TIMEOUT_S="2")  # fmt: skip
+        assert code == 5, out
+        code, out = check(*args, VIRT_AGENT_NATS_TOKEN_FILE=str(token))
+        assert code == 0, out
+        assert "t0ken-S3cret" not in out
+    finally:
+        server.stop()
