@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import subprocess
 import sys
@@ -19,12 +18,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from agent.embedded import NatsServer, stop_process
+from lab.agents import answering
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,20 +47,6 @@ def start_agents(n: int, url: str, work: Path) -> list[subprocess.Popen[bytes]]:
             env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
         ))  # fmt: skip
     return procs
-
-
-async def wait_ready(nc: NATS, hosts: list[str], timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    pending = set(hosts)
-    while pending:
-        for h in list(pending):
-            with contextlib.suppress(Exception):
-                msg = await nc.request(f"virt.{h}.cmd.ping", b"{}", timeout=1)
-                if msgspec.json.decode(msg.data).get("ok"):
-                    pending.discard(h)
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"agents not ready: {sorted(pending)[:5]}")
-        await asyncio.sleep(0.2)
 
 
 async def scatter_gather(nc: NATS, hosts: list[str], rounds: int) -> tuple[list[float], int]:
@@ -133,7 +118,7 @@ async def run_fleet(work: Path, n: int, rounds: int = 30, drive_s: float = 5.0) 
         procs = start_agents(n, server.url, work)
         nc = await nats.connect(server.url)
         try:
-            await wait_ready(nc, hosts)
+            await answering(nc, hosts, 120)
             await scatter_gather(nc, hosts, 3)  # warm-up: the capabilities are probed, cached
             agent_times, size = await scatter_gather(nc, hosts, rounds)
             fake = [f"trivial-{i:03d}" for i in range(n)]

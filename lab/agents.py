@@ -25,6 +25,23 @@ from lab.lab import Lab
 ROOT = Path(__file__).resolve().parent.parent
 
 
+async def answering(nc: NATS, hosts: list[str], timeout: float = 30) -> None:
+    """Until every one of these hosts' agents answers `ping`."""
+    deadline = time.monotonic() + timeout
+    pending = set(hosts)
+    while pending:
+        for h in list(pending):
+            with contextlib.suppress(Exception):
+                msg = await nc.request(f"virt.{h}.cmd.ping", b"{}", timeout=1)
+                if msgspec.json.decode(msg.data).get("ok"):
+                    pending.discard(h)
+        if not pending:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"agents not answering: {sorted(pending)[:5]}")
+        await asyncio.sleep(0.2)
+
+
 class LabAgents:
     def __init__(self, lab: Lab, work: Path, **env: str) -> None:
         self.lab = lab
@@ -64,16 +81,14 @@ class LabAgents:
                 env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
             )  # fmt: skip
 
-    async def _ready(self, name: str, timeout: float = 30) -> None:
+    async def _ready(self, name: str) -> None:
         assert self.nc is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with contextlib.suppress(Exception):
-                msg = await self.nc.request(f"virt.{self.host_id(name)}.cmd.ping", b"{}", 1)
-                if msgspec.json.decode(msg.data).get("ok"):
-                    return
-            await asyncio.sleep(0.3)
-        raise RuntimeError(f"agent for lab host {name} not ready; see {self.work}/agent-{name}.log")
+        try:
+            await answering(self.nc, [self.host_id(name)])
+        except TimeoutError:
+            raise RuntimeError(
+                f"agent for lab host {name} not ready; see {self.work}/agent-{name}.log"
+            ) from None
 
     async def failover(
         self, domain: str, src: str, dst: str, on_update: Any = None

@@ -12,10 +12,10 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import pytest
 
 from agent.crashpoints import ENV, EXIT_STATUS
+from lab.agents import answering
 from tests.conftest import AgentProcess, Collector, call, where
 from tests.test_failover import bond_now, final_of, pings_flow
 
@@ -59,20 +59,13 @@ class Agents:
         self.procs[name] = p
         return p
 
-    async def ready(self, nc: Any, name: str, timeout: float = 30) -> None:
-        deadline = asyncio.get_running_loop().time() + timeout
-        while True:
-            try:
-                msg = await nc.request(f"virt.{self.ids[name]}.cmd.ping", b"{}", timeout=1)
-                if msgspec.json.decode(msg.data).get("ok"):
-                    return
-            except Exception:
-                pass
-            if asyncio.get_running_loop().time() > deadline:
-                raise AssertionError(
-                    f"agent {name} not ready:\n{self.procs[name].output()[-3000:]}"
-                )
-            await asyncio.sleep(0.3)
+    async def ready(self, nc: Any, name: str) -> None:
+        try:
+            await answering(nc, [self.ids[name]])
+        except TimeoutError:
+            raise AssertionError(
+                f"agent {name} not ready:\n{self.procs[name].output()[-3000:]}"
+            ) from None
 
 
 async def wait_exit(p: AgentProcess, timeout: float = 120) -> int:

@@ -4,7 +4,6 @@ the agent is connected to killed in the middle of a stream of events from anothe
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import signal
@@ -19,6 +18,7 @@ import pytest
 from nats.js.api import StreamConfig
 
 from agent.embedded import NatsServer
+from lab.agents import answering
 from lab.daemon import LibvirtDaemon, free_port
 from tests.conftest import AgentProcess, RunningAgent, stream_messages
 from tests.test_daemon_events import Flipper
@@ -228,7 +228,7 @@ async def test_spooled_events_survive_sigkill_and_go_out_with_their_ids_after_re
     first = agent_process(*args)
     nc = await nats.connect(nats_server.url)
     try:
-        await until_ok(nc, host)
+        await answering(nc, [host])
     finally:
         await nc.close()
     await asyncio.to_thread(nats_server.stop)
@@ -262,18 +262,6 @@ async def test_spooled_events_survive_sigkill_and_go_out_with_their_ids_after_re
     assert len(started) == 2
     assert started[1] != started[0]
     assert boots == {started[0]}
-
-
-async def until_ok(nc: Any, host: str, timeout: float = 30) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        with contextlib.suppress(Exception):
-            msg = await nc.request(f"virt.{host}.cmd.ping", b"{}", timeout=1)
-            if b'"ok":true' in msg.data:
-                return
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"agent {host} not answering")
-        await asyncio.sleep(0.2)
 
 
 async def test_a_burst_while_nats_is_paused_loses_nothing_and_stays_in_its_memory_bound(
