@@ -183,6 +183,7 @@ class Bus:
             await asyncio.wait_for(nc.drain(), timeout)
         except (TimeoutError, NatsError) as exc:
             log.warning("NATS drain incomplete, closing", error=str(exc) or type(exc).__name__)
-            with contextlib.suppress(NatsError):
+            # Closing a connection that is reconnecting can fail on the dead socket too.
+            with contextlib.suppress(NatsError, OSError):
                 await nc.close()
         self.metrics.nats_connected.set(0)

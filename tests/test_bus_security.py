@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import ssl
 import subprocess
 import sys
@@ -207,5 +208,37 @@ async def test_token_authentication_from_a_file(
         code, out = check(*args, VIRT_AGENT_NATS_TOKEN_FILE=str(token))
         assert code == 0, out
         assert "t0ken-S3cret" not in out
+    finally:
+        server.stop()
+
+
+async def test_nkey_authentication_from_a_seed_file(
+    tmp_path: Path, start_agent: Callable[..., Awaitable[RunningAgent]]
+) -> None:
+    import nkeys  # noqa: PLC0415
+
+    seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+    public = nkeys.from_seed(seed).public_key.decode()
+    conf = tmp_path / "nkey.conf"
+    conf.write_text(f'authorization {{ users: [ {{ nkey: "{public}" }} ] }}\n')
+    server = NatsServer(tmp_path / "nats", config_file=conf).start()
+    try:
+        seed_file = tmp_path / "agent.nk"
+        seed_file.write_bytes(seed + b"\n")
+        agent = await start_agent(
+            **{"nats.urls": [server.url], "nats.nkey_seed_file": str(seed_file)}
+        )
+        nc = await nats.connect(server.url, nkeys_seed=str(seed_file))
+        try:
+            reply = await nc.request(f"virt.{agent.host}.cmd.ping", b"{}", timeout=10)
+            assert msgspec.json.decode(reply.data)["ok"] is True
+        finally:
+            await nc.close()
+        args = ["--libvirt-uri", "test:///default", "--nats-url", server.url,
+                "--state-dir", str(tmp_path / "st"), "--http-addr", ""]  # fmt: skip
+        assert check(*args, VIRT_AGENT_NATS_CONNECT_TIMEOUT_S="2")[0] == 5, "no key: refused"
+        code, out = check(*args, VIRT_AGENT_NATS_NKEY_SEED_FILE=str(seed_file))
+        assert code == 0, out
+        assert seed.decode() not in out
     finally:
         server.stop()
