@@ -11,6 +11,7 @@ import os
 import ssl
 import subprocess
 import sys
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -97,18 +98,22 @@ def test_the_password_never_appears_in_the_agents_output(
 ) -> None:
     """A wrong password: the agent keeps retrying and says so, without the password."""
     bad = f"nats://hv01:Wr0ngSecret@127.0.0.1:{secured.port}"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "agent", "run", "--libvirt-uri", "test:///default",
-         "--nats-url", bad, "--host-id", "hv01", "--state-dir", str(tmp_path / "st"),
-         "--http-addr", "", "--log-format", "json"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    log = tmp_path / "agent.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "agent", "run", "--libvirt-uri", "test:///default",
+             "--nats-url", bad, "--host-id", "hv01", "--state-dir", str(tmp_path / "st"),
+             "--http-addr", "", "--log-format", "json"],
+            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
     try:
-        out, _ = proc.communicate(timeout=9)
-    except subprocess.TimeoutExpired:
+        deadline = time.monotonic() + 60
+        while "NATS not reachable yet" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
         proc.terminate()
-        out, _ = proc.communicate(timeout=20)
-    text = out.decode(errors="replace")
+        proc.wait(30)
+    text = log.read_text(errors="replace")
     assert "NATS not reachable yet" in text, text[-2000:]
     assert "Wr0ngSecret" not in text
     assert "hv01:***@" in text
