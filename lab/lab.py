@@ -4,7 +4,8 @@
     python -m lab down               stop everything the lab started, also after a crash
     python -m lab status
 
-State lives under $VIRT_AGENT_LAB_DIR (default /var/tmp/virt-agent-lab). `lab.json` there
+State lives under $VIRT_LAB_DIR (default /var/tmp/virt-agent-lab; not a VIRT_AGENT_* name,
+which the agent reserves for its settings). `lab.json` there
 records what runs, so `down` can clean up after an interrupted test run.
 """
 
@@ -29,7 +30,7 @@ from lab.daemon import LibvirtDaemon, free_port, kill, kill_pidfile
 from lab.guest import GuestImage
 from lab.prereqs import ensure_host_ready, install_packages
 
-DEFAULT_ROOT = Path(os.environ.get("VIRT_AGENT_LAB_DIR", "/var/tmp/virt-agent-lab"))
+DEFAULT_ROOT = Path(os.environ.get("VIRT_LAB_DIR", "/var/tmp/virt-agent-lab"))
 HOST_NAMES = ["a", "b", "c", "d"]
 READY_LINE = "LAB-READY"
 
