@@ -69,7 +69,6 @@ class Spool:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._segments: list[_Segment] = []
         self._out: BinaryIO | None = None  # the segment being written, unbuffered
-        self.dropped_records = 0
         for path in sorted(self.dir.glob("*.seg"), key=lambda p: int(p.stem)):
             self._segments.append(self._scan(path))
         if self._segments:
@@ -165,7 +164,6 @@ class Spool:
             self._segments.pop(0)
             victim.path.unlink(missing_ok=True)
             lost = victim.records
-            self.dropped_records += lost
             d = Dropped(lost, victim.first_sequence, victim.last_sequence)
             dropped = (
                 d
