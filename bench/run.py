@@ -285,7 +285,7 @@ def render_table(res: dict[str, Any]) -> str:
             st = ag["steps_s_median"]
             steps = ", ".join(f"{k} {v}" for k, v in st.items())
             lines += [
-                f"| migrate_with_failover through the agents, wall time from the request to the final state (s) | {ag['total_s_median']} ({steps}) | raw unplug → migrate → replug {seq['total_s_median']} | **{lb.get('agent_over_raw_median_of_rounds', lb['agent_over_raw_sequence'])}** (median of rounds {lb.get('agent_over_raw_per_round', '-')}; goal ≤ 1.15) |",
+                f"| migrate_with_failover through the agents, wall time from the request to the final state (s) | {ag['total_s_median']} ({steps}) | raw unplug → migrate → replug {seq['total_s_median']} | **{lb.get('agent_over_raw_direction_paired', lb['agent_over_raw_sequence'])}** (same direction against same direction: {lb.get('agent_over_raw_by_direction', '-')}; per round, mixing directions: {lb.get('agent_over_raw_per_round', '-')}; goal ≤ 1.15) |",
                 f"| Lost 50 ms ping probes, migrate_with_failover | {ag['lost_probes']} | raw sequence {seq['lost_probes']}, plain migration {plain['lost_probes']} | - |",
             ]
         lag = lb.get("loop_lag")
