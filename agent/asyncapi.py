@@ -17,10 +17,10 @@ import msgspec
 
 from agent import __version__, events
 from agent.envelope import HOST_EVENT_TYPES, CloudEvent
-from agent.operations import OpEvent
+from agent.operations import FINAL, RUNNING, OpEvent
 
 REF = "#/components/schemas/{name}"
-OP_STATES = ("running", "succeeded", "failed", "rolled_back", "cancelled")
+OP_STATES = (RUNNING, *sorted(FINAL))
 
 
 def _snake(name: str) -> str:

@@ -12,8 +12,8 @@ import msgspec
 from nats.aio.client import Client as NATS
 
 from agent.errors import Timeout
+from agent.operations import FINAL
 
-FINAL = frozenset({"succeeded", "failed", "rolled_back", "cancelled"})
 MIB = 1024 * 1024
 
 

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 import sys
 import time
@@ -23,20 +22,14 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from agent.embedded import NatsServer, stop_process
-from lab.agents import answering
+from bench.stats import pct
+from lab.agents import agent_env, answering
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def pct(values: list[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, int(q * len(s)))]
-
-
 def start_agents(n: int, url: str, work: Path) -> list[subprocess.Popen[bytes]]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VIRT_AGENT_")}
-    env["VIRT_AGENT_LOG_FORMAT"] = "json"
-    env["VIRT_AGENT_LOG_LEVEL"] = "warning"
+    env = agent_env(VIRT_AGENT_LOG_FORMAT="json", VIRT_AGENT_LOG_LEVEL="warning")
     procs = []
     for i in range(n):
         log = open(work / f"agent{i}.log", "wb")

@@ -14,6 +14,7 @@ import asyncio
 import time
 from typing import Any
 
+from bench.stats import median
 from lab.agents import LabAgents
 from lab.lab import Lab, guest_mac, probes, wait_for_serial
 from lab.scenarios import raw_failover_migration, raw_migration
@@ -50,10 +51,6 @@ def lag_window(before: dict[str, float], after: dict[str, float]) -> dict[str, f
         "p99_ms_at_most": p99 * 1000,
         "over_10ms": int(n - le10),
     }
-
-
-def median(values: list[float]) -> float:
-    return sorted(values)[len(values) // 2]
 
 
 async def _settled(lab: Lab, name: str) -> None:

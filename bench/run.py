@@ -26,6 +26,7 @@ from agent.embedded import NatsServer
 from bench.eventgen import rss_kib
 from bench.fleet import run_fleet
 from bench.lab_bench import lab_baselines
+from bench.stats import median, pct
 from lab.agents import LabAgents
 from lab.daemon import LibvirtDaemon
 from lab.lab import Lab
@@ -59,11 +60,6 @@ def go(p: subprocess.Popen[str]) -> None:
 def result(p: subprocess.Popen[str], timeout: float = 900) -> dict[str, Any]:
     out, _ = p.communicate(timeout=timeout)
     return dict(json.loads(out.strip().splitlines()[-1]))
-
-
-def pct(values: list[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, int(q * len(s)))]
 
 
 class Subscriber:
@@ -105,10 +101,6 @@ class Subscriber:
         deadline = time.monotonic() + timeout
         while self.count < n and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-
-
-def median(values: list[float]) -> float:
-    return sorted(values)[len(values) // 2]
 
 
 async def round_(uri: str, n: int, sub: Subscriber) -> tuple[dict[str, Any], dict[str, Any]]:

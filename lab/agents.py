@@ -25,6 +25,14 @@ from lab.lab import Lab
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def agent_env(**extra: str) -> dict[str, str]:
+    """The environment for a `virt-agent` process: this one's without VIRT_AGENT_* settings
+    (they would override what it is given), plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VIRT_AGENT_")}
+    env.update(extra)
+    return env
+
+
 async def answering(nc: NATS, hosts: list[str], timeout: float = 30) -> None:
     """Until every one of these hosts' agents answers `ping`."""
     deadline = time.monotonic() + timeout
@@ -66,7 +74,7 @@ class LabAgents:
     def _spawn(self) -> None:
         self.work.mkdir(parents=True, exist_ok=True)
         self.server = NatsServer(self.work / "nats").start()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("VIRT_AGENT_")}
+        env = agent_env()
         # Migration data over loopback, as the raw scripted baselines send it.
         env.update({"VIRT_AGENT_LOG_FORMAT": "json",
                     "VIRT_AGENT_LIBVIRT_MIGRATION_URI": "tcp://127.0.0.1", **self.env})  # fmt: skip

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from nats.aio.msg import Msg
 from agent.embedded import NatsServer
 from agent.settings import Settings, load
 from agent.supervisor import Agent
+from lab.agents import agent_env
 from lab.daemon import LibvirtDaemon
 from lab.lab import remove_domain
 from lab.prereqs import LabUnavailable
@@ -287,9 +287,7 @@ def agent_process(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
     procs: list[AgentProcess] = []
 
     def start(*args: str, env: dict[str, str] | None = None) -> AgentProcess:
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith("VIRT_AGENT_")}
-        full_env["VIRT_AGENT_LOG_FORMAT"] = "json"
-        full_env.update(env or {})
+        full_env = agent_env(VIRT_AGENT_LOG_FORMAT="json", **(env or {}))
         p = AgentProcess(list(args), full_env, tmp_path / f"agent{len(procs)}.log")
         procs.append(p)
         return p

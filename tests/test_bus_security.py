@@ -21,6 +21,7 @@ import nats
 import pytest
 
 from agent.embedded import NatsServer
+from lab.agents import agent_env
 from tests.conftest import ROOT, Collector, RunningAgent
 from tests.test_checkconfig import check
 
@@ -99,7 +100,7 @@ def test_the_password_never_appears_in_the_agents_output(
     """A wrong password: the agent keeps retrying and says so, without the password."""
     bad = f"nats://hv01:Wr0ngSecret@127.0.0.1:{secured.port}"
     log = tmp_path / "agent.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VIRT_AGENT_")}
+    env = agent_env()
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "agent", "run", "--libvirt-uri", "test:///default",

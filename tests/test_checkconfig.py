@@ -3,7 +3,6 @@ against a real nats-server, libvirt's test driver, a real socket in use."""
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -12,13 +11,13 @@ from pathlib import Path
 import pytest
 
 from agent.embedded import NatsServer
+from lab.agents import agent_env
 from lab.daemon import free_port
 from tests.conftest import ROOT
 
 
 def check(*args: str, **env: str) -> tuple[int, str]:
-    full = {k: v for k, v in os.environ.items() if not k.startswith("VIRT_AGENT_")}
-    full.update(env)
+    full = agent_env(**env)
     p = subprocess.run([sys.executable, "-m", "agent", "check-config", *args], cwd=ROOT,
                        env=full, capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
     return p.returncode, p.stdout + p.stderr
