@@ -6,8 +6,12 @@ the password never appears in the agent's output."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
+import json
 import os
+import re
 import ssl
 import subprocess
 import sys
@@ -245,3 +249,152 @@ async def test_nkey_authentication_from_a_seed_file(
         assert seed.decode() not in out
     finally:
         server.stop()
+
+
+# Decentralized (JWT) authentication: the test is its own operator. It mints an operator, a
+# system account, a fleet account with JetStream and users whose permissions are the example
+# configuration's, as nsc would, and runs nats-server in operator mode with those accounts.
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def new_key(prefix: int) -> tuple[bytes, Any]:
+    import nkeys  # noqa: PLC0415
+
+    seed = nkeys.encode_seed(os.urandom(32), prefix)
+    return seed, nkeys.from_seed(seed)
+
+
+def mint(signer: Any, subject: Any, name: str, nats_claims: dict[str, Any]) -> str:
+    """A JWT as the nats-io/jwt library encodes it: ed25519-nkey signature, jti the claims' hash."""
+    claims = {"jti": "", "iat": int(time.time()), "iss": signer.public_key.decode(),
+              "name": name, "sub": subject.public_key.decode(),
+              "nats": {**nats_claims, "version": 2}}  # fmt: skip
+    digest = hashlib.sha256(json.dumps(claims, sort_keys=True).encode()).digest()
+    claims["jti"] = base64.b32encode(digest).decode().rstrip("=")
+    head = _b64(json.dumps({"typ": "JWT", "alg": "ed25519-nkey"}).encode())
+    body = _b64(json.dumps(claims).encode())
+    return f"{head}.{body}.{_b64(signer.sign(f'{head}.{body}'.encode()))}"
+
+
+def example_permissions(role: str) -> dict[str, Any]:
+    """A role's permissions from config/nats-server.conf.example, as user JWT claims."""
+    text = "\n".join(line.split("#")[0] for line in CONF.read_text().splitlines())
+    block = re.search(rf"{role} = {{(.*?)\n  }}", text, re.S)
+    assert block, role
+
+    def subjects(section: str, kind: str) -> list[str]:
+        part = re.search(rf"{section}: {{(.*?)}}", block[1], re.S)
+        found = re.search(rf"{kind}: \[(.*?)\]", part[1], re.S) if part else None
+        return re.findall(r'"([^"]+)"', found[1]) if found else []
+
+    claims: dict[str, Any] = {
+        "pub": {"allow": subjects("publish", "allow"), "deny": subjects("publish", "deny")},
+        "sub": {"allow": subjects("subscribe", "allow")},
+    }
+    if "allow_responses: true" in block[1]:
+        claims["resp"] = {"max": 1, "ttl": 0}
+    return claims
+
+
+def creds(user_jwt: str, seed: bytes) -> str:
+    return (f"-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n"
+            f"-----BEGIN USER NKEY SEED-----\n{seed.decode()}\n------END USER NKEY SEED------\n")  # fmt: skip
+
+
+@pytest.fixture
+def operator_mode(tmp_path: Path) -> Iterator[tuple[NatsServer, dict[str, Path]]]:
+    """nats-server trusting an operator of the test's own; creds files for hv01 and the
+    controller (the example's permissions), and one for hv01 signed by an untrusted account."""
+    import nkeys  # noqa: PLC0415
+
+    _, operator = new_key(nkeys.PREFIX_BYTE_OPERATOR)
+    _, system = new_key(nkeys.PREFIX_BYTE_ACCOUNT)
+    _, fleet = new_key(nkeys.PREFIX_BYTE_ACCOUNT)
+    _, stranger = new_key(nkeys.PREFIX_BYTE_ACCOUNT)
+    limits = {"subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+              "wildcards": True, "conn": -1, "leaf": -1}  # fmt: skip
+    jetstream = {"mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1}
+    sys_pub, fleet_pub = system.public_key.decode(), fleet.public_key.decode()
+    conf = tmp_path / "operator.conf"
+    conf.write_text(
+        f'operator: "{mint(operator, operator, "test", {"type": "operator", "system_account": sys_pub})}"\n'
+        f'system_account: "{sys_pub}"\nresolver: MEMORY\nresolver_preload: {{\n'
+        f'  {sys_pub}: "{mint(operator, system, "SYS", {"type": "account", "limits": limits})}"\n'
+        f'  {fleet_pub}: "{mint(operator, fleet, "FLEET", {"type": "account", "limits": limits | jetstream})}"\n}}\n'
+    )  # fmt: skip
+    files: dict[str, Path] = {}
+    for name, role, account in (("hv01", "HOST_HV01", fleet), ("controller", "CONTROLLER", fleet),
+                                ("untrusted", "HOST_HV01", stranger)):  # fmt: skip
+        seed, user = new_key(nkeys.PREFIX_BYTE_USER)
+        claims = {"type": "user", "subs": -1, "data": -1, "payload": -1} | example_permissions(role)
+        files[name] = tmp_path / f"{name}.creds"
+        files[name].write_text(creds(mint(account, user, name, claims), seed))
+        files[name].chmod(0o600)
+        files[f"{name}.seed"] = Path(seed.decode())
+    server = NatsServer(tmp_path / "nats", config_file=conf).start()
+    yield server, files
+    server.stop()
+
+
+async def test_creds_file_authentication_with_the_examples_permissions(
+    operator_mode: tuple[NatsServer, dict[str, Path]],
+    start_agent: Callable[..., Awaitable[RunningAgent]],
+    tmp_path: Path,
+) -> None:
+    """A creds file (user JWT + nkey seed) carrying hv01's permissions from the example: the
+    agent works under it, it cannot speak for hv02, an untrusted signer is refused, and the
+    seed appears nowhere in check-config's output."""
+    server, files = operator_mode
+    agent = await start_agent(
+        **{"host_id": "hv01", "nats.urls": [server.url], "nats.creds_file": str(files["hv01"])}
+    )
+    controller = await nats.connect(server.url, user_credentials=str(files["controller"]))
+    errors: list[str] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(str(exc))
+
+    hv01 = await nats.connect(server.url, user_credentials=str(files["hv01"]), error_cb=on_error)
+    try:
+        reply = await controller.request("virt.hv01.cmd.ping", b"{}", timeout=10)
+        assert msgspec.json.decode(reply.data)["ok"] is True
+        kv = await controller.jetstream().key_value("virt_hosts")
+        assert (await kv.get("hv01")).value is not None
+        # The agent's events are stored in the fleet account's JetStream.
+        js = controller.jetstream()
+        events = Collector()
+        await controller.subscribe("virt.hv01.event.>", cb=events.on_msg)
+        await controller.flush()
+        done = await controller.request(
+            "virt.hv01.cmd.domain.suspend", b'{"domain": "test"}', timeout=10
+        )
+        assert msgspec.json.decode(done.data)["ok"] is True
+        event = await events.wait_for(lambda e: e["data"].get("event") == "suspended", 10)
+        subject = next(m[0] for m in events.messages if m[1] is event)
+        stored = await js.get_last_msg("VIRT_EVENTS", subject)
+        assert msgspec.json.decode(stored.data)["data"]["event"] == "suspended"
+        # hv01's credentials cannot publish hv02's events.
+        seen = Collector()
+        await controller.subscribe("virt.hv02.>", cb=seen.on_msg)
+        await controller.flush()
+        await hv01.publish("virt.hv02.event.x.lifecycle", b'{"forged": true}')
+        await hv01.flush()
+        await asyncio.sleep(0.5)
+        assert seen.messages == []
+        assert any("permissions violation" in e.lower() for e in errors), errors
+    finally:
+        for nc in (controller, hv01):
+            with contextlib.suppress(Exception):
+                await nc.close()
+    assert agent.agent.commands.handled == 2
+    args = ["--libvirt-uri", "test:///default", "--nats-url", server.url,
+            "--state-dir", str(tmp_path / "st"), "--http-addr", ""]  # fmt: skip
+    code, out = check(*args, VIRT_AGENT_NATS_CREDS_FILE=str(files["untrusted"]),
+                      VIRT_AGENT_NATS_CONNECT_TIMEOUT_S="2")  # fmt: skip
+    assert code == 5, out
+    code, out = check(*args, VIRT_AGENT_NATS_CREDS_FILE=str(files["hv01"]))
+    assert code == 0, out
+    assert str(files["hv01.seed"]) not in out
