@@ -1,6 +1,7 @@
 """Command line: `virt-agent run` (the agent), `events` (tail the bus), `call` (send a
 command to a host's agent), `hosts` (the registered hosts), `migrate` (a live migration,
-with failover if asked, followed with a progress bar) and `check-config`."""
+with failover if asked, followed with a progress bar), `check-config` and `health` (probe
+a running agent, for container and orchestrator health checks)."""
 
 from __future__ import annotations
 
@@ -87,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the settings only; do not try libvirt, NATS, the state dir, HTTP",
     )
+
+    hl = sub.add_parser("health", help="probe the running agent's /healthz (or /readyz)")
+    _settings_args(hl)
+    hl.add_argument("--ready", action="store_true", help="probe /readyz instead of /healthz")
+    hl.add_argument("--timeout", type=float, default=4.0, help="seconds to wait for the answer")
     return p
 
 
@@ -155,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         "hosts": cmd_hosts,
         "migrate": cmd_migrate,
         "check-config": cmd_check_config,
+        "health": cmd_health,
     }
     return commands[args.command](args)
 
@@ -163,6 +170,33 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     from agent.checkconfig import check  # noqa: PLC0415
 
     return check(args.config, _overrides(args), args.offline)
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    """GET /healthz or /readyz of the agent these settings describe; exit 0 on 200."""
+    import urllib.error  # noqa: PLC0415
+    import urllib.request  # noqa: PLC0415
+
+    try:
+        listen = load(args.config, os.environ, _overrides(args)).settings.http.listen
+    except SettingsError as exc:
+        print(exc.message, file=sys.stderr)
+        return EXIT_BAD_SETTINGS
+    if not listen:
+        print("http.listen is empty: the agent serves no health endpoint", file=sys.stderr)
+        return EXIT_FAILED
+    host, _, port = listen.rpartition(":")
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "[::]": "[::1]"}.get(host, host)  # noqa: S104
+    url = f"http://{host}:{port}/{'readyz' if args.ready else 'healthz'}"
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout) as resp:
+            print(resp.read().decode(errors="replace").strip())
+            return EXIT_OK
+    except urllib.error.HTTPError as exc:
+        print(f"{url}: {exc.code} {exc.read().decode(errors='replace').strip()}", file=sys.stderr)
+    except (OSError, TimeoutError) as exc:
+        print(f"{url}: {exc}", file=sys.stderr)
+    return EXIT_FAILED
 
 
 # ---------------------------------------------------------------- run
@@ -208,9 +242,9 @@ def start_embedded(loaded: LoadedSettings) -> tuple[Settings, NatsServer | None]
         nats_settings = msgspec.structs.replace(s.nats, urls=[server.url])
     s = msgspec.structs.replace(s, libvirt=lv, nats=nats_settings)
     url = nats_settings.urls[0]
+    where = f"JetStream data in {s.state_dir}/nats" if server else "configured, not embedded"
     print(
-        f"virt-agent (embedded): NATS {url} (JetStream data in {s.state_dir}/nats), "
-        f"libvirt {lv.uri}, host id {s.host_id}\n"
+        f"virt-agent (embedded): NATS {url} ({where}), libvirt {lv.uri}, host id {s.host_id}\n"
         f"  watch the events:   virt-agent events --nats-url {url}\n"
         f"  stored events:      stream VIRT_EVENTS, subjects {s.subject_prefix}.*.event.> "
         f"and {s.subject_prefix}.*.host.>",

@@ -24,6 +24,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from lab.prereqs import install_packages
+
 MODULES = [
     "virtio_ring",
     "virtio",
@@ -153,10 +155,8 @@ def build_standby_rx_module(work: Path, kernel_deb: Path) -> Path:
     abi = info["Package"].removeprefix("linux-image-")  # 6.1.0-56-amd64
     version = info["Version"]  # 6.1.192-2
     series = ".".join(version.split(".")[:2])  # 6.1
-    subprocess.run(
-        ["apt-get", "install", "-y", "-q", f"linux-headers-{abi}", "make"],
-        check=True, capture_output=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
-    )  # fmt: skip
+    if install_packages([f"linux-headers-{abi}", "make"]) != 0:
+        raise RuntimeError(f"building net_failover.ko needs linux-headers-{abi} and make (root)")
     _run("apt-get", "download", f"linux-source-{series}={version}", cwd=work)
     src_deb = next(work.glob(f"linux-source-{series}_*.deb"))
     member = f"linux-source-{series}/drivers/net/net_failover.c"

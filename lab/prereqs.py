@@ -44,9 +44,9 @@ def ensure_host_ready() -> None:
         )  # fmt: skip
 
 
-def missing_packages() -> list[str]:
+def missing_packages(packages: list[str]) -> list[str]:
     out = []
-    for pkg in DEBIAN_PACKAGES:
+    for pkg in packages:
         r = subprocess.run(
             ["dpkg-query", "-W", "-f=${Status}", pkg], capture_output=True, text=True, check=False
         )
@@ -55,13 +55,14 @@ def missing_packages() -> list[str]:
     return out
 
 
-def install_packages() -> int:
-    """Install the Debian packages that are missing (as root), else print the command."""
-    missing = missing_packages()
+def install_packages(packages: list[str] = DEBIAN_PACKAGES) -> int:
+    """Install those of `packages` that are missing (as root), else print the command."""
+    missing = missing_packages(packages)
     if not missing:
         return 0
     if os.geteuid() != 0:
-        print(f"missing Debian packages: {' '.join(missing)}\nrun as root: {INSTALL_COMMAND}")
+        print(f"missing Debian packages: {' '.join(missing)}\n"
+              f"run as root: apt-get update && apt-get install -y {' '.join(missing)}")  # fmt: skip
         return 1
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
