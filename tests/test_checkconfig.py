@@ -3,9 +3,11 @@ against a real nats-server, libvirt's test driver, a real socket in use."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ import pytest
 from agent.embedded import NatsServer
 from lab.agents import agent_env
 from lab.daemon import free_port
-from tests.conftest import ROOT
+from tests.conftest import ROOT, RunningAgent
 
 
 def check(*args: str, **env: str) -> tuple[int, str]:
@@ -65,3 +67,28 @@ def test_offline_checks_only_the_settings() -> None:
     code, out = check("--offline", "--nats-url", f"nats://127.0.0.1:{free_port()}")
     assert code == 0, out
     assert out.splitlines()[-1].startswith("ok   settings")
+
+
+async def test_health_probes_the_running_agent_at_its_http_address(
+    start_agent: Callable[..., Awaitable[RunningAgent]],
+) -> None:
+    """`virt-agent health` (the container's HEALTHCHECK): 0 when /healthz or /readyz answers
+    200 at http.listen (a wildcard address probed on loopback), 1 when nothing answers."""
+    port = free_port()
+    await start_agent(**{"http.listen": f"0.0.0.0:{port}"})
+
+    def health(*args: str) -> tuple[int, str]:
+        p = subprocess.run([sys.executable, "-m", "agent", "health", *args], cwd=ROOT,
+                           env=agent_env(), capture_output=True, text=True, timeout=30,
+                           check=False)  # fmt: skip
+        return p.returncode, p.stdout + p.stderr
+
+    for args in (
+        ["--http-addr", f"0.0.0.0:{port}"],
+        ["--http-addr", f"127.0.0.1:{port}", "--ready"],
+    ):
+        code, out = await asyncio.to_thread(health, *args)
+        assert code == 0, out
+    code, out = await asyncio.to_thread(health, "--http-addr", f"127.0.0.1:{free_port()}")
+    assert code == 1
+    assert "Connection refused" in out
