@@ -156,6 +156,8 @@ async def test_republished_message_id_is_stored_once(
     dom = define(testdrv)
     await c.wait_for(lambda e: e["data"].get("event") == "defined")
     dom.undefine()
+    # The test driver delivers events from a timer: wait for it, then for the publisher.
+    await c.wait_for(lambda e: e["data"].get("event") == "undefined")
     await agent.settled()
     js = nc.jetstream()
     before = (await js.stream_info(EVENTS_STREAM)).state.messages
