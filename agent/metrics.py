@@ -35,6 +35,11 @@ class Metrics:
             "Spooled messages given up because the spool exceeded its bound",
             registry=r,
         )
+        self.spool_write_errors = Counter(
+            f"{NS}_spool_write_errors",
+            "Spool writes that failed (disk full, I/O error); the messages stayed in memory",
+            registry=r,
+        )
         self.spool_depth = Gauge(f"{NS}_spool_depth", "Spooled messages not yet sent", registry=r)
         self.spool_bytes = Gauge(f"{NS}_spool_bytes", "Size of the spool on disk", registry=r)
         self.publish_retries = Counter(

@@ -21,6 +21,7 @@ bound (`spool_max_bytes`) is the only place where old messages are given up, and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 from collections import deque
@@ -116,6 +117,10 @@ class Publisher:
         self.published = 0
         self.dropped = 0
         self._missed: Missed | None = None
+        self._spool_error = False  # the last spool write failed (logged once per streak)
+        # Messages the spool could not take (disk full): newer than everything spooled, sent
+        # once the spool has nothing unread; while any wait here, new ones queue behind them.
+        self._held: deque[_Queued] = deque()
         # Set once an overflow has happened and the queue has drained below the low watermark.
         self.resync_needed = asyncio.Event()
         self._slots = asyncio.Semaphore(settings.max_inflight)
@@ -126,7 +131,7 @@ class Publisher:
         self._received_by_type: dict[str, Any] = {}
         metrics.queue_capacity.set(settings.queue_size)
         metrics.inflight_capacity.set(settings.max_inflight)
-        metrics.track(metrics.queue_depth, lambda: len(self._queue))
+        metrics.track(metrics.queue_depth, lambda: len(self._queue) + len(self._held))
         metrics.track(metrics.inflight, lambda: len(self._inflight))
         if spool is not None:
             metrics.track(metrics.spool_depth, lambda: spool.depth)
@@ -140,7 +145,7 @@ class Publisher:
 
     @property
     def depth(self) -> int:
-        return len(self._queue)
+        return len(self._queue) + len(self._held)
 
     def counters(self) -> Counters:
         return Counters(
@@ -182,10 +187,23 @@ class Publisher:
 
     def _to_spool(self, item: _Queued) -> None:
         assert self.spool is not None
+        if self._held:
+            self._hold(item)
+            return
         out = self._render(item)
-        dropped = self.spool.append(
-            Record(out.subject, out.msg_id, out.time_ns, item.sequence, out.payload)
-        )
+        try:
+            dropped = self.spool.append(
+                Record(out.subject, out.msg_id, out.time_ns, item.sequence, out.payload)
+            )
+        except OSError as exc:
+            self.metrics.spool_write_errors.inc()
+            if not self._spool_error:
+                self._spool_error = True
+                log.error("spool write failed; messages wait in memory behind it",  # noqa: TRY400
+                          error=str(exc), directory=str(self.spool.dir))  # fmt: skip
+            self._hold(item)
+            return
+        self._spool_error = False
         self.spooled += 1
         self.metrics.spooled.inc()
         if dropped is not None:
@@ -202,6 +220,15 @@ class Publisher:
                 host_event_type("spool_overflow"),
             )  # fmt: skip
             self._to_spool(overflow)
+        self._wakeup.set()
+
+    def _hold(self, item: _Queued) -> None:
+        """Keep in memory what the spool could not take; a domain event beyond the queue's
+        bound is dropped and named by the next resync, host and operation events are kept."""
+        if item.event is not None and len(self._held) >= self.settings.queue_size:
+            self._drop(item.sequence, item.event)
+            return
+        self._held.append(item)
         self._wakeup.set()
 
     def submit_host_event(self, data: HostData) -> int:
@@ -334,14 +361,21 @@ class Publisher:
         assert spool is not None
         while True:
             records = spool.read(batch)
-            if not records:
-                break
-            for index, rec in records:
-                out = _Outgoing(rec.subject, rec.payload, rec.msg_id, rec.time_ns, rec.sequence,
-                                segment=index)  # fmt: skip
-                await self._send(out, new=True)
-            if self._queue:
-                return  # cannot happen while spooling; kept for safety: memory first
+            if records:
+                for index, rec in records:
+                    out = _Outgoing(rec.subject, rec.payload, rec.msg_id, rec.time_ns,
+                                    rec.sequence, segment=index)  # fmt: skip
+                    await self._send(out, new=True)
+                if self._queue:
+                    return  # cannot happen while spooling; kept for safety: memory first
+                continue
+            if not self._held:
+                break  # nothing unread, nothing held: no await between here and the switch
+            if self._nc is None or not self._nc.is_connected:
+                return  # held until NATS is back (watch_acks wakes the loop then)
+            while self._held:
+                await self._send(self._render(self._held.popleft()), new=True)
+            # Meanwhile new messages may have gone to the spool again: read it once more.
         if not self._queue:
             self._spooling = False
             log.info("spool drained; back to the memory queue", spooled=self.spooled)
@@ -402,6 +436,8 @@ class Publisher:
             await asyncio.sleep(min(1.0, timeout / 4))
             if self._nc is not None and not self._nc.is_connected:
                 continue  # re-sending into nats-py's reconnect buffer would only pile up copies
+            if self._held:
+                self._wakeup.set()  # connected again: what the disk refused goes out now
             deadline = time.monotonic() - timeout
             expired = []
             for token, out in self._inflight.items():
@@ -409,16 +445,23 @@ class Publisher:
                     break  # dict order is send order
                 expired.append(token)
             for token in expired:
-                out = self._inflight.pop(token)
+                again = self._inflight.pop(token, None)
+                if again is None:
+                    continue  # acknowledged meanwhile
                 self.metrics.publish_retries.inc()
-                await self._send(out, new=False)
+                await self._send(again, new=False)
             if expired:
                 log.warning("acks timed out, re-sent", count=len(expired), timeout_s=timeout)
 
     # ------------------------------------------------------------ shutdown
 
     def idle(self) -> bool:
-        return not self._queue and not self._inflight and (self.spool is None or self.spool.empty())
+        return (
+            not self._queue
+            and not self._held
+            and not self._inflight
+            and (self.spool is None or self.spool.empty())
+        )
 
     async def flush(self, timeout: float) -> bool:
         """Wait until every queued message is acknowledged; False if the timeout ran out."""
@@ -447,6 +490,20 @@ class Publisher:
         for item in self._queue:
             o = self._render(item)
             records.append(Record(o.subject, o.msg_id, o.time_ns, item.sequence, o.payload))
-        spool.prepend(records)
-        if records:
-            log.warning("kept in the spool for the next start", messages=len(records))
+        try:
+            spool.prepend(records)
+        except OSError as exc:
+            log.error("could not keep unsent messages for the next start; they are lost",  # noqa: TRY400
+                      messages=len(records) + len(self._held), error=str(exc))  # fmt: skip
+            return
+        held = 0
+        with contextlib.suppress(OSError):  # the disk that refused them may still be full
+            while self._held:
+                o = self._render(self._held[0])
+                spool.append(Record(o.subject, o.msg_id, o.time_ns, self._held[0].sequence,
+                                    o.payload))  # fmt: skip
+                self._held.popleft()
+                held += 1
+        if records or held:
+            log.warning("kept in the spool for the next start", messages=len(records) + held,
+                        lost=len(self._held))  # fmt: skip

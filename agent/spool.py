@@ -1,7 +1,7 @@
 """The on-disk spool: rendered messages waiting for JetStream, in order, in the state directory.
 
 The publisher spools when NATS is unreachable or too slow (its in-memory queue reaches
-`publisher.spool_threshold`): from then on every new message is appended here - already
+`publisher.spool_after`): from then on every new message is appended here - already
 rendered, with its Nats-Msg-Id - and the publisher sends from the spool once its memory queue
 is empty, until the spool is drained. Messages keep their order and their ids, also across an
 agent restart (a new process publishes the old process's spool first; JetStream's duplicate
@@ -14,6 +14,7 @@ is deleted once every record in it has been acknowledged. When the spool exceeds
 
 from __future__ import annotations
 
+import errno
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,7 +98,12 @@ class Spool:
             (n,) = _LEN.unpack_from(data, off)
             if off + 4 + n > len(data):
                 break  # a record cut short by a crash: ignored
-            rec = _dec.decode(data[off + 4 : off + 4 + n])
+            try:
+                rec = _dec.decode(data[off + 4 : off + 4 + n])
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                log.warning("spool record damaged, segment cut there", segment=path.name,
+                            offset=off)  # fmt: skip
+                break  # e.g. a zero-filled tail after a power loss: what follows is unreadable
             seg.first_sequence = seg.first_sequence or rec.sequence
             seg.last_sequence = rec.sequence
             seg.records += 1
@@ -120,7 +126,15 @@ class Spool:
         body = _enc.encode(rec)
         assert self._out is not None
         # One unbuffered write: once append returns, the record survives the agent's death.
-        self._out.write(_LEN.pack(len(body)) + body)
+        data = _LEN.pack(len(body)) + body
+        try:
+            written = self._out.write(data)
+        except OSError:
+            self._out.truncate(seg.size)  # no partial record left behind
+            raise
+        if written != len(data):  # a full disk can take part of it and say so
+            self._out.truncate(seg.size)
+            raise OSError(errno.ENOSPC, f"short write to the spool ({written} of {len(data)})")
         seg.size += 4 + len(body)
         seg.records += 1
         seg.first_sequence = seg.first_sequence or rec.sequence
@@ -134,11 +148,15 @@ class Spool:
             return
         index = self._segments[0].index - 1 if self._segments else 0
         path = self.dir / f"{index}.seg"
-        with open(path, "wb") as f:
-            for rec in records:
-                body = _enc.encode(rec)
-                f.write(_LEN.pack(len(body)))
-                f.write(body)
+        try:
+            with open(path, "wb") as f:
+                for rec in records:
+                    body = _enc.encode(rec)
+                    f.write(_LEN.pack(len(body)))
+                    f.write(body)
+        except OSError:
+            path.unlink(missing_ok=True)  # all or nothing: a partial copy would be sent twice
+            raise
         self._segments.insert(0, self._scan(path))
 
     def _open(self, index: int) -> _Segment:
@@ -157,11 +175,16 @@ class Spool:
 
     def _enforce_bound(self) -> Dropped | None:
         dropped = None
-        while self.bytes > self.max_bytes and len(self._segments) > 1:
-            victim = self._segments[0]
-            if victim.outstanding or victim.read_records:
-                break  # being sent now; the next one is dropped instead, not reordered
-            self._segments.pop(0)
+        while self.bytes > self.max_bytes:
+            # The oldest segment nobody has started sending: one being sent may already be on
+            # the wire (during an outage, in the client's reconnect buffer) and the last one
+            # is being written.
+            victim = next(
+                (s for s in self._segments[:-1] if not s.outstanding and not s.read_records), None
+            )
+            if victim is None:
+                break
+            self._segments.remove(victim)
             victim.path.unlink(missing_ok=True)
             lost = victim.records
             d = Dropped(lost, victim.first_sequence, victim.last_sequence)

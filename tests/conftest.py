@@ -88,7 +88,11 @@ class RunningAgent:
             if pub.received == received and pub.idle():
                 return
             if time.monotonic() > deadline:
-                raise AssertionError(f"agent not settled: depth {pub.depth}, idle {pub.idle()}")
+                spool = pub.spool
+                raise AssertionError(
+                    f"agent not settled: depth {pub.depth}, in flight {len(pub._inflight)}, "
+                    f"spool {'-' if spool is None else (spool.depth, spool.bytes, spool.empty())}"
+                )
 
 
 @pytest.fixture

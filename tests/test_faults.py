@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
@@ -211,6 +212,49 @@ async def test_events_while_nats_is_down_are_spooled_and_published_in_order_once
     seqs = [ev["sequence"] for ev in flips]
     assert seqs == sorted(seqs), "spooled events are stored in their order"
     assert pub.dropped == 0
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 256 KiB tmpfs: a disk that fills up."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(small)], check=True)
+    yield small
+    subprocess.run(["umount", "-l", str(small)], check=True)
+
+
+async def test_a_full_disk_keeps_events_in_memory_behind_the_spool_and_loses_none(
+    small_disk: Path,
+    nats_server: NatsServer,
+    test_daemon: LibvirtDaemon,
+    start_agent: Callable[..., Awaitable[RunningAgent]],
+) -> None:
+    """The state directory on a full-able disk, nats-server stopped, 3,000 events: the spool
+    fills the disk, the rest wait in memory behind it; NATS back, every event is stored once,
+    in order, and the write errors are counted."""
+    agent = await start_agent(**{"libvirt.uri": test_daemon.test_uri,
+                                 "state_dir": str(small_disk)})  # fmt: skip
+    await asyncio.to_thread(nats_server.stop)
+    flipper = await flip(test_daemon.test_uri, 3000)
+    pub = agent.agent.publisher
+    await until(lambda: pub.received >= flipper.count)
+    errors = agent.agent.metrics.spool_write_errors._value.get()
+    assert errors > 0, "the disk filled up"
+    assert pub.depth > 2000, "what the disk refused waits in memory"
+    assert pub.dropped == 0
+    await asyncio.to_thread(restart, nats_server)
+    await agent.settled(timeout=60)
+    flips, ids = await stored_flips(nats_server.url, agent.host, flipper.dom.UUIDString())
+    report("state directory's disk full while NATS is down", flipper.count, len(flips),
+           sum(c - 1 for c in ids.values()), 0.0)  # fmt: skip
+    assert len(flips) == flipper.count
+    assert [i for i, c in ids.items() if c > 1] == []
+    seqs = [ev["sequence"] for ev in flips]
+    assert seqs == sorted(seqs), "held events go out after the spooled ones"
+    await agent.stop()
 
 
 async def test_spooled_events_survive_sigkill_and_go_out_with_their_ids_after_restart(
