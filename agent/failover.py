@@ -161,9 +161,14 @@ class Reconciler:
             self._due.add(event.data.domain.uuid)
             self.kick.set()
 
-    async def settle(self, dom: Any, owner: str | None = None) -> Outcome:
+    async def settle(
+        self, dom: Any, owner: str | None = None, unplug_done: bool = False
+    ) -> Outcome:
         """Bring one domain's primary back in line with its record (see the module doc).
-        `owner`: the id of this agent's operation that holds the domain and asks itself."""
+        `owner`: the id of this agent's operation that holds the domain and asks itself.
+        `unplug_done`: the caller saw the unplug end (DEVICE_REMOVAL_FAILED, or the detach
+        refused), so an attached device is not going away; otherwise an `unplugging` record
+        with the device attached waits for unplug_grace_s."""
         hv = self.hv
         uuid = dom.UUIDString()
         async with self.lock(uuid):
@@ -174,10 +179,15 @@ class Reconciler:
             if why:
                 return Outcome(Settled.WAITING, rec.alias, why)
             live = await hv.call(dom.XMLDesc, 0)
-            if device_element(live, rec.alias) is not None:
+            attached = device_element(live, rec.alias)
+            if attached is not None:
                 young = time.time() - rec.since < self.settings.unplug_grace_s
-                if rec.state == UNPLUGGING and owner is None and young:
+                if rec.state == UNPLUGGING and not unplug_done and young:
                     return Outcome(Settled.WAITING, rec.alias, "an unplug may still be in flight")
+                if rec.source != self.host:
+                    # Plugged here by an earlier attempt whose DEVICE_ADDED came late.
+                    await self._sync_config(dom, ET.tostring(attached, encoding="unicode"),
+                                            rec.alias)  # fmt: skip
                 await clear_record(hv, dom)
                 self._consume(rec)
                 return Outcome(Settled.ATTACHED, rec.alias)
@@ -227,7 +237,12 @@ class Reconciler:
         if _same_nic(cur_xml, xml):
             return
         await hv.call(dom.detachDeviceFlags, cur_xml, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
-        await hv.call(dom.attachDeviceFlags, xml, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+        try:
+            await hv.call(dom.attachDeviceFlags, xml, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+        except AgentError:
+            # Keep the definition's primary rather than none; the live one is plugged anyway.
+            await hv.call(dom.attachDeviceFlags, cur_xml, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+            raise
 
     async def pci_in_use(self) -> set[str]:
         """PCI addresses of host devices given to running domains."""
@@ -251,11 +266,12 @@ class Reconciler:
             return True
         try:
             out = await self.settle(dom)
-        except AgentError as exc:
+        except Exception as exc:  # noqa: BLE001 - one domain's failure must not stop the pass
             backoff = min(60.0, max(1.0, backoff * 2))
             self._retry_at[uuid] = (now + backoff, backoff)
             self.metrics.replugs.labels("failed").inc()
-            log.warning("could not settle owed primary", domain=uuid, error=exc.message,
+            log.warning("could not settle owed primary", domain=uuid,
+                        error=getattr(exc, "message", None) or repr(exc),
                         retry_in_s=backoff)  # fmt: skip
             return True
         self._retry_at.pop(uuid, None)

@@ -57,8 +57,12 @@ class Pool:
     def active(self) -> list[Reservation]:
         return self.journal.reservations(time.time())
 
-    def reserve(self, operation: str, domain: str, pci_in_use: set[str]) -> Reservation:
-        """Hold a primary for `domain`; the same operation asking again gets the same one."""
+    def reserve(
+        self, operation: str, domain: str, pci_in_use: set[str], lease_s: float = 0.0
+    ) -> Reservation:
+        """Hold a primary for `domain`; the same operation asking again gets the same one.
+        The lease is `pool.lease_s`, or longer when the caller says its migration may take
+        longer."""
         active = self.active()
         for r in active:
             if r.operation == operation:
@@ -84,7 +88,7 @@ class Pool:
             operation=operation,
             domain=domain,
             resource=resource,
-            expires=time.time() + s.lease_s,
+            expires=time.time() + max(s.lease_s, lease_s),
         )
         self.journal.add_reservation(r)
         return r

@@ -31,8 +31,17 @@ from msgspec import Meta
 
 from agent import crashpoints
 from agent.devices import Nic, device_element, device_xml, interfaces, unplug
-from agent.errors import AgentError, InvalidRequest, NotFound, Timeout, Unavailable, Unsupported
-from agent.failover import OWED, UNPLUGGING, Record, Settled, read_record, write_record
+from agent.errors import (
+    AgentError,
+    Conflict,
+    InvalidRequest,
+    LibvirtFailure,
+    NotFound,
+    Timeout,
+    Unavailable,
+    Unsupported,
+)
+from agent.failover import NS, OWED, UNPLUGGING, Record, Settled, read_record, write_record
 from agent.operations import Operation, Progress
 from agent.registry import Registration
 from handlers import Context, Verb
@@ -66,6 +75,9 @@ class ReserveRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     domain: DomainUUID
     alias: Alias
     source: HostId
+    # How long the source may still need it (its migration timeout and replug window); the
+    # lease is at least this.
+    lease_s: Annotated[float, Meta(ge=0, le=86400)] = 0.0
     request_id: RequestId | None = None
 
 
@@ -192,9 +204,9 @@ async def migrate_with_failover(ctx: Context, req: FailoverRequest) -> dict[str,
     dom = await find_domain(ctx, req.domain)
     state, _ = await ctx.hypervisor.call(dom.state)
     if state != libvirt.VIR_DOMAIN_RUNNING:
-        raise InvalidRequest(f"domain {req.domain!r} is not running", domain=req.domain)
+        raise Conflict(f"domain {req.domain!r} is not running", domain=req.domain)
     if await read_record(ctx.hypervisor, dom) is not None:
-        raise InvalidRequest(
+        raise Conflict(
             f"domain {req.domain!r} is still owed a primary from an earlier failover; "
             "the reconcile loop settles it first",
             domain=req.domain,
@@ -219,6 +231,7 @@ class Failover:
         self.reservation: str | None = None
         self.recorded = False  # the record is in the domain's metadata
         self.unplug_in_flight = False
+        self.migrating = False
         self.migrated = False
 
     async def step(self, p: Progress, name: str, **detail: Any) -> None:
@@ -236,6 +249,7 @@ class Failover:
             res = await peers.call(plan.destination, "failover.reserve", {
                 "operation_id": p.op.id, "domain": self.uuid, "alias": plan.primary,
                 "source": ctx.host,
+                "lease_s": self.req.timeout_s + ctx.failover.replug_timeout_s + 60,
             }, timeout)  # fmt: skip
             self.reservation = res["reservation_id"]
             p.note(reservation=self.reservation, resource=res["resource"])
@@ -253,11 +267,13 @@ class Failover:
                 await write_record(hv, self.dom, self._record(OWED, p.op.id))
 
             await self.step(p, "migrate", destination=plan.destination)
+            self.migrating = True
             result = await self._migrate(p)
             self.migrated = True
         except BaseException as exc:
-            if not self.migrated:
-                await asyncio.shield(self._rollback(p, exc))
+            # Whatever interrupted it (an error, a cancel, the agent stopping), the domain must
+            # end on one host with its primary: finished even if cancelled again meanwhile.
+            await uninterruptible(self._after_interruption(p, exc))
             raise
 
         await self.step(p, "replug", host=plan.destination)
@@ -294,15 +310,34 @@ class Failover:
                       state=state, since=time.time(), device=self.plan.device)  # fmt: skip
 
     async def _unplug(self) -> None:
+        # In flight from the moment the detach may have been sent until libvirt reports the
+        # outcome: a timeout, a cancel or a crash in between leaves the guest free to release
+        # the device later, and only the reconcile loop (after unplug_grace_s) may decide.
+        self.unplug_in_flight = True
         try:
             await unplug(self.ctx.hypervisor, self.dom, self.plan.primary,
                          self.ctx.devices.detach_timeout_s)  # fmt: skip
-        except Timeout:
-            self.unplug_in_flight = True
+        except LibvirtFailure:
+            self.unplug_in_flight = False  # DEVICE_REMOVAL_FAILED, or the detach was refused
             raise
+        self.unplug_in_flight = False
 
     async def _where(self) -> str:
         return await where_is(self.ctx, self.uuid, self.dest.libvirt_uri)
+
+    async def _after_interruption(self, p: Progress, exc: BaseException) -> None:
+        if self.migrated:
+            return
+        if self.migrating and await self._where() == "destination":
+            # The migration completed before the error or cancel took effect: the record went
+            # with the domain and the destination plugs the primary from its reservation.
+            self.migrated = True
+            p.note(migrated_anyway=True, note="the migration completed before it was "
+                   "interrupted; the destination plugs the primary")  # fmt: skip
+            if isinstance(exc, AgentError):
+                exc.details["final_state"] = "migrated"
+            return
+        await self._rollback(p, exc)
 
     async def _rollback(self, p: Progress, exc: BaseException) -> None:
         """Before the migration completed: the domain stays here; its primary comes back."""
@@ -319,9 +354,14 @@ class Failover:
             # The guest may still release the device; the reconcile loop plugs it back if so.
             return
         assert ctx.reconciler is not None
-        await ctx.reconciler.settle(self.dom, owner=p.op.id)
-        if isinstance(exc, AgentError):
+        out = await ctx.reconciler.settle(self.dom, owner=p.op.id, unplug_done=True)
+        if not isinstance(exc, AgentError):
+            return
+        if out.settled in (Settled.ATTACHED, Settled.PLUGGED, Settled.NO_RECORD):
             exc.details["final_state"] = "rolled_back"
+        else:
+            exc.details["primary_owed"] = (f"{out.alias} not back yet ({out.why}); the "
+                                           "reconcile loop plugs it")  # fmt: skip
 
     async def _verify(self) -> None:
         ctx, plan = self.ctx, self.plan
@@ -334,6 +374,20 @@ class Failover:
         if device_element(xml, plan.primary) is None:
             raise AgentError(f"the primary {plan.primary!r} is not attached on "
                              f"{plan.destination}")  # fmt: skip
+        if NS in xml:
+            raise AgentError(f"{plan.destination} still records a primary owed to the domain")
+
+
+async def uninterruptible(coro: Any) -> Any:
+    """Await `coro` to its end even if the caller is cancelled meanwhile (again and again);
+    the caller's cancellation is then up to the caller to re-raise."""
+    task = asyncio.ensure_future(coro)
+    while True:
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.done():
+                raise
 
 
 async def where_is(ctx: Context, uuid: str, dest_uri: str | None) -> str:
@@ -369,7 +423,9 @@ async def replug_on(ctx: Context, host: str, uuid: str, alias: str, op_id: str) 
             if out.get("attached"):
                 return out
             last = out.get("why") or out.get("settled", "")
-        except (Unavailable, Timeout, NotFound) as exc:
+        except InvalidRequest:
+            raise
+        except AgentError as exc:  # unreachable, busy, libvirt refusing for now: ask again
             last = exc.message
         if time.monotonic() + delay > deadline:
             raise Timeout(f"{host} did not report the primary {alias!r} attached within "
@@ -387,14 +443,21 @@ def recovery(ctx: Context, op: Operation) -> Any:
 
     async def recover(p: Progress) -> dict[str, Any]:
         plan = next((s for s in op.steps if s["step"] == "plan"), None)
-        interrupted = op.step or "plan"
+        # The step the first process was in (a crash during an earlier recovery keeps it).
+        earlier = [s["step"] for s in op.steps if s["step"] not in ("recover", "rollback")]
+        interrupted = earlier[-1] if earlier else "plan"
         p.step("recover", interrupted_at=interrupted)
         if plan is None:
             raise AgentError("the agent restarted before the plan was recorded; nothing changed",
                              final_state="failed")  # fmt: skip
         dest, alias = plan["destination"], plan["primary"]
         reservation = next((s.get("reservation") for s in op.steps if s.get("reservation")), None)
-        deadline = time.monotonic() + ctx.failover.replug_timeout_s
+        # An unplug the crash interrupted may still complete in the guest: the record says
+        # so until unplug_grace_s has passed.
+        wait = ctx.failover.replug_timeout_s
+        if interrupted == "unplug":
+            wait += ctx.failover.unplug_grace_s
+        deadline = time.monotonic() + wait
         last = ""
         while time.monotonic() < deadline:
             try:
@@ -428,8 +491,10 @@ async def _recover_once(ctx: Context, op: Operation, dest: str, alias: str) -> s
     def lookup() -> Any:
         try:
             return ctx.conn().lookupByUUIDString(op.domain)
-        except libvirt.libvirtError:
-            return None
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise  # libvirt unreachable: not evidence that the domain left
 
     dom = await ctx.hypervisor.call(lookup)
     if dom is not None and await ctx.hypervisor.call(dom.isActive):
@@ -452,7 +517,8 @@ async def reserve(ctx: Context, req: ReserveRequest) -> dict[str, Any]:
     if req.source == ctx.host:
         raise InvalidRequest("a host cannot reserve a primary for itself", source=req.source)
     pool = ctx.reconciler.pool
-    r = pool.reserve(req.operation_id, req.domain, await ctx.reconciler.pci_in_use())
+    r = pool.reserve(req.operation_id, req.domain, await ctx.reconciler.pci_in_use(),
+                     req.lease_s)  # fmt: skip
     crashpoints.reached("dest.reserve")
     return {"reservation_id": r.id, "resource": r.resource, "pool": pool.kind,
             "expires_in_s": round(r.expires - time.time(), 1)}  # fmt: skip
