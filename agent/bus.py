@@ -184,6 +184,6 @@ class Bus:
         except (TimeoutError, NatsError) as exc:
             log.warning("NATS drain incomplete, closing", error=str(exc) or type(exc).__name__)
             # Closing a connection that is reconnecting can fail on the dead socket too.
-            with contextlib.suppress(NatsError, OSError):
-                await nc.close()
+            with contextlib.suppress(NatsError, OSError, TimeoutError):
+                await asyncio.wait_for(nc.close(), 2.0)  # a stalled socket must not hang us
         self.metrics.nats_connected.set(0)

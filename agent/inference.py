@@ -47,9 +47,26 @@ def _transition(old: str, new: str) -> str | None:
 class StateTracker:
     def __init__(self) -> None:
         self.known: dict[str, DomainSnapshot] = {}
+        # Domains with lifecycle events while a snapshot is being taken: the snapshot may be
+        # older than those events, so what the events say is kept (see begin/end).
+        self._touched: set[str] | None = None
 
-    def reset(self, snapshot: list[DomainSnapshot]) -> None:
-        self.known = {d.uuid: d for d in snapshot}
+    def begin(self) -> None:
+        """A snapshot is about to be taken: note the domains whose events arrive meanwhile."""
+        self._touched = set()
+
+    def end(self) -> set[str]:
+        touched, self._touched = self._touched or set(), None
+        return touched
+
+    def reset(self, snapshot: list[DomainSnapshot], keep: set[str] | None = None) -> None:
+        """Know `snapshot`, except for the domains in `keep` (events newer than it)."""
+        keep = keep or set()
+        known = {d.uuid: d for d in snapshot if d.uuid not in keep}
+        for uuid in keep:
+            if uuid in self.known:
+                known[uuid] = self.known[uuid]
+        self.known = known
 
     def observe(self, event: DomainEvent) -> None:
         """Follow one domain event (only lifecycle events change what is known)."""
@@ -57,6 +74,8 @@ class StateTracker:
         if not isinstance(data, Lifecycle):
             return
         uuid = data.domain.uuid
+        if self._touched is not None:
+            self._touched.add(uuid)
         cur = self.known.get(uuid)
         if data.event == "undefined":
             if cur is not None:
@@ -82,8 +101,12 @@ class StateTracker:
             self.known[uuid] = DomainSnapshot(uuid, cur.name, cur.state, cur.reason, cur.id,
                                               persistent=True)  # fmt: skip
 
-    def infer(self, host: str, snapshot: list[DomainSnapshot]) -> list[DomainEvent]:
-        """The lifecycle events that turn what is known into `snapshot`."""
+    def infer(
+        self, host: str, snapshot: list[DomainSnapshot], skip: set[str] | None = None
+    ) -> list[DomainEvent]:
+        """The lifecycle events that turn what is known into `snapshot`; none for the domains
+        in `skip` (real events about them arrived while the snapshot was taken)."""
+        skip = skip or set()
         now = time.time_ns()
         out: list[DomainEvent] = []
 
@@ -92,9 +115,9 @@ class StateTracker:
                              event=event, detail=detail or "unknown")  # fmt: skip
             out.append(DomainEvent("lifecycle", data, now))
 
-        new = {d.uuid: d for d in snapshot}
+        new = {d.uuid: d for d in snapshot if d.uuid not in skip}
         for uuid, old in self.known.items():
-            if uuid not in new:
+            if uuid not in new and uuid not in skip:
                 if old.state in ACTIVE:
                     emit(old, "stopped", "unknown")
                 if old.persistent:

@@ -236,6 +236,18 @@ class OperationManager:
             self._running.set()
             await asyncio.Event().wait()
 
+    async def stop(self, timeout: float) -> None:
+        """Cancel every running operation and wait up to `timeout` for them to end (a rollback
+        under way is finished first)."""
+        tasks = list(self._tasks.values())
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=timeout)
+            if pending:
+                log.warning("operations still ending at shutdown; the next start recovers them",
+                            count=len(pending))  # fmt: skip
+
     def holder(self, domain_uuid: str) -> str | None:
         """The id of the operation running on this domain, if any."""
         return self._by_domain.get(domain_uuid)

@@ -48,6 +48,9 @@ from agent.spool import Spool
 from handlers import Context, all_verbs
 from handlers.failover import recovery
 
+# Tasks that publish without being asked; stopped first at shutdown.
+SELF_PUBLISHING = frozenset({"heartbeat", "overflow-resync", "libvirt-watch", "failover-reconcile"})
+
 log = structlog.get_logger("agent.supervisor")
 
 
@@ -211,21 +214,33 @@ class Agent:
                 self.ready.set()
                 log.info("agent running", event_types=len(self.hypervisor.registered))
                 await self._stop.wait()
-            await self._shutdown()
+            await self._shutdown(tasks)
             for t in tasks:
                 t.cancel()
 
-    async def _shutdown(self) -> None:
+    async def _shutdown(self, tasks: list[asyncio.Task[Any]]) -> None:
         self.state = AgentState.STOPPING
         # 0. Stop taking commands: new ones are answered `unavailable`.
         self.commands.stop_accepting()
         grace = self.settings.agent.shutdown_grace_s
         deadline = time.monotonic() + grace
-        # 1. Let libvirt dispatch what it already holds (its queue, the socket) until the
+        # 1. Nothing else publishes on its own any more (heartbeat, resyncs, reconcile), and
+        #    running operations end - cancelled: a migration is aborted and rolled back, with
+        #    libvirt's events still flowing - so their final states go out before
+        #    agent_stopping. One still rolling back when the time is up is finished by the
+        #    next start (recovery).
+        quiet = [t for t in tasks if t.get_name() in SELF_PUBLISHING]
+        for t in quiet:
+            t.cancel()
+        if quiet:
+            await asyncio.wait(quiet, timeout=1.0)
+        if self.operations is not None:
+            await self.operations.stop(max(0.1, (deadline - time.monotonic()) / 2))
+        # 2. Let libvirt dispatch what it already holds (its queue, the socket) until the
         #    callbacks go quiet, then deregister: every event delivered is queued, none after.
         await self._quiesce(min(1.0, grace / 4))
         self.hypervisor.stop_events()
-        # 2. The last word of this boot, after every event.
+        # 3. The last word of this boot, after every event.
         self.publisher.submit_host_event(
             AgentStopping(
                 host=self.host,
@@ -234,7 +249,7 @@ class Agent:
                 counters=self.publisher.counters(),
             )
         )
-        # 3. Everything queued reaches JetStream and is acknowledged.
+        # 4. Everything queued reaches JetStream and is acknowledged.
         flushed = await self.publisher.flush(max(0.1, deadline - time.monotonic() - 1.0))
         log.info(
             "agent stopping",
@@ -257,7 +272,7 @@ class Agent:
         if self.registry is not None:
             with contextlib.suppress(NatsError, TimeoutError):
                 await asyncio.wait_for(self.registry.withdraw(self.host), 2.0)
-        # 4. Drain NATS, 5. close libvirt, 6. stop HTTP. Each step runs even if one before failed.
+        # 5. Drain NATS, 6. close libvirt, 7. stop HTTP. Each step runs even if one before failed.
         try:
             await self.bus.drain(timeout=2.0)
         finally:
@@ -314,18 +329,22 @@ class Agent:
     async def resync(self, reason: str) -> None:
         """Publish a snapshot of every domain; it also accounts for any dropped events."""
         missed = self.publisher.take_missed()
+        self.tracker.begin()
         try:
             domains = await self.hypervisor.snapshot()
         except AgentError:
+            self.tracker.end()
             self.publisher.restore_missed(missed)
             raise
+        touched = self.tracker.end()
         if reason == "reconnect":
-            # What changed while libvirt was away, as events marked inferred, before the resync.
-            inferred = self.tracker.infer(self.host, domains)
+            # What changed while libvirt was away, as events marked inferred, before the resync
+            # (not for domains whose real events arrived while the snapshot was taken).
+            inferred = self.tracker.infer(self.host, domains, skip=touched)
             for event in inferred:
                 self.publisher.submit_event(event)
             self.metrics.events_inferred.inc(len(inferred))
-        self.tracker.reset(domains)
+        self.tracker.reset(domains, keep=touched)
         self.publisher.submit_host_event(
             Resync(host=self.host, reason=reason, domains=domains, missed=missed)
         )

@@ -208,6 +208,41 @@ async def test_second_migration_conflicts_and_cancel_aborts_the_job(
     assert not (await asyncio.to_thread(where, host_b, u))["running"]
 
 
+async def test_an_agent_stopping_mid_migration_ends_it_and_says_so_before_agent_stopping(
+    host_a: Any,
+    host_b: Any,
+    guest: Callable[..., Any],
+    start_agent: Callable[..., Awaitable[RunningAgent]],
+    collect: Callable[[str], Awaitable[Collector]],
+    nc: Any,
+) -> None:
+    """SIGTERM's ordered shutdown with a slow migration running: the migration is aborted,
+    the domain stays on A, and the operation's final state is published before
+    agent_stopping - the last word of the boot."""
+    agent_a = await start_agent(**{"libvirt.uri": host_a.uri})
+    agent_b = await start_agent(**{"libvirt.uri": host_b.uri})
+    dom = await asyncio.to_thread(guest, "a", "virtio")
+    u = dom.UUIDString()
+    seen = await collect(f"virt.{agent_a.host}.>")
+    slow = {"domain": dom.name(), "destination": agent_b.host, "bandwidth_mib_s": 1}
+    op_id = (await call(nc, agent_a.host, "migrate", slow))["result"]["operation_id"]
+    await seen.wait_for(
+        lambda e: (
+            e.get("data", {}).get("operation", {}).get("progress", {}).get("percent") is not None
+        ),
+        60,
+    )
+    await agent_a.stop()
+    await seen.wait_for(lambda e: e.get("type") == "virt.host.agent_stopping", 30)
+    types = [ev.get("type") for _, ev, _ in seen.messages]
+    final = types.index("virt.operation.cancelled")
+    assert seen.messages[final][1]["data"]["operation"]["id"] == op_id
+    assert final < types.index("virt.host.agent_stopping")
+    assert types[-1] == "virt.host.agent_stopping", types[-5:]
+    assert (await asyncio.to_thread(where, host_a, u))["running"]
+    assert not (await asyncio.to_thread(where, host_b, u))["running"]
+
+
 async def test_device_detach_and_attach_verbs_on_the_primary(
     lab: Any,
     host_a: Any,

@@ -108,3 +108,27 @@ async def test_what_changed_while_libvirt_was_away_is_published_as_inferred_even
         assert agent.agent.metrics.events_inferred._value.get() == 3
     finally:
         await asyncio.to_thread(daemon.stop)
+
+
+def test_events_during_the_reconnect_snapshot_win_over_it() -> None:
+    """A domain whose real event arrives while the snapshot is taken: no inferred event for it
+    (the snapshot may be older than the event), and the tracker keeps what the event says."""
+    from agent.events import DomainEvent, DomainRef, DomainSnapshot, Lifecycle  # noqa: PLC0415
+    from agent.inference import StateTracker  # noqa: PLC0415
+
+    a, b = "a" * 8 + "-0000-0000-0000-" + "0" * 12, "b" * 8 + "-0000-0000-0000-" + "0" * 12
+    tracker = StateTracker()
+    tracker.reset([DomainSnapshot(a, "va", "shutoff", "unknown"),
+                   DomainSnapshot(b, "vb", "shutoff", "unknown")])  # fmt: skip
+    tracker.begin()
+    # The snapshot (read first) says both run; then A's real "stopped" event arrives.
+    snapshot = [DomainSnapshot(a, "va", "running", "booted", 1),
+                DomainSnapshot(b, "vb", "running", "booted", 2)]  # fmt: skip
+    tracker.observe(DomainEvent("lifecycle", Lifecycle(
+        host="h", domain=DomainRef(a, "va", None), event="stopped", detail="shutdown"), 0))  # fmt: skip
+    touched = tracker.end()
+    inferred = tracker.infer("h", snapshot, skip=touched)
+    assert [(e.data.domain.uuid, e.data.event) for e in inferred] == [(b, "started")]
+    tracker.reset(snapshot, keep=touched)
+    assert tracker.known[a].state == "shutoff"
+    assert tracker.known[b].state == "running"
