@@ -472,12 +472,12 @@ class Publisher:
                 log.warning(
                     "flush timed out", queued=len(self._queue), inflight=len(self._inflight)
                 )
-                self._spill()
+                self.spill()
                 return False
             await asyncio.sleep(0.01)
         return True
 
-    def _spill(self) -> None:
+    def spill(self) -> None:
         """At a shutdown that could not flush: what only memory holds (unacknowledged sends
         and the queue) goes to the front of the spool, so the next process sends it first."""
         spool = self.spool
@@ -496,6 +496,10 @@ class Publisher:
             log.error("could not keep unsent messages for the next start; they are lost",  # noqa: TRY400
                       messages=len(records) + len(self._held), error=str(exc))  # fmt: skip
             return
+        # Kept once: a second spill (the shutdown's, then the close's) adds nothing.
+        self._queue.clear()
+        for token in [t for t, o in self._inflight.items() if o.segment is None]:
+            del self._inflight[token]
         held = 0
         with contextlib.suppress(OSError):  # the disk that refused them may still be full
             while self._held:

@@ -282,6 +282,9 @@ class Agent:
                 if self.http is not None:
                     await self.http.stop()
                 if self.spool is not None:
+                    # After a clean flush nothing is left; after a task failed (no ordered
+                    # shutdown) what only memory holds goes to the spool for the next start.
+                    self.publisher.spill()
                     self.spool.close()
                 self.state = AgentState.STOPPED
                 log.info("agent stopped")
