@@ -82,7 +82,10 @@ class ReserveRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class ReleaseRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    reservation_id: OpId
+    # One of the two: the reservation, or the operation it was made for (when the source
+    # never got the reserve reply).
+    reservation_id: OpId | None = None
+    operation_id: OpId | None = None
     request_id: RequestId | None = None
 
 
@@ -229,6 +232,7 @@ class Failover:
         self.plan = plan
         self.dest = dest
         self.reservation: str | None = None
+        self.reserve_asked = False  # the destination may hold one even without a reply
         self.recorded = False  # the record is in the domain's metadata
         self.unplug_in_flight = False
         self.migrating = False
@@ -246,6 +250,7 @@ class Failover:
                         mac=plan.mac, destination=plan.destination)  # fmt: skip
         try:
             await self.step(p, "reserve", host=plan.destination)
+            self.reserve_asked = True
             res = await peers.call(plan.destination, "failover.reserve", {
                 "operation_id": p.op.id, "domain": self.uuid, "alias": plan.primary,
                 "source": ctx.host,
@@ -343,11 +348,8 @@ class Failover:
         """Before the migration completed: the domain stays here; its primary comes back."""
         ctx = self.ctx
         p.step("rollback", reason=getattr(exc, "message", type(exc).__name__))
-        if self.reservation is not None and ctx.peers is not None:
-            with contextlib.suppress(AgentError):
-                await ctx.peers.call(self.plan.destination, "failover.release",
-                                     {"reservation_id": self.reservation},
-                                     ctx.failover.peer_timeout_s)  # fmt: skip
+        if self.reserve_asked:
+            await release_on(ctx, self.plan.destination, self.reservation, p.op.id)
         if not self.recorded:
             return
         if self.unplug_in_flight:
@@ -406,6 +408,16 @@ async def where_is(ctx: Context, uuid: str, dest_uri: str | None) -> str:
         if active:
             return "destination"
     return "nowhere"
+
+
+async def release_on(ctx: Context, host: str, reservation: str | None, op_id: str) -> None:
+    """Best effort: the destination's reservation goes back to its pool (by id, or by the
+    operation when the reserve reply never came); its lease ends it otherwise."""
+    if ctx.peers is None:
+        return
+    body = {"reservation_id": reservation} if reservation else {"operation_id": op_id}
+    with contextlib.suppress(AgentError):
+        await ctx.peers.call(host, "failover.release", body, ctx.failover.peer_timeout_s)
 
 
 async def replug_on(ctx: Context, host: str, uuid: str, alias: str, op_id: str) -> dict[str, Any]:
@@ -470,11 +482,8 @@ def recovery(ctx: Context, op: Operation) -> Any:
                 return {"recovered": True, "destination": dest, "primary": alias,
                         "interrupted_at": interrupted}  # fmt: skip
             if out == "source":
-                if reservation and ctx.peers is not None:
-                    with contextlib.suppress(AgentError):
-                        await ctx.peers.call(dest, "failover.release",
-                                             {"reservation_id": reservation},
-                                             ctx.failover.peer_timeout_s)  # fmt: skip
+                if interrupted != "plan":
+                    await release_on(ctx, dest, reservation, op.id)
                 changed = interrupted not in BEFORE_CHANGE
                 raise AgentError(
                     f"the agent restarted during {interrupted}; the domain stays on "
@@ -527,7 +536,17 @@ async def reserve(ctx: Context, req: ReserveRequest) -> dict[str, Any]:
 async def release(ctx: Context, req: ReleaseRequest) -> dict[str, Any]:
     _need(ctx)
     assert ctx.reconciler is not None
-    return {"released": ctx.reconciler.pool.release(req.reservation_id)}
+    pool = ctx.reconciler.pool
+    if (req.reservation_id is None) == (req.operation_id is None):
+        raise InvalidRequest("give either reservation_id or operation_id")
+    rid = req.reservation_id
+    if rid is None:
+        assert req.operation_id is not None
+        found = pool.for_operation(req.operation_id)
+        if found is None:
+            return {"released": False}
+        rid = found.id
+    return {"released": pool.release(rid)}
 
 
 async def replug(ctx: Context, req: ReplugRequest) -> dict[str, Any]:

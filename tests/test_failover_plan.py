@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from nats.aio.client import Client as NATS
 
 from agent.devices import interfaces
 from agent.errors import NotFound, Unavailable
@@ -17,6 +19,9 @@ from agent.operations import Journal
 from agent.pool import Pool
 from agent.settings import DeviceSettings, FailoverSettings, load
 from handlers.failover import find_pair
+from tests.conftest import RunningAgent, call
+
+TEST_DOMAIN_UUID = "6695eb01-f6a4-8304-79aa-97f2502e193f"  # libvirt's test:///default domain
 
 MAC = "52:54:00:aa:bb:cc"
 STANDBY = f"""<interface type='bridge'><mac address='{MAC}'/><source bridge='br0'/>
@@ -91,6 +96,33 @@ def test_an_expired_lease_frees_its_vf(tmp_path: Path) -> None:
     time.sleep(0.01)
     assert p.active() == []
     assert p.reserve("op2", "dom2", set()).resource == "pci:0000:3b:02.0"
+
+
+def test_a_lease_covers_what_the_source_says_it_may_need(tmp_path: Path) -> None:
+    p = pool(tmp_path, pool_pci=["0000:3b:02.0"], lease_s=300)
+    r = p.reserve("op1", "dom1", set(), lease_s=900)
+    assert 890 < r.expires - time.time() <= 900
+
+
+async def test_a_reservation_is_released_by_its_operation_when_the_reply_was_lost(
+    start_agent: Callable[..., Awaitable[RunningAgent]], nc: NATS
+) -> None:
+    """The source never got the reserve reply (it timed out): it releases by operation id."""
+    agent = await start_agent(**{"failover.pool_pci": ["0000:3b:02.0"]})
+    body = {"operation_id": "ab12", "domain": TEST_DOMAIN_UUID, "alias": "ua-primary0",
+            "source": "hv-other", "lease_s": 600}  # fmt: skip
+    reserved = await call(nc, agent.host, "failover.reserve", body)
+    assert reserved["result"]["resource"] == "pci:0000:3b:02.0", reserved
+    taken = await call(nc, agent.host, "failover.reserve", body | {"operation_id": "cd34"})
+    assert taken["error"]["code"] == "unavailable", "the only VF is held"
+    out = await call(nc, agent.host, "failover.release", {"operation_id": "ab12"})
+    assert out == {"ok": True, "result": {"released": True}}
+    assert agent.agent.reconciler is not None
+    assert agent.agent.reconciler.pool.active() == []
+    again = await call(nc, agent.host, "failover.reserve", body | {"operation_id": "cd34"})
+    assert again["ok"] is True, "the VF is free again"
+    neither = await call(nc, agent.host, "failover.release", {})
+    assert neither["error"]["code"] == "invalid_request"
 
 
 @pytest.mark.parametrize(
