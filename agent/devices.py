@@ -90,10 +90,14 @@ def interfaces(domain_xml: str) -> list[Nic]:
     return out
 
 
+class RemovalFailed(LibvirtFailure):
+    """DEVICE_REMOVAL_FAILED: the unplug is over and the device stays."""
+
+
 async def unplug(hv: Hypervisor, dom: Any, alias: str, timeout_s: float) -> None:
     """Detach by alias from the live domain and wait for DEVICE_REMOVED.
 
-    Raises LibvirtFailure on DEVICE_REMOVAL_FAILED (the device stays) and Timeout when the guest
+    Raises RemovalFailed on DEVICE_REMOVAL_FAILED (the device stays) and Timeout when the guest
     has not released it in time - the unplug is then still in flight and is never re-sent: a
     second device_del would interrupt the guest's own removal."""
     uuid = dom.UUIDString()
@@ -109,7 +113,7 @@ async def unplug(hv: Hypervisor, dom: Any, alias: str, timeout_s: float) -> None
     finally:
         done.cancel()
     if event.event_type == "device_removal_failed":
-        raise LibvirtFailure(f"the guest refused to release {alias!r}", alias=alias)
+        raise RemovalFailed(f"the guest refused to release {alias!r}", alias=alias)
 
 
 async def plug(hv: Hypervisor, dom: Any, xml: str, alias: str, timeout_s: float) -> None:

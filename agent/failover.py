@@ -184,9 +184,10 @@ class Reconciler:
                 young = time.time() - rec.since < self.settings.unplug_grace_s
                 if rec.state == UNPLUGGING and not unplug_done and young:
                     return Outcome(Settled.WAITING, rec.alias, "an unplug may still be in flight")
-                if rec.source != self.host:
+                res = self.pool.for_operation(rec.operation)
+                if rec.source != self.host and res is not None:
                     # Plugged here by an earlier attempt whose DEVICE_ADDED came late.
-                    await self._sync_config(dom, ET.tostring(attached, encoding="unicode"),
+                    await self._sync_config(dom, self.pool.definition(res.resource, rec.device),
                                             rec.alias)  # fmt: skip
                 await clear_record(hv, dom)
                 self._consume(rec)
@@ -236,13 +237,18 @@ class Reconciler:
         cur_xml = ET.tostring(cur, encoding="unicode")
         if _same_nic(cur_xml, xml):
             return
-        await hv.call(dom.detachDeviceFlags, cur_xml, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
-        try:
-            await hv.call(dom.attachDeviceFlags, xml, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
-        except AgentError:
-            # Keep the definition's primary rather than none; the live one is plugged anyway.
-            await hv.call(dom.attachDeviceFlags, cur_xml, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
-            raise
+
+        def replace() -> None:
+            # One executor call: a cancel of the caller cannot split detach from attach.
+            config = libvirt.VIR_DOMAIN_AFFECT_CONFIG
+            dom.detachDeviceFlags(cur_xml, config)
+            try:
+                dom.attachDeviceFlags(xml, config)
+            except libvirt.libvirtError:
+                dom.attachDeviceFlags(cur_xml, config)  # keep the old primary rather than none
+                raise
+
+        await hv.call(replace)
 
     async def pci_in_use(self) -> set[str]:
         """PCI addresses of host devices given to running domains."""

@@ -47,16 +47,19 @@ def _transition(old: str, new: str) -> str | None:
 class StateTracker:
     def __init__(self) -> None:
         self.known: dict[str, DomainSnapshot] = {}
-        # Domains with lifecycle events while a snapshot is being taken: the snapshot may be
-        # older than those events, so what the events say is kept (see begin/end).
-        self._touched: set[str] | None = None
+        # Per snapshot being taken (resyncs may overlap), the domains with lifecycle events
+        # meanwhile: the snapshot may be older than those events, so what they say is kept.
+        self._touching: list[set[str]] = []
 
-    def begin(self) -> None:
-        """A snapshot is about to be taken: note the domains whose events arrive meanwhile."""
-        self._touched = set()
+    def begin(self) -> set[str]:
+        """A snapshot is about to be taken: the domains whose events arrive meanwhile are
+        collected in the returned set until `end` is called with it."""
+        touched: set[str] = set()
+        self._touching.append(touched)
+        return touched
 
-    def end(self) -> set[str]:
-        touched, self._touched = self._touched or set(), None
+    def end(self, touched: set[str]) -> set[str]:
+        self._touching = [t for t in self._touching if t is not touched]
         return touched
 
     def reset(self, snapshot: list[DomainSnapshot], keep: set[str] | None = None) -> None:
@@ -74,8 +77,8 @@ class StateTracker:
         if not isinstance(data, Lifecycle):
             return
         uuid = data.domain.uuid
-        if self._touched is not None:
-            self._touched.add(uuid)
+        for touched in self._touching:
+            touched.add(uuid)
         cur = self.known.get(uuid)
         if data.event == "undefined":
             if cur is not None:

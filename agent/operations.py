@@ -208,6 +208,8 @@ class OperationManager:
         self._by_domain: dict[str, str] = {}
         self._group: asyncio.TaskGroup | None = None
         self._running = asyncio.Event()
+        # Set at a shutdown whose time ran out: rollbacks stop protecting themselves.
+        self.abandoned = asyncio.Event()
         # Operations of verbs that can be finished after a restart wait here for `adopt`.
         self.orphans: list[Operation] = []
         for op in journal.running():
@@ -238,15 +240,21 @@ class OperationManager:
 
     async def stop(self, timeout: float) -> None:
         """Cancel every running operation and wait up to `timeout` for them to end (a rollback
-        under way is finished first)."""
+        under way is given that time). Those still running then are abandoned: their journal
+        entries stay `running`, so the next start recovers them."""
         tasks = list(self._tasks.values())
         for t in tasks:
             t.cancel()
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=timeout)
-            if pending:
-                log.warning("operations still ending at shutdown; the next start recovers them",
-                            count=len(pending))  # fmt: skip
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=timeout)
+        if pending:
+            log.warning("operations still ending at shutdown; the next start recovers them",
+                        count=len(pending))  # fmt: skip
+            self.abandoned.set()
+            for t in pending:
+                t.cancel()
+            await asyncio.wait(pending, timeout=1.0)
 
     def holder(self, domain_uuid: str) -> str | None:
         """The id of the operation running on this domain, if any."""
@@ -291,11 +299,15 @@ class OperationManager:
 
     async def _drive(self, op: Operation, runner: Runner) -> None:
         progress = Progress(self, op)
+        abandoned = False
         with structlog.contextvars.bound_contextvars(operation_id=op.id, domain=op.domain):
             try:
                 op.result = await runner(progress)
                 op.state = SUCCEEDED
             except asyncio.CancelledError:
+                if self.abandoned.is_set():
+                    abandoned = True  # left `running` in the journal for the next start
+                    raise
                 op.state = CANCELLED
                 op.error = {"code": "cancelled", "message": "operation cancelled", "details": {}}
             except AgentError as exc:
@@ -306,14 +318,15 @@ class OperationManager:
                 op.state = FAILED
                 op.error = {"code": "internal", "message": str(exc), "details": {}}
             finally:
-                progress._close_step(time.monotonic())
-                op.progress = {}
-                self.record(op)
                 self._tasks.pop(op.id, None)
                 self._by_domain.pop(op.domain, None)
-                if self.metrics is not None:
-                    self.metrics.operations.labels(op.verb, op.state).inc()
-                log.info("operation finished", state=op.state, verb=op.verb)
+                if not abandoned:
+                    progress._close_step(time.monotonic())
+                    op.progress = {}
+                    self.record(op)
+                    if self.metrics is not None:
+                        self.metrics.operations.labels(op.verb, op.state).inc()
+                    log.info("operation finished", state=op.state, verb=op.verb)
 
     def get(self, op_id: str) -> Operation:
         op = self.journal.get(op_id)

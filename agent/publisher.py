@@ -21,7 +21,6 @@ bound (`spool_max_bytes`) is the only place where old messages are given up, and
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import time
 from collections import deque
@@ -343,9 +342,7 @@ class Publisher:
             if wait > 0:
                 await asyncio.sleep(wait)
             self._wakeup.clear()
-            while self._queue:
-                item = self._queue.popleft()
-                await self._send(self._render(item), new=True)
+            while await self._send_next(self._queue):
                 if self._missed is not None and len(self._queue) <= low:
                     self.resync_needed.set()
             if self._spooling:
@@ -373,12 +370,24 @@ class Publisher:
                 break  # nothing unread, nothing held: no await between here and the switch
             if self._nc is None or not self._nc.is_connected:
                 return  # held until NATS is back (watch_acks wakes the loop then)
-            while self._held:
-                await self._send(self._render(self._held.popleft()), new=True)
+            while await self._send_next(self._held):
+                pass
             # Meanwhile new messages may have gone to the spool again: read it once more.
         if not self._queue:
             self._spooling = False
             log.info("spool drained; back to the memory queue", spooled=self.spooled)
+
+    async def _send_next(self, source: deque[_Queued]) -> bool:
+        """Send the first message of `source` once a slot is free; it stays in `source` (where
+        a spill finds it) until then. False when `source` is empty."""
+        if not source:
+            return False
+        await self._slots.acquire()
+        if not source:  # spilled meanwhile
+            self._slots.release()
+            return False
+        await self._send(self._render(source.popleft()), new=False)
+        return True
 
     async def _send(self, out: _Outgoing, *, new: bool) -> None:
         if new:
@@ -478,36 +487,39 @@ class Publisher:
         return True
 
     def spill(self) -> None:
-        """At a shutdown that could not flush: what only memory holds (unacknowledged sends
-        and the queue) goes to the front of the spool, so the next process sends it first."""
+        """At a shutdown that could not flush: what only memory holds (unacknowledged sends,
+        the queue, what the disk refused) goes to the spool so the next process sends it, in
+        order - older than what this process spooled at the front, newer at the end. Kept
+        once: a second spill adds nothing."""
         spool = self.spool
         if spool is None:
             return
-        unacked = sorted(
-            (o for o in self._inflight.values() if o.segment is None), key=lambda o: o.sequence
-        )
-        records = [Record(o.subject, o.msg_id, o.time_ns, o.sequence, o.payload) for o in unacked]
-        for item in self._queue:
+        memory = [(o.sequence, Record(o.subject, o.msg_id, o.time_ns, o.sequence, o.payload))
+                  for o in self._inflight.values() if o.segment is None]  # fmt: skip
+        for item in (*self._queue, *self._held):
             o = self._render(item)
-            records.append(Record(o.subject, o.msg_id, o.time_ns, item.sequence, o.payload))
-        try:
-            spool.prepend(records)
-        except OSError as exc:
-            log.error("could not keep unsent messages for the next start; they are lost",  # noqa: TRY400
-                      messages=len(records) + len(self._held), error=str(exc))  # fmt: skip
-            return
-        # Kept once: a second spill (the shutdown's, then the close's) adds nothing.
+            memory.append((item.sequence, Record(o.subject, o.msg_id, o.time_ns, item.sequence,
+                                                 o.payload)))  # fmt: skip
+        memory.sort(key=lambda pair: pair[0])
+        first = spool.first_sequence_written()
+        front = [r for seq, r in memory if first is None or seq < first]
+        back = [r for seq, r in memory if first is not None and seq >= first]
         self._queue.clear()
+        self._held.clear()
         for token in [t for t, o in self._inflight.items() if o.segment is None]:
             del self._inflight[token]
-        held = 0
-        with contextlib.suppress(OSError):  # the disk that refused them may still be full
-            while self._held:
-                o = self._render(self._held[0])
-                spool.append(Record(o.subject, o.msg_id, o.time_ns, self._held[0].sequence,
-                                    o.payload))  # fmt: skip
-                self._held.popleft()
-                held += 1
-        if records or held:
-            log.warning("kept in the spool for the next start", messages=len(records) + held,
-                        lost=len(self._held))  # fmt: skip
+        kept = 0
+        try:
+            spool.prepend(front)
+            kept += len(front)
+            for rec in back:
+                dropped = spool.append(rec)
+                kept += 1
+                if dropped is not None:
+                    log.error("spool over its bound at shutdown", dropped=dropped.count,
+                              first_sequence=dropped.first_sequence)  # fmt: skip
+        except OSError as exc:
+            log.error("could not keep unsent messages for the next start; they are lost",  # noqa: TRY400
+                      messages=len(memory) - kept, error=str(exc))  # fmt: skip
+        if kept:
+            log.warning("kept in the spool for the next start", messages=kept)

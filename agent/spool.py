@@ -71,7 +71,13 @@ class Spool:
         self._segments: list[_Segment] = []
         self._out: BinaryIO | None = None  # the segment being written, unbuffered
         for path in sorted(self.dir.glob("*.seg"), key=lambda p: int(p.stem)):
-            self._segments.append(self._scan(path))
+            seg = self._scan(path)
+            if seg.records:
+                self._segments.append(seg)
+            else:
+                path.unlink(missing_ok=True)  # nothing readable in it
+        # Written by an earlier process: its sequence numbers are not this process's.
+        self._inherited = {s.index for s in self._segments}
         if self._segments:
             log.info("spool found", segments=len(self._segments), records=self.depth)
 
@@ -85,6 +91,13 @@ class Spool:
     @property
     def bytes(self) -> int:
         return sum(s.size for s in self._segments)
+
+    def first_sequence_written(self) -> int | None:
+        """The first sequence number this process spooled that is still here (None if none):
+        messages kept in memory with a lower one are older than everything it spooled."""
+        seqs = [s.first_sequence for s in self._segments
+                if s.records and s.index not in self._inherited]  # fmt: skip
+        return min(seqs) if seqs else None
 
     def empty(self) -> bool:
         """Nothing left to send and nothing awaiting an acknowledgement."""
@@ -129,12 +142,15 @@ class Spool:
         data = _LEN.pack(len(body)) + body
         try:
             written = self._out.write(data)
+            if written != len(data):  # a full disk can take part of it and say so
+                raise OSError(errno.ENOSPC, f"short write ({written} of {len(data)})")  # noqa: TRY301
         except OSError:
             self._out.truncate(seg.size)  # no partial record left behind
+            if seg.records == 0:  # a segment that never held a record is not kept
+                self._seal(seg)
+                self._segments.remove(seg)
+                seg.path.unlink(missing_ok=True)
             raise
-        if written != len(data):  # a full disk can take part of it and say so
-            self._out.truncate(seg.size)
-            raise OSError(errno.ENOSPC, f"short write to the spool ({written} of {len(data)})")
         seg.size += 4 + len(body)
         seg.records += 1
         seg.first_sequence = seg.first_sequence or rec.sequence
@@ -187,6 +203,8 @@ class Spool:
             self._segments.remove(victim)
             victim.path.unlink(missing_ok=True)
             lost = victim.records
+            if not lost:
+                continue
             d = Dropped(lost, victim.first_sequence, victim.last_sequence)
             dropped = (
                 d

@@ -332,14 +332,14 @@ class Agent:
     async def resync(self, reason: str) -> None:
         """Publish a snapshot of every domain; it also accounts for any dropped events."""
         missed = self.publisher.take_missed()
-        self.tracker.begin()
+        touching = self.tracker.begin()
         try:
             domains = await self.hypervisor.snapshot()
         except AgentError:
-            self.tracker.end()
+            self.tracker.end(touching)
             self.publisher.restore_missed(missed)
             raise
-        touched = self.tracker.end()
+        touched = self.tracker.end(touching)
         if reason == "reconnect":
             # What changed while libvirt was away, as events marked inferred, before the resync
             # (not for domains whose real events arrived while the snapshot was taken).

@@ -30,12 +30,11 @@ import msgspec
 from msgspec import Meta
 
 from agent import crashpoints
-from agent.devices import Nic, device_element, device_xml, interfaces, unplug
+from agent.devices import Nic, RemovalFailed, device_element, device_xml, interfaces, unplug
 from agent.errors import (
     AgentError,
     Conflict,
     InvalidRequest,
-    LibvirtFailure,
     NotFound,
     Timeout,
     Unavailable,
@@ -244,7 +243,7 @@ class Failover:
 
     async def run(self, p: Progress) -> dict[str, Any]:
         ctx, plan, hv = self.ctx, self.plan, self.ctx.hypervisor
-        _, peers, _ = _need(ctx)
+        operations, peers, _ = _need(ctx)
         timeout = ctx.failover.peer_timeout_s
         await self.step(p, "plan", mode=plan.mode, primary=plan.primary, standby=plan.standby,
                         mac=plan.mac, destination=plan.destination)  # fmt: skip
@@ -278,7 +277,7 @@ class Failover:
         except BaseException as exc:
             # Whatever interrupted it (an error, a cancel, the agent stopping), the domain must
             # end on one host with its primary: finished even if cancelled again meanwhile.
-            await uninterruptible(self._after_interruption(p, exc))
+            await uninterruptible(self._after_interruption(p, exc), operations.abandoned)
             raise
 
         await self.step(p, "replug", host=plan.destination)
@@ -322,8 +321,8 @@ class Failover:
         try:
             await unplug(self.ctx.hypervisor, self.dom, self.plan.primary,
                          self.ctx.devices.detach_timeout_s)  # fmt: skip
-        except LibvirtFailure:
-            self.unplug_in_flight = False  # DEVICE_REMOVAL_FAILED, or the detach was refused
+        except RemovalFailed:
+            self.unplug_in_flight = False  # the guest said no: the device stays
             raise
         self.unplug_in_flight = False
 
@@ -380,15 +379,19 @@ class Failover:
             raise AgentError(f"{plan.destination} still records a primary owed to the domain")
 
 
-async def uninterruptible(coro: Any) -> Any:
-    """Await `coro` to its end even if the caller is cancelled meanwhile (again and again);
-    the caller's cancellation is then up to the caller to re-raise."""
+async def uninterruptible(coro: Any, abandoned: asyncio.Event) -> Any:
+    """Await `coro` to its end even if the caller is cancelled meanwhile (again and again),
+    unless `abandoned` is set (a shutdown out of time: the next start recovers); the caller's
+    cancellation is then up to the caller to re-raise."""
     task = asyncio.ensure_future(coro)
     while True:
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
             if task.done():
+                raise
+            if abandoned.is_set():
+                task.cancel()
                 raise
 
 

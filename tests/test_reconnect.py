@@ -120,13 +120,13 @@ def test_events_during_the_reconnect_snapshot_win_over_it() -> None:
     tracker = StateTracker()
     tracker.reset([DomainSnapshot(a, "va", "shutoff", "unknown"),
                    DomainSnapshot(b, "vb", "shutoff", "unknown")])  # fmt: skip
-    tracker.begin()
+    touching = tracker.begin()
     # The snapshot (read first) says both run; then A's real "stopped" event arrives.
     snapshot = [DomainSnapshot(a, "va", "running", "booted", 1),
                 DomainSnapshot(b, "vb", "running", "booted", 2)]  # fmt: skip
     tracker.observe(DomainEvent("lifecycle", Lifecycle(
         host="h", domain=DomainRef(a, "va", None), event="stopped", detail="shutdown"), 0))  # fmt: skip
-    touched = tracker.end()
+    touched = tracker.end(touching)
     inferred = tracker.infer("h", snapshot, skip=touched)
     assert [(e.data.domain.uuid, e.data.event) for e in inferred] == [(b, "started")]
     tracker.reset(snapshot, keep=touched)
