@@ -246,10 +246,11 @@ async def test_a_full_disk_keeps_events_in_memory_behind_the_spool_and_loses_non
     assert pub.depth > 2000, "what the disk refused waits in memory"
     assert pub.dropped == 0
     await asyncio.to_thread(restart, nats_server)
+    recover_s = await first_ack_after(pub)
     await agent.settled(timeout=60)
     flips, ids = await stored_flips(nats_server.url, agent.host, flipper.dom.UUIDString())
-    report("state directory's disk full while NATS is down", flipper.count, len(flips),
-           sum(c - 1 for c in ids.values()), 0.0)  # fmt: skip
+    report("state directory's disk full (256 KiB) while NATS is down", flipper.count,
+           len(flips), sum(c - 1 for c in ids.values()), recover_s)  # fmt: skip
     assert len(flips) == flipper.count
     assert [i for i, c in ids.items() if c > 1] == []
     seqs = [ev["sequence"] for ev in flips]
