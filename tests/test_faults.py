@@ -183,6 +183,18 @@ async def stored_flips(
     return flips, ids
 
 
+async def all_stored_once_in_order(
+    server: NatsServer, agent: RunningAgent, flipper: Flipper, recover_s: float, fault: str
+) -> None:
+    """Every flip stored once, in the order of its sequence; one row of the fault table."""
+    flips, ids = await stored_flips(server.url, agent.host, flipper.dom.UUIDString())
+    report(fault, flipper.count, len(flips), sum(c - 1 for c in ids.values()), recover_s)
+    assert len(flips) == flipper.count
+    assert [i for i, c in ids.items() if c > 1] == []
+    seqs = [ev["sequence"] for ev in flips]
+    assert seqs == sorted(seqs), "events are stored in their order"
+
+
 async def test_events_while_nats_is_down_are_spooled_and_published_in_order_once_it_is_back(
     nats_server: NatsServer,
     test_daemon: LibvirtDaemon,
@@ -204,13 +216,10 @@ async def test_events_while_nats_is_down_are_spooled_and_published_in_order_once
     assert agent.agent.spool.empty()
     assert list((Path(agent.agent.settings.state_dir) / "spool").glob("*.seg")) == []
 
-    flips, ids = await stored_flips(nats_server.url, agent.host, flipper.dom.UUIDString())
-    report("nats-server stopped, events happen, nats-server started again", flipper.count,
-           len(flips), sum(c - 1 for c in ids.values()), recover_s)  # fmt: skip
-    assert len(flips) == flipper.count
-    assert [i for i, c in ids.items() if c > 1] == []
-    seqs = [ev["sequence"] for ev in flips]
-    assert seqs == sorted(seqs), "spooled events are stored in their order"
+    await all_stored_once_in_order(
+        nats_server, agent, flipper, recover_s,
+        "nats-server stopped, events happen, nats-server started again",
+    )  # fmt: skip
     assert pub.dropped == 0
 
 
@@ -248,13 +257,10 @@ async def test_a_full_disk_keeps_events_in_memory_behind_the_spool_and_loses_non
     await asyncio.to_thread(restart, nats_server)
     recover_s = await first_ack_after(pub)
     await agent.settled(timeout=60)
-    flips, ids = await stored_flips(nats_server.url, agent.host, flipper.dom.UUIDString())
-    report("state directory's disk full (256 KiB) while NATS is down", flipper.count,
-           len(flips), sum(c - 1 for c in ids.values()), recover_s)  # fmt: skip
-    assert len(flips) == flipper.count
-    assert [i for i, c in ids.items() if c > 1] == []
-    seqs = [ev["sequence"] for ev in flips]
-    assert seqs == sorted(seqs), "held events go out after the spooled ones"
+    await all_stored_once_in_order(
+        nats_server, agent, flipper, recover_s,
+        "state directory's disk full (256 KiB) while NATS is down",
+    )  # fmt: skip
     await agent.stop()
 
 
