@@ -13,7 +13,7 @@ import asyncio
 import sqlite3
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +151,19 @@ class Journal:
         self.db.close()
 
 
+async def cancel_and_wait(
+    tasks: Iterable[asyncio.Task[Any]], timeout: float
+) -> set[asyncio.Task[Any]]:
+    """Cancel `tasks` and wait up to `timeout` for them to end; those still running."""
+    todo = list(tasks)
+    for t in todo:
+        t.cancel()
+    if not todo:
+        return set()
+    _, pending = await asyncio.wait(todo, timeout=timeout)
+    return pending
+
+
 class Progress:
     """What a runner uses to report: step boundaries (timed) and progress within a step."""
 
@@ -242,19 +255,12 @@ class OperationManager:
         """Cancel every running operation and wait up to `timeout` for them to end (a rollback
         under way is given that time). Those still running then are abandoned: their journal
         entries stay `running`, so the next start recovers them."""
-        tasks = list(self._tasks.values())
-        for t in tasks:
-            t.cancel()
-        if not tasks:
-            return
-        _, pending = await asyncio.wait(tasks, timeout=timeout)
+        pending = await cancel_and_wait(self._tasks.values(), timeout)
         if pending:
             log.warning("operations still ending at shutdown; the next start recovers them",
                         count=len(pending))  # fmt: skip
             self.abandoned.set()
-            for t in pending:
-                t.cancel()
-            await asyncio.wait(pending, timeout=1.0)
+            await cancel_and_wait(pending, 1.0)
 
     def holder(self, domain_uuid: str) -> str | None:
         """The id of the operation running on this domain, if any."""

@@ -85,6 +85,10 @@ class _Outgoing:
     sent_at: float = 0.0
     attempts: int = 0
 
+    def record(self) -> Record:
+        """As the spool keeps it."""
+        return Record(self.subject, self.msg_id, self.time_ns, self.sequence, self.payload)
+
 
 _ack_decoder = msgspec.json.Decoder(PubAck)
 
@@ -189,11 +193,8 @@ class Publisher:
         if self._held:
             self._hold(item)
             return
-        out = self._render(item)
         try:
-            dropped = self.spool.append(
-                Record(out.subject, out.msg_id, out.time_ns, item.sequence, out.payload)
-            )
+            dropped = self.spool.append(self._render(item).record())
         except OSError as exc:
             self.metrics.spool_write_errors.inc()
             if not self._spool_error:
@@ -494,16 +495,12 @@ class Publisher:
         spool = self.spool
         if spool is None:
             return
-        memory = [(o.sequence, Record(o.subject, o.msg_id, o.time_ns, o.sequence, o.payload))
-                  for o in self._inflight.values() if o.segment is None]  # fmt: skip
-        for item in (*self._queue, *self._held):
-            o = self._render(item)
-            memory.append((item.sequence, Record(o.subject, o.msg_id, o.time_ns, item.sequence,
-                                                 o.payload)))  # fmt: skip
-        memory.sort(key=lambda pair: pair[0])
+        memory = [o.record() for o in self._inflight.values() if o.segment is None]
+        memory += [self._render(item).record() for item in (*self._queue, *self._held)]
+        memory.sort(key=lambda r: r.sequence)
         first = spool.first_sequence_written()
-        front = [r for seq, r in memory if first is None or seq < first]
-        back = [r for seq, r in memory if first is not None and seq >= first]
+        front = [r for r in memory if first is None or r.sequence < first]
+        back = [r for r in memory if first is not None and r.sequence >= first]
         self._queue.clear()
         self._held.clear()
         for token in [t for t, o in self._inflight.items() if o.segment is None]:

@@ -38,7 +38,7 @@ from agent.http import HttpServer
 from agent.hypervisor import Hypervisor
 from agent.inference import StateTracker
 from agent.metrics import Metrics
-from agent.operations import Journal, OperationManager
+from agent.operations import Journal, OperationManager, cancel_and_wait
 from agent.peers import Peers
 from agent.pool import Pool
 from agent.publisher import Publisher
@@ -229,11 +229,7 @@ class Agent:
         #    libvirt's events still flowing - so their final states go out before
         #    agent_stopping. One still rolling back when the time is up is finished by the
         #    next start (recovery).
-        quiet = [t for t in tasks if t.get_name() in SELF_PUBLISHING]
-        for t in quiet:
-            t.cancel()
-        if quiet:
-            await asyncio.wait(quiet, timeout=1.0)
+        await cancel_and_wait([t for t in tasks if t.get_name() in SELF_PUBLISHING], 1.0)
         if self.operations is not None:
             await self.operations.stop(max(0.1, (deadline - time.monotonic()) / 2))
         # 2. Let libvirt dispatch what it already holds (its queue, the socket) until the
