@@ -180,10 +180,12 @@ class Bus:
             return
         self._draining = True
         try:
-            await asyncio.wait_for(nc.drain(), timeout)
+            await asyncio.wait_for(nc.drain(), timeout * 0.7)
         except (TimeoutError, NatsError) as exc:
             log.warning("NATS drain incomplete, closing", error=str(exc) or type(exc).__name__)
             # Closing a connection that is reconnecting can fail on the dead socket too.
             with contextlib.suppress(NatsError, OSError, TimeoutError):
-                await asyncio.wait_for(nc.close(), 2.0)  # a stalled socket must not hang us
+                await asyncio.wait_for(
+                    nc.close(), timeout * 0.3
+                )  # a stalled socket must not hang us
         self.metrics.nats_connected.set(0)

@@ -12,6 +12,7 @@ import gc
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,8 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_BAD_SETTINGS = 2
 EMBEDDED_LIBVIRT_URI = "test:///default"
+# Past shutdown_grace_s by this much, a shutdown that has not ended is cut short.
+SHUTDOWN_OVERDUE_S = 2.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -262,14 +265,48 @@ async def _run_agent(settings: Settings) -> int:
     gc.freeze()
     gc.set_threshold(20_000, 20, 20)
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, agent.request_stop, sig.name)
+    overdue_after = settings.agent.shutdown_grace_s + SHUTDOWN_OVERDUE_S
+
+    def on_signal(signum: int, _frame: object) -> None:
+        # A Python-level handler rather than loop.add_signal_handler: asyncio delivers those
+        # as bytes on its self-pipe, and a loop flooded with wake-ups from libvirt's threads
+        # can find that pipe full and lose the signal. This runs in the main thread between
+        # two bytecodes, whatever the pipe holds.
+        loop.call_soon_threadsafe(agent.request_stop, signal.Signals(signum).name)
+        _arm_overdue(overdue_after)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         await agent.run()
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return EXIT_OK
+
+
+_overdue: threading.Timer | None = None
+
+
+def _arm_overdue(after: float) -> None:
+    """The grace is a promise to the service manager: a shutdown still running `after` seconds
+    from the signal ends the process (what could be kept is in the spool by then)."""
+    global _overdue
+    if _overdue is not None:
+        return
+
+    def overdue() -> None:
+        sys.stderr.write(
+            msgspec.json.encode(
+                {"event": "shutdown overdue, exiting", "after_s": after, "level": "error"}
+            ).decode()
+            + "\n"
+        )
+        sys.stderr.flush()
+        os._exit(EXIT_FAILED)
+
+    _overdue = threading.Timer(after, overdue)
+    _overdue.daemon = True
+    _overdue.start()
 
 
 # ---------------------------------------------------------------- events

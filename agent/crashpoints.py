@@ -1,10 +1,11 @@
-"""A test-only switch that makes the agent die (like kill -9) at a named point of
-migrate-with-failover, so the crash-safety tests can stop it at every step boundary.
+"""Crash points for the crash-safety tests: the agent dies (like kill -9) at a named point of
+migrate-with-failover, so the tests can stop it at every step boundary.
 
-`VIRT_AGENT_TEST_EXIT_AT=<point>`: the process exits with status 86 when it reaches that
-point, without cleanup. Points on the source: the steps `plan`, `reserve`, `unplug`,
-`migrate`, `replug`, `verify`; on the destination: `dest.reserve` (reservation recorded, not
-yet answered) and `dest.replug` (asked to plug, not yet plugged). Unset in production.
+Points on the source: the steps `plan`, `reserve`, `unplug`, `migrate`, `replug`, `verify`; on
+the destination: `dest.reserve` (reservation recorded, not yet answered) and `dest.replug`
+(asked to plug, not yet plugged). Only the test harness arms one (`python -m
+tests.crashing_agent POINT run ...`, which calls `arm` before the agent starts); nothing in
+`virt-agent` does, and the environment cannot: a production process never exits here.
 """
 
 from __future__ import annotations
@@ -12,12 +13,19 @@ from __future__ import annotations
 import os
 import sys
 
-ENV = "VIRT_AGENT_TEST_EXIT_AT"
 EXIT_STATUS = 86
+
+_armed: str | None = None
+
+
+def arm(point: str) -> None:
+    """Make this process exit with EXIT_STATUS when it reaches `point` (test harness only)."""
+    global _armed
+    _armed = point
 
 
 def reached(point: str) -> None:
-    if os.environ.get(ENV) == point:
+    if _armed == point:
         sys.stderr.write(f'{{"event": "test exit point reached", "point": "{point}"}}\n')
         sys.stderr.flush()
         os._exit(EXIT_STATUS)

@@ -53,8 +53,13 @@ class LoopSafeEventImpl(libvirtaio.virEventAsyncIOImpl):  # type: ignore[misc]
             op()
             return
         with self._ops_lock:
+            wake = not self._ops
             self._ops.append(op)
-        self.loop.call_soon_threadsafe(self._apply_queued)
+        # One wake-up per batch, not per change: every call_soon_threadsafe writes a byte to the
+        # loop's self-pipe, and a pipe filled by a burst of libvirt RPCs from executor threads
+        # makes asyncio drop what else it carries (signal numbers among them).
+        if wake:
+            self.loop.call_soon_threadsafe(self._apply_queued)
 
     def schedule_ff_callback(self, iden: int, opaque: Any) -> None:
         if self.loop.is_closed():

@@ -181,11 +181,11 @@ class Publisher:
         if self.spool is None:
             return False
         if not self._spooling:
-            nc = self._nc
-            if len(self._queue) >= self._spool_after or (nc is not None and not nc.is_connected):
+            connected = self._nc is None or self._nc.is_connected
+            if len(self._queue) >= self._spool_after or not connected:
                 self._spooling = True
                 log.warning("spooling to disk", queued=len(self._queue),
-                            nats_connected=bool(nc and nc.is_connected))  # fmt: skip
+                            nats_connected=connected)  # fmt: skip
         return self._spooling
 
     def _to_spool(self, item: _Queued) -> None:
@@ -357,6 +357,10 @@ class Publisher:
         has nothing unread; then new messages go to memory again."""
         spool = self.spool
         assert spool is not None
+        if not self._connected():
+            # Sending into nats-py's reconnect buffer only piles up copies to re-send; the spool
+            # keeps them until NATS is back (watch_acks wakes the loop then).
+            return
         while True:
             records = spool.read(batch)
             if records:
@@ -369,14 +373,18 @@ class Publisher:
                 continue
             if not self._held:
                 break  # nothing unread, nothing held: no await between here and the switch
-            if self._nc is None or not self._nc.is_connected:
+            if not self._connected():
                 return  # held until NATS is back (watch_acks wakes the loop then)
             while await self._send_next(self._held):
                 pass
             # Meanwhile new messages may have gone to the spool again: read it once more.
-        if not self._queue:
+        if not self._queue and self._connected():
+            # Once per outage: while NATS is away, new messages keep going to the spool.
             self._spooling = False
             log.info("spool drained; back to the memory queue", spooled=self.spooled)
+
+    def _connected(self) -> bool:
+        return self._nc is not None and self._nc.is_connected
 
     async def _send_next(self, source: deque[_Queued]) -> bool:
         """Send the first message of `source` once a slot is free; it stays in `source` (where
@@ -444,10 +452,10 @@ class Publisher:
         timeout = self.settings.ack_timeout_s
         while True:
             await asyncio.sleep(min(1.0, timeout / 4))
-            if self._nc is not None and not self._nc.is_connected:
+            if not self._connected():
                 continue  # re-sending into nats-py's reconnect buffer would only pile up copies
-            if self._held:
-                self._wakeup.set()  # connected again: what the disk refused goes out now
+            if self._held or self._spooling:
+                self._wakeup.set()  # connected again: what waited on disk or in memory goes out
             deadline = time.monotonic() - timeout
             expired = []
             for token, out in self._inflight.items():

@@ -21,8 +21,12 @@ from agent.errors import SettingsError
 
 ENV_PREFIX = "VIRT_AGENT_"
 # Environment variables that are about finding the settings, not settings themselves.
-# Not settings: the config file's path, and the test-only crash switch (agent/crashpoints.py).
-ENV_META = {"VIRT_AGENT_CONFIG", "VIRT_AGENT_TEST_EXIT_AT"}
+ENV_META = {"VIRT_AGENT_CONFIG"}
+# Not settings, and never accepted: a name whose value would change what the agent does.
+ENV_REFUSED = {
+    "VIRT_AGENT_TEST_EXIT_AT": "crash points are armed only by the test harness "
+    "(tests/crashing_agent.py), never from the environment; unset it",
+}
 PCI_RE = re.compile(r"^[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]$")
 
 TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -275,6 +279,8 @@ def _from_env(env: Mapping[str, str], tree: dict[str, Any], sources: dict[str, s
     for name, value in env.items():
         if not name.startswith(ENV_PREFIX) or name in ENV_META:
             continue
+        if name in ENV_REFUSED:
+            raise SettingsError(name, value, ENV_REFUSED[name], "environment")
         key = by_name.get(name)
         if key is None:
             raise SettingsError(name, value, "unknown environment setting", "environment")

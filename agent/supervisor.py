@@ -51,6 +51,9 @@ from handlers.failover import recovery
 # Tasks that publish without being asked; stopped first at shutdown.
 SELF_PUBLISHING = frozenset({"heartbeat", "overflow-resync", "libvirt-watch", "failover-reconcile"})
 
+# Of shutdown_grace_s, kept for withdrawing the registration and draining NATS.
+CLOSE_RESERVE_S = 3.0
+
 log = structlog.get_logger("agent.supervisor")
 
 
@@ -108,6 +111,7 @@ class Agent:
         self.operations: OperationManager | None = None
         self.reconciler: Reconciler | None = None
         self._stop = asyncio.Event()
+        self._stop_deadline: float | None = None
         self.ready = asyncio.Event()
 
     # ------------------------------------------------------------ control
@@ -223,7 +227,9 @@ class Agent:
         # 0. Stop taking commands: new ones are answered `unavailable`.
         self.commands.stop_accepting()
         grace = self.settings.agent.shutdown_grace_s
-        deadline = time.monotonic() + grace
+        self._stop_deadline = time.monotonic() + grace
+        # Steps 1-4 end early enough to leave the closing steps (5-7) their share of the grace.
+        deadline = self._stop_deadline - min(CLOSE_RESERVE_S, grace / 4)
         # 1. Nothing else publishes on its own any more (heartbeat, resyncs, reconcile), and
         #    running operations end - cancelled: a migration is aborted and rolled back, with
         #    libvirt's events still flowing - so their final states go out before
@@ -265,12 +271,16 @@ class Agent:
                 return
 
     async def _close(self) -> None:
+        # What is left of the grace (all of the reserve when no ordered shutdown ran before).
+        end = self._stop_deadline or time.monotonic() + CLOSE_RESERVE_S
         if self.registry is not None:
             with contextlib.suppress(NatsError, TimeoutError):
-                await asyncio.wait_for(self.registry.withdraw(self.host), 2.0)
+                await asyncio.wait_for(
+                    self.registry.withdraw(self.host), max(0.1, (end - time.monotonic()) / 3)
+                )
         # 5. Drain NATS, 6. close libvirt, 7. stop HTTP. Each step runs even if one before failed.
         try:
-            await self.bus.drain(timeout=2.0)
+            await self.bus.drain(timeout=max(0.2, end - time.monotonic() - 0.2))
         finally:
             try:
                 await self.hypervisor.close()

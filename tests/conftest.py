@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -34,6 +36,67 @@ ERROR_CODES = frozenset({
     "invalid_request", "not_found", "conflict", "unsupported", "forbidden",
     "libvirt_error", "timeout", "unavailable", "internal",
 })  # fmt: skip
+# How long a test's threads and processes may take to end after it, before they count as leaked.
+LEAK_GRACE_S = 10.0
+
+
+def descendants() -> dict[int, str]:
+    """Live processes below this one (pid -> command line), from /proc; zombies are gone."""
+    children: dict[int, list[int]] = {}
+    names: dict[int, str] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        pid = int(stat.parent.name)
+        fields = text[text.rfind(")") + 2 :].split()
+        if fields[0] == "Z":
+            continue
+        children.setdefault(int(fields[1]), []).append(pid)
+        names[pid] = text[text.find("(") + 1 : text.rfind(")")]
+    out: dict[int, str] = {}
+    todo = [os.getpid()]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out[child] = names[child]
+            todo.append(child)
+    return out
+
+
+def _stray_threads(before: set[threading.Thread]) -> list[threading.Thread]:
+    # The session loop's default executor keeps its idle workers (asyncio_N) between tests.
+    return [
+        t
+        for t in threading.enumerate()
+        if t not in before and t.is_alive() and not t.name.startswith("asyncio_")
+    ]
+
+
+@pytest.fixture(autouse=True)
+def nothing_outlives_the_test() -> Iterator[None]:
+    """Threads and processes a test starts are gone at its end, also when it failed: a leak
+    is an error of the test that leaked, and leaked processes are killed here, so that they
+    cannot disturb the tests after it."""
+    threads = set(threading.enumerate())
+    procs = set(descendants())
+    yield
+    deadline = time.monotonic() + LEAK_GRACE_S
+    while True:
+        stray_threads = _stray_threads(threads)
+        stray_procs = {p: n for p, n in descendants().items() if p not in procs}
+        if (not stray_threads and not stray_procs) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    for pid in stray_procs:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    if stray_threads or stray_procs:
+        pytest.fail(
+            f"the test left running: threads {[t.name for t in stray_threads]}, "
+            f"processes {sorted(stray_procs.items())} (processes killed)",
+            pytrace=False,
+        )
 
 
 @pytest.fixture
@@ -259,11 +322,13 @@ async def stream_messages(
 class AgentProcess:
     """`virt-agent run` as a real process (for signals and exit statuses)."""
 
-    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+    def __init__(self, args: list[str], env: dict[str, str], log: Path, crash_at: str = "") -> None:
         self.log = log
+        # With a crash point: the test harness's entry, which arms it (agent/crashpoints.py).
+        entry = ["tests.crashing_agent", crash_at] if crash_at else ["agent"]
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "agent", "run", *args],
+                [sys.executable, "-m", *entry, "run", *args],
                 env=env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -290,9 +355,9 @@ def agent_process(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
     """Start `virt-agent run` processes; any still running are killed at teardown."""
     procs: list[AgentProcess] = []
 
-    def start(*args: str, env: dict[str, str] | None = None) -> AgentProcess:
+    def start(*args: str, env: dict[str, str] | None = None, crash_at: str = "") -> AgentProcess:
         full_env = agent_env(VIRT_AGENT_LOG_FORMAT="json", **(env or {}))
-        p = AgentProcess(list(args), full_env, tmp_path / f"agent{len(procs)}.log")
+        p = AgentProcess(list(args), full_env, tmp_path / f"agent{len(procs)}.log", crash_at)
         procs.append(p)
         return p
 

@@ -63,6 +63,21 @@ def test_each_failure_has_its_exit_status(good: list[str], tmp_path: Path) -> No
     assert "FAIL http" in out
 
 
+def test_a_crash_point_from_the_environment_is_refused(good: list[str], tmp_path: Path) -> None:
+    """VIRT_AGENT_TEST_EXIT_AT in a service's environment: check-config and run refuse it
+    (exit 2, naming it), and the agent never starts, so it can never exit mid-migration."""
+    code, out = check(*good, VIRT_AGENT_TEST_EXIT_AT="migrate")
+    assert code == 2, out
+    assert "VIRT_AGENT_TEST_EXIT_AT" in out
+    assert "test harness" in out
+    run = subprocess.run(
+        [sys.executable, "-m", "agent", "run", *good], cwd=ROOT, capture_output=True, text=True,
+        env=agent_env(VIRT_AGENT_TEST_EXIT_AT="migrate"), timeout=60, check=False,
+    )  # fmt: skip
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert "VIRT_AGENT_TEST_EXIT_AT" in run.stderr
+
+
 def test_offline_checks_only_the_settings() -> None:
     code, out = check("--offline", "--nats-url", f"nats://127.0.0.1:{free_port()}")
     assert code == 0, out

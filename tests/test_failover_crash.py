@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from agent.crashpoints import ENV, EXIT_STATUS
+from agent.crashpoints import EXIT_STATUS
 from lab.agents import answering
 from tests.conftest import AgentProcess, Collector, call, where
 from tests.test_failover import bond_now, final_of, pings_flow
@@ -49,12 +49,10 @@ class Agents:
             "VIRT_AGENT_FAILOVER_PEER_TIMEOUT_S": "3",
             "VIRT_AGENT_FAILOVER_RECONCILE_INTERVAL_S": "1",
         }
-        if exit_at:
-            env[ENV] = exit_at
         p = self.start_process(
             "--libvirt-uri", uri, "--nats-url", self.nats_url, "--host-id", self.ids[name],
             "--state-dir", str(self.tmp / f"state-{name}"), "--http-addr", "127.0.0.1:0",
-            env=env,
+            env=env, crash_at=exit_at,
         )  # fmt: skip
         self.procs[name] = p
         return p
