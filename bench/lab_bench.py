@@ -67,7 +67,7 @@ def _lost_since(lab: Lab, name: str, offset: int) -> tuple[int, int]:
 
 async def lab_baselines(lab: Lab, agents: LabAgents, rounds: int = 6) -> dict[str, Any]:
     a, b = lab.host("a"), lab.host("b")
-    out: dict[str, Any] = {"accel": lab.accel, "network": "bridge" if lab.bridge else "user"}
+    out: dict[str, Any] = {"accel": lab.accel, "network": "bridge"}
 
     # Boot: wall time from define+start to the guest's LAB-READY, against the guest's own
     # uptime at that line (kernel + init): the ratio is what libvirt and QEMU add.
@@ -112,9 +112,7 @@ async def lab_baselines(lab: Lab, agents: LabAgents, rounds: int = 6) -> dict[st
         for who, (src, dst) in zip(order, ((a, b), (b, a)), strict=True):
             offset = lab.serial_path("bench-failover").stat().st_size
             if who == "raw":
-                r = await raw_failover_migration(
-                    src.uri, dst.uri, "bench-failover", guest_mac(0), lab.bridge
-                )
+                r = await raw_failover_migration(src.uri, dst.uri, "bench-failover", guest_mac(0))
             else:
                 op, wall = await agents.failover("bench-failover", src.name, dst.name)
                 if op["state"] != "succeeded":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from lab import network
 from lab.lab import DEFAULT_ROOT, Lab
 
 
@@ -18,7 +19,7 @@ def main() -> int:
         lab.up()
         for h in lab.hosts:
             print(f"host {h.name}: {h.uri}")
-        print(f"accelerator: {lab.accel}; network: {'bridge labbr0' if lab.bridge else 'user'}")
+        print(f"accelerator: {lab.accel}; network: bridge {network.BRIDGE}")
         print(f'boot a guest: python -c "from lab.lab import Lab; ..."; state in {lab.root}')
     elif args.command == "down":
         lab.down()

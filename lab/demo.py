@@ -56,8 +56,7 @@ async def demo(keep: bool, variant: str) -> int:
         agents = await LabAgents(lab, Path(tmp)).start()
         try:
             url = agents.server.url if agents.server else ""
-            net = "bridge" if lab.bridge else "user"
-            print(f"lab: {lab.accel} guests, {net} network; agents lab-a and lab-b on NATS {url}")
+            print(f"lab: {lab.accel} guests, bridge network; agents lab-a and lab-b on NATS {url}")
             print(f"guest: booting {GUEST} on a (virtio standby + e1000e primary, same MAC; "
                   f"{variant} net_failover) ...")  # fmt: skip
             await asyncio.to_thread(lab.boot, "a", GUEST, "failover", 0, 90.0, variant)

@@ -47,12 +47,6 @@ INTERFACE_BRIDGE = """<interface type='bridge'>
       <alias name='{alias}'/>
     </interface>"""
 
-INTERFACE_USER = """<interface type='user'>
-      <mac address='{mac}'/>
-      <model type='{model}'/>{teaming}
-      <alias name='{alias}'/>
-    </interface>"""
-
 DOMAIN = """<domain type='{accel}'>
   <name>{name}</name>
   <memory unit='MiB'>256</memory>
@@ -78,17 +72,15 @@ DOMAIN = """<domain type='{accel}'>
 </domain>"""
 
 
-def primary_interface_xml(mac: str, bridge: bool = True) -> str:
+def primary_interface_xml(mac: str) -> str:
     """The emulated e1000e that stands in for a VF: the failover primary."""
-    tpl = INTERFACE_BRIDGE if bridge else INTERFACE_USER
-    return tpl.format(
+    return INTERFACE_BRIDGE.format(
         bridge=network.BRIDGE, mac=mac, model="e1000e", teaming="", alias="ua-primary0"
     )
 
 
-def standby_interface_xml(mac: str, bridge: bool = True) -> str:
-    tpl = INTERFACE_BRIDGE if bridge else INTERFACE_USER
-    return tpl.format(
+def standby_interface_xml(mac: str) -> str:
+    return INTERFACE_BRIDGE.format(
         bridge=network.BRIDGE,
         mac=mac,
         model="virtio",
@@ -123,7 +115,6 @@ class Lab:
         }
         self.serial_dir = self.root / "serial"
         self.state_file = self.root / "lab.json"
-        self.bridge = False
         self.accel = "qemu"
 
     # ------------------------------------------------------------ up / down
@@ -139,10 +130,14 @@ class Lab:
         self.image.ensure()
         try:
             network.up()
-            self.bridge = True
-        except subprocess.CalledProcessError:
+        except subprocess.CalledProcessError as exc:
+            # No quiet fallback to QEMU user networking: probes through slirp would pass
+            # without the guests sharing a segment, and prove nothing about failover.
             network.down()
-            self.bridge = False  # QEMU user networking: each NIC its own private NAT
+            raise RuntimeError(
+                f"the lab network (bridge {network.BRIDGE}, gateway namespace {network.NETNS}) "
+                f"could not be made: {' '.join(exc.cmd)}: {exc.stderr.strip()}"
+            ) from None
         base = 49152
         for i in range(self.n_hosts):
             name = HOST_NAMES[i]
@@ -198,7 +193,6 @@ class Lab:
             json.dumps(
                 {
                     "accel": self.accel,
-                    "bridge": self.bridge,
                     "hosts": [
                         {"name": h.name, "uri": h.uri, "root": str(h.daemon.root),
                          "pid": h.daemon.proc.pid if h.daemon.proc else None,
@@ -238,11 +232,11 @@ class Lab:
         `dirty_mib`: the guest keeps rewriting that much memory (a migration that converges
         slowly)."""
         mac = guest_mac(index)
-        nics = [] if kind == "primary" else [standby_interface_xml(mac, self.bridge)]
+        nics = [] if kind == "primary" else [standby_interface_xml(mac)]
         if kind in ("failover", "primary"):
-            nics.append(primary_interface_xml(mac, self.bridge))
-        gw = network.GATEWAY if self.bridge else "10.0.2.2"
-        ip = network.guest_address(index) if self.bridge else "10.0.2.15/24"
+            nics.append(primary_interface_xml(mac))
+        gw = network.GATEWAY
+        ip = network.guest_address(index)
         image = self.images[variant].ensure()
         return DOMAIN.format(
             accel=accel or self.accel,

@@ -59,7 +59,7 @@ async def raw_migration(src_uri: str, dst_uri: str, name: str) -> dict[str, floa
 
 
 async def raw_failover_migration(
-    src_uri: str, dst_uri: str, name: str, mac: str, bridge: bool = True, timeout: float = 30.0
+    src_uri: str, dst_uri: str, name: str, mac: str, timeout: float = 30.0
 ) -> dict[str, float]:
     """Detach + wait, migrate, attach + wait; the time of each step and of the whole."""
     libvirt_loop.ensure_registered(asyncio.get_running_loop())
@@ -81,7 +81,7 @@ async def raw_failover_migration(
         back = added.expect(name, "ua-primary0")
         await asyncio.to_thread(
             ddom.attachDeviceFlags,
-            primary_interface_xml(mac, bridge),
+            primary_interface_xml(mac),
             libvirt.VIR_DOMAIN_AFFECT_LIVE,
         )
         await asyncio.wait_for(back, timeout)

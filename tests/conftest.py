@@ -401,7 +401,8 @@ def host_b(lab: Any) -> Any:
 
 @pytest.fixture
 def guest(lab: Any) -> Iterator[Callable[..., Any]]:
-    """Boot lab guests (failover pair or virtio only); each is destroyed and undefined after."""
+    """Boot lab guests (failover pair or virtio only); each is destroyed and undefined after,
+    and no guest may be left on a lab host then (none keeps burning CPU under other tests)."""
     booted: list[str] = []
 
     def boot(
@@ -414,14 +415,20 @@ def guest(lab: Any) -> Iterator[Callable[..., Any]]:
         )
 
     yield boot
+    left = []
     for h in lab.hosts:
         conn = h.connect()
         try:
             for name in booted:
                 with contextlib.suppress(Exception):
                     remove_domain(conn.lookupByName(name))
+            for dom in conn.listAllDomains(0):
+                left.append(f"{h.name}:{dom.name()}")
+                remove_domain(dom)
         finally:
             conn.close()
+    if left:
+        pytest.fail(f"guests left on the lab hosts (removed now): {left}", pytrace=False)
 
 
 @pytest.fixture

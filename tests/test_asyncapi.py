@@ -14,10 +14,12 @@ import referencing
 from referencing.jsonschema import DRAFT202012
 
 from agent.asyncapi import build
+from agent.operations import FINAL
 from tests.conftest import ROOT, Collector, RunningAgent, call
 from tests.test_events import define
 
 DOC = ROOT / "docs" / "asyncapi.yaml"
+FINAL_OPERATION_TYPES = {f"virt.operation.{state}" for state in FINAL}
 
 
 def test_the_document_is_generated_from_the_models() -> None:
@@ -47,6 +49,9 @@ async def test_emitted_messages_conform_to_the_document(
 ) -> None:
     doc = json.loads(DOC.read_text())
     agent = await start_agent()
+    # A second host, so that a migration is accepted as an operation (and fails on the test
+    # driver, which cannot migrate): its operation events are validated too.
+    peer = await start_agent()
     kinds = ("event", "host", "op")
     collectors = [await collect(f"virt.{agent.host}.{kind}.>") for kind in kinds]
     domain_events = collectors[0]
@@ -60,9 +65,11 @@ async def test_emitted_messages_conform_to_the_document(
         await call(nc, agent.host, "domain.get", {"domain": "test"}),
         await call(nc, agent.host, "domain.get", {"domain": "nope"}),
         await call(nc, agent.host, "migrate", {"domain": "test", "destination": "nowhere"}),
+        await call(nc, agent.host, "migrate", {"domain": "test", "destination": peer.host}),
         await call(nc, agent.host, "no.such.verb"),
     ]
     await domain_events.wait_for(lambda e: e["data"].get("event") == "undefined", 10)
+    await collectors[2].wait_for(lambda e: e["type"] in FINAL_OPERATION_TYPES, 30)
     await agent.settled()
 
     seen = set()
@@ -71,7 +78,7 @@ async def test_emitted_messages_conform_to_the_document(
         errors = [e.message for e in validator(doc, key).iter_errors(ev)]
         assert errors == [], f"{subject}: {errors}"
         seen.add(key)
-    assert {"domain.lifecycle", "host.resync"} <= seen
+    assert {"domain.lifecycle", "host.resync", "operation"} <= seen
     for reply in replies:
         assert list(validator(doc, "reply").iter_errors(reply)) == []
     # A request that the document says is invalid is also refused by the agent.

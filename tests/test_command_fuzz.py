@@ -1,5 +1,6 @@
 """Property: whatever bytes arrive on a command subject, the agent answers with a well-formed
-reply and stays healthy. 10,000 generated and mutated payloads across every verb."""
+reply and stays healthy. 10,000 generated and mutated payloads across every verb and every
+field of its request."""
 
 from __future__ import annotations
 
@@ -19,8 +20,7 @@ from agent.embedded import NatsServer
 from handlers import all_verbs
 from tests.conftest import ERROR_CODES, AgentProcess
 
-VERBS = sorted(all_verbs())
-FIELDS = ["domain", "request_id", "force", "primary", "mode", "destination", ""]
+VERBS = all_verbs()
 
 json_scalars = st.one_of(
     st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=40)
@@ -32,24 +32,56 @@ json_values = st.recursive(
     ),
     max_leaves=12,
 )
-valid_like = st.fixed_dictionaries(
-    {},
-    optional={
-        "domain": st.one_of(st.sampled_from(["test", "nope", str(uuid.UUID(int=0))]), json_values),
-        "request_id": st.one_of(st.text(min_size=1, max_size=8), json_values),
-        "extra": json_values,
-    },
+numbers = st.one_of(
+    st.sampled_from([1, 30, 600.0]),
+    st.sampled_from([0, -1, 86_401, 1e12]),
+    st.integers(-(2**63), 2**64),
+    st.floats(allow_nan=False),
 )
+names = st.sampled_from(["test", "nope", str(uuid.UUID(int=0)), "", "a.b", "*", ">", "x" * 300])
+ids = st.one_of(st.sampled_from(["0", "ab12", "f" * 64, "f" * 65, "XYZ"]), st.text(max_size=40))
+# Values for the request fields, near the valid ones and beyond them; any other field gets
+# arbitrary JSON.
+FIELD_VALUES: dict[str, st.SearchStrategy[Any]] = {
+    "domain": names,
+    "destination": names,
+    "source": names,
+    "force": st.booleans(),
+    "postcopy": st.booleans(),
+    "primary": st.sampled_from(["ua-primary0", "net0", "hostdev0", "", "ua-" + "x" * 300]),
+    "alias": st.sampled_from(["ua-primary0", "ua-x", "", "net0"]),
+    "mode": st.sampled_from(["auto", "sequenced", "qemu", "live", ""]),
+    "operation_id": ids,
+    "reservation_id": ids,
+    "request_id": st.text(min_size=1, max_size=8),
+    "timeout_s": numbers,
+    "bandwidth_mib_s": numbers,
+    "max_downtime_ms": numbers,
+    "lease_s": numbers,
+}
+
+
+def request_like(verb: str, wild: bool) -> st.SearchStrategy[dict[str, Any]]:
+    """A JSON object made of any subset of the verb's own request fields, each with a value
+    near the valid ones (or, `wild`, sometimes arbitrary JSON and a field it does not know)."""
+    known = VERBS.get(verb)
+    fields = [f.name for f in msgspec.structs.fields(known.request)] if known else []
+    optional = {f: FIELD_VALUES.get(f, json_values) for f in fields}
+    if wild:
+        optional = {f: st.one_of(v, json_values) for f, v in optional.items()}
+        optional["extra"] = json_values
+    return st.fixed_dictionaries({}, optional=optional)
 
 
 @st.composite
-def payloads(draw: st.DrawFn) -> bytes:
-    kind = draw(st.sampled_from(["bytes", "json", "valid_like", "mutated"]))
+def requests(draw: st.DrawFn) -> tuple[str, bytes]:
+    verb = draw(st.sampled_from([*VERBS, "nope", "domain.nope", "ping.extra"]))
+    kind = draw(st.sampled_from(["bytes", "json", "fields", "wild", "mutated"]))
     if kind == "bytes":
-        return draw(st.binary(max_size=200))
+        return verb, draw(st.binary(max_size=200))
     if kind == "json":
-        return msgspec.json.encode(draw(json_values))
-    body = msgspec.json.encode(draw(valid_like))
+        return verb, msgspec.json.encode(draw(json_values))
+    body = msgspec.json.encode(draw(request_like(verb, wild=kind != "fields")))
     if kind == "mutated" and body:
         i = draw(st.integers(0, len(body) - 1))
         op = draw(st.sampled_from(["flip", "cut", "dup", "insert"]))
@@ -65,7 +97,7 @@ def payloads(draw: st.DrawFn) -> bytes:
                 + draw(st.sampled_from([b'"', b"{", b"}", b",", b"\\", b"\x00"]))
                 + body[i:]
             )
-    return body
+    return verb, body
 
 
 class Bus:
@@ -107,17 +139,21 @@ def fuzz_target(
 
 
 counted: dict[str, int] = {}
+# Requests that passed decoding and validation and reached the verb's own code.
+decoded: dict[str, int] = {}
 
 
 def test_every_payload_gets_a_well_formed_reply(fuzz_target: tuple[Bus, str, AgentProcess]) -> None:
     """10,000 generated and mutated payloads on every verb: each answered with ok or a contract error code."""
     bus, host, proc = fuzz_target
     counted.clear()
+    decoded.clear()
 
     @settings(max_examples=10_000, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))  # fmt: skip
-    @given(verb=st.sampled_from([*VERBS, "nope", "domain.nope", "ping.extra"]), data=payloads())
-    def check(verb: str, data: bytes) -> None:
+    @given(request=requests())
+    def check(request: tuple[str, bytes]) -> None:
+        verb, data = request
         reply: Any = msgspec.json.decode(bus.request(f"virt.{host}.cmd.{verb}", data))
         assert isinstance(reply, dict)
         assert isinstance(reply.get("ok"), bool)
@@ -130,10 +166,15 @@ def test_every_payload_gets_a_well_formed_reply(fuzz_target: tuple[Bus, str, Age
             assert isinstance(err["message"], str)
             assert err["message"]
         counted[verb] = counted.get(verb, 0) + 1
+        if reply["ok"] or reply["error"]["code"] != "invalid_request":
+            decoded[verb] = decoded.get(verb, 0) + 1
 
     check()
     assert sum(counted.values()) >= 10_000
     assert set(VERBS) <= set(counted)
+    # The fields are fuzzed past decoding, into the verbs themselves (a few verbs need
+    # several valid ids at once and are reached only now and then).
+    assert len(set(decoded) & set(VERBS)) >= len(VERBS) - 3, sorted(decoded.items())
     assert proc.proc.poll() is None, "the agent must still be running"
     pong = msgspec.json.decode(bus.request(f"virt.{host}.cmd.ping", b"{}"))
     assert pong["ok"] is True

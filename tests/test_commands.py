@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import libvirt
@@ -13,7 +14,10 @@ import nats
 import pytest
 from nats.aio.client import Client as NATS
 
+from agent.supervisor import AgentState
+from lab.daemon import LibvirtDaemon
 from tests.conftest import ERROR_CODES, ROOT, Collector, RunningAgent, call
+from tests.test_daemon_events import Flipper
 from tests.test_events import define
 
 
@@ -66,15 +70,19 @@ async def test_domain_verbs_change_libvirt_and_raise_events(
 
 
 async def test_errors_are_structured_and_name_what_was_wrong(
-    start_agent: Callable[..., Awaitable[RunningAgent]], nc: NATS, testdrv: Any
+    start_agent: Callable[..., Awaitable[RunningAgent]],
+    collect: Callable[[str], Awaitable[Collector]],
+    nc: NATS,
+    testdrv: Any,
 ) -> None:
-    """Each kind of bad request gets its contract error code and a message naming the problem."""
+    """Each kind of bad request gets its contract error code and a message naming the problem; a denied verb does not act."""
     agent = await start_agent(
-        **{"commands.denied_verbs": ["domain.reboot"], "commands.max_payload_bytes": 1024}
+        **{"commands.denied_verbs": ["domain.destroy"], "commands.max_payload_bytes": 1024}
     )
     h = agent.host
     dom = define(testdrv)
     dom.create()
+    lifecycle = await collect(f"virt.{h}.event.{dom.UUIDString()}.lifecycle")
     cases: list[tuple[str, Any, bytes | None, str, str]] = [
         ("domain.get", {"domain": "no-such-domain"}, None, "not_found", "no-such-domain"),
         ("domain.start", {"domain": dom.name()}, None, "conflict", "is running"),
@@ -84,14 +92,17 @@ async def test_errors_are_structured_and_name_what_was_wrong(
         ("domain.get", {}, None, "invalid_request", "domain"),
         ("domain.get", {"domain": dom.name(), "colour": "red"}, None, "invalid_request", "colour"),
         ("domain.get", {"domain": "x" * 2000}, None, "invalid_request", "exceeds the limit"),
-        ("domain.reboot", {"domain": dom.name()}, None, "forbidden", "domain.reboot"),
+        ("domain.destroy", {"domain": dom.name()}, None, "forbidden", "domain.destroy"),
         ("domain.explode", {"domain": dom.name()}, None, "not_found", "domain.explode"),
     ]
     for verb, payload, raw, code, needle in cases:
         reply = await call(nc, h, verb, payload, raw)
         assert error_code(reply) == code, (verb, payload, raw, reply)
         assert needle in reply["error"]["message"], reply
-    assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING, "the forbidden reboot must not have acted"
+    await agent.settled()
+    assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING, "the denied destroy must not have acted"
+    stopped = [e for e in lifecycle.events() if e["data"]["event"] == "stopped"]
+    assert stopped == [], "no stopped event on the bus"
     assert (await call(nc, h, "ping"))["ok"] is True
 
 
@@ -125,28 +136,76 @@ async def test_request_id_makes_a_command_act_once(
     assert error_code(again) == "conflict"
 
 
+@pytest.mark.daemon
 async def test_commands_during_a_libvirt_outage_get_unavailable(
-    start_agent: Callable[..., Awaitable[RunningAgent]], nc: NATS
+    tmp_path: Path, start_agent: Callable[..., Awaitable[RunningAgent]], nc: NATS
 ) -> None:
-    """While libvirt is disconnected, domain verbs answer `unavailable`; ping still answers."""
-    agent = await start_agent()
-    await agent.agent.hypervisor.close()
-    reply = await call(nc, agent.host, "domain.list")
-    assert error_code(reply) == "unavailable"
-    pong = await call(nc, agent.host, "ping")
-    assert pong["result"]["libvirt_connected"] is False
+    """libvirtd killed: domain verbs answer `unavailable` and ping says libvirt is away; libvirtd back: they work again."""
+    daemon = await asyncio.to_thread(LibvirtDaemon(tmp_path, "outage").start)
+    try:
+        agent = await start_agent(**{
+            "libvirt.uri": daemon.test_uri, "libvirt.keepalive_interval_s": 1,
+            "libvirt.keepalive_count": 2, "libvirt.reconnect_min_s": 0.2,
+            "libvirt.reconnect_max_s": 1.0,
+        })  # fmt: skip
+        assert (await call(nc, agent.host, "domain.list"))["ok"] is True
+        await asyncio.to_thread(daemon.kill)
+
+        async def libvirt_connected() -> bool:
+            return bool((await call(nc, agent.host, "ping"))["result"]["libvirt_connected"])
+
+        await until_async(libvirt_connected, want=False, timeout=30)
+        reply = await call(nc, agent.host, "domain.list")
+        assert error_code(reply) == "unavailable"
+        assert "libvirt" in reply["error"]["message"]
+
+        await asyncio.to_thread(daemon.stop)  # its log daemon, before the same host starts again
+        await asyncio.to_thread(daemon.start)
+        await until_async(libvirt_connected, want=True, timeout=60)
+        listed = await call(nc, agent.host, "domain.list")
+        assert [d["name"] for d in listed["result"]] == ["test"]
+    finally:
+        await asyncio.to_thread(daemon.stop)
 
 
-@pytest.mark.parametrize("verb", ["domain.get"])
+async def until_async(
+    probe: Callable[[], Awaitable[bool]], want: bool, timeout: float, poll: float = 0.2
+) -> None:
+    """Until `probe()` answers `want` (the agent notices a change in its own time)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while await probe() != want:
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"still not {want} after {timeout}s")
+        await asyncio.sleep(poll)
+
+
+@pytest.mark.daemon
 async def test_stopping_agent_refuses_new_commands(
-    start_agent: Callable[..., Awaitable[RunningAgent]], nc: NATS, verb: str
+    test_daemon: LibvirtDaemon,
+    start_agent: Callable[..., Awaitable[RunningAgent]],
+    nc: NATS,
 ) -> None:
-    """Once the agent is stopping, a new command is answered `unavailable`, not dropped."""
-    agent = await start_agent()
-    agent.agent.commands.stop_accepting()
-    reply = await call(nc, agent.host, verb, {"domain": "test"})
-    assert error_code(reply) == "unavailable"
-    assert reply["error"]["code"] in ERROR_CODES
+    """During a real shutdown (events still flowing, so it takes a while), a new command is answered `unavailable` and does not act."""
+    agent = await start_agent(**{"libvirt.uri": test_daemon.test_uri})
+    conn = await asyncio.to_thread(libvirt.open, test_daemon.test_uri)
+    target = await asyncio.to_thread(define, conn)
+    await asyncio.to_thread(target.create)
+    flipper = await asyncio.to_thread(lambda: Flipper(test_daemon.test_uri).start())
+    try:
+        agent.agent.request_stop("test")
+        while agent.agent.state is not AgentState.STOPPING:  # noqa: ASYNC110 - a state, no event
+            await asyncio.sleep(0)
+        reply = await call(nc, agent.host, "domain.suspend", {"domain": target.name()})
+        assert error_code(reply) == "unavailable"
+        assert reply["error"]["code"] in ERROR_CODES
+        await asyncio.wait_for(agent.task, 60)
+        state = (await asyncio.to_thread(target.state))[0]
+        assert state == libvirt.VIR_DOMAIN_RUNNING, "the refused command did not act"
+    finally:
+        await asyncio.to_thread(flipper.stop)
+        await asyncio.to_thread(target.destroy)
+        await asyncio.to_thread(target.undefine)
+        await asyncio.to_thread(conn.close)
 
 
 async def test_registration_in_virt_hosts_and_the_cli(

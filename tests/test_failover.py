@@ -70,6 +70,7 @@ async def test_migrate_with_failover_moves_the_guest_and_plugs_its_primary_on_th
     added = await collect(f"virt.{agent_b.host}.event.{u}.device_added")
     offset = serial.stat().st_size
 
+    t0 = asyncio.get_running_loop().time()
     reply = await call(
         nc, agent_a.host, "migrate_with_failover",
         {"domain": dom.name(), "destination": agent_b.host},
@@ -77,9 +78,12 @@ async def test_migrate_with_failover_moves_the_guest_and_plugs_its_primary_on_th
     assert reply["ok"] is True, reply
     assert reply["result"]["mode"] == "sequenced"
     op = await final_of(ops)
+    wall = asyncio.get_running_loop().time() - t0
     assert op["state"] == "succeeded", op
     assert [s["step"] for s in op["steps"]] == STEPS
-    assert all(s["duration_s"] >= 0 for s in op["steps"])
+    durations = {s["step"]: s["duration_s"] for s in op["steps"]}
+    assert durations["migrate"] > 0, "a live migration takes time"
+    assert sum(durations.values()) <= wall, (durations, wall)
     plan = op["steps"][0]
     assert (plan["primary"], plan["standby"]) == (PRIMARY, "ua-backup0")
 
@@ -144,24 +148,46 @@ async def test_with_the_standby_rx_rule_in_the_guest_no_probe_is_lost(
 
 
 async def test_a_primary_without_standby_is_refused_unless_forced(
+    lab: Any,
     host_a: Any,
     host_b: Any,
     guest: Callable[..., Any],
     start_agent: Callable[..., Awaitable[RunningAgent]],
+    collect: Callable[[str], Awaitable[Collector]],
     nc: Any,
 ) -> None:
     """Unplugging a NIC that no standby backs would cut the VM off: invalid_request, and the
-    domain keeps its NIC on A; a virtio-only guest has no primary at all: not_found."""
+    domain keeps its NIC on A; with force it is done all the same: the VM moves to B with its
+    primary, and the guest loses its network meanwhile. A virtio-only guest has no primary at
+    all: not_found."""
     agent_a = await start_agent(**{"libvirt.uri": host_a.uri})
     agent_b = await start_agent(**{"libvirt.uri": host_b.uri})
     lone = await asyncio.to_thread(guest, "a", "primary")
+    u = lone.UUIDString()
+    serial = lab.serial_path(lone.name())
+    await asyncio.to_thread(wait_for_serial, serial, " ok", 60)
     req = {"domain": lone.name(), "destination": agent_b.host, "primary": PRIMARY}
     reply = await call(nc, agent_a.host, "migrate_with_failover", req)
     assert reply["error"]["code"] == "invalid_request", reply
     assert "cut the VM off" in reply["error"]["message"]
-    assert await asyncio.to_thread(where, host_a, lone.UUIDString()) == {
+    assert await asyncio.to_thread(where, host_a, u) == {
         "running": True, "primary": True, "record": False,
     }  # fmt: skip
+    await pings_flow(serial, serial.stat().st_size, run=10)
+
+    ops = await collect(f"virt.{agent_a.host}.op.>")
+    offset = serial.stat().st_size
+    reply = await call(nc, agent_a.host, "migrate_with_failover", {**req, "force": True})
+    assert reply["ok"] is True, reply
+    op = await final_of(ops)
+    assert op["state"] == "succeeded", op
+    assert op["steps"][0]["standby"] is None
+    assert await asyncio.to_thread(where, host_b, u) == {
+        "running": True, "primary": True, "record": False,
+    }  # fmt: skip
+    assert (await asyncio.to_thread(where, host_a, u))["running"] is False
+    lost = [p.seq for p in probes(serial_text(serial, offset)) if not p.ok]
+    assert lost, "with its only NIC unplugged the guest was cut off"
     plain = await asyncio.to_thread(guest, "a", "virtio")
     reply = await call(
         nc, agent_a.host, "migrate_with_failover",
@@ -235,7 +261,7 @@ async def test_the_destination_plugs_a_reserved_template_primary(
     (not the template's), and the guest bonds it as its new primary."""
     tpl = tmp_path / "vf.xml"
     tpl.write_text(
-        primary_interface_xml(guest_mac(0), lab.bridge)
+        primary_interface_xml(guest_mac(0))
         .replace(guest_mac(0), "52:54:00:ff:ff:ff")
     )  # fmt: skip
     agent_a = await start_agent(**{"libvirt.uri": host_a.uri})

@@ -16,6 +16,7 @@ from typing import Any
 
 import nats
 import pytest
+import structlog.testing
 from nats.js.api import StreamConfig
 
 from agent.embedded import NatsServer
@@ -29,6 +30,8 @@ pytestmark = [pytest.mark.faults, pytest.mark.daemon, pytest.mark.timeout(300)]
 EVENTS = 20_000
 # `make bench` runs this suite with this variable set and draws the fault table from it.
 REPORT = os.environ.get("VIRT_AGENT_FAULT_REPORT", "")
+# What the publisher logs when it starts spooling and when it is back on the memory queue.
+SPOOL_SWITCHES = ("spooling to disk", "spool drained; back to the memory queue")
 
 
 def report(fault: str, generated: int, stored: int, duplicates: int, recover_s: float) -> None:
@@ -201,19 +204,23 @@ async def test_events_while_nats_is_down_are_spooled_and_published_in_order_once
     start_agent: Callable[..., Awaitable[RunningAgent]],
 ) -> None:
     """nats-server stopped; 3,000 events happen; it starts again: every event is stored once,
-    in the order of its sequence, and the spool is empty again."""
+    in the order of its sequence, the spool is empty again, and the publisher switched to the
+    spool and back once for the outage (not once per event)."""
     agent = await start_agent(**{"libvirt.uri": test_daemon.test_uri})
-    await asyncio.to_thread(nats_server.stop)
-    flipper = await flip(test_daemon.test_uri, 3000)
-    pub = agent.agent.publisher
-    await until(lambda: pub.received >= flipper.count)
-    assert pub.spooled >= flipper.count - 10, "events went to the spool"
-    assert agent.agent.spool is not None
-    assert agent.agent.spool.depth > 0
-    await asyncio.to_thread(restart, nats_server)
-    recover_s = await first_ack_after(pub)
-    await agent.settled(timeout=60)
+    with structlog.testing.capture_logs() as logs:
+        await asyncio.to_thread(nats_server.stop)
+        flipper = await flip(test_daemon.test_uri, 3000)
+        pub = agent.agent.publisher
+        await until(lambda: pub.received >= flipper.count)
+        assert pub.spooled >= flipper.count - 10, "events went to the spool"
+        assert agent.agent.spool is not None
+        assert agent.agent.spool.depth > 0
+        await asyncio.to_thread(restart, nats_server)
+        recover_s = await first_ack_after(pub)
+        await agent.settled(timeout=60)
     assert agent.agent.spool.empty()
+    switches = [e["event"] for e in logs if e["event"] in SPOOL_SWITCHES]
+    assert switches == list(SPOOL_SWITCHES), f"{len(switches)} switches: {switches[:6]}"
     assert list((Path(agent.agent.settings.state_dir) / "spool").glob("*.seg")) == []
 
     await all_stored_once_in_order(

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import subprocess
+import uuid
+import xml.etree.ElementTree as ET
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -11,9 +14,11 @@ from typing import Any
 import msgspec
 import pytest
 
+from lab import network
+from lab.agents import answering
 from lab.lab import bond_members, guest_mac, primary_interface_xml, probes, wait_for_serial
 from lab.scenarios import raw_migration
-from tests.conftest import Collector, RunningAgent, call, where
+from tests.conftest import AgentProcess, Collector, RunningAgent, call, where
 
 pytestmark = pytest.mark.lab
 
@@ -27,8 +32,12 @@ def virsh(uri: str, *args: str) -> str:
 async def test_guest_serial_shows_the_failover_bond_and_its_pings(
     lab: Any, guest: Callable[..., Any]
 ) -> None:
-    """The guest's net_failover bonds standby and primary, and its pings reach the gateway."""
+    """The guest's net_failover bonds standby and primary on the lab bridge, and its pings reach the gateway in its namespace."""
     dom = await asyncio.to_thread(guest, "a", "failover")
+    nics = ET.fromstring(await asyncio.to_thread(dom.XMLDesc, 0)).findall("./devices/interface")
+    assert [(n.get("type"), n.find("source").get("bridge")) for n in nics] == [
+        ("bridge", network.BRIDGE), ("bridge", network.BRIDGE),
+    ], "both NICs on the lab's bridge, not QEMU user networking"  # fmt: skip
     serial = lab.serial_path(dom.name())
     text = await asyncio.to_thread(wait_for_serial, serial, "LAB-PING", 20)
     assert bond_members(text)[0] == ["eth1", "eth2"]
@@ -70,7 +79,7 @@ async def test_primary_detach_and_attach_with_virsh_become_device_events(
 
     offset = serial.stat().st_size
     xml = tmp_path / "primary.xml"
-    xml.write_text(primary_interface_xml(guest_mac(0), lab.bridge))
+    xml.write_text(primary_interface_xml(guest_mac(0)))
     await asyncio.to_thread(virsh, a.uri, "attach-device", dom.name(), str(xml), "--live")
     added = await c.wait_for(lambda e: e["type"] == "virt.domain.device_added", 30)
     assert added["data"]["alias"] == "ua-primary0"
@@ -213,26 +222,35 @@ async def test_an_agent_stopping_mid_migration_ends_it_and_says_so_before_agent_
     host_b: Any,
     guest: Callable[..., Any],
     start_agent: Callable[..., Awaitable[RunningAgent]],
+    agent_process: Callable[..., AgentProcess],
+    nats_server: Any,
     collect: Callable[[str], Awaitable[Collector]],
     nc: Any,
+    tmp_path: Path,
 ) -> None:
-    """SIGTERM's ordered shutdown with a slow migration running: the migration is aborted,
-    the domain stays on A, and the operation's final state is published before
-    agent_stopping - the last word of the boot."""
-    agent_a = await start_agent(**{"libvirt.uri": host_a.uri})
+    """SIGTERM to the source agent's process with a slow migration running: the migration is
+    aborted, the domain stays on A, the operation's final state is published before
+    agent_stopping - the last word of the boot - and the process exits 0."""
+    source = f"sa{uuid.uuid4().hex[:6]}"
+    proc = agent_process(
+        "--libvirt-uri", host_a.uri, "--nats-url", nats_server.url, "--host-id", source,
+        "--state-dir", str(tmp_path / "st-a"), "--http-addr", "",
+    )  # fmt: skip
+    await answering(nc, [source])
     agent_b = await start_agent(**{"libvirt.uri": host_b.uri})
     dom = await asyncio.to_thread(guest, "a", "virtio")
     u = dom.UUIDString()
-    seen = await collect(f"virt.{agent_a.host}.>")
+    seen = await collect(f"virt.{source}.>")
     slow = {"domain": dom.name(), "destination": agent_b.host, "bandwidth_mib_s": 1}
-    op_id = (await call(nc, agent_a.host, "migrate", slow))["result"]["operation_id"]
+    op_id = (await call(nc, source, "migrate", slow))["result"]["operation_id"]
     await seen.wait_for(
         lambda e: (
             e.get("data", {}).get("operation", {}).get("progress", {}).get("percent") is not None
         ),
         60,
     )
-    await agent_a.stop()
+    proc.signal(signal.SIGTERM)
+    assert await asyncio.to_thread(proc.wait, 60) == 0, proc.output()[-3000:]
     await seen.wait_for(lambda e: e.get("type") == "virt.host.agent_stopping", 30)
     types = [ev.get("type") for _, ev, _ in seen.messages]
     final = types.index("virt.operation.cancelled")
@@ -253,7 +271,7 @@ async def test_device_detach_and_attach_verbs_on_the_primary(
 ) -> None:
     """device.detach waits for the guest to release the primary; device.attach plugs the recorded one or a template back."""
     tpl = tmp_path / "primary.xml"
-    tpl.write_text(primary_interface_xml(guest_mac(0), lab.bridge))
+    tpl.write_text(primary_interface_xml(guest_mac(0)))
     agent = await start_agent(
         **{"libvirt.uri": host_a.uri, "devices.templates": {"primary": str(tpl)}}
     )
