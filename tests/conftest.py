@@ -141,7 +141,7 @@ class RunningAgent:
         self.agent.request_stop("test")
         await asyncio.wait_for(self.task, 30)
 
-    async def settled(self, timeout: float = 10.0) -> None:
+    async def settled(self, timeout: float = 60.0) -> None:
         """Wait until libvirt has gone quiet and JetStream acknowledged everything queued."""
         deadline = time.monotonic() + timeout
         pub = self.agent.publisher
@@ -170,7 +170,7 @@ async def start_agent(
         agent = Agent(settings)
         task = asyncio.create_task(agent.run())
         ready = asyncio.create_task(agent.ready.wait())
-        done, _ = await asyncio.wait({task, ready}, timeout=20, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({task, ready}, timeout=60, return_when=asyncio.FIRST_COMPLETED)
         if ready not in done:
             ready.cancel()
             if task.done():
@@ -241,6 +241,18 @@ def where(host: Any, uuid: str, alias: str = "ua-primary0") -> dict[str, Any]:
         conn.close()
 
 
+async def eventually(
+    condition: Callable[[], bool], timeout: float, what: str, poll: float = 0.2
+) -> None:
+    """Until `condition()` holds (checked in a thread: it may read files or call libvirt),
+    within a bound generous against what it waits for; the assertion names what never came."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await asyncio.to_thread(condition):
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"not within {timeout}s: {what}")
+        await asyncio.sleep(poll)
+
+
 class Collector:
     """Every message on a subject pattern, decoded; wait for one matching a predicate."""
 
@@ -256,7 +268,7 @@ class Collector:
         return [m[1] for m in self.messages]
 
     async def wait_for(
-        self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 10.0
+        self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 30.0
     ) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         seen = 0
@@ -274,7 +286,7 @@ class Collector:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), remaining)
 
-    async def wait_count(self, n: int, timeout: float = 10.0) -> None:
+    async def wait_count(self, n: int, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         while len(self.messages) < n:
             if time.monotonic() > deadline:

@@ -74,7 +74,7 @@ async def test_a_hosts_credentials_speak_only_for_that_host(
         # ... not hv02's,
         await hv01.publish("virt.hv02.event.x.lifecycle", b'{"forged": true}')
         await hv01.flush()
-        await seen.wait_for(lambda e: e.get("own") is True, 5)
+        await seen.wait_for(lambda e: e.get("own") is True)
         await asyncio.sleep(0.5)
         assert [m[0] for m in seen.messages] == ["virt.hv01.event.x.lifecycle"]
         assert any("permissions violation" in e.lower() for e in hv01_errors), hv01_errors
@@ -372,7 +372,7 @@ async def test_creds_file_authentication_with_the_examples_permissions(
             "virt.hv01.cmd.domain.suspend", b'{"domain": "test"}', timeout=10
         )
         assert msgspec.json.decode(done.data)["ok"] is True
-        event = await events.wait_for(lambda e: e["data"].get("event") == "suspended", 10)
+        event = await events.wait_for(lambda e: e["data"].get("event") == "suspended")
         subject = next(m[0] for m in events.messages if m[1] is event)
         stored = await js.get_last_msg("VIRT_EVENTS", subject)
         assert msgspec.json.decode(stored.data)["data"]["event"] == "suspended"

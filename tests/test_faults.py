@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -281,8 +282,9 @@ async def test_spooled_events_survive_sigkill_and_go_out_with_their_ids_after_re
     started again: every event is stored once with the id the first process gave it, and the
     new process's boot_id differs (its sequence restarted)."""
     host = "spoolkill"
+    http = f"127.0.0.1:{free_port()}"
     args = ("--libvirt-uri", test_daemon.test_uri, "--nats-url", nats_server.url,
-            "--host-id", host, "--http-addr", "", "--state-dir", str(tmp_path / "st"))  # fmt: skip
+            "--host-id", host, "--http-addr", http, "--state-dir", str(tmp_path / "st"))  # fmt: skip
     first = agent_process(*args)
     nc = await nats.connect(nats_server.url)
     try:
@@ -291,7 +293,22 @@ async def test_spooled_events_survive_sigkill_and_go_out_with_their_ids_after_re
         await nc.close()
     await asyncio.to_thread(nats_server.stop)
     flipper = await flip(test_daemon.test_uri, 2000)
-    await asyncio.sleep(2)  # the agent receives and spools the last ones
+
+    def metric(name: str) -> float:
+        with urllib.request.urlopen(f"http://{http}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        return sum(float(line.split()[-1]) for line in text.splitlines()
+                   if line.startswith((name + "{", name + " ")))  # fmt: skip
+
+    def all_spooled() -> bool:
+        """The agent received every flip and holds none in its memory queue."""
+        received = metric("virt_agent_events_received_total")
+        return received >= flipper.count and metric("virt_agent_queue_depth") == 0
+
+    deadline = asyncio.get_running_loop().time() + 60
+    while not await asyncio.to_thread(all_spooled):
+        assert asyncio.get_running_loop().time() < deadline, "the flips were not all spooled"
+        await asyncio.sleep(0.2)
     first.signal(signal.SIGKILL)
     await asyncio.to_thread(first.wait, 10)
     spooled = list((tmp_path / "st" / "spool").glob("*.seg"))

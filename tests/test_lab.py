@@ -18,7 +18,7 @@ from lab import network
 from lab.agents import answering
 from lab.lab import bond_members, guest_mac, primary_interface_xml, probes, wait_for_serial
 from lab.scenarios import raw_migration
-from tests.conftest import AgentProcess, Collector, RunningAgent, call, where
+from tests.conftest import AgentProcess, Collector, RunningAgent, call, eventually, where
 
 pytestmark = pytest.mark.lab
 
@@ -43,9 +43,12 @@ async def test_guest_serial_shows_the_failover_bond_and_its_pings(
     assert bond_members(text)[0] == ["eth1", "eth2"]
     await asyncio.to_thread(wait_for_serial, serial, " ok", 30)
     first_ok = next(p.seq for p in probes(serial.read_text()) if p.ok)
-    await asyncio.sleep(3)
-    recent = [p for p in probes(serial.read_text()) if p.seq > first_ok]
-    assert len(recent) > 20
+
+    def since_first_ok() -> list[Any]:
+        return [p for p in probes(serial.read_text()) if p.seq > first_ok]
+
+    await eventually(lambda: len(since_first_ok()) > 20, 60, "20 more probes from the guest")
+    recent = since_first_ok()
     assert sum(p.ok for p in recent) >= len(recent) - 2, (
         "once answered, the gateway keeps answering"
     )
@@ -124,8 +127,7 @@ async def test_live_migration_gives_the_lifecycle_pair_on_both_hosts(
     # The serial log is reopened by the destination's QEMU: the guest keeps printing.
     serial = lab.serial_path(dom.name())
     size = serial.stat().st_size
-    await asyncio.sleep(2)
-    assert serial.stat().st_size > size
+    await eventually(lambda: serial.stat().st_size > size, 30, "the guest printing on B")
 
 
 async def test_capabilities_report_virtio_net_failover_on_a_qemu_host(
@@ -339,5 +341,4 @@ async def test_a_migration_that_does_not_converge_steps_its_downtime_then_goes_p
     assert not (await asyncio.to_thread(where, host_a, u))["running"]
     serial = lab.serial_path(dom.name())
     size = serial.stat().st_size
-    await asyncio.sleep(2)
-    assert serial.stat().st_size > size, "the guest runs on B"
+    await eventually(lambda: serial.stat().st_size > size, 30, "the guest runs on B")

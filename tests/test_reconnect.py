@@ -51,7 +51,7 @@ async def test_libvirtd_restart_is_announced_and_callbacks_come_back(
         conn = await asyncio.to_thread(libvirt.open, daemon.test_uri)
         try:
             dom = await asyncio.to_thread(define, conn)
-            ev = await events.wait_for(lambda e: e["subject"] == dom.UUIDString(), 10)
+            ev = await events.wait_for(lambda e: e["subject"] == dom.UUIDString())
             assert (ev["data"]["event"], ev["data"]["detail"]) == ("defined", "added")
             await asyncio.to_thread(dom.undefine)
         finally:
