@@ -183,9 +183,8 @@ class Bus:
             await asyncio.wait_for(nc.drain(), timeout * 0.7)
         except (TimeoutError, NatsError) as exc:
             log.warning("NATS drain incomplete, closing", error=str(exc) or type(exc).__name__)
-            # Closing a connection that is reconnecting can fail on the dead socket too.
+            # Closing a connection that is reconnecting can fail on the dead socket too, and a
+            # stalled socket must not hang us.
             with contextlib.suppress(NatsError, OSError, TimeoutError):
-                await asyncio.wait_for(
-                    nc.close(), timeout * 0.3
-                )  # a stalled socket must not hang us
+                await asyncio.wait_for(nc.close(), timeout * 0.3)
         self.metrics.nats_connected.set(0)
