@@ -308,6 +308,46 @@ class Hypervisor:
 
         return await self.call(_q)
 
+    async def remote_domain(self, uri: str, uuid: str) -> tuple[bool, str | None]:
+        """Whether the domain runs on another host's libvirt, and its live XML there."""
+
+        def look() -> tuple[bool, str | None]:
+            conn = libvirt.open(uri)
+            try:
+                dom = conn.lookupByUUIDString(uuid)
+                if not dom.isActive():
+                    return False, None
+                return True, str(dom.XMLDesc(0))
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    return False, None
+                raise
+            finally:
+                conn.close()
+
+        return await self.call(look)
+
+    async def where_is(self, uuid: str, dest_uri: str | None) -> str:
+        """Where a domain runs after a migration (whatever the call or the events said):
+        "source" (this host), "destination" (the libvirt at `dest_uri`) or "nowhere"."""
+        conn = self.conn
+        if conn is None or not self.connected:
+            raise Unavailable("libvirt is not connected", uri=self.uri)
+
+        def local() -> bool:
+            try:
+                return bool(conn.lookupByUUIDString(uuid).isActive())
+            except libvirt.libvirtError:
+                return False
+
+        if await self.call(local):
+            return "source"
+        if dest_uri is not None:
+            active, _ = await self.remote_domain(dest_uri, uuid)
+            if active:
+                return "destination"
+        return "nowhere"
+
     async def snapshot(self) -> list[DomainSnapshot]:
         """uuid, name, state and reason of every domain, defined or running."""
         conn = self.conn

@@ -347,3 +347,19 @@ class OperationManager:
             raise Conflict(f"operation {op_id!r} is {op.state}, not running", state=op.state)
         task.cancel()
         return op
+
+
+async def uninterruptible(coro: Any, abandoned: asyncio.Event) -> Any:
+    """Await `coro` to its end even if the caller is cancelled meanwhile (again and again),
+    unless `abandoned` is set (a shutdown out of time: the next start recovers); the caller's
+    cancellation is then up to the caller to re-raise."""
+    task = asyncio.ensure_future(coro)
+    while True:
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.done():
+                raise
+            if abandoned.is_set():
+                task.cancel()
+                raise

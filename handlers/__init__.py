@@ -51,6 +51,14 @@ class Context:
     def lock(self, domain_uuid: str) -> asyncio.Lock:
         return self.domain_locks.setdefault(domain_uuid, asyncio.Lock())
 
+    def fleet(self) -> tuple[OperationManager, Peers, Reconciler]:
+        """What verbs that span hosts need: the journal, the other agents, the reconciler."""
+        if self.operations is None or self.registry is None or self.peers is None:
+            raise Unavailable("the agent is not connected to NATS yet")
+        if self.reconciler is None:
+            raise Unavailable("libvirt is not connected")
+        return self.operations, self.peers, self.reconciler
+
     def conn(self) -> Any:
         """The libvirt connection, or `unavailable` while libvirt is disconnected."""
         conn = self.hypervisor.conn

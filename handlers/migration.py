@@ -156,26 +156,6 @@ async def run_migration(ctx: Context, p: Progress, dom: Any, dest_uri: str, req:
             **policy.state()}  # fmt: skip
 
 
-async def remote_domain(ctx: Context, uri: str, uuid: str) -> tuple[bool, str | None]:
-    """Whether the domain runs on another host's libvirt, and its live XML there."""
-
-    def look() -> tuple[bool, str | None]:
-        conn = libvirt.open(uri)
-        try:
-            dom = conn.lookupByUUIDString(uuid)
-            if not dom.isActive():
-                return False, None
-            return True, str(dom.XMLDesc(0))
-        except libvirt.libvirtError as exc:
-            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                return False, None
-            raise
-        finally:
-            conn.close()
-
-    return await ctx.hypervisor.call(look)
-
-
 async def migrate(ctx: Context, req: MigrateRequest) -> dict[str, Any]:
     ctx.conn()
     if ctx.registry is None or ctx.operations is None:
@@ -197,7 +177,7 @@ async def migrate(ctx: Context, req: MigrateRequest) -> dict[str, Any]:
         p.step("migrate", destination=req.destination)
         result = await run_migration(ctx, p, dom, dest.libvirt_uri, req, dest.migration_uri)
         p.step("verify")
-        active, _ = await remote_domain(ctx, dest.libvirt_uri, dom.UUIDString())
+        active, _ = await ctx.hypervisor.remote_domain(dest.libvirt_uri, dom.UUIDString())
         if not active:
             raise AgentError(f"domain is not running on {req.destination} after the migration")
         return {**result, "destination": req.destination}

@@ -1,203 +1,32 @@
-"""migrate-with-failover: move a VM whose passthrough primary NIC cannot migrate, keeping its
-network on the virtio standby, and leave it running on exactly one host with exactly one
-primary attached - whatever fails.
-
-Source agent, verb `migrate_with_failover`, one long operation:
-  plan     find primary and standby, choose the mode, refuse when there is no standby
-  reserve  the destination agent holds an equivalent primary (failover.reserve, with a lease)
-  unplug   record the primary in the domain's metadata, then detach it and wait for
-           DEVICE_REMOVED (mode `qemu`: QEMU unplugs it itself during the migration)
-  migrate  live migration, as `migrate`; where the domain runs is then checked, not assumed
-  replug   the destination agent plugs the primary (failover.replug; it also does so on its
-           own: agent/failover.py)
-  verify   running on the destination only, primary attached, record cleared
-A failure before the migration completes plugs the primary back on the source (`rollback`,
-final state `rolled_back`); after it, the destination's reconcile loop owes the primary.
-An operation interrupted by the agent's death is adopted after restart (`recover`).
-
-Destination agent: `failover.reserve`, `failover.release`, `failover.replug`.
-"""
+"""migrate-with-failover on the source: the operation step by step (reserve, unplug,
+migrate, replug, verify), its rollback, and its recovery after the agent restarted."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import time
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import libvirt
-import msgspec
-from msgspec import Meta
 
 from agent import crashpoints
-from agent.devices import Nic, RemovalFailed, device_element, device_xml, interfaces, unplug
-from agent.errors import (
-    AgentError,
-    Conflict,
-    InvalidRequest,
-    NotFound,
-    Timeout,
-    Unavailable,
-    Unsupported,
-)
+from agent.devices import RemovalFailed, device_element, unplug
+from agent.errors import AgentError, Conflict, InvalidRequest, Timeout
 from agent.failover import NS, OWED, UNPLUGGING, Record, Settled, read_record, write_record
-from agent.operations import Operation, Progress
+from agent.operations import Operation, Progress, uninterruptible
 from agent.registry import Registration
-from handlers import Context, Verb
-from handlers.devices import Alias
-from handlers.domain import DomainName, RequestId, find_domain
-from handlers.migration import HostId, MigrateRequest, remote_domain, run_migration
+from handlers import Context
+from handlers.domain import find_domain
+from handlers.failover.plan import FailoverRequest, Plan, make_plan
+from handlers.migration import MigrateRequest, run_migration
 
-Mode = Literal["auto", "sequenced", "qemu"]
-DomainUUID = Annotated[str, Meta(pattern=r"^[0-9a-fA-F-]{36}$")]
-OpId = Annotated[str, Meta(pattern=r"^[0-9a-f]{1,64}$")]
 BEFORE_CHANGE = ("plan", "reserve")  # steps after which nothing on the source has changed yet
-
-
-class FailoverRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    domain: DomainName
-    destination: HostId
-    mode: Mode = "auto"
-    # Alias of the passthrough NIC; found from <teaming> or the same-MAC pair when omitted.
-    primary: Alias | None = None
-    # Unplug even when no standby carries the traffic meanwhile (the VM loses its network).
-    force: bool = False
-    max_downtime_ms: Annotated[int, Meta(ge=1, le=60_000)] | None = None
-    bandwidth_mib_s: Annotated[int, Meta(ge=1, le=1_000_000)] | None = None
-    postcopy: bool = False
-    timeout_s: Annotated[float, Meta(gt=0, le=86_400)] = 600.0
-    request_id: RequestId | None = None
-
-
-class ReserveRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    operation_id: OpId
-    domain: DomainUUID
-    alias: Alias
-    source: HostId
-    # How long the source may still need it (its migration timeout and replug window); the
-    # lease is at least this.
-    lease_s: Annotated[float, Meta(ge=0, le=86400)] = 0.0
-    request_id: RequestId | None = None
-
-
-class ReleaseRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    # One of the two: the reservation, or the operation it was made for (when the source
-    # never got the reserve reply).
-    reservation_id: OpId | None = None
-    operation_id: OpId | None = None
-    request_id: RequestId | None = None
-
-
-class ReplugRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    domain: DomainUUID
-    alias: Alias
-    operation_id: OpId | None = None
-    request_id: RequestId | None = None
-
-
-# ---------------------------------------------------------------- plan
-
-
-class Plan(msgspec.Struct, frozen=True, kw_only=True):
-    mode: str
-    primary: str
-    standby: str | None
-    mac: str
-    destination: str
-    device: str  # the primary's definition as it is now
-
-
-def find_pair(nics: list[Nic], primary: str | None) -> tuple[Nic, Nic | None]:
-    """The primary and its standby: teaming elements first, then the same-MAC pair."""
-    if primary is not None:
-        p = next((n for n in nics if n.alias == primary), None)
-        if p is None:
-            raise NotFound(f"the domain has no interface with alias {primary!r}", alias=primary,
-                           interfaces=[n.alias for n in nics])  # fmt: skip
-    else:
-        transient = [n for n in nics if n.teaming == "transient"]
-        paired = [
-            n for n in nics
-            if n.teaming != "persistent" and n.model != "virtio"
-            and any(o.mac == n.mac and o.alias != n.alias and o.teaming == "persistent"
-                    for o in nics)
-        ]  # fmt: skip
-        hostdev = [n for n in nics if n.type == "hostdev"]
-        candidates = transient or paired or hostdev
-        if not candidates:
-            raise NotFound(
-                "no primary NIC found (no <teaming type='transient'>, no interface sharing its "
-                "MAC with a <teaming type='persistent'/> standby, no hostdev interface); "
-                "name it with `primary`",
-                interfaces=[n.alias for n in nics],
-            )
-        p = candidates[0]
-    if not p.alias:
-        raise InvalidRequest("the primary has no alias; give it <alias name='ua-...'/>")
-    standby = None
-    if p.teaming_peer:
-        standby = next((n for n in nics if n.alias == p.teaming_peer), None)
-    if standby is None:
-        standby = next(
-            (
-                n
-                for n in nics
-                if n.mac == p.mac and n.alias != p.alias and n.teaming == "persistent"
-            ),
-            None,
-        )
-    return p, standby
-
-
-async def make_plan(ctx: Context, dom: Any, req: FailoverRequest, dest: Registration) -> Plan:
-    live = await ctx.hypervisor.call(dom.XMLDesc, 0)
-    p, standby = find_pair(interfaces(live), req.primary)
-    if standby is None and not req.force:
-        raise InvalidRequest(
-            f"primary {p.alias!r} has no virtio standby with <teaming type='persistent'/> and "
-            f"MAC {p.mac}; unplugging it would cut the VM off the network (set force to do it "
-            "anyway)",
-            primary=p.alias,
-        )
-    pool = (dest.failover_pool or {}).get("kind", "recorded")
-    if p.type == "hostdev" and pool == "recorded":
-        raise InvalidRequest(
-            f"primary {p.alias!r} is a PCI passthrough device of this host; {dest.host} has no "
-            "primary pool configured ([failover] pool_pci or pool_network) to give it an "
-            "equivalent one",
-            primary=p.alias, destination=dest.host,
-        )  # fmt: skip
-    src_caps, dst_caps = ctx.capabilities, dest.capabilities
-    missing = []
-    if p.teaming != "transient" or p.type != "hostdev":
-        missing.append(f"{p.alias!r} is not a transient <teaming> hostdev interface")
-    if not (src_caps and src_caps.virtio_net_failover):
-        missing.append(f"{ctx.host} does not report virtio-net failover")
-    if not (dst_caps and dst_caps.virtio_net_failover):
-        missing.append(f"{dest.host} does not report virtio-net failover")
-    if req.mode == "qemu" and missing:
-        raise Unsupported("mode qemu is not possible: " + "; ".join(missing), reasons=missing)
-    mode = req.mode if req.mode != "auto" else ("qemu" if not missing else "sequenced")
-    device = device_xml(live, p.alias)
-    assert device is not None
-    return Plan(mode=mode, primary=p.alias, standby=standby.alias if standby else None,
-                mac=p.mac, destination=dest.host, device=device)  # fmt: skip
-
-
-# ---------------------------------------------------------------- source: the operation
-
-
-def _need(ctx: Context) -> tuple[Any, Any, Any]:
-    if ctx.operations is None or ctx.registry is None or ctx.peers is None:
-        raise Unavailable("the agent is not connected to NATS yet")
-    if ctx.reconciler is None:
-        raise Unavailable("libvirt is not connected")
-    return ctx.operations, ctx.peers, ctx.reconciler
 
 
 async def migrate_with_failover(ctx: Context, req: FailoverRequest) -> dict[str, Any]:
     ctx.conn()
-    operations, _, _ = _need(ctx)
+    operations, _, _ = ctx.fleet()
     assert ctx.registry is not None
     if req.destination == ctx.host:
         raise InvalidRequest(f"destination {req.destination!r} is this host",
@@ -243,7 +72,7 @@ class Failover:
 
     async def run(self, p: Progress) -> dict[str, Any]:
         ctx, plan, hv = self.ctx, self.plan, self.ctx.hypervisor
-        operations, peers, _ = _need(ctx)
+        operations, peers, _ = ctx.fleet()
         timeout = ctx.failover.peer_timeout_s
         await self.step(p, "plan", mode=plan.mode, primary=plan.primary, standby=plan.standby,
                         mac=plan.mac, destination=plan.destination)  # fmt: skip
@@ -327,7 +156,7 @@ class Failover:
         self.unplug_in_flight = False
 
     async def _where(self) -> str:
-        return await where_is(self.ctx, self.uuid, self.dest.libvirt_uri)
+        return await self.ctx.hypervisor.where_is(self.uuid, self.dest.libvirt_uri)
 
     async def _after_interruption(self, p: Progress, exc: BaseException) -> None:
         if self.migrated:
@@ -366,10 +195,10 @@ class Failover:
 
     async def _verify(self) -> None:
         ctx, plan = self.ctx, self.plan
-        here = await where_is(ctx, self.uuid, None)
+        here = await ctx.hypervisor.where_is(self.uuid, None)
         if here == "source":
             raise AgentError("the domain runs on the source as well as the destination")
-        active, xml = await remote_domain(ctx, self.dest.libvirt_uri, self.uuid)
+        active, xml = await ctx.hypervisor.remote_domain(self.dest.libvirt_uri, self.uuid)
         if not active or xml is None:
             raise AgentError(f"the domain is not running on {plan.destination}")
         if device_element(xml, plan.primary) is None:
@@ -377,40 +206,6 @@ class Failover:
                              f"{plan.destination}")  # fmt: skip
         if NS in xml:
             raise AgentError(f"{plan.destination} still records a primary owed to the domain")
-
-
-async def uninterruptible(coro: Any, abandoned: asyncio.Event) -> Any:
-    """Await `coro` to its end even if the caller is cancelled meanwhile (again and again),
-    unless `abandoned` is set (a shutdown out of time: the next start recovers); the caller's
-    cancellation is then up to the caller to re-raise."""
-    task = asyncio.ensure_future(coro)
-    while True:
-        try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            if task.done():
-                raise
-            if abandoned.is_set():
-                task.cancel()
-                raise
-
-
-async def where_is(ctx: Context, uuid: str, dest_uri: str | None) -> str:
-    """Where the domain runs: "source" (this host), "destination" or "nowhere"."""
-
-    def local() -> bool:
-        try:
-            return bool(ctx.conn().lookupByUUIDString(uuid).isActive())
-        except libvirt.libvirtError:
-            return False
-
-    if await ctx.hypervisor.call(local):
-        return "source"
-    if dest_uri is not None:
-        active, _ = await remote_domain(ctx, dest_uri, uuid)
-        if active:
-            return "destination"
-    return "nowhere"
 
 
 async def release_on(ctx: Context, host: str, reservation: str | None, op_id: str) -> None:
@@ -518,53 +313,3 @@ async def _recover_once(ctx: Context, op: Operation, dest: str, alias: str) -> s
         return "source" if device_element(live, alias) is not None else "waiting"
     await replug_on(ctx, dest, op.domain, alias, op.id)
     return "destination"
-
-
-# ---------------------------------------------------------------- destination verbs
-
-
-async def reserve(ctx: Context, req: ReserveRequest) -> dict[str, Any]:
-    _need(ctx)
-    assert ctx.reconciler is not None
-    if req.source == ctx.host:
-        raise InvalidRequest("a host cannot reserve a primary for itself", source=req.source)
-    pool = ctx.reconciler.pool
-    r = pool.reserve(req.operation_id, req.domain, await ctx.reconciler.pci_in_use(),
-                     req.lease_s)  # fmt: skip
-    crashpoints.reached("dest.reserve")
-    return {"reservation_id": r.id, "resource": r.resource, "pool": pool.kind,
-            "expires_in_s": round(r.expires - time.time(), 1)}  # fmt: skip
-
-
-async def release(ctx: Context, req: ReleaseRequest) -> dict[str, Any]:
-    _need(ctx)
-    assert ctx.reconciler is not None
-    pool = ctx.reconciler.pool
-    if (req.reservation_id is None) == (req.operation_id is None):
-        raise InvalidRequest("give either reservation_id or operation_id")
-    rid = req.reservation_id
-    if rid is None:
-        assert req.operation_id is not None
-        found = pool.for_operation(req.operation_id)
-        if found is None:
-            return {"released": False}
-        rid = found.id
-    return {"released": pool.release(rid)}
-
-
-async def replug(ctx: Context, req: ReplugRequest) -> dict[str, Any]:
-    _, _, reconciler = _need(ctx)
-    crashpoints.reached("dest.replug")
-    dom = await find_domain(ctx, req.domain)
-    out = await reconciler.settle(dom)
-    live = await ctx.hypervisor.call(dom.XMLDesc, 0)
-    return {"settled": out.settled.value, "why": out.why,
-            "attached": device_element(live, req.alias) is not None}  # fmt: skip
-
-
-VERBS = [
-    Verb("migrate_with_failover", FailoverRequest, migrate_with_failover, mutating=True),
-    Verb("failover.reserve", ReserveRequest, reserve, mutating=True),
-    Verb("failover.release", ReleaseRequest, release, mutating=True),
-    Verb("failover.replug", ReplugRequest, replug, mutating=True),
-]

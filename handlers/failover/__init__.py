@@ -1,0 +1,45 @@
+"""migrate-with-failover: move a VM whose passthrough primary NIC cannot migrate, keeping its
+network on the virtio standby, and leave it running on exactly one host with exactly one
+primary attached - whatever fails.
+
+Source agent, verb `migrate_with_failover`, one long operation:
+  plan     find primary and standby, choose the mode, refuse when there is no standby
+  reserve  the destination agent holds an equivalent primary (failover.reserve, with a lease)
+  unplug   record the primary in the domain's metadata, then detach it and wait for
+           DEVICE_REMOVED (mode `qemu`: QEMU unplugs it itself during the migration)
+  migrate  live migration, as `migrate`; where the domain runs is then checked, not assumed
+  replug   the destination agent plugs the primary (failover.replug; it also does so on its
+           own: agent/failover.py)
+  verify   running on the destination only, primary attached, record cleared
+A failure before the migration completes plugs the primary back on the source (`rollback`,
+final state `rolled_back`); after it, the destination's reconcile loop owes the primary.
+An operation interrupted by the agent's death is adopted after restart (`recover`).
+
+Destination agent: `failover.reserve`, `failover.release`, `failover.replug`.
+
+The package: plan.py (find the pair, choose the mode), source.py (the operation, its
+rollback and its recovery after a restart), destination.py (the verbs a source calls).
+"""
+
+from __future__ import annotations
+
+from handlers import Verb
+from handlers.failover.destination import (
+    ReleaseRequest,
+    ReplugRequest,
+    ReserveRequest,
+    release,
+    replug,
+    reserve,
+)
+from handlers.failover.plan import FailoverRequest, find_pair
+from handlers.failover.source import migrate_with_failover, recovery
+
+__all__ = ["VERBS", "find_pair", "recovery"]
+
+VERBS = [
+    Verb("migrate_with_failover", FailoverRequest, migrate_with_failover, mutating=True),
+    Verb("failover.reserve", ReserveRequest, reserve, mutating=True),
+    Verb("failover.release", ReleaseRequest, release, mutating=True),
+    Verb("failover.replug", ReplugRequest, replug, mutating=True),
+]

@@ -1,0 +1,84 @@
+"""migrate-with-failover on the destination: the verbs a source agent calls - hold an
+equivalent primary (`failover.reserve`), give it back (`failover.release`), plug it into the
+domain that arrived (`failover.replug`)."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta
+
+from agent import crashpoints
+from agent.devices import device_element
+from agent.errors import InvalidRequest
+from handlers import Context
+from handlers.devices import Alias
+from handlers.domain import RequestId, find_domain
+from handlers.migration import HostId
+
+DomainUUID = Annotated[str, Meta(pattern=r"^[0-9a-fA-F-]{36}$")]
+OpId = Annotated[str, Meta(pattern=r"^[0-9a-f]{1,64}$")]
+
+
+class ReserveRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    operation_id: OpId
+    domain: DomainUUID
+    alias: Alias
+    source: HostId
+    # How long the source may still need it (its migration timeout and replug window); the
+    # lease is at least this.
+    lease_s: Annotated[float, Meta(ge=0, le=86400)] = 0.0
+    request_id: RequestId | None = None
+
+
+class ReleaseRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    # One of the two: the reservation, or the operation it was made for (when the source
+    # never got the reserve reply).
+    reservation_id: OpId | None = None
+    operation_id: OpId | None = None
+    request_id: RequestId | None = None
+
+
+class ReplugRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    domain: DomainUUID
+    alias: Alias
+    operation_id: OpId | None = None
+    request_id: RequestId | None = None
+
+
+async def reserve(ctx: Context, req: ReserveRequest) -> dict[str, Any]:
+    _, _, reconciler = ctx.fleet()
+    if req.source == ctx.host:
+        raise InvalidRequest("a host cannot reserve a primary for itself", source=req.source)
+    pool = reconciler.pool
+    r = pool.reserve(req.operation_id, req.domain, await reconciler.pci_in_use(),
+                     req.lease_s)  # fmt: skip
+    crashpoints.reached("dest.reserve")
+    return {"reservation_id": r.id, "resource": r.resource, "pool": pool.kind,
+            "expires_in_s": round(r.expires - time.time(), 1)}  # fmt: skip
+
+
+async def release(ctx: Context, req: ReleaseRequest) -> dict[str, Any]:
+    pool = ctx.fleet()[2].pool
+    if (req.reservation_id is None) == (req.operation_id is None):
+        raise InvalidRequest("give either reservation_id or operation_id")
+    rid = req.reservation_id
+    if rid is None:
+        assert req.operation_id is not None
+        found = pool.for_operation(req.operation_id)
+        if found is None:
+            return {"released": False}
+        rid = found.id
+    return {"released": pool.release(rid)}
+
+
+async def replug(ctx: Context, req: ReplugRequest) -> dict[str, Any]:
+    _, _, reconciler = ctx.fleet()
+    crashpoints.reached("dest.replug")
+    dom = await find_domain(ctx, req.domain)
+    out = await reconciler.settle(dom)
+    live = await ctx.hypervisor.call(dom.XMLDesc, 0)
+    return {"settled": out.settled.value, "why": out.why,
+            "attached": device_element(live, req.alias) is not None}  # fmt: skip
