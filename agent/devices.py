@@ -57,22 +57,36 @@ def template_xml(settings: DeviceSettings, name: str) -> str:
     return Path(path).read_text()
 
 
+# libvirt keeps only aliases with this prefix across define, attach and migration; any other is
+# made by libvirt (`net1`, `hostdev0`) and may change when the device is plugged again.
+USER_ALIAS_PREFIX = "ua-"
+
+
 @dataclass(frozen=True)
 class Nic:
-    """One interface of a domain, as far as failover cares."""
+    """One network device of a domain, as far as failover cares: an `<interface>`, or a PCI
+    `<hostdev>` (a VF given as such, with `<teaming>` since libvirt 7.1; it has no MAC)."""
 
     alias: str
     mac: str
-    type: str
+    type: str  # the interface type; "hostdev" for a plain <hostdev> too
     model: str
     teaming: str  # "", "persistent" or "transient"
     teaming_peer: str  # for a transient member: the alias of its persistent (standby) peer
+    element: str = "interface"  # or "hostdev"
+
+    @property
+    def user_alias(self) -> bool:
+        return self.alias.startswith(USER_ALIAS_PREFIX)
 
 
 def interfaces(domain_xml: str) -> list[Nic]:
     root = ET.fromstring(domain_xml)  # noqa: S314 - libvirt's own XML
     out = []
-    for dev in root.findall("devices/interface"):
+    for dev in [*root.findall("devices/interface"), *root.findall("devices/hostdev[@type='pci']")]:
+        plain = dev.tag == "hostdev"
+        if plain and dev.find("teaming") is None:
+            continue  # a passthrough device that is not a failover member: not a NIC we know
         alias = dev.find("alias")
         mac = dev.find("mac")
         model = dev.find("model")
@@ -81,12 +95,28 @@ def interfaces(domain_xml: str) -> list[Nic]:
             Nic(
                 alias=alias.get("name", "") if alias is not None else "",
                 mac=(mac.get("address", "") if mac is not None else "").lower(),
-                type=dev.get("type", ""),
+                type="hostdev" if plain else dev.get("type", ""),
                 model=model.get("type", "") if model is not None else "",
                 teaming=teaming.get("type", "") if teaming is not None else "",
                 teaming_peer=teaming.get("persistent", "") if teaming is not None else "",
+                element=dev.tag,
             )
         )
+    return out
+
+
+def pci_sources(domain_xml: str) -> set[str]:
+    """Host PCI addresses the domain's devices are given: `<interface type='hostdev'>` (source
+    address with `type='pci'`) and PCI `<hostdev>` (source address without a type)."""
+    root = ET.fromstring(domain_xml)  # noqa: S314 - libvirt's own XML
+    found = [
+        *root.iterfind("devices/interface[@type='hostdev']/source/address[@type='pci']"),
+        *root.iterfind("devices/hostdev[@type='pci']/source/address"),
+    ]
+    out = set()
+    for a in found:
+        parts = [int(a.get(k, "0"), 16) for k in ("domain", "bus", "slot", "function")]
+        out.add("{:04x}:{:02x}:{:02x}.{:x}".format(*parts))
     return out
 
 

@@ -30,7 +30,7 @@ import libvirt
 import msgspec
 import structlog
 
-from agent.devices import device_element, plug
+from agent.devices import device_element, pci_sources, plug
 from agent.errors import AgentError
 from agent.hypervisor import Hypervisor
 from agent.metrics import Metrics
@@ -251,15 +251,17 @@ class Reconciler:
         await hv.call(replace)
 
     async def pci_in_use(self) -> set[str]:
-        """PCI addresses of host devices given to running domains."""
+        """PCI addresses of host devices that any domain holds: running ones (live XML) and
+        every persistent definition (a stopped domain takes its VF back when it starts)."""
 
         def scan(conn: Any) -> set[str]:
             out: set[str] = set()
-            for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
-                root = ET.fromstring(d.XMLDesc(0))  # noqa: S314 - libvirt's own XML
-                for a in root.iterfind("devices/*/source/address[@type='pci']"):
-                    parts = [int(a.get(k, "0"), 16) for k in ("domain", "bus", "slot", "function")]
-                    out.add("{:04x}:{:02x}:{:02x}.{:x}".format(*parts))
+            for d in conn.listAllDomains(0):
+                with contextlib.suppress(libvirt.libvirtError):  # gone meanwhile
+                    if d.isActive():
+                        out |= pci_sources(d.XMLDesc(0))
+                    if d.isPersistent():
+                        out |= pci_sources(d.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
             return out
 
         return await self.hv.call(scan, self.hv.conn)

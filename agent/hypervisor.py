@@ -49,6 +49,7 @@ _ERROR_FAMILIES: dict[int, type[AgentError]] = {
     libvirt.VIR_ERR_NO_NETWORK: NotFound,
     libvirt.VIR_ERR_OPERATION_INVALID: Conflict,
     libvirt.VIR_ERR_NO_SUPPORT: Unsupported,
+    libvirt.VIR_ERR_OPERATION_UNSUPPORTED: Unsupported,
     libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED: Unsupported,
     libvirt.VIR_ERR_OPERATION_TIMEOUT: Timeout,
     libvirt.VIR_ERR_AGENT_UNRESPONSIVE: Timeout,

@@ -22,6 +22,14 @@ from agent.errors import Unavailable
 from agent.operations import Journal, Reservation
 from agent.settings import DeviceSettings, FailoverSettings
 
+# Elements of a recorded primary that name a resource of the source host (its VF or network
+# port, its tap, its guest PCI slot): never carried to another host.
+HOST_SPECIFIC = frozenset({"source", "target", "address", "actual", "script", "downscript",
+                           "backenddomain", "backend"})  # fmt: skip
+# Who the device is to the guest and to libvirt: always the recorded one's.
+IDENTITY = ("mac", "alias", "teaming")
+HOSTDEV_ORDER = {"driver": 0, "source": 1, "teaming": 2}
+
 
 class Pool:
     def __init__(
@@ -100,18 +108,17 @@ class Pool:
         return self.journal.drop_reservation(reservation_id)
 
     def definition(self, resource: str, recorded: str) -> str:
-        """The device to plug here for a reservation, from what the source recorded: the same
-        alias, MAC and teaming, this host's resource."""
+        """The device to plug here for a reservation: this host's resource with the recorded
+        primary's MAC, alias and teaming; for a VF or a network port also everything else it
+        had (VLAN, port profile, driver, ROM, link state...) - only what names a resource of
+        the source host is left behind. A template keeps its own definition otherwise."""
         rec = ET.fromstring(recorded)  # noqa: S314 - written by the agent itself
-        mac = rec.find("mac")
-        alias = rec.find("alias")
-        teaming = rec.find("teaming")
         kind, _, name = resource.partition(":")
         if kind == "recorded":
             return recorded
         if kind == "template":
             dev = ET.fromstring(template_xml(self.devices, name))  # noqa: S314 - operator's file
-            for tag in ("mac", "alias", "teaming"):
+            for tag in IDENTITY:
                 for old in dev.findall(tag):
                     dev.remove(old)
         elif kind == "network":
@@ -120,13 +127,26 @@ class Pool:
         elif kind == "pci":
             dom_, bus, rest = name.split(":")
             slot, fn = rest.split(".")
-            dev = ET.Element("interface", type="hostdev", managed="yes")
-            src = ET.SubElement(dev, "source")
-            ET.SubElement(src, "address", type="pci", domain=f"0x{dom_}", bus=f"0x{bus}",
-                          slot=f"0x{slot}", function=f"0x{fn}")  # fmt: skip
+            pci = {"domain": f"0x{dom_}", "bus": f"0x{bus}", "slot": f"0x{slot}",
+                   "function": f"0x{fn}"}  # fmt: skip
+            if rec.tag == "hostdev":
+                # A plain PCI hostdev stays one (its source address carries no type).
+                dev = ET.Element("hostdev", mode="subsystem", type="pci", managed="yes")
+                ET.SubElement(ET.SubElement(dev, "source"), "address", pci)
+            else:
+                dev = ET.Element("interface", type="hostdev", managed="yes")
+                ET.SubElement(ET.SubElement(dev, "source"), "address", {"type": "pci", **pci})
         else:
             raise ValueError(f"unknown pool resource {resource!r}")
-        for el in (mac, teaming, alias):
-            if el is not None:
+        # A template is the operator's whole definition but for who the device is; a VF or a
+        # network port takes over the rest of the recorded primary too.
+        template = kind == "template"
+        have = {el.tag for el in dev}
+        for el in rec:
+            if el.tag in IDENTITY or not (template or el.tag in HOST_SPECIFIC or el.tag in
+                                          have):  # fmt: skip
                 dev.append(el)
+        if dev.tag == "hostdev":
+            # libvirt's order (its schema's PCI part, as libxml2 checks it, must stay together).
+            dev[:] = sorted(dev, key=lambda el: HOSTDEV_ORDER.get(el.tag, len(HOSTDEV_ORDER)))
         return ET.tostring(dev, encoding="unicode")

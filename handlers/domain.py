@@ -11,7 +11,7 @@ import libvirt
 import msgspec
 from msgspec import Meta
 
-from agent.errors import Conflict, NotFound
+from agent.errors import Conflict, InvalidRequest, NotFound
 from agent.events import DomainSnapshot, domain_ref, domain_state_names
 from handlers import Context, Verb
 
@@ -43,15 +43,30 @@ class DomainInfo(msgspec.Struct, frozen=True):
 
 
 def _lookup(conn: Any, name_or_uuid: str) -> Any:  # runs on the executor
-    """A domain by UUID or name; NotFound names what was asked for."""
-    try:
-        if UUID_RE.match(name_or_uuid):
-            return conn.lookupByUUIDString(name_or_uuid)
-        return conn.lookupByName(name_or_uuid)
-    except libvirt.libvirtError as exc:
-        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-            raise NotFound(f"domain {name_or_uuid!r} not found", domain=name_or_uuid) from None
-        raise
+    """A domain by UUID or name; NotFound names what was asked for. A name may look like a
+    UUID: what is asked for is the domain with that UUID or that name, and when one domain
+    has it as UUID and another as name, the request is ambiguous."""
+
+    def one(lookup: Callable[[str], Any]) -> Any:
+        try:
+            return lookup(name_or_uuid)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise
+
+    by_uuid = one(conn.lookupByUUIDString) if UUID_RE.match(name_or_uuid) else None
+    by_name = one(conn.lookupByName)
+    if by_uuid is not None and by_name is not None and by_uuid.UUID() != by_name.UUID():
+        raise InvalidRequest(
+            f"{name_or_uuid!r} is the UUID of domain {by_uuid.name()!r} and the name of domain "
+            f"{by_name.UUIDString()}; ask for one of them by the other's UUID or name",
+            domain=name_or_uuid,
+        )
+    dom = by_uuid or by_name
+    if dom is None:
+        raise NotFound(f"domain {name_or_uuid!r} not found", domain=name_or_uuid)
+    return dom
 
 
 async def find_domain(ctx: Context, name_or_uuid: str) -> Any:

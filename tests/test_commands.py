@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from agent.supervisor import AgentState
 from lab.daemon import LibvirtDaemon
 from tests.conftest import ERROR_CODES, ROOT, Collector, RunningAgent, call
 from tests.test_daemon_events import Flipper
-from tests.test_events import define
+from tests.test_events import DOMAIN_XML, define
 
 
 def error_code(reply: dict[str, Any]) -> str:
@@ -241,3 +242,29 @@ async def test_registration_in_virt_hosts_and_the_cli(
     await agent.stop()
     with pytest.raises(nats.js.errors.KeyNotFoundError):
         await kv.get(agent.host)
+
+
+async def test_a_name_that_looks_like_a_uuid_finds_the_right_domain(
+    start_agent: Callable[..., Awaitable[RunningAgent]], nc: NATS, testdrv: Any
+) -> None:
+    """A domain may be named like a UUID: asked for by that text, the agent finds it by name when no domain has that UUID, and refuses the request as ambiguous when another domain has it."""
+    agent = await start_agent()
+    test_uuid = testdrv.lookupByName("test").UUIDString()
+    free_uuid = str(uuid.uuid4())
+    twins = [
+        testdrv.defineXML(DOMAIN_XML.format(name=name, uuid=uuid.uuid4()))
+        for name in (test_uuid, free_uuid)
+    ]
+    try:
+        by_name = await call(nc, agent.host, "domain.get", {"domain": free_uuid})
+        assert by_name["ok"] is True, by_name
+        assert by_name["result"]["uuid"] == twins[1].UUIDString()
+        ambiguous = await call(nc, agent.host, "domain.get", {"domain": test_uuid})
+        assert error_code(ambiguous) == "invalid_request"
+        assert twins[0].UUIDString() in ambiguous["error"]["message"]
+        both = await call(nc, agent.host, "domain.destroy", {"domain": test_uuid})
+        assert error_code(both) == "invalid_request", "never acts on a guess"
+        assert testdrv.lookupByName("test").isActive()
+    finally:
+        for dom in twins:
+            dom.undefine()

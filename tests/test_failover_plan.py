@@ -4,21 +4,32 @@ and the definitions it plugs, the failover record's round trip, the [failover] s
 
 from __future__ import annotations
 
+import subprocess
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
+import libvirt
 import pytest
 from nats.aio.client import Client as NATS
 
+from agent.capabilities import Capabilities
 from agent.devices import interfaces
-from agent.errors import NotFound, Unavailable
+from agent.envelope import Subjects
+from agent.errors import InvalidRequest, NotFound, Unavailable, Unsupported
 from agent.failover import Record, record_from_xml, record_to_xml
+from agent.hypervisor import Hypervisor
+from agent.metrics import Metrics
 from agent.operations import Journal
 from agent.pool import Pool
-from agent.settings import DeviceSettings, FailoverSettings, load
+from agent.registry import Registration
+from agent.settings import DeviceSettings, FailoverSettings, LibvirtSettings, load
+from handlers import Context
 from handlers.failover import find_pair
+from handlers.failover.plan import FailoverRequest, make_plan
+from tests import nic_forms
 from tests.conftest import RunningAgent, call
 
 TEST_DOMAIN_UUID = "6695eb01-f6a4-8304-79aa-97f2502e193f"  # libvirt's test:///default domain
@@ -169,3 +180,166 @@ def test_bad_failover_settings_name_the_key(overrides: dict[str, object], key: s
     with pytest.raises(SettingsError) as err:
         load(None, env={}, overrides=overrides)
     assert err.value.key == key
+
+
+# ---------------------------------------------------------------- the NIC forms libvirt produces
+
+
+def caps(failover: bool) -> Capabilities:
+    return Capabilities(libvirt_version="9.0.0", hypervisor="QEMU 7.2.0", domain_caps=None,
+                        qemu_failover=failover, libvirt_teaming=failover,
+                        virtio_net_failover=failover, event_types=[], notes=[])  # fmt: skip
+
+
+def registration(host: str, pool: str = "recorded", failover: bool = True) -> Registration:
+    return Registration(host=host, boot_id="b", version="0", libvirt_uri="test:///default",
+                        migration_uri="", capabilities=caps(failover), updated=0.0,
+                        failover_pool={"kind": pool})  # fmt: skip
+
+
+class DefinedDomain:
+    """What make_plan reads of a libvirt domain: its live and its inactive XML. A stand-in,
+    because the live form of a hostdev network port needs a real VF, which no machine here has
+    (tests/nic_forms.py says where each form comes from)."""
+
+    def __init__(self, live: str, inactive: str) -> None:
+        self.xml = {0: live, libvirt.VIR_DOMAIN_XML_INACTIVE: inactive}
+
+    def XMLDesc(self, flags: int) -> str:  # noqa: N802 - libvirt's name
+        return self.xml[flags]
+
+
+@pytest.fixture
+async def plan_ctx() -> AsyncIterator[Context]:
+    """A source's handler context whose libvirt calls run on its executor (closed after)."""
+    hv = Hypervisor(LibvirtSettings(), "test:///default", "src", lambda _e: None, Metrics())
+    yield Context(host="src", boot_id="b", version="0", subjects=Subjects("virt", "src"),
+                  hypervisor=hv, metrics=hv.metrics, started_at=0.0, capabilities=caps(True))  # fmt: skip
+    await hv.close()
+
+
+@pytest.mark.parametrize("form", nic_forms.FORMS, ids=lambda f: f.name)
+async def test_each_nic_form_is_planned_from_its_definition(
+    form: nic_forms.Form, plan_ctx: Context
+) -> None:
+    """Every failover NIC form libvirt produces: the primary and its standby are found in the live XML, the definition recorded is the inactive one (a hostdev network port stays a port of its network), and a destination without a pool is refused exactly when the form names a host's VF."""
+    ctx = plan_ctx
+    dom = DefinedDomain(nic_forms.domain_xml(form.live), nic_forms.domain_xml(form.inactive))
+    req = FailoverRequest(domain="d", destination="dst")
+    p, standby = find_pair(interfaces(nic_forms.domain_xml(form.live)), None)
+    assert (p.alias, standby and standby.alias) == (
+        nic_forms.PRIMARY_ALIAS,
+        nic_forms.STANDBY_ALIAS,
+    )
+    if form.needs_pool:
+        with pytest.raises(InvalidRequest, match="no primary pool"):
+            await make_plan(ctx, dom, req, registration("dst"))
+        plan = await make_plan(ctx, dom, req, registration("dst", "pci"))
+    else:
+        plan = await make_plan(ctx, dom, req, registration("dst"))
+    recorded = ET.fromstring(plan.device)
+    expected = ET.fromstring(form.inactive)
+    assert (recorded.tag, recorded.get("type")) == (expected.tag, expected.get("type"))
+    if form.name == "hostdev-network":
+        assert recorded.find("source").get("network") == nic_forms.NETWORK
+        assert recorded.find("source/address") is None, "no VF of this host in the record"
+
+
+@pytest.mark.parametrize(
+    ("form", "mode", "why"),
+    [
+        ("hostdev-interface", "sequenced", "PCI address"),
+        ("hostdev-network", "qemu", "every condition"),
+        ("plain-hostdev", "sequenced", "PCI address"),
+    ],
+)
+async def test_auto_chooses_a_mode_that_can_work_and_says_why(
+    form: str, mode: str, why: str, plan_ctx: Context
+) -> None:
+    """`auto` never picks mode qemu for a VF given by PCI address (the destination would start QEMU with the source's address); mode qemu asked for it is refused, naming the reason."""
+    f = next(x for x in nic_forms.FORMS if x.name == form)
+    ctx = plan_ctx
+    dom = DefinedDomain(nic_forms.domain_xml(f.live), nic_forms.domain_xml(f.inactive))
+    plan = await make_plan(ctx, dom, FailoverRequest(domain="d", destination="dst"),
+                           registration("dst", "pci"))  # fmt: skip
+    assert plan.mode == mode
+    assert why in plan.mode_reason
+    if mode == "sequenced":
+        with pytest.raises(Unsupported, match="PCI address"):
+            await make_plan(ctx, dom, FailoverRequest(domain="d", destination="dst", mode="qemu"),
+                            registration("dst", "pci"))  # fmt: skip
+
+
+@pytest.mark.parametrize("alias", ["hostdev0", "net1", ""])
+def test_a_primary_without_a_user_alias_is_refused_with_the_fix(alias: str) -> None:
+    """libvirt keeps only `ua-` aliases: a primary with a libvirt-made alias (or none) is refused, and the message says how to fix the definition."""
+    live = nic_forms.HOSTDEV_INTERFACE.replace(
+        f"<alias name='{nic_forms.PRIMARY_ALIAS}'/>", f"<alias name='{alias}'/>" if alias else ""
+    )
+    with pytest.raises(InvalidRequest, match="user alias") as err:
+        find_pair(interfaces(nic_forms.domain_xml(live)), None)
+    assert "<alias name='ua-" in err.value.message
+
+
+@pytest.mark.parametrize("form", nic_forms.FORMS, ids=lambda f: f.name)
+@pytest.mark.parametrize("resource", ["pci:0000:5e:10.3", "network:sriov-b"])
+def test_the_destination_definition_carries_everything_but_the_source_hosts_resource(
+    form: nic_forms.Form, resource: str, tmp_path: Path
+) -> None:
+    """The primary plugged on the destination keeps every element of the recorded one that names no resource of the source host (VLAN, port profile, driver, ROM, link, MAC, alias, teaming), takes the reserved VF or network, and validates against libvirt's schema."""
+    out = ET.fromstring(pool(tmp_path).definition(resource, form.inactive))
+    rec = ET.fromstring(form.inactive)
+    carried = sorted(el.tag for el in rec if el.tag not in ("source", "address", "target"))
+    assert sorted(el.tag for el in out if el.tag != "source") == carried
+    for tag in carried:
+        assert ET.tostring(out.find(tag)) == ET.tostring(rec.find(tag)), tag
+    if resource.startswith("pci:"):
+        (addr,) = out.findall("source/address")
+        assert (addr.get("bus"), addr.get("slot"), addr.get("function")) == ("0x5e", "0x10", "0x3")
+        assert out.tag == rec.tag, "a plain hostdev stays one, an interface stays one"
+    else:
+        assert out.get("type") == "network"
+        assert out.find("source").get("network") == "sriov-b"
+    validate_domain(nic_forms.domain_xml(ET.tostring(out, encoding="unicode")), tmp_path)
+
+
+def validate_domain(xml: str, tmp_path: Path) -> None:
+    """libvirt's RNG schema (virt-xml-validate, Debian package libvirt-clients)."""
+    path = tmp_path / "domain.xml"
+    path.write_text(xml)
+    out = subprocess.run(["virt-xml-validate", str(path), "domain"], capture_output=True,
+                         text=True, check=False)  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr + xml
+
+
+@pytest.mark.parametrize("form", nic_forms.FORMS, ids=lambda f: f.name)
+def test_every_form_and_its_fixture_domain_validate_against_libvirts_schema(
+    form: nic_forms.Form, tmp_path: Path
+) -> None:
+    """The fixtures are libvirt-valid documents (the forms they stand for are libvirt's own)."""
+    validate_domain(nic_forms.domain_xml(form.inactive), tmp_path)
+    validate_domain(nic_forms.domain_xml(form.live), tmp_path)
+
+
+async def test_a_vf_held_by_any_domain_is_not_handed_out(
+    start_agent: Callable[..., Awaitable[RunningAgent]], nc: NATS, testdrv: Any
+) -> None:
+    """pci_in_use sees plain <hostdev> sources (no type='pci' on their address) and the definitions of stopped domains: failover.reserve skips the VFs they hold."""
+    holders = [
+        testdrv.defineXML(
+            nic_forms.domain_xml(primary, name=f"t-vf{i}", kind="test").replace(
+                nic_forms.STANDBY, ""
+            )
+        )
+        for i, primary in enumerate([
+            nic_forms.PLAIN_HOSTDEV,
+            nic_forms.HOSTDEV_INTERFACE.replace("bus='0x3b'", "bus='0x3c'"),
+        ])
+    ]  # fmt: skip
+    assert not any(d.isActive() for d in holders), "stopped: only their definitions hold them"
+    agent = await start_agent(**{"failover.pool_pci": ["0000:3b:02.1", "0000:3c:02.1",
+                                                       "0000:3d:02.1"]})  # fmt: skip
+    body = {"operation_id": "ab12", "domain": TEST_DOMAIN_UUID, "alias": "ua-vf0",
+            "source": "hv-other", "lease_s": 600}  # fmt: skip
+    reserved = await call(nc, agent.host, "failover.reserve", body)
+    assert reserved["result"]["resource"] == "pci:0000:3d:02.1", reserved

@@ -16,6 +16,7 @@ from agent.errors import InvalidRequest
 from handlers import Context
 from handlers.devices import Alias
 from handlers.domain import RequestId, find_domain
+from handlers.failover.plan import MAX_LEASE_S
 from handlers.migration import HostId
 
 DomainUUID = Annotated[str, Meta(pattern=r"^[0-9a-fA-F-]{36}$")]
@@ -29,7 +30,7 @@ class ReserveRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     source: HostId
     # How long the source may still need it (its migration timeout and replug window); the
     # lease is at least this.
-    lease_s: Annotated[float, Meta(ge=0, le=86400)] = 0.0
+    lease_s: Annotated[float, Meta(ge=0, le=MAX_LEASE_S)] = 0.0
     request_id: RequestId | None = None
 
 

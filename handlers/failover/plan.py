@@ -3,12 +3,14 @@ definition, choose the mode, and refuse what would cut the VM off or cannot work
 
 from __future__ import annotations
 
+import xml.etree.ElementTree as ET
 from typing import Annotated, Any, Literal
 
+import libvirt
 import msgspec
 from msgspec import Meta
 
-from agent.devices import Nic, device_xml, interfaces
+from agent.devices import USER_ALIAS_PREFIX, Nic, device_xml, interfaces
 from agent.errors import InvalidRequest, NotFound, Unsupported
 from agent.registry import Registration
 from handlers import Context
@@ -17,6 +19,10 @@ from handlers.domain import DomainName, RequestId
 from handlers.migration import HostId
 
 Mode = Literal["auto", "sequenced", "qemu"]
+# The longest reservation a destination grants (failover.reserve's lease_s), and what a
+# source adds to its migration timeout and replug window when it asks for one.
+MAX_LEASE_S = 86_400
+LEASE_MARGIN_S = 60
 
 
 class FailoverRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -40,7 +46,8 @@ class Plan(msgspec.Struct, frozen=True, kw_only=True):
     standby: str | None
     mac: str
     destination: str
-    device: str  # the primary's definition as it is now
+    device: str  # the primary's definition (inactive form): what is recorded and plugged again
+    mode_reason: str = ""
 
 
 def find_pair(nics: list[Nic], primary: str | None) -> tuple[Nic, Nic | None]:
@@ -55,7 +62,7 @@ def find_pair(nics: list[Nic], primary: str | None) -> tuple[Nic, Nic | None]:
         paired = [
             n for n in nics
             if n.teaming != "persistent" and n.model != "virtio"
-            and any(o.mac == n.mac and o.alias != n.alias and o.teaming == "persistent"
+            and n.mac and any(o.mac == n.mac and o.alias != n.alias and o.teaming == "persistent"
                     for o in nics)
         ]  # fmt: skip
         hostdev = [n for n in nics if n.type == "hostdev"]
@@ -68,8 +75,14 @@ def find_pair(nics: list[Nic], primary: str | None) -> tuple[Nic, Nic | None]:
                 interfaces=[n.alias for n in nics],
             )
         p = candidates[0]
-    if not p.alias:
-        raise InvalidRequest("the primary has no alias; give it <alias name='ua-...'/>")
+    if not p.user_alias:
+        made = f"the alias {p.alias!r} is made by libvirt" if p.alias else "it has no alias"
+        raise InvalidRequest(
+            f"the primary cannot be tracked: {made} and can change when it is plugged again. "
+            "Give it a user alias in the domain's definition (virsh edit: "
+            f"<alias name='{USER_ALIAS_PREFIX}primary0'/> in its <{p.element}>), then retry",
+            primary=p.alias,
+        )
     standby = None
     if p.teaming_peer:
         standby = next((n for n in nics if n.alias == p.teaming_peer), None)
@@ -78,14 +91,27 @@ def find_pair(nics: list[Nic], primary: str | None) -> tuple[Nic, Nic | None]:
             (
                 n
                 for n in nics
-                if n.mac == p.mac and n.alias != p.alias and n.teaming == "persistent"
+                if p.mac and n.mac == p.mac and n.alias != p.alias and n.teaming == "persistent"
             ),
             None,
         )
     return p, standby
 
 
+def lease_needed(ctx: Context, req: FailoverRequest) -> float:
+    """How long the destination must hold the primary: the migration, then the replug."""
+    return req.timeout_s + ctx.failover.replug_timeout_s + LEASE_MARGIN_S
+
+
 async def make_plan(ctx: Context, dom: Any, req: FailoverRequest, dest: Registration) -> Plan:
+    if lease_needed(ctx, req) > MAX_LEASE_S:
+        longest = MAX_LEASE_S - ctx.failover.replug_timeout_s - LEASE_MARGIN_S
+        raise InvalidRequest(
+            f"timeout_s {req.timeout_s} with failover.replug_timeout_s "
+            f"{ctx.failover.replug_timeout_s} needs a reservation longer than a destination "
+            f"grants ({MAX_LEASE_S} s); the longest timeout_s is {longest}",
+            timeout_s=req.timeout_s, max_timeout_s=longest,
+        )  # fmt: skip
     live = await ctx.hypervisor.call(dom.XMLDesc, 0)
     p, standby = find_pair(interfaces(live), req.primary)
     if standby is None and not req.force:
@@ -95,26 +121,60 @@ async def make_plan(ctx: Context, dom: Any, req: FailoverRequest, dest: Registra
             "anyway)",
             primary=p.alias,
         )
+    device = await recorded_definition(ctx, dom, live, p.alias)
+    # What the definition says, not what runs: a port of a hostdev network runs as
+    # <interface type='hostdev'> with this host's VF, and is defined on the network's name.
+    kind = ET.fromstring(device)  # noqa: S314 - libvirt's own XML
+    fixed_vf = kind.tag == "hostdev" or kind.get("type") == "hostdev"
     pool = (dest.failover_pool or {}).get("kind", "recorded")
-    if p.type == "hostdev" and pool == "recorded":
+    if fixed_vf and pool == "recorded":
         raise InvalidRequest(
             f"primary {p.alias!r} is a PCI passthrough device of this host; {dest.host} has no "
             "primary pool configured ([failover] pool_pci or pool_network) to give it an "
             "equivalent one",
             primary=p.alias, destination=dest.host,
         )  # fmt: skip
+    mode, reason = choose_mode(ctx, req, dest, p, fixed_vf)
+    return Plan(mode=mode, mode_reason=reason, primary=p.alias,
+                standby=standby.alias if standby else None, mac=p.mac, destination=dest.host,
+                device=device)  # fmt: skip
+
+
+def choose_mode(
+    ctx: Context, req: FailoverRequest, dest: Registration, p: Nic, fixed_vf: bool
+) -> tuple[str, str]:
+    """The mode and why. `qemu` (QEMU unplugs the primary during the migration and plugs one
+    on the destination by itself) needs a transient <teaming> member, virtio-net failover on
+    both hosts, and a destination that finds its own VF: QEMU is started there from this
+    host's definition, so a VF given by PCI address would be this host's address."""
     src_caps, dst_caps = ctx.capabilities, dest.capabilities
     missing = []
     if p.teaming != "transient" or p.type != "hostdev":
-        missing.append(f"{p.alias!r} is not a transient <teaming> hostdev interface")
+        missing.append(f"{p.alias!r} is not a transient <teaming> passthrough device")
+    elif fixed_vf:
+        missing.append(f"{p.alias!r} is a VF given by PCI address; in mode qemu {dest.host} "
+                       "would start with this host's address (only a hostdev network lets it "
+                       "choose its own)")  # fmt: skip
     if not (src_caps and src_caps.virtio_net_failover):
         missing.append(f"{ctx.host} does not report virtio-net failover")
     if not (dst_caps and dst_caps.virtio_net_failover):
         missing.append(f"{dest.host} does not report virtio-net failover")
-    if req.mode == "qemu" and missing:
-        raise Unsupported("mode qemu is not possible: " + "; ".join(missing), reasons=missing)
-    mode = req.mode if req.mode != "auto" else ("qemu" if not missing else "sequenced")
-    device = device_xml(live, p.alias)
-    assert device is not None
-    return Plan(mode=mode, primary=p.alias, standby=standby.alias if standby else None,
-                mac=p.mac, destination=dest.host, device=device)  # fmt: skip
+    if req.mode == "qemu":
+        if missing:
+            raise Unsupported("mode qemu is not possible: " + "; ".join(missing), reasons=missing)
+        return "qemu", "asked for"
+    if req.mode == "sequenced":
+        return "sequenced", "asked for"
+    if not missing:
+        return "qemu", "auto: every condition of mode qemu holds"
+    return "sequenced", "auto: mode qemu is not possible: " + "; ".join(missing)
+
+
+async def recorded_definition(ctx: Context, dom: Any, live: str, alias: str) -> str:
+    """The primary's definition to record and to plug again: as the domain's definition has
+    it (libvirt's inactive XML), so that a port of a hostdev network stays a port of the
+    network of that name; the live form only for a device plugged live and never defined."""
+    inactive = await ctx.hypervisor.call(dom.XMLDesc, libvirt.VIR_DOMAIN_XML_INACTIVE)
+    device = device_xml(inactive, alias) or device_xml(live, alias)
+    assert device is not None  # find_pair found it in the live XML
+    return device

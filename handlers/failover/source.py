@@ -18,7 +18,7 @@ from agent.operations import Operation, Progress, uninterruptible
 from agent.registry import Registration
 from handlers import Context
 from handlers.domain import find_domain
-from handlers.failover.plan import FailoverRequest, Plan, make_plan
+from handlers.failover.plan import FailoverRequest, Plan, lease_needed, make_plan
 from handlers.migration import MigrateRequest, run_migration
 
 BEFORE_CHANGE = ("plan", "reserve")  # steps after which nothing on the source has changed yet
@@ -74,15 +74,16 @@ class Failover:
         ctx, plan, hv = self.ctx, self.plan, self.ctx.hypervisor
         operations, peers, _ = ctx.fleet()
         timeout = ctx.failover.peer_timeout_s
-        await self.step(p, "plan", mode=plan.mode, primary=plan.primary, standby=plan.standby,
-                        mac=plan.mac, destination=plan.destination)  # fmt: skip
+        await self.step(p, "plan", mode=plan.mode, mode_reason=plan.mode_reason,
+                        primary=plan.primary, standby=plan.standby, mac=plan.mac,
+                        destination=plan.destination)  # fmt: skip
         try:
             await self.step(p, "reserve", host=plan.destination)
             self.reserve_asked = True
             res = await peers.call(plan.destination, "failover.reserve", {
                 "operation_id": p.op.id, "domain": self.uuid, "alias": plan.primary,
                 "source": ctx.host,
-                "lease_s": self.req.timeout_s + ctx.failover.replug_timeout_s + 60,
+                "lease_s": lease_needed(ctx, self.req),
             }, timeout)  # fmt: skip
             self.reservation = res["reservation_id"]
             p.note(reservation=self.reservation, resource=res["resource"])
