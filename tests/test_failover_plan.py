@@ -343,3 +343,24 @@ async def test_a_vf_held_by_any_domain_is_not_handed_out(
             "source": "hv-other", "lease_s": 600}  # fmt: skip
     reserved = await call(nc, agent.host, "failover.reserve", body)
     assert reserved["result"]["resource"] == "pci:0000:3d:02.1", reserved
+
+
+async def test_a_timeout_no_destination_can_lease_for_is_refused_before_anything_happens(
+    start_agent: Callable[..., Awaitable[RunningAgent]], nc: NATS, testdrv: Any
+) -> None:
+    """timeout_s 86,300 plus the replug window exceeds the longest lease a destination grants: refused at the request (naming timeout_s and its limit), no operation started - not a reservation refused halfway."""
+    source = await start_agent()
+    destination = await start_agent()
+    e1000e = nic_forms.STANDBY.replace("virtio", "e1000e").replace(
+        "<teaming type='persistent'/>", ""
+    ).replace(nic_forms.STANDBY_ALIAS, "ua-primary0")  # fmt: skip
+    dom = testdrv.defineXML(nic_forms.domain_xml(e1000e, name="t-lease", kind="test"))
+    dom.create()
+    req = {"domain": dom.name(), "destination": destination.host, "timeout_s": 86_300}
+    reply = await call(nc, source.host, "migrate_with_failover", req)
+    assert reply["ok"] is False, reply
+    assert reply["error"]["code"] == "invalid_request", reply
+    assert "timeout_s" in reply["error"]["message"]
+    assert reply["error"]["details"]["max_timeout_s"] < 86_300
+    ops = await call(nc, source.host, "operation.list")
+    assert ops["result"] == [], "no operation was started"
