@@ -8,17 +8,18 @@ reply's error code. Handlers never publish to NATS themselves.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from agent.capabilities import Capabilities, probe
 from agent.envelope import Subjects
-from agent.errors import Unavailable
+from agent.errors import Conflict, Unavailable
 from agent.failover import Reconciler
 from agent.hypervisor import Hypervisor
 from agent.metrics import Metrics
-from agent.operations import OperationManager
+from agent.operations import Operation, OperationManager, Runner
 from agent.peers import Peers
 from agent.registry import Registry
 from agent.settings import DeviceSettings, FailoverSettings
@@ -50,6 +51,35 @@ class Context:
 
     def lock(self, domain_uuid: str) -> asyncio.Lock:
         return self.domain_locks.setdefault(domain_uuid, asyncio.Lock())
+
+    def _no_operation(self, domain_uuid: str) -> None:
+        holder = self.operations.holder(domain_uuid) if self.operations else None
+        if holder is not None:
+            raise Conflict(
+                f"operation {holder} is running on domain {domain_uuid}; wait for it or "
+                "cancel it (operation.cancel)",
+                operation_id=holder, domain=domain_uuid,
+            )  # fmt: skip
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, domain_uuid: str) -> AsyncIterator[None]:
+        """One change to a domain at a time: a mutating command waits for another command
+        on the domain, and is refused (`conflict`, naming it) while an operation runs on it."""
+        self._no_operation(domain_uuid)
+        async with self.lock(domain_uuid):
+            self._no_operation(domain_uuid)
+            yield
+
+    def start_operation(self, verb: str, domain_uuid: str, runner: Runner) -> Operation:
+        """Start a long operation on a domain; refused while a command changes the domain or
+        another operation runs on it."""
+        operations = self.operations
+        if operations is None:
+            raise Unavailable("the journal is not open yet")
+        if self.lock(domain_uuid).locked():
+            raise Conflict(f"a command is changing domain {domain_uuid}; try again when it "
+                           "has answered", domain=domain_uuid)  # fmt: skip
+        return operations.start(verb, domain_uuid, runner)
 
     def fleet(self) -> tuple[OperationManager, Peers, Reconciler]:
         """What verbs that span hosts need: the journal, the other agents, the reconciler."""

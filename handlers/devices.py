@@ -39,7 +39,7 @@ async def detach(ctx: Context, req: DetachRequest) -> dict[str, Any]:
         raise Unavailable("the journal is not open yet")
     dom = await find_domain(ctx, req.domain)
     uuid = dom.UUIDString()
-    async with ctx.lock(uuid):
+    async with ctx.exclusive(uuid):
         live = await hv.call(dom.XMLDesc, 0)
         xml = device_xml(live, req.alias)
         if xml is None:
@@ -71,7 +71,7 @@ async def attach(ctx: Context, req: AttachRequest) -> dict[str, Any]:
             )
         xml = recorded
     alias = alias_of(xml)
-    async with ctx.lock(uuid):
+    async with ctx.exclusive(uuid):
         live = await hv.call(dom.XMLDesc, 0)
         if device_xml(live, alias) is not None:
             raise Conflict(

@@ -112,7 +112,7 @@ def _action(name: str, act: Callable[[Any], Any], needs: frozenset[str]) -> Verb
 
     async def handler(ctx: Context, req: DomainRequest) -> DomainInfo:
         dom = await find_domain(ctx, req.domain)
-        async with ctx.lock(dom.UUIDString()):
+        async with ctx.exclusive(dom.UUIDString()):
             state, reason = await ctx.hypervisor.call(dom.state)
             st, _ = domain_state_names(state, reason)
             if st not in needs:

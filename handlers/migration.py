@@ -182,7 +182,7 @@ async def migrate(ctx: Context, req: MigrateRequest) -> dict[str, Any]:
             raise AgentError(f"domain is not running on {req.destination} after the migration")
         return {**result, "destination": req.destination}
 
-    op = ctx.operations.start("migrate", dom.UUIDString(), runner)
+    op = ctx.start_operation("migrate", dom.UUIDString(), runner)
     return {"operation_id": op.id, "state": op.state}
 
 

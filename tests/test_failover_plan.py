@@ -4,6 +4,7 @@ and the definitions it plugs, the failover record's round trip, the [failover] s
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import time
 import xml.etree.ElementTree as ET
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import libvirt
+import msgspec
 import pytest
 from nats.aio.client import Client as NATS
 
@@ -364,3 +366,53 @@ async def test_a_timeout_no_destination_can_lease_for_is_refused_before_anything
     assert reply["error"]["details"]["max_timeout_s"] < 86_300
     ops = await call(nc, source.host, "operation.list")
     assert ops["result"] == [], "no operation was started"
+
+
+async def test_one_change_at_a_time_on_a_domain_across_verbs(
+    start_agent: Callable[..., Awaitable[RunningAgent]], nc: NATS, testdrv: Any
+) -> None:
+    """While migrate_with_failover runs on a domain (here held at its reserve step by a destination that does not answer yet), destroy, shutdown, suspend, device.detach and migrate on it answer `conflict` naming the operation and do not act; the operation's own cancel is taken; after it ends the verbs act again."""
+    agent = await start_agent(**{"failover.peer_timeout_s": 60})
+    kv = await nc.jetstream().key_value("virt_hosts")
+    await kv.put("ghost", msgspec.json.encode(registration("ghost")))
+    asked = asyncio.Event()
+
+    async def hold(msg: Any) -> None:
+        if msg.subject.endswith("failover.release"):
+            await msg.respond(b'{"ok": true, "result": {"released": true}}')
+        else:
+            asked.set()  # a reserve this destination has not answered yet
+
+    sub = await nc.subscribe("virt.ghost.cmd.>", cb=hold)
+    e1000e = nic_forms.STANDBY.replace("virtio", "e1000e").replace(
+        "<teaming type='persistent'/>", ""
+    ).replace(nic_forms.STANDBY_ALIAS, "ua-primary0")  # fmt: skip
+    dom = testdrv.defineXML(nic_forms.domain_xml(e1000e, name="t-busy", kind="test"))
+    dom.create()
+    try:
+        started = await call(nc, agent.host, "migrate_with_failover",
+                             {"domain": dom.name(), "destination": "ghost"})  # fmt: skip
+        op_id = started["result"]["operation_id"]
+        await asyncio.wait_for(asked.wait(), 30)
+        for verb, body in [
+            ("domain.destroy", {}), ("domain.shutdown", {}), ("domain.suspend", {}),
+            ("device.detach", {"alias": "ua-primary0"}), ("migrate", {"destination": "ghost"}),
+        ]:  # fmt: skip
+            reply = await call(nc, agent.host, verb, {"domain": dom.name(), **body})
+            assert reply["ok"] is False, (verb, reply)
+            assert reply["error"]["code"] == "conflict", (verb, reply)
+            assert op_id in reply["error"]["message"] + str(reply["error"]["details"]), reply
+        assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING, "none of them acted"
+        assert "ua-primary0" in dom.XMLDesc(0)
+        cancel = await call(nc, agent.host, "operation.cancel", {"operation_id": op_id})
+        assert cancel["ok"] is True, cancel
+        for _ in range(300):
+            got = await call(nc, agent.host, "operation.get", {"operation_id": op_id})
+            if got["result"]["state"] != "running":
+                break
+            await asyncio.sleep(0.1)
+        assert got["result"]["state"] == "cancelled", got
+        suspended = await call(nc, agent.host, "domain.suspend", {"domain": dom.name()})
+        assert suspended["ok"] is True, suspended
+    finally:
+        await sub.unsubscribe()

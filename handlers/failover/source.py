@@ -26,7 +26,7 @@ BEFORE_CHANGE = ("plan", "reserve")  # steps after which nothing on the source h
 
 async def migrate_with_failover(ctx: Context, req: FailoverRequest) -> dict[str, Any]:
     ctx.conn()
-    operations, _, _ = ctx.fleet()
+    ctx.fleet()
     assert ctx.registry is not None
     if req.destination == ctx.host:
         raise InvalidRequest(f"destination {req.destination!r} is this host",
@@ -44,7 +44,7 @@ async def migrate_with_failover(ctx: Context, req: FailoverRequest) -> dict[str,
         )
     plan = await make_plan(ctx, dom, req, dest)
     flow = Failover(ctx, dom, req, plan, dest)
-    op = operations.start("migrate_with_failover", dom.UUIDString(), flow.run)
+    op = ctx.start_operation("migrate_with_failover", dom.UUIDString(), flow.run)
     return {"operation_id": op.id, "state": op.state, "mode": plan.mode}
 
 
