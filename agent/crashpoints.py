@@ -3,7 +3,8 @@ migrate-with-failover, so the tests can stop it at every step boundary.
 
 Points on the source: the steps `plan`, `reserve`, `unplug`, `migrate`, `replug`, `verify`; on
 the destination: `dest.reserve` (reservation recorded, not yet answered) and `dest.replug`
-(asked to plug, not yet plugged). Only the test harness arms one (`python -m
+(asked to plug, not yet plugged); for `migrate`: `migrate.done` (the migration call returned,
+its outcome not yet recorded). Only the test harness arms one (`python -m
 tests.crashing_agent POINT run ...`, which calls `arm` before the agent starts); nothing in
 `virt-agent` does, and the environment cannot: a production process never exits here.
 """

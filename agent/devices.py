@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import libvirt
 
-from agent.errors import InvalidRequest, LibvirtFailure, NotFound, Timeout
+from agent.errors import AgentError, InvalidRequest, LibvirtFailure, NotFound, Timeout
 from agent.hypervisor import Hypervisor
 from agent.settings import DeviceSettings
 
@@ -124,16 +125,29 @@ class RemovalFailed(LibvirtFailure):
     """DEVICE_REMOVAL_FAILED: the unplug is over and the device stays."""
 
 
-async def unplug(hv: Hypervisor, dom: Any, alias: str, timeout_s: float) -> None:
+async def unplug(
+    hv: Hypervisor,
+    dom: Any,
+    alias: str,
+    timeout_s: float,
+    in_flight: Callable[[bool], None] = lambda _now: None,
+) -> None:
     """Detach by alias from the live domain and wait for DEVICE_REMOVED.
 
     Raises RemovalFailed on DEVICE_REMOVAL_FAILED (the device stays) and Timeout when the guest
     has not released it in time - the unplug is then still in flight and is never re-sent: a
-    second device_del would interrupt the guest's own removal."""
+    second device_del would interrupt the guest's own removal. `in_flight(True)` is called
+    before the detach may be sent, `in_flight(False)` once the unplug is over: the device left,
+    or it stays (libvirt refused the detach, or the guest refused the removal)."""
     uuid = dom.UUIDString()
     done = hv.expect(uuid, ("device_removed", "device_removal_failed"), alias)
     try:
-        await hv.call(dom.detachDeviceAlias, alias, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        in_flight(True)
+        try:
+            await hv.call(dom.detachDeviceAlias, alias, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        except AgentError:
+            in_flight(False)  # refused at once: no DEVICE_REMOVED will ever come
+            raise
         event = await asyncio.wait_for(asyncio.shield(done), timeout_s)
     except TimeoutError:
         raise Timeout(
@@ -142,6 +156,7 @@ async def unplug(hv: Hypervisor, dom: Any, alias: str, timeout_s: float) -> None
         ) from None
     finally:
         done.cancel()
+    in_flight(False)
     if event.event_type == "device_removal_failed":
         raise RemovalFailed(f"the guest refused to release {alias!r}", alias=alias)
 

@@ -46,7 +46,6 @@ from agent.registry import Registration, Registry, open_bucket
 from agent.settings import Settings
 from agent.spool import Spool
 from handlers import Context, all_verbs
-from handlers.failover import recovery
 
 # Tasks that publish without being asked; stopped first at shutdown.
 SELF_PUBLISHING = frozenset({"heartbeat", "overflow-resync", "libvirt-watch", "failover-reconcile"})
@@ -106,7 +105,8 @@ class Agent:
             devices=settings.devices,
             failover=settings.failover,
         )
-        self.commands = CommandService(settings.commands, self.ctx, all_verbs())
+        self.verbs = all_verbs()
+        self.commands = CommandService(settings.commands, self.ctx, self.verbs)
         self.registry: Registry | None = None
         self.operations: OperationManager | None = None
         self.reconciler: Reconciler | None = None
@@ -168,7 +168,7 @@ class Agent:
             self.publisher.submit_op_event,
             self.settings.commands.max_operations,
             self.metrics,
-            recoverable=frozenset({"migrate_with_failover"}),
+            recoverable=frozenset(v.name for v in self.verbs.values() if v.recover),
         )
         self.ctx.peers = Peers(nc, self.settings.subject_prefix)
         self.ctx.reconciler = self.reconciler = Reconciler(
@@ -213,7 +213,9 @@ class Agent:
                 ]
                 await self.operations.started()
                 for op in list(self.operations.orphans):
-                    self.operations.adopt(op, recovery(self.ctx, op))
+                    recover = self.verbs[op.verb].recover
+                    assert recover is not None  # only such verbs' operations are orphans
+                    self.operations.adopt(op, recover(self.ctx, op))
                 self.state = AgentState.RUNNING
                 self.ready.set()
                 log.info("agent running", event_types=len(self.hypervisor.registered))

@@ -110,6 +110,9 @@ class Verb:
     request: type[Any]
     handler: Handler
     mutating: bool = False
+    # For a verb whose operations outlive a restart of the agent: the runner that finishes
+    # one the previous process left running (it decides from what libvirt shows).
+    recover: Callable[[Context, Operation], Runner] | None = None
 
 
 def all_verbs() -> dict[str, Verb]:

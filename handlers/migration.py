@@ -12,9 +12,11 @@ import libvirt
 import msgspec
 from msgspec import Meta
 
+from agent import crashpoints
 from agent.errors import AgentError, Conflict, InvalidRequest, Timeout, Unavailable
 from agent.events import domain_state_names
-from agent.operations import Progress
+from agent.operations import Operation, Progress, Runner
+from agent.registry import Registration
 from handlers import Context, Verb
 from handlers.domain import DomainName, RequestId, find_domain
 
@@ -137,16 +139,16 @@ async def run_migration(ctx: Context, p: Progress, dom: Any, dest_uri: str, req:
                 await hv.call(dom.migrateStartPostCopy, 0)
             p.update(**stats, **policy.state(), passes=iterations[0])
             if time.monotonic() - started > req.timeout_s:
-                with contextlib.suppress(AgentError):
-                    await hv.call(dom.abortJob)
-                with contextlib.suppress(AgentError):
-                    await job
-                raise Timeout(f"migration did not finish within {req.timeout_s}s; aborted",
+                raise Timeout(f"migration did not finish within {req.timeout_s}s; aborted",  # noqa: TRY301 - the handler below aborts the job for every way out
                               timeout_s=req.timeout_s)  # fmt: skip
         await job
-    except asyncio.CancelledError:
-        with contextlib.suppress(AgentError):
-            await hv.call(dom.abortJob)
+    except BaseException:
+        # Whatever ended the watch (a timeout, a cancel, a failed policy step): the job is
+        # aborted and waited for, so that nothing lands on the destination behind the
+        # caller's back; whether it landed before the abort took is for the caller to check.
+        if not job.done():
+            with contextlib.suppress(AgentError):
+                await hv.call(dom.abortJob)
         with contextlib.suppress(AgentError, asyncio.CancelledError):
             await job
         raise
@@ -154,6 +156,20 @@ async def run_migration(ctx: Context, p: Progress, dom: Any, dest_uri: str, req:
         stop_listening()
     return {"seconds": round(time.monotonic() - started, 3), "passes": iterations[0],
             **policy.state()}  # fmt: skip
+
+
+async def migrate_and_locate(
+    ctx: Context, p: Progress, dom: Any, dest: Registration, req: MigrateRequest
+) -> dict[str, Any]:
+    """The migration, judged by where the domain runs afterwards (both libvirts), not by what
+    the call said: an error after which the domain runs on the destination is a migration."""
+    try:
+        return await run_migration(ctx, p, dom, dest.libvirt_uri, req, dest.migration_uri)
+    except AgentError as exc:
+        if await ctx.hypervisor.where_is(dom.UUIDString(), dest.libvirt_uri) != "destination":
+            raise
+        return {"note": f"the migration call failed ({exc.message}) but the domain runs on "
+                        f"{req.destination}"}  # fmt: skip
 
 
 async def migrate(ctx: Context, req: MigrateRequest) -> dict[str, Any]:
@@ -175,10 +191,10 @@ async def migrate(ctx: Context, req: MigrateRequest) -> dict[str, Any]:
 
     async def runner(p: Progress) -> dict[str, Any]:
         p.step("migrate", destination=req.destination)
-        result = await run_migration(ctx, p, dom, dest.libvirt_uri, req, dest.migration_uri)
+        result = await migrate_and_locate(ctx, p, dom, dest, req)
+        crashpoints.reached("migrate.done")
         p.step("verify")
-        active, _ = await ctx.hypervisor.remote_domain(dest.libvirt_uri, dom.UUIDString())
-        if not active:
+        if await ctx.hypervisor.where_is(dom.UUIDString(), dest.libvirt_uri) != "destination":
             raise AgentError(f"domain is not running on {req.destination} after the migration")
         return {**result, "destination": req.destination}
 
@@ -186,4 +202,34 @@ async def migrate(ctx: Context, req: MigrateRequest) -> dict[str, Any]:
     return {"operation_id": op.id, "state": op.state}
 
 
-VERBS = [Verb("migrate", MigrateRequest, migrate, mutating=True)]
+def recovery(ctx: Context, op: Operation) -> Runner:
+    """Finish a migration the previous process of this agent was running when it died: the
+    domain's place decides (both libvirts), once no migration job runs on it here."""
+
+    async def recover(p: Progress) -> dict[str, Any]:
+        destination = next((s["destination"] for s in op.steps if s.get("destination")), None)
+        p.step("recover", interrupted_at=op.step or "start")
+        if destination is None:
+            raise AgentError("the agent restarted before the migration began; nothing changed")
+        if ctx.registry is None:
+            raise Unavailable("the host registry is not available yet")
+        dest = await ctx.registry.resolve(destination)
+        uuid = op.domain
+        while await ctx.hypervisor.where_is(uuid, None) == "source":
+            dom = await ctx.hypervisor.call(ctx.conn().lookupByUUIDString, uuid)
+            job = await ctx.hypervisor.call(dom.jobInfo)
+            if job[0] == libvirt.VIR_DOMAIN_JOB_NONE:
+                break
+            await asyncio.sleep(POLL_S)  # libvirtd still migrates it: wait for the outcome
+        where = await ctx.hypervisor.where_is(uuid, dest.libvirt_uri)
+        if where != "destination":
+            place = "this host" if where == "source" else where
+            raise AgentError(f"the agent restarted during the migration; the domain runs on "
+                             f"{place}", where=where)  # fmt: skip
+        return {"destination": destination, "recovered": True,
+                "note": "the migration completed while the agent restarted"}  # fmt: skip
+
+    return recover
+
+
+VERBS = [Verb("migrate", MigrateRequest, migrate, mutating=True, recover=recovery)]

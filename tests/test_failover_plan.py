@@ -21,7 +21,7 @@ from agent.capabilities import Capabilities
 from agent.devices import interfaces
 from agent.envelope import Subjects
 from agent.errors import InvalidRequest, NotFound, Unavailable, Unsupported
-from agent.failover import Record, record_from_xml, record_to_xml
+from agent.failover import NS, Record, record_from_xml, record_to_xml
 from agent.hypervisor import Hypervisor
 from agent.metrics import Metrics
 from agent.operations import Journal
@@ -416,3 +416,32 @@ async def test_one_change_at_a_time_on_a_domain_across_verbs(
         assert suspended["ok"] is True, suspended
     finally:
         await sub.unsubscribe()
+
+
+async def test_a_detach_libvirt_refuses_at_once_ends_the_unplug(
+    start_agent: Callable[..., Awaitable[RunningAgent]], nc: NATS, testdrv: Any
+) -> None:
+    """libvirt refuses the detach outright (the test driver cannot hot-unplug): no DEVICE_REMOVED will ever come, so the operation ends `failed` at once (the primary never left), the record is cleared, the reservation given back, and the next request is not refused as `conflict`."""
+    source = await start_agent()
+    destination = await start_agent()
+    e1000e = nic_forms.STANDBY.replace("virtio", "e1000e").replace(
+        "<teaming type='persistent'/>", ""
+    ).replace(nic_forms.STANDBY_ALIAS, "ua-primary0")  # fmt: skip
+    dom = testdrv.defineXML(nic_forms.domain_xml(e1000e, name="t-refused", kind="test"))
+    dom.create()
+    req = {"domain": dom.name(), "destination": destination.host}
+    started = await call(nc, source.host, "migrate_with_failover", req)
+    op_id = started["result"]["operation_id"]
+    for _ in range(300):
+        got = await call(nc, source.host, "operation.get", {"operation_id": op_id})
+        if got["result"]["state"] != "running":
+            break
+        await asyncio.sleep(0.1)
+    assert got["result"]["state"] == "failed", got
+    assert [s["step"] for s in got["result"]["steps"]][-2:] == ["unplug", "rollback"]
+    with pytest.raises(libvirt.libvirtError):
+        dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, NS, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    assert destination.agent.reconciler is not None
+    assert destination.agent.reconciler.pool.active() == [], "the reservation was given back"
+    again = await call(nc, source.host, "migrate_with_failover", req)
+    assert again["ok"] is True, again

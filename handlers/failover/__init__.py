@@ -35,10 +35,16 @@ from handlers.failover.destination import (
 from handlers.failover.plan import FailoverRequest, find_pair
 from handlers.failover.source import migrate_with_failover, recovery
 
-__all__ = ["VERBS", "find_pair", "recovery"]
+__all__ = ["VERBS", "find_pair"]
 
 VERBS = [
-    Verb("migrate_with_failover", FailoverRequest, migrate_with_failover, mutating=True),
+    Verb(
+        "migrate_with_failover",
+        FailoverRequest,
+        migrate_with_failover,
+        mutating=True,
+        recover=recovery,
+    ),
     Verb("failover.reserve", ReserveRequest, reserve, mutating=True),
     Verb("failover.release", ReleaseRequest, release, mutating=True),
     Verb("failover.replug", ReplugRequest, replug, mutating=True),

@@ -11,7 +11,7 @@ from typing import Any
 import libvirt
 
 from agent import crashpoints
-from agent.devices import RemovalFailed, device_element, unplug
+from agent.devices import device_element, unplug
 from agent.errors import AgentError, Conflict, InvalidRequest, Timeout
 from agent.failover import NS, OWED, UNPLUGGING, Record, Settled, read_record, write_record
 from agent.operations import Operation, Progress, uninterruptible
@@ -19,7 +19,7 @@ from agent.registry import Registration
 from handlers import Context
 from handlers.domain import find_domain
 from handlers.failover.plan import FailoverRequest, Plan, lease_needed, make_plan
-from handlers.migration import MigrateRequest, run_migration
+from handlers.migration import MigrateRequest, migrate_and_locate
 
 BEFORE_CHANGE = ("plan", "reserve")  # steps after which nothing on the source has changed yet
 
@@ -63,6 +63,7 @@ class Failover:
         self.reserve_asked = False  # the destination may hold one even without a reply
         self.recorded = False  # the record is in the domain's metadata
         self.unplug_in_flight = False
+        self.unplugged = False  # DEVICE_REMOVED seen: the guest is without its primary
         self.migrating = False
         self.migrated = False
 
@@ -108,14 +109,42 @@ class Failover:
             # Whatever interrupted it (an error, a cancel, the agent stopping), the domain must
             # end on one host with its primary: finished even if cancelled again meanwhile.
             await uninterruptible(self._after_interruption(p, exc), operations.abandoned)
-            raise
+            if not self.migrated:
+                raise
+            # The migration completed before the interruption took effect: the VM runs on
+            # the destination, and the operation goes on to its primary.
+            if isinstance(exc, asyncio.CancelledError):
+                return self._moved_but_owed(p, "cancelled after the migration had completed")
+            result = {"note": f"the migration completed despite: {exc}"}
 
-        await self.step(p, "replug", host=plan.destination)
-        replug = await replug_on(ctx, plan.destination, self.uuid, plan.primary, p.op.id)
-        await self.step(p, "verify")
-        await self._verify()
-        return {"mode": plan.mode, "destination": plan.destination, "primary": plan.primary,
-                "migration": result, "replug": replug}  # fmt: skip
+        out = {"mode": plan.mode, "destination": plan.destination, "primary": plan.primary,
+               "migration": result}  # fmt: skip
+        try:
+            await self.step(p, "replug", host=plan.destination)
+            out["replug"] = await replug_on(ctx, plan.destination, self.uuid, plan.primary,
+                                            p.op.id)  # fmt: skip
+            await self.step(p, "verify")
+            await self._verify()
+        except asyncio.CancelledError:
+            # The VM has moved; what a cancel can still stop is this agent's waiting for the
+            # primary, which the destination's reconcile loop plugs in any case.
+            return {**out, **self._moved_but_owed(p, "cancelled while the destination "
+                                                     "plugged the primary")}  # fmt: skip
+        return out
+
+    def _moved_but_owed(self, p: Progress, why: str) -> dict[str, Any]:
+        """A cancel that came after the migration: the operation ends `succeeded` (the VM
+        runs on the destination), saying that the destination still owes the primary; a
+        shutdown out of time leaves it to the next start instead."""
+        if self.ctx.operations is not None and self.ctx.operations.abandoned.is_set():
+            raise asyncio.CancelledError
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        p.note(cancel_ignored=why)
+        return {"destination": self.plan.destination, "primary": self.plan.primary,
+                "primary_owed": f"{self.plan.destination}'s reconcile loop plugs it",
+                "cancel_ignored": why}  # fmt: skip
 
     async def _migrate(self, p: Progress) -> dict[str, Any]:
         """The migration; success means the domain runs on the destination, whatever the
@@ -125,14 +154,7 @@ class Failover:
             max_downtime_ms=self.req.max_downtime_ms, bandwidth_mib_s=self.req.bandwidth_mib_s,
             postcopy=self.req.postcopy, timeout_s=self.req.timeout_s,
         )  # fmt: skip
-        try:
-            result = await run_migration(self.ctx, p, self.dom, self.dest.libvirt_uri, mreq,
-                                         self.dest.migration_uri)  # fmt: skip
-        except AgentError as exc:
-            if await self._where() != "destination":
-                raise
-            result = {"note": f"the migration call failed ({exc.message}) but the domain runs "
-                              "on the destination"}  # fmt: skip
+        result = await migrate_and_locate(self.ctx, p, self.dom, self.dest, mreq)
         where = await self._where()
         if where != "destination":
             raise AgentError(f"after the migration the domain runs on: {where}", where=where)
@@ -146,15 +168,15 @@ class Failover:
     async def _unplug(self) -> None:
         # In flight from the moment the detach may have been sent until libvirt reports the
         # outcome: a timeout, a cancel or a crash in between leaves the guest free to release
-        # the device later, and only the reconcile loop (after unplug_grace_s) may decide.
-        self.unplug_in_flight = True
-        try:
-            await unplug(self.ctx.hypervisor, self.dom, self.plan.primary,
-                         self.ctx.devices.detach_timeout_s)  # fmt: skip
-        except RemovalFailed:
-            self.unplug_in_flight = False  # the guest said no: the device stays
-            raise
-        self.unplug_in_flight = False
+        # the device later, and only the reconcile loop (after unplug_grace_s) may decide. A
+        # detach that libvirt refuses, or the guest's DEVICE_REMOVAL_FAILED, ends it: the
+        # device stays.
+        def in_flight(now: bool) -> None:
+            self.unplug_in_flight = now
+
+        await unplug(self.ctx.hypervisor, self.dom, self.plan.primary,
+                     self.ctx.devices.detach_timeout_s, in_flight)  # fmt: skip
+        self.unplugged = True
 
     async def _where(self) -> str:
         return await self.ctx.hypervisor.where_is(self.uuid, self.dest.libvirt_uri)
@@ -168,8 +190,6 @@ class Failover:
             self.migrated = True
             p.note(migrated_anyway=True, note="the migration completed before it was "
                    "interrupted; the destination plugs the primary")  # fmt: skip
-            if isinstance(exc, AgentError):
-                exc.details["final_state"] = "migrated"
             return
         await self._rollback(p, exc)
 
@@ -188,7 +208,9 @@ class Failover:
         out = await ctx.reconciler.settle(self.dom, owner=p.op.id, unplug_done=True)
         if not isinstance(exc, AgentError):
             return
-        if out.settled in (Settled.ATTACHED, Settled.PLUGGED, Settled.NO_RECORD):
+        if out.settled is Settled.ATTACHED and not self.unplugged:
+            exc.details["final_state"] = "failed"  # the primary never left: nothing changed
+        elif out.settled in (Settled.ATTACHED, Settled.PLUGGED, Settled.NO_RECORD):
             exc.details["final_state"] = "rolled_back"
         else:
             exc.details["primary_owed"] = (f"{out.alias} not back yet ({out.why}); the "
