@@ -6,15 +6,19 @@ the guest's own kernel reports (its failover bond and its pings)."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import libvirt
+import msgspec
 import pytest
 
 from agent.devices import device_xml
+from agent.errors import LibvirtFailure
 from agent.failover import NS, PREFIX, Record, record_to_xml
+from handlers.migration import Convergence
 from lab.lab import bond_members, guest_mac, primary_interface_xml, probes, wait_for_serial
 from tests.conftest import Collector, RunningAgent, call, eventually, where
 
@@ -330,3 +334,99 @@ async def test_an_agent_that_starts_plugs_a_primary_its_domain_is_owed(
     assert await asyncio.to_thread(where, host_a, u) == {
         "running": True, "primary": True, "record": False,
     }  # fmt: skip
+
+
+async def test_a_failing_migration_watch_aborts_the_job_and_waits_for_it(
+    host_a: Any,
+    host_b: Any,
+    guest: Callable[..., Any],
+    start_agent: Callable[..., Awaitable[RunningAgent]],
+    collect: Callable[[str], Awaitable[Collector]],
+    nc: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A libvirt call of the migration's watch fails (injected: the convergence step raises
+    as a failing migrateSetMaxDowntime would): the job is aborted and waited for before the
+    operation ends `failed`, so the domain stays on A and nothing lands on B afterwards."""
+    calls = 0
+
+    def failing(self: Convergence, remaining: int | None) -> str | None:
+        nonlocal calls
+        calls += 1
+        raise LibvirtFailure("injected: migrateSetMaxDowntime failed")
+
+    monkeypatch.setattr(Convergence, "observe", failing)
+    agent_a = await start_agent(**{"libvirt.uri": host_a.uri})
+    agent_b = await start_agent(**{"libvirt.uri": host_b.uri})
+    dom = await asyncio.to_thread(guest, "a", "virtio")
+    u = dom.UUIDString()
+    ops = await collect(f"virt.{agent_a.host}.op.>")
+    slow = {"domain": dom.name(), "destination": agent_b.host, "bandwidth_mib_s": 1}
+    reply = await call(nc, agent_a.host, "migrate", slow)
+    assert reply["ok"] is True, reply
+    op = await final_of(ops)
+    assert calls >= 1
+    assert op["state"] == "failed", op
+    assert "injected" in op["error"]["message"]
+    job = await asyncio.to_thread(lambda: dom.jobInfo()[0])
+    assert job == libvirt.VIR_DOMAIN_JOB_NONE, "the job was over when the failure was reported"
+    await asyncio.sleep(2)
+    assert (await asyncio.to_thread(where, host_a, u))["running"] is True
+    assert (await asyncio.to_thread(where, host_b, u))["running"] is False
+
+
+async def test_a_cancel_after_the_migration_ends_succeeded_with_the_primary_owed(
+    host_a: Any,
+    host_b: Any,
+    guest: Callable[..., Any],
+    start_agent: Callable[..., Awaitable[RunningAgent]],
+    collect: Callable[[str], Awaitable[Collector]],
+    nc: Any,
+) -> None:
+    """The VM has moved when the cancel comes (the destination, here a stand-in agent on B's
+    libvirt, has not plugged the primary yet): the operation ends `succeeded` saying the
+    primary is owed - not `cancelled` - and an agent on B then plugs it."""
+    agent_a = await start_agent(**{"libvirt.uri": host_a.uri})
+    kv = await nc.jetstream().key_value("virt_hosts")
+    await kv.put("slowdst", msgspec.json.encode({
+        "host": "slowdst", "boot_id": "b", "version": "0", "libvirt_uri": host_b.uri,
+        "migration_uri": "", "capabilities": None, "updated": time.time(),
+        "failover_pool": {"kind": "recorded"},
+    }))  # fmt: skip
+    replug_asked = asyncio.Event()
+
+    async def destination(msg: Any) -> None:
+        verb = msg.subject.removeprefix("virt.slowdst.cmd.")
+        if verb == "failover.reserve":
+            await msg.respond(msgspec.json.encode({"ok": True, "result": {
+                "reservation_id": "ab", "resource": "recorded", "pool": "recorded",
+                "expires_in_s": 600}}))  # fmt: skip
+        elif verb == "failover.release":
+            await msg.respond(b'{"ok": true, "result": {"released": true}}')
+        elif verb == "failover.replug":
+            replug_asked.set()  # not answered: the primary is not plugged yet
+
+    sub = await nc.subscribe("virt.slowdst.cmd.>", cb=destination)
+    try:
+        dom = await asyncio.to_thread(guest, "a", "failover")
+        u = dom.UUIDString()
+        ops = await collect(f"virt.{agent_a.host}.op.>")
+        reply = await call(nc, agent_a.host, "migrate_with_failover",
+                           {"domain": dom.name(), "destination": "slowdst"})  # fmt: skip
+        assert reply["ok"] is True, reply
+        await asyncio.wait_for(replug_asked.wait(), 120)
+        op_id = reply["result"]["operation_id"]
+        assert (await call(nc, agent_a.host, "operation.cancel", {"operation_id": op_id}))["ok"]
+        op = await final_of(ops)
+        assert op["state"] == "succeeded", op
+        assert "primary_owed" in op["result"], op["result"]
+        assert await asyncio.to_thread(where, host_b, u) == {
+            "running": True, "primary": False, "record": True,
+        }, "moved, the primary owed by the record it carries"  # fmt: skip
+    finally:
+        await sub.unsubscribe()
+    await start_agent(**{"libvirt.uri": host_b.uri, "failover.reconcile_interval_s": 1})
+    await eventually(
+        lambda: where(host_b, u) == {"running": True, "primary": True, "record": False},
+        60, "an agent on B plugs the owed primary",
+    )  # fmt: skip

@@ -117,3 +117,35 @@ async def test_an_agent_killed_at_a_step_boundary_leaves_one_vm_with_one_primary
     assert (await asyncio.to_thread(where, hosts[other], u))["running"] is False
     await bond_now(serial, 2)
     await pings_flow(serial, offset)
+
+
+async def test_a_migrate_whose_agent_died_after_the_migration_is_decided_from_both_libvirts(
+    host_a: Any,
+    host_b: Any,
+    guest: Callable[..., Any],
+    agent_process: Callable[..., AgentProcess],
+    nats_server: Any,
+    nc: Any,
+    collect: Callable[[str], Awaitable[Collector]],
+    tmp_path: Path,
+) -> None:
+    """The source agent dies (crash point `migrate.done`) after a plain migrate completed but before it recorded the outcome: after its restart the operation ends `succeeded`, because the domain runs on B and not on A - not `failed` for having been interrupted."""
+    agents = Agents(agent_process, nats_server.url, tmp_path)
+    first = agents.start("a", host_a.uri, "migrate.done")
+    agents.start("b", host_b.uri)
+    await agents.ready(nc, "a")
+    await agents.ready(nc, "b")
+    dom = await asyncio.to_thread(guest, "a", "virtio")
+    u = dom.UUIDString()
+    ops = await collect(f"virt.{agents.ids['a']}.op.>")
+    reply = await call(nc, agents.ids["a"], "migrate",
+                       {"domain": u, "destination": agents.ids["b"]})  # fmt: skip
+    assert reply["ok"] is True, reply
+    assert await wait_exit(first) == EXIT_STATUS, first.output()[-3000:]
+    agents.start("a", host_a.uri)
+    await agents.ready(nc, "a")
+    op = await final_of(ops, 150)
+    assert op["id"] == reply["result"]["operation_id"]
+    assert op["state"] == "succeeded", op
+    assert (await asyncio.to_thread(where, host_b, u))["running"] is True
+    assert (await asyncio.to_thread(where, host_a, u))["running"] is False

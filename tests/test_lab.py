@@ -342,3 +342,22 @@ async def test_a_migration_that_does_not_converge_steps_its_downtime_then_goes_p
     serial = lab.serial_path(dom.name())
     size = serial.stat().st_size
     await eventually(lambda: serial.stat().st_size > size, 30, "the guest runs on B")
+
+
+async def test_a_device_libvirt_cannot_hotplug_is_unsupported(
+    host_a: Any,
+    guest: Callable[..., Any],
+    start_agent: Callable[..., Awaitable[RunningAgent]],
+    nc: Any,
+    tmp_path: Path,
+) -> None:
+    """libvirt's VIR_ERR_OPERATION_UNSUPPORTED (a PS/2 mouse cannot be hot plugged) answers `unsupported`, not `libvirt_error`; the domain is unchanged."""
+    mouse = tmp_path / "mouse.xml"
+    mouse.write_text("<input type='mouse' bus='ps2'><alias name='ua-mouse1'/></input>")
+    agent = await start_agent(**{"libvirt.uri": host_a.uri,
+                                 "devices.templates": {"mouse": str(mouse)}})  # fmt: skip
+    dom = await asyncio.to_thread(guest, "a", "virtio")
+    reply = await call(nc, agent.host, "device.attach", {"domain": dom.name(), "template": "mouse"})
+    assert reply["ok"] is False, reply
+    assert reply["error"]["code"] == "unsupported", reply
+    assert "ua-mouse1" not in await asyncio.to_thread(dom.XMLDesc, 0)
