@@ -5,6 +5,7 @@ migrate-with-failover and by the reconcile loop that plugs owed primaries."""
 from __future__ import annotations
 
 import asyncio
+import json
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import libvirt
+import libvirt_qemu
 
 from agent.errors import AgentError, InvalidRequest, LibvirtFailure, NotFound, Timeout
 from agent.hypervisor import Hypervisor
@@ -119,6 +121,36 @@ def pci_sources(domain_xml: str) -> set[str]:
         parts = [int(a.get(k, "0"), 16) for k in ("domain", "bus", "slot", "function")]
         out.add("{:04x}:{:02x}:{:02x}.{:x}".format(*parts))
     return out
+
+
+async def failover_negotiated(hv: Hypervisor, dom: Any, standby: str) -> tuple[bool | None, str]:
+    """Whether the guest's virtio driver negotiated the failover feature (VIRTIO_NET_F_STANDBY)
+    on the standby `standby`, and how that was found. Only a guest that did has a bond that
+    carries its traffic while the primary is out; for any other, an unplug cuts it off.
+
+    QEMU tells it (7.2+, `x-query-virtio-status` on the standby's virtio backend) through
+    libvirt's QEMU monitor passthrough, which marks the domain tainted `custom-monitor`: hence
+    the setting failover.guest_check. None when it cannot be told (another hypervisor, an older
+    QEMU, the check off)."""
+
+    def query() -> str:
+        cmd = {"execute": "x-query-virtio-status",
+               "arguments": {"path": f"/machine/peripheral/{standby}/virtio-backend"}}  # fmt: skip
+        return str(libvirt_qemu.qemuMonitorCommand(dom, json.dumps(cmd), 0))
+
+    try:
+        reply = json.loads(await hv.call(query))
+    except AgentError as exc:
+        return None, f"QEMU's virtio status could not be read: {exc.message}"
+    except ValueError:
+        return None, "QEMU's virtio status was not JSON"
+    status = reply.get("return") or {}
+    features = json.dumps(status.get("guest-features") or {})
+    if "VIRTIO_NET_F_STANDBY" in features:
+        return True, "QEMU: the guest negotiated VIRTIO_NET_F_STANDBY on the standby"
+    driver_ok = "DRIVER_OK" in json.dumps(status.get("status") or [])
+    why = "its virtio driver runs without it" if driver_ok else "its virtio driver never bound"
+    return False, f"QEMU: the guest did not negotiate VIRTIO_NET_F_STANDBY on {standby!r} ({why})"
 
 
 class RemovalFailed(LibvirtFailure):

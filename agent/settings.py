@@ -12,7 +12,7 @@ import socket
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta, Struct
@@ -143,6 +143,10 @@ class FailoverSettings(_Section, frozen=True, kw_only=True, forbid_unknown_field
     # An unplug the guest never finished: the record is dropped after this long if the primary
     # is still attached (until then it is kept, in case the guest releases the device late).
     unplug_grace_s: PosFloat = 300.0
+    # Before unplugging, ask QEMU whether the guest negotiated the failover feature on the
+    # standby, and refuse if it did not (unless forced): `monitor` uses libvirt's QEMU monitor
+    # passthrough, which marks the domain tainted `custom-monitor`; `off` does not look.
+    guest_check: Literal["monitor", "off"] = "monitor"
 
 
 class HttpSettings(_Section, frozen=True, kw_only=True, forbid_unknown_fields=True):

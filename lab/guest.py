@@ -6,7 +6,11 @@ would, reports the bond's members whenever they change (`LAB-BOND ...`), and pin
 gateway every 50 ms, one line per probe (`LAB-PING seq=N t=UPTIME ok|lost`, lost after 1 s
 without a reply) on the serial console, where tests read it.
 
-Two variants. `stock`: Debian's modules as shipped. `standby-rx`: the same, but net_failover
+Three variants. `stock`: Debian's modules as shipped. `nobond`: a guest whose virtio driver
+never binds (virtio_net is not loaded: an old kernel or a Windows guest without its protocol
+driver look the same to the host) - the failover feature is never negotiated, the primary
+carries the address alone, and when a primary is plugged again the guest gives it the address
+(so an outage can be measured). `standby-rx`: as stock, but net_failover
 is rebuilt from the Debian kernel source of the very same version with one condition changed:
 frames that arrive on the standby are dropped only while the primary can carry traffic
 (running with carrier - the condition net_failover already uses to choose its transmit
@@ -144,7 +148,30 @@ STOCK_RULE = "\tif (primary_dev && skb->dev == standby_dev)\n"
 STANDBY_RX_RULE = (
     "\tif (primary_dev && skb->dev == standby_dev &&\n\t    net_failover_xmit_ready(primary_dev))\n"
 )
-VARIANTS = ("stock", "standby-rx")
+VARIANTS = ("stock", "standby-rx", "nobond")
+# What `nobond` leaves out, and what it adds to the init script: an address for a re-plugged
+# primary (the bond that would keep it does not exist in that guest).
+NOBOND_SKIPS = "virtio_net"
+NOBOND_READDRESS = r"""(
+  while true; do
+    if [ -n "$IP" ] && ! ip -o addr show 2>/dev/null | grep -q " ${IP%/*}/"; then
+      N=$(bond)
+      if [ -n "$N" ]; then
+        ip link set "$N" up; ip addr add "$IP" dev "$N"; ip route add default via "$GW"
+        echo "LAB-READDRESS dev=$N uptime=$(cut -d' ' -f1 /proc/uptime)"
+      fi
+    fi
+    usleep 100000
+  done
+) &
+"""
+KEEP_RUNNING = "while true; do sleep 3600; done\n"
+
+
+def init_script(variant: str) -> str:
+    if variant != "nobond":
+        return INIT
+    return INIT.replace(KEEP_RUNNING, NOBOND_READDRESS + KEEP_RUNNING)
 
 
 def build_standby_rx_module(work: Path, kernel_deb: Path) -> Path:
@@ -189,7 +216,7 @@ class GuestImage:
     def recipe(self) -> str:
         """What the image is built from, besides the kernel package: a changed init script,
         module list or patch rebuilds it."""
-        text = "\n".join([INIT, *MODULES, self.variant, STANDBY_RX_RULE])
+        text = "\n".join([init_script(self.variant), *MODULES, self.variant, STANDBY_RX_RULE])
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def ensure(self) -> GuestImage:
@@ -217,13 +244,15 @@ class GuestImage:
                 raise RuntimeError("busybox not found: apt-get install busybox-static")
             shutil.copy2(busybox, root / "bin" / "busybox")
             for mod in MODULES:
+                if self.variant == "nobond" and mod == NOBOND_SKIPS:
+                    continue
                 src = next(extracted.glob(f"lib/modules/*/kernel/**/{mod}.ko"))
                 shutil.copy2(src, root / "lib" / "modules" / f"{mod}.ko")
             if self.variant == "standby-rx":
                 built = build_standby_rx_module(work, deb)
                 shutil.copy2(built, root / "lib" / "modules" / "net_failover.ko")
             init = root / "init"
-            init.write_text(INIT)
+            init.write_text(init_script(self.variant))
             init.chmod(0o755)
             files = subprocess.run(["find", "."], cwd=root, check=True, capture_output=True).stdout
             cpio = subprocess.run(

@@ -112,6 +112,7 @@ class Lab:
         self.images = {
             "stock": self.image,
             "standby-rx": GuestImage(self.root / "guest-standby-rx", "standby-rx"),
+            "nobond": GuestImage(self.root / "guest-nobond", "nobond"),
         }
         self.serial_dir = self.root / "serial"
         self.state_file = self.root / "lab.json"

@@ -90,6 +90,7 @@ async def test_migrate_with_failover_moves_the_guest_and_plugs_its_primary_on_th
     assert sum(durations.values()) <= wall, (durations, wall)
     plan = op["steps"][0]
     assert (plan["primary"], plan["standby"]) == (PRIMARY, "ua-backup0")
+    assert "negotiated VIRTIO_NET_F_STANDBY" in plan["guest"], plan
 
     assert await asyncio.to_thread(where, host_b, u) == {
         "running": True, "primary": True, "record": False,
@@ -430,3 +431,51 @@ async def test_a_cancel_after_the_migration_ends_succeeded_with_the_primary_owed
         lambda: where(host_b, u) == {"running": True, "primary": True, "record": False},
         60, "an agent on B plugs the owed primary",
     )  # fmt: skip
+
+
+@pytest.mark.timeout(600)
+async def test_a_guest_without_a_failover_bond_is_refused_unless_forced(
+    lab: Any,
+    host_a: Any,
+    host_b: Any,
+    guest: Callable[..., Any],
+    start_agent: Callable[..., Awaitable[RunningAgent]],
+    collect: Callable[[str], Awaitable[Collector]],
+    nc: Any,
+) -> None:
+    """A guest whose virtio driver never bound (lab variant `nobond`: the primary carries its
+    address alone) has a standby on paper only: migrate_with_failover is refused with
+    `conflict` naming the reason, and the guest keeps its network; with force it is migrated,
+    and the guest is cut off until the primary is back on B (the outage, measured)."""
+    agent_a = await start_agent(**{"libvirt.uri": host_a.uri})
+    agent_b = await start_agent(**{"libvirt.uri": host_b.uri})
+    dom = await asyncio.to_thread(guest, "a", "failover", "nobond")
+    u = dom.UUIDString()
+    serial = lab.serial_path(dom.name())
+    await pings_flow(serial, 0, run=10, timeout=60)
+    req = {"domain": dom.name(), "destination": agent_b.host}
+    reply = await call(nc, agent_a.host, "migrate_with_failover", req)
+    assert reply["ok"] is False, reply
+    assert reply["error"]["code"] == "conflict", reply
+    assert reply["error"]["details"]["reason"] == "guest_not_negotiated"
+    assert "never bound" in reply["error"]["message"]
+    assert await asyncio.to_thread(where, host_a, u) == {
+        "running": True, "primary": True, "record": False,
+    }  # fmt: skip
+    await pings_flow(serial, serial.stat().st_size, run=10)
+
+    ops = await collect(f"virt.{agent_a.host}.op.>")
+    offset = serial.stat().st_size
+    reply = await call(nc, agent_a.host, "migrate_with_failover", {**req, "force": True})
+    assert reply["ok"] is True, reply
+    op = await final_of(ops)
+    assert op["state"] == "succeeded", op
+    assert await asyncio.to_thread(where, host_b, u) == {
+        "running": True, "primary": True, "record": False,
+    }  # fmt: skip
+    await eventually(lambda: "LAB-READDRESS" in serial_text(serial, offset), 60,
+                     "the guest addressed its new primary")  # fmt: skip
+    await pings_flow(serial, offset)
+    got = probes(serial_text(serial, offset))
+    lost = [p.seq for p in got if not p.ok]
+    assert lost, "the guest was cut off while its only working NIC was out"

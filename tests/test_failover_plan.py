@@ -216,7 +216,8 @@ async def plan_ctx() -> AsyncIterator[Context]:
     """A source's handler context whose libvirt calls run on its executor (closed after)."""
     hv = Hypervisor(LibvirtSettings(), "test:///default", "src", lambda _e: None, Metrics())
     yield Context(host="src", boot_id="b", version="0", subjects=Subjects("virt", "src"),
-                  hypervisor=hv, metrics=hv.metrics, started_at=0.0, capabilities=caps(True))  # fmt: skip
+                  hypervisor=hv, metrics=hv.metrics, started_at=0.0, capabilities=caps(True),
+                  failover=FailoverSettings(guest_check="off"))  # fmt: skip
     await hv.close()
 
 

@@ -10,8 +10,8 @@ import libvirt
 import msgspec
 from msgspec import Meta
 
-from agent.devices import USER_ALIAS_PREFIX, Nic, device_xml, interfaces
-from agent.errors import InvalidRequest, NotFound, Unsupported
+from agent.devices import USER_ALIAS_PREFIX, Nic, device_xml, failover_negotiated, interfaces
+from agent.errors import Conflict, InvalidRequest, NotFound, Unsupported
 from agent.registry import Registration
 from handlers import Context
 from handlers.devices import Alias
@@ -48,6 +48,7 @@ class Plan(msgspec.Struct, frozen=True, kw_only=True):
     destination: str
     device: str  # the primary's definition (inactive form): what is recorded and plugged again
     mode_reason: str = ""
+    guest: str = ""  # what is known of the guest's failover bond, and how
 
 
 def find_pair(nics: list[Nic], primary: str | None) -> tuple[Nic, Nic | None]:
@@ -121,6 +122,17 @@ async def make_plan(ctx: Context, dom: Any, req: FailoverRequest, dest: Registra
             "anyway)",
             primary=p.alias,
         )
+    guest = "not checked: no standby (forced)"
+    if standby is not None and ctx.failover.guest_check == "monitor":
+        negotiated, guest = await failover_negotiated(ctx.hypervisor, dom, standby.alias)
+        if negotiated is False and not req.force:
+            raise Conflict(
+                f"the guest has no failover bond: {guest}; unplugging {p.alias!r} would cut "
+                "it off the network (set force to do it anyway)",
+                primary=p.alias, standby=standby.alias, reason="guest_not_negotiated",
+            )  # fmt: skip
+    elif standby is not None:
+        guest = "not checked (failover.guest_check = off)"
     device = await recorded_definition(ctx, dom, live, p.alias)
     # What the definition says, not what runs: a port of a hostdev network runs as
     # <interface type='hostdev'> with this host's VF, and is defined on the network's name.
@@ -137,7 +149,7 @@ async def make_plan(ctx: Context, dom: Any, req: FailoverRequest, dest: Registra
     mode, reason = choose_mode(ctx, req, dest, p, fixed_vf)
     return Plan(mode=mode, mode_reason=reason, primary=p.alias,
                 standby=standby.alias if standby else None, mac=p.mac, destination=dest.host,
-                device=device)  # fmt: skip
+                device=device, guest=guest)  # fmt: skip
 
 
 def choose_mode(

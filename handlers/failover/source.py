@@ -77,7 +77,7 @@ class Failover:
         timeout = ctx.failover.peer_timeout_s
         await self.step(p, "plan", mode=plan.mode, mode_reason=plan.mode_reason,
                         primary=plan.primary, standby=plan.standby, mac=plan.mac,
-                        destination=plan.destination)  # fmt: skip
+                        destination=plan.destination, guest=plan.guest)  # fmt: skip
         try:
             await self.step(p, "reserve", host=plan.destination)
             self.reserve_asked = True
