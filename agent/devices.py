@@ -16,6 +16,7 @@ import libvirt
 import libvirt_qemu
 
 from agent.errors import AgentError, InvalidRequest, LibvirtFailure, NotFound, Timeout
+from agent.events import DomainEvent
 from agent.hypervisor import Hypervisor
 from agent.settings import DeviceSettings
 
@@ -163,14 +164,15 @@ async def unplug(
     alias: str,
     timeout_s: float,
     in_flight: Callable[[bool], None] = lambda _now: None,
-) -> None:
+) -> DomainEvent:
     """Detach by alias from the live domain and wait for DEVICE_REMOVED.
 
     Raises RemovalFailed on DEVICE_REMOVAL_FAILED (the device stays) and Timeout when the guest
     has not released it in time - the unplug is then still in flight and is never re-sent: a
     second device_del would interrupt the guest's own removal. `in_flight(True)` is called
     before the detach may be sent, `in_flight(False)` once the unplug is over: the device left,
-    or it stays (libvirt refused the detach, or the guest refused the removal)."""
+    or it stays (libvirt refused the detach, or the guest refused the removal). Returns the
+    DEVICE_REMOVED event (its time is when the guest let the device go)."""
     uuid = dom.UUIDString()
     done = hv.expect(uuid, ("device_removed", "device_removal_failed"), alias)
     try:
@@ -191,14 +193,15 @@ async def unplug(
     in_flight(False)
     if event.event_type == "device_removal_failed":
         raise RemovalFailed(f"the guest refused to release {alias!r}", alias=alias)
+    return event
 
 
-async def plug(hv: Hypervisor, dom: Any, xml: str, alias: str, timeout_s: float) -> None:
-    """Attach to the live domain and wait for DEVICE_ADDED."""
+async def plug(hv: Hypervisor, dom: Any, xml: str, alias: str, timeout_s: float) -> DomainEvent:
+    """Attach to the live domain and wait for DEVICE_ADDED (the event is returned)."""
     done = hv.expect(dom.UUIDString(), ("device_added",), alias)
     try:
         await hv.call(dom.attachDeviceFlags, xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
-        await asyncio.wait_for(asyncio.shield(done), timeout_s)
+        return await asyncio.wait_for(asyncio.shield(done), timeout_s)
     except TimeoutError:
         raise Timeout(f"no DEVICE_ADDED for {alias!r} within {timeout_s}s", alias=alias) from None
     finally:

@@ -19,6 +19,7 @@ start, and on demand (`failover.replug`), with back-off per domain after failure
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import enum
 import time
@@ -41,7 +42,8 @@ log = structlog.get_logger("agent.failover")
 
 NS = "https://virt-agent.dev/xmlns/failover/1"
 PREFIX = "virtagent"
-MIN_GAP_S = 0.2  # between two reconcile passes, however many domains start or resume
+MIN_GAP_S = 0.2
+PLUGGED_KEPT = 1024  # between two reconcile passes, however many domains start or resume
 UNPLUGGING = "unplugging"  # detach sent; DEVICE_REMOVED not (yet) seen
 OWED = "owed"  # the primary is out of the guest: plug it wherever the domain runs
 
@@ -151,6 +153,9 @@ class Reconciler:
         self.busy = busy  # the operation holding a domain, if any
         self.plug_timeout_s = plug_timeout_s
         self._retry_at: dict[str, tuple[float, float]] = {}  # uuid -> (when, back-off)
+        # When this host plugged the primary of an operation (DEVICE_ADDED, ns): the source
+        # asks for it (failover.replug) to report the outage; the latest few are kept.
+        self.plugged_at: collections.OrderedDict[str, int] = collections.OrderedDict()
         # A domain that starts or resumes here (a migration in) is checked at once.
         self.kick = asyncio.Event()
         self._due: set[str] = set()
@@ -200,7 +205,10 @@ class Reconciler:
                 xml = self.pool.definition(res.resource, rec.device)
             log.info("plugging owed primary", domain=uuid, alias=rec.alias,
                      operation=rec.operation, source=rec.source)  # fmt: skip
-            await plug(hv, dom, xml, rec.alias, self.plug_timeout_s)
+            added = await plug(hv, dom, xml, rec.alias, self.plug_timeout_s)
+            self.plugged_at[rec.operation] = added.time_ns
+            while len(self.plugged_at) > PLUGGED_KEPT:
+                self.plugged_at.popitem(last=False)
             await self._sync_config(dom, xml, rec.alias)
             await clear_record(hv, dom)
             self._consume(rec)

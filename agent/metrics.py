@@ -124,6 +124,13 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.primary_outage = Histogram(
+            f"{NS}_failover_primary_outage_seconds",
+            "Per migrate_with_failover: the primary gone, from DEVICE_REMOVED on the source to "
+            "DEVICE_ADDED on the destination (two hosts' clocks)",
+            buckets=(0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 60, 120),
+            registry=r,
+        )
         self.reservations = Gauge(
             f"{NS}_failover_reservations", "Unexpired primary-NIC reservations", registry=r
         )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,14 @@ async def final_of(ops: Collector, timeout: float = 180) -> dict[str, Any]:
     ev = await ops.wait_for(lambda e: e["data"]["operation"]["state"] in FINAL, timeout)
     op: dict[str, Any] = ev["data"]["operation"]
     return op
+
+
+def seconds_between(earlier: str, later: str) -> float:
+    """Between two CloudEvents `time` values (RFC 3339, UTC)."""
+    parse = datetime.fromisoformat
+    return (
+        parse(later.replace("Z", "+00:00")) - parse(earlier.replace("Z", "+00:00"))
+    ).total_seconds()
 
 
 def serial_text(serial: Path, offset: int) -> str:
@@ -88,6 +97,18 @@ async def test_migrate_with_failover_moves_the_guest_and_plugs_its_primary_on_th
     durations = {s["step"]: s["duration_s"] for s in op["steps"]}
     assert durations["migrate"] > 0, "a live migration takes time"
     assert sum(durations.values()) <= wall, (durations, wall)
+    # The primary was out from DEVICE_REMOVED on A to DEVICE_ADDED on B, as the two events on
+    # the bus say (B plugs it as soon as the domain resumes there, which can be well before
+    # A's migration call has returned).
+    outage = op["result"]["primary_outage_s"]
+    gone = (await removed.wait_for(lambda e: True))["time"]
+    back = (await added.wait_for(lambda e: True))["time"]
+    assert outage == pytest.approx(seconds_between(gone, back), abs=0.002)
+    assert 0 < outage < wall
+    observed = agent_a.agent.metrics.registry.get_sample_value(
+        "virt_agent_failover_primary_outage_seconds_sum"
+    )
+    assert observed == pytest.approx(outage)
     plan = op["steps"][0]
     assert (plan["primary"], plan["standby"]) == (PRIMARY, "ua-backup0")
     assert "negotiated VIRTIO_NET_F_STANDBY" in plan["guest"], plan

@@ -82,4 +82,5 @@ async def replug(ctx: Context, req: ReplugRequest) -> dict[str, Any]:
     out = await reconciler.settle(dom)
     live = await ctx.hypervisor.call(dom.XMLDesc, 0)
     return {"settled": out.settled.value, "why": out.why,
-            "attached": device_element(live, req.alias) is not None}  # fmt: skip
+            "attached": device_element(live, req.alias) is not None,
+            "plugged_at_ns": reconciler.plugged_at.get(req.operation_id or "")}  # fmt: skip

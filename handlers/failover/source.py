@@ -64,6 +64,7 @@ class Failover:
         self.recorded = False  # the record is in the domain's metadata
         self.unplug_in_flight = False
         self.unplugged = False  # DEVICE_REMOVED seen: the guest is without its primary
+        self.removed_ns = 0  # when (the event's time on this host)
         self.migrating = False
         self.migrated = False
 
@@ -117,20 +118,31 @@ class Failover:
                 return self._moved_but_owed(p, "cancelled after the migration had completed")
             result = {"note": f"the migration completed despite: {exc}"}
 
-        out = {"mode": plan.mode, "destination": plan.destination, "primary": plan.primary,
-               "migration": result}  # fmt: skip
+        out: dict[str, Any] = {"mode": plan.mode, "destination": plan.destination,
+                               "primary": plan.primary, "migration": result}  # fmt: skip
         try:
             await self.step(p, "replug", host=plan.destination)
-            out["replug"] = await replug_on(ctx, plan.destination, self.uuid, plan.primary,
-                                            p.op.id)  # fmt: skip
+            replugged = await replug_on(ctx, plan.destination, self.uuid, plan.primary, p.op.id)
+            out["replug"] = replugged
             await self.step(p, "verify")
             await self._verify()
+            out.update(self._outage(replugged))
         except asyncio.CancelledError:
             # The VM has moved; what a cancel can still stop is this agent's waiting for the
             # primary, which the destination's reconcile loop plugs in any case.
             return {**out, **self._moved_but_owed(p, "cancelled while the destination "
                                                      "plugged the primary")}  # fmt: skip
         return out
+
+    def _outage(self, replug: dict[str, Any]) -> dict[str, Any]:
+        """How long the guest had no primary: DEVICE_REMOVED here to DEVICE_ADDED there (two
+        hosts' clocks). Mode qemu has neither event: QEMU moves the primary itself."""
+        added = replug.get("plugged_at_ns")
+        if not self.removed_ns or not added:
+            return {}
+        seconds = round((added - self.removed_ns) / 1e9, 3)
+        self.ctx.metrics.primary_outage.observe(max(0.0, seconds))
+        return {"primary_outage_s": seconds}
 
     def _moved_but_owed(self, p: Progress, why: str) -> dict[str, Any]:
         """A cancel that came after the migration: the operation ends `succeeded` (the VM
@@ -174,9 +186,10 @@ class Failover:
         def in_flight(now: bool) -> None:
             self.unplug_in_flight = now
 
-        await unplug(self.ctx.hypervisor, self.dom, self.plan.primary,
-                     self.ctx.devices.detach_timeout_s, in_flight)  # fmt: skip
+        removed = await unplug(self.ctx.hypervisor, self.dom, self.plan.primary,
+                               self.ctx.devices.detach_timeout_s, in_flight)  # fmt: skip
         self.unplugged = True
+        self.removed_ns = removed.time_ns
 
     async def _where(self) -> str:
         return await self.ctx.hypervisor.where_is(self.uuid, self.dest.libvirt_uri)
