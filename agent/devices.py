@@ -78,14 +78,31 @@ class Nic:
     teaming: str  # "", "persistent" or "transient"
     teaming_peer: str  # for a transient member: the alias of its persistent (standby) peer
     element: str = "interface"  # or "hostdev"
+    # QEMU pairs it with this standby itself (failover_pair_id set through <qemu:override>):
+    # an emulated NIC that QEMU unplugs and plugs back during a migration, like a VF would be.
+    qemu_pair: str = ""
 
     @property
     def user_alias(self) -> bool:
         return self.alias.startswith(USER_ALIAS_PREFIX)
 
 
+QEMU_NS = "{http://libvirt.org/schemas/domain/qemu/1.0}"
+
+
+def qemu_failover_pairs(root: ET.Element) -> dict[str, str]:
+    """Device alias -> failover_pair_id, from the domain's <qemu:override> (libvirt >= 8.2)."""
+    out = {}
+    for dev in root.iterfind(f"{QEMU_NS}override/{QEMU_NS}device"):
+        for prop in dev.iterfind(f"{QEMU_NS}frontend/{QEMU_NS}property"):
+            if prop.get("name") == "failover_pair_id" and dev.get("alias"):
+                out[str(dev.get("alias"))] = prop.get("value", "")
+    return out
+
+
 def interfaces(domain_xml: str) -> list[Nic]:
     root = ET.fromstring(domain_xml)  # noqa: S314 - libvirt's own XML
+    pairs = qemu_failover_pairs(root)
     out = []
     for dev in [*root.findall("devices/interface"), *root.findall("devices/hostdev[@type='pci']")]:
         plain = dev.tag == "hostdev"
@@ -95,15 +112,17 @@ def interfaces(domain_xml: str) -> list[Nic]:
         mac = dev.find("mac")
         model = dev.find("model")
         teaming = dev.find("teaming")
+        name = alias.get("name", "") if alias is not None else ""
         out.append(
             Nic(
-                alias=alias.get("name", "") if alias is not None else "",
+                alias=name,
                 mac=(mac.get("address", "") if mac is not None else "").lower(),
                 type="hostdev" if plain else dev.get("type", ""),
                 model=model.get("type", "") if model is not None else "",
                 teaming=teaming.get("type", "") if teaming is not None else "",
                 teaming_peer=teaming.get("persistent", "") if teaming is not None else "",
                 element=dev.tag,
+                qemu_pair=pairs.get(name, ""),
             )
         )
     return out

@@ -43,11 +43,11 @@ def guest_mac(index: int) -> str:
 INTERFACE_BRIDGE = """<interface type='bridge'>
       <source bridge='{bridge}'/>
       <mac address='{mac}'/>
-      <model type='{model}'/>{teaming}
+      <model type='{model}'/>{extra}
       <alias name='{alias}'/>
     </interface>"""
 
-DOMAIN = """<domain type='{accel}'>
+DOMAIN = """<domain type='{accel}'{namespaces}>
   <name>{name}</name>
   <memory unit='MiB'>256</memory>
   <vcpu>1</vcpu>
@@ -68,15 +68,29 @@ DOMAIN = """<domain type='{accel}'>
       <target port='0'/>
     </serial>
     <memballoon model='none'/>
-  </devices>
+  </devices>{qemu}
 </domain>"""
 
+# QEMU-managed failover through libvirt (../shared/LAB.md): QEMU pairs the e1000e with the
+# standby itself (failover_pair_id), unplugs it when a migration starts and plugs it back on
+# the destination; its option ROM must be off, or the destination refuses the migration.
+QEMU_NS = " xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'"
+QEMU_PAIRED = """
+  <qemu:override>
+    <qemu:device alias='ua-primary0'>
+      <qemu:frontend>
+        <qemu:property name='failover_pair_id' type='string' value='ua-backup0'/>
+      </qemu:frontend>
+    </qemu:device>
+  </qemu:override>"""
 
-def primary_interface_xml(mac: str) -> str:
+
+def primary_interface_xml(mac: str, rom: bool = True) -> str:
     """The emulated e1000e that stands in for a VF: the failover primary."""
     return INTERFACE_BRIDGE.format(
-        bridge=network.BRIDGE, mac=mac, model="e1000e", teaming="", alias="ua-primary0"
-    )
+        bridge=network.BRIDGE, mac=mac, model="e1000e", alias="ua-primary0",
+        extra="" if rom else "\n      <rom enabled='no'/>",
+    )  # fmt: skip
 
 
 def standby_interface_xml(mac: str) -> str:
@@ -84,7 +98,7 @@ def standby_interface_xml(mac: str) -> str:
         bridge=network.BRIDGE,
         mac=mac,
         model="virtio",
-        teaming="\n      <teaming type='persistent'/>",
+        extra="\n      <teaming type='persistent'/>",
         alias="ua-backup0",
     )
 
@@ -229,13 +243,15 @@ class Lab:
         dirty_mib: int = 0,
     ) -> str:
         """`failover`: virtio standby (teaming persistent) + e1000e primary, same MAC.
-        `virtio`: the standby alone. `primary`: the e1000e alone (no standby).
+        `qemu-failover`: the same pair, QEMU pairing them itself (failover_pair_id): migrated
+        with mode qemu, QEMU moves the primary. `virtio`: the standby alone. `primary`: the
+        e1000e alone (no standby).
         `dirty_mib`: the guest keeps rewriting that much memory (a migration that converges
         slowly)."""
         mac = guest_mac(index)
         nics = [] if kind == "primary" else [standby_interface_xml(mac)]
-        if kind in ("failover", "primary"):
-            nics.append(primary_interface_xml(mac))
+        if kind in ("failover", "primary", "qemu-failover"):
+            nics.append(primary_interface_xml(mac, rom=kind != "qemu-failover"))
         gw = network.GATEWAY
         ip = network.guest_address(index)
         image = self.images[variant].ensure()
@@ -248,6 +264,8 @@ class Lab:
             gw=gw,
             extra=f" lab.dirty={dirty_mib}" if dirty_mib else "",
             interfaces="\n    ".join(nics),
+            namespaces=QEMU_NS if kind == "qemu-failover" else "",
+            qemu=QEMU_PAIRED if kind == "qemu-failover" else "",
             serial=self.serial_path(name),
         )
 

@@ -312,11 +312,21 @@ async def stream_messages(
 ) -> list[tuple[str, dict[str, Any], dict[str, str]]]:
     """Everything a JetStream stream holds on a subject filter, in stream order."""
     js = nc.jetstream()
-    info = await js.stream_info(stream)
-    out: list[tuple[str, dict[str, Any], dict[str, str]]] = []
-    if info.state.messages == 0:
-        return out
-    sub = await js.subscribe(subject, stream=stream, ordered_consumer=True)
+    # A cluster that just lost a node answers JetStream requests again once it has elected
+    # new leaders: asked again until then, within a bound.
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            info = await js.stream_info(stream)
+            out: list[tuple[str, dict[str, Any], dict[str, str]]] = []
+            if info.state.messages == 0:
+                return out
+            sub = await js.subscribe(subject, stream=stream, ordered_consumer=True)
+            break
+        except nats.errors.TimeoutError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.5)
     try:
         while True:
             try:

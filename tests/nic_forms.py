@@ -29,6 +29,15 @@ STANDBY = f"""<interface type='bridge'>
   <alias name='{STANDBY_ALIAS}'/>
 </interface>"""
 
+# The lab's stand-in for a VF (an emulated e1000e on the standby's bridge, same MAC): no
+# teaming element, found as the interface that shares its MAC with the standby.
+E1000E_PRIMARY = f"""<interface type='bridge'>
+  <mac address='{MAC}'/>
+  <source bridge='labbr0'/>
+  <model type='e1000e'/>
+  <alias name='ua-primary0'/>
+</interface>"""
+
 # What a real fleet configures beside the VF and the agent must carry to the destination:
 # the VLAN, the port profile, the VFIO driver, no option ROM, the link state.
 _CARRIED = """

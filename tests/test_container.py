@@ -111,7 +111,13 @@ async def test_the_image_runs_the_agent_beside_libvirt_and_stops_cleanly(
     try:
         await asyncio.to_thread(run_container, image, nats_server.url, test_daemon, tmp_path / "st")
         # It comes up through the mounted socket and announces itself on the bus.
-        await seen.wait_for(lambda e: e.get("type") == "virt.host.agent_started", 60)
+        try:
+            await seen.wait_for(lambda e: e.get("type") == "virt.host.agent_started", 60)
+        except AssertionError:
+            logs = podman("logs", NAME)
+            raise AssertionError(
+                f"the agent did not start: {(logs.stdout + logs.stderr)[-3000:]}"
+            ) from None
         await seen.wait_for(lambda e: e.get("type") == "virt.host.libvirt_connected", 30)
         assert (await call(nc, HOST, "ping"))["ok"] is True
         # A command reaches the host's libvirtd and its event comes back out.

@@ -500,3 +500,63 @@ async def test_a_guest_without_a_failover_bond_is_refused_unless_forced(
     got = probes(serial_text(serial, offset))
     lost = [p.seq for p in got if not p.ok]
     assert lost, "the guest was cut off while its only working NIC was out"
+
+
+@pytest.mark.parametrize("how", ["succeeds", "cancelled"])
+async def test_mode_qemu_lets_qemu_move_the_primary(
+    how: str,
+    lab: Any,
+    host_a: Any,
+    host_b: Any,
+    guest: Callable[..., Any],
+    start_agent: Callable[..., Awaitable[RunningAgent]],
+    collect: Callable[[str], Awaitable[Collector]],
+    nc: Any,
+) -> None:
+    """QEMU-managed failover (the primary paired by QEMU itself, ../shared/LAB.md): `auto`
+    chooses mode qemu and says why; QEMU unplugs the primary as the migration starts and plugs
+    it back on B by itself - libvirt raises no device events, the guest's bond shows it - and
+    the agent records and verifies as in sequenced mode. Cancelled during the migration, the
+    domain stays on A and QEMU plugs the primary back there."""
+    agent_a = await start_agent(**{"libvirt.uri": host_a.uri})
+    agent_b = await start_agent(**{"libvirt.uri": host_b.uri})
+    dom = await asyncio.to_thread(guest, "a", "qemu-failover")
+    u = dom.UUIDString()
+    serial = lab.serial_path(dom.name())
+    await bond_now(serial, 2, timeout=60)
+    await pings_flow(serial, 0, run=10, timeout=60)
+    ops = await collect(f"virt.{agent_a.host}.op.>")
+    removed = await collect(f"virt.{agent_a.host}.event.{u}.device_removed")
+    offset = serial.stat().st_size
+    req: dict[str, Any] = {"domain": dom.name(), "destination": agent_b.host}
+    if how == "cancelled":
+        req["bandwidth_mib_s"] = 1
+    reply = await call(nc, agent_a.host, "migrate_with_failover", req)
+    assert reply["ok"] is True, reply
+    assert reply["result"]["mode"] == "qemu"
+    if how == "cancelled":
+        await ops.wait_for(lambda e: e["data"]["operation"]["step"] == "migrate", 60)
+        await asyncio.sleep(2)
+        op_id = reply["result"]["operation_id"]
+        assert (await call(nc, agent_a.host, "operation.cancel", {"operation_id": op_id}))["ok"]
+    op = await final_of(ops)
+    plan = op["steps"][0]
+    assert plan["mode"] == "qemu"
+    assert "every condition" in plan["mode_reason"]
+    assert removed.events() == [], "QEMU moved the primary: libvirt saw no device event"
+    text = serial_text(serial, offset)
+    assert ["eth1"] in bond_members(text), "the guest saw its primary go"
+    await bond_now(serial, 2, timeout=60)
+    await pings_flow(serial, offset)
+    if how == "succeeds":
+        assert op["state"] == "succeeded", op
+        assert await asyncio.to_thread(where, host_b, u) == {
+            "running": True, "primary": True, "record": False,
+        }  # fmt: skip
+        assert (await asyncio.to_thread(where, host_a, u))["running"] is False
+    else:
+        assert op["state"] == "cancelled", op
+        assert await asyncio.to_thread(where, host_a, u) == {
+            "running": True, "primary": True, "record": False,
+        }  # fmt: skip
+        assert (await asyncio.to_thread(where, host_b, u))["running"] is False

@@ -348,17 +348,32 @@ async def test_a_vf_held_by_any_domain_is_not_handed_out(
     assert reserved["result"]["resource"] == "pci:0000:3d:02.1", reserved
 
 
+def running_pair(conn: Any, name: str) -> Any:
+    """A running test-driver domain with the lab's stand-in pair: a virtio standby and an
+    e1000e primary of the same MAC."""
+    dom = conn.defineXML(nic_forms.domain_xml(nic_forms.E1000E_PRIMARY, name=name, kind="test"))
+    dom.create()
+    return dom
+
+
+async def ended(nc: NATS, host: str, op_id: str, timeout: float = 30) -> dict[str, Any]:
+    """The operation once it is no longer running (operation.get)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        got = (await call(nc, host, "operation.get", {"operation_id": op_id}))["result"]
+        if got["state"] != "running":
+            return dict(got)
+        assert asyncio.get_running_loop().time() < deadline, got
+        await asyncio.sleep(0.1)
+
+
 async def test_a_timeout_no_destination_can_lease_for_is_refused_before_anything_happens(
     start_agent: Callable[..., Awaitable[RunningAgent]], nc: NATS, testdrv: Any
 ) -> None:
     """timeout_s 86,300 plus the replug window exceeds the longest lease a destination grants: refused at the request (naming timeout_s and its limit), no operation started - not a reservation refused halfway."""
     source = await start_agent()
     destination = await start_agent()
-    e1000e = nic_forms.STANDBY.replace("virtio", "e1000e").replace(
-        "<teaming type='persistent'/>", ""
-    ).replace(nic_forms.STANDBY_ALIAS, "ua-primary0")  # fmt: skip
-    dom = testdrv.defineXML(nic_forms.domain_xml(e1000e, name="t-lease", kind="test"))
-    dom.create()
+    dom = running_pair(testdrv, "t-lease")
     req = {"domain": dom.name(), "destination": destination.host, "timeout_s": 86_300}
     reply = await call(nc, source.host, "migrate_with_failover", req)
     assert reply["ok"] is False, reply
@@ -385,11 +400,7 @@ async def test_one_change_at_a_time_on_a_domain_across_verbs(
             asked.set()  # a reserve this destination has not answered yet
 
     sub = await nc.subscribe("virt.ghost.cmd.>", cb=hold)
-    e1000e = nic_forms.STANDBY.replace("virtio", "e1000e").replace(
-        "<teaming type='persistent'/>", ""
-    ).replace(nic_forms.STANDBY_ALIAS, "ua-primary0")  # fmt: skip
-    dom = testdrv.defineXML(nic_forms.domain_xml(e1000e, name="t-busy", kind="test"))
-    dom.create()
+    dom = running_pair(testdrv, "t-busy")
     try:
         started = await call(nc, agent.host, "migrate_with_failover",
                              {"domain": dom.name(), "destination": "ghost"})  # fmt: skip
@@ -407,12 +418,7 @@ async def test_one_change_at_a_time_on_a_domain_across_verbs(
         assert "ua-primary0" in dom.XMLDesc(0)
         cancel = await call(nc, agent.host, "operation.cancel", {"operation_id": op_id})
         assert cancel["ok"] is True, cancel
-        for _ in range(300):
-            got = await call(nc, agent.host, "operation.get", {"operation_id": op_id})
-            if got["result"]["state"] != "running":
-                break
-            await asyncio.sleep(0.1)
-        assert got["result"]["state"] == "cancelled", got
+        assert (await ended(nc, agent.host, op_id))["state"] == "cancelled"
         suspended = await call(nc, agent.host, "domain.suspend", {"domain": dom.name()})
         assert suspended["ok"] is True, suspended
     finally:
@@ -425,21 +431,13 @@ async def test_a_detach_libvirt_refuses_at_once_ends_the_unplug(
     """libvirt refuses the detach outright (the test driver cannot hot-unplug): no DEVICE_REMOVED will ever come, so the operation ends `failed` at once (the primary never left), the record is cleared, the reservation given back, and the next request is not refused as `conflict`."""
     source = await start_agent()
     destination = await start_agent()
-    e1000e = nic_forms.STANDBY.replace("virtio", "e1000e").replace(
-        "<teaming type='persistent'/>", ""
-    ).replace(nic_forms.STANDBY_ALIAS, "ua-primary0")  # fmt: skip
-    dom = testdrv.defineXML(nic_forms.domain_xml(e1000e, name="t-refused", kind="test"))
-    dom.create()
+    dom = running_pair(testdrv, "t-refused")
     req = {"domain": dom.name(), "destination": destination.host}
     started = await call(nc, source.host, "migrate_with_failover", req)
     op_id = started["result"]["operation_id"]
-    for _ in range(300):
-        got = await call(nc, source.host, "operation.get", {"operation_id": op_id})
-        if got["result"]["state"] != "running":
-            break
-        await asyncio.sleep(0.1)
-    assert got["result"]["state"] == "failed", got
-    assert [s["step"] for s in got["result"]["steps"]][-2:] == ["unplug", "rollback"]
+    got = await ended(nc, source.host, op_id)
+    assert got["state"] == "failed", got
+    assert [s["step"] for s in got["steps"]][-2:] == ["unplug", "rollback"]
     with pytest.raises(libvirt.libvirtError):
         dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, NS, libvirt.VIR_DOMAIN_AFFECT_LIVE)
     assert destination.agent.reconciler is not None

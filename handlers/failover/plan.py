@@ -59,7 +59,7 @@ def find_pair(nics: list[Nic], primary: str | None) -> tuple[Nic, Nic | None]:
             raise NotFound(f"the domain has no interface with alias {primary!r}", alias=primary,
                            interfaces=[n.alias for n in nics])  # fmt: skip
     else:
-        transient = [n for n in nics if n.teaming == "transient"]
+        transient = [n for n in nics if n.teaming == "transient" or n.qemu_pair]
         paired = [
             n for n in nics
             if n.teaming != "persistent" and n.model != "virtio"
@@ -85,8 +85,9 @@ def find_pair(nics: list[Nic], primary: str | None) -> tuple[Nic, Nic | None]:
             primary=p.alias,
         )
     standby = None
-    if p.teaming_peer:
-        standby = next((n for n in nics if n.alias == p.teaming_peer), None)
+    if p.teaming_peer or p.qemu_pair:
+        peer = p.teaming_peer or p.qemu_pair
+        standby = next((n for n in nics if n.alias == peer), None)
     if standby is None:
         standby = next(
             (
@@ -161,8 +162,12 @@ def choose_mode(
     host's definition, so a VF given by PCI address would be this host's address."""
     src_caps, dst_caps = ctx.capabilities, dest.capabilities
     missing = []
-    if p.teaming != "transient" or p.type != "hostdev":
-        missing.append(f"{p.alias!r} is not a transient <teaming> passthrough device")
+    # QEMU unplugs a primary it pairs with the standby: a transient <teaming> member, or a
+    # device given failover_pair_id through <qemu:override>.
+    paired = p.qemu_pair or (p.teaming == "transient" and p.type == "hostdev")
+    if not paired:
+        missing.append(f"{p.alias!r} is not a transient <teaming> passthrough device, nor "
+                       "paired by QEMU (failover_pair_id)")  # fmt: skip
     elif fixed_vf:
         missing.append(f"{p.alias!r} is a VF given by PCI address; in mode qemu {dest.host} "
                        "would start with this host's address (only a hostdev network lets it "

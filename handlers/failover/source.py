@@ -104,6 +104,8 @@ class Failover:
 
             await self.step(p, "migrate", destination=plan.destination)
             self.migrating = True
+            if plan.mode == "qemu":
+                self.unplugged = True  # QEMU takes the primary out as the migration starts
             result = await self._migrate(p)
             self.migrated = True
         except BaseException as exc:
