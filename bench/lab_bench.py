@@ -3,8 +3,9 @@ migrate-with-failover, with the guest's lost ping probes.
 
 Each round moves the failover guest there and back, once with the raw script and once with
 migrate_with_failover through the agents (which one first and which direction alternate
-between rounds), the virtio-only guest with a plain migration, and the standby-rx guest with
-migrate_with_failover. Lost probes are counted
+between rounds), the virtio-only guest with a plain migration, the standby-rx guest with
+migrate_with_failover, and a QEMU-paired guest with migrate_with_failover in mode qemu (QEMU
+moves the primary). Lost probes are counted
 from the start of each sequence to 5 s after its end.
 """
 
@@ -84,7 +85,9 @@ async def lab_baselines(lab: Lab, agents: LabAgents, rounds: int = 6) -> dict[st
     await asyncio.to_thread(lab.boot, "a", "bench-virtio", "virtio", 1)
     # The same failover pair, the guest's net_failover with the standby-rx rule (lab/guest.py).
     await asyncio.to_thread(lab.boot, "a", "bench-standby-rx", "failover", 2, 90.0, "standby-rx")
-    for name in ("bench-failover", "bench-virtio", "bench-standby-rx"):
+    # The pair paired by QEMU itself (failover_pair_id): mode qemu.
+    await asyncio.to_thread(lab.boot, "a", "bench-qemu", "qemu-failover", 3)
+    for name in ("bench-failover", "bench-virtio", "bench-standby-rx", "bench-qemu"):
         await _settled(lab, name)
 
     # The agents' event loops while nothing happens (the baseline of the lag figures).
@@ -94,6 +97,7 @@ async def lab_baselines(lab: Lab, agents: LabAgents, rounds: int = 6) -> dict[st
 
     plain: list[dict[str, float]] = []
     fixed: list[dict[str, float]] = []
+    by_qemu: list[dict[str, Any]] = []
     seq: list[dict[str, Any]] = []
     agent: list[dict[str, Any]] = []
     ratios: list[float] = []
@@ -119,6 +123,7 @@ async def lab_baselines(lab: Lab, agents: LabAgents, rounds: int = 6) -> dict[st
                     raise RuntimeError(f"migrate_with_failover failed: {op['error']}")
                 r = {s["step"] + "_s": s["duration_s"] for s in op["steps"]}
                 r["total_s"] = wall
+                r["primary_outage_s"] = op["result"]["primary_outage_s"]
             await asyncio.sleep(SETTLE_S)
             r["lost"], r["probes"] = _lost_since(lab, "bench-failover", offset)
             r["direction"] = f"{src.name}→{dst.name}"
@@ -132,6 +137,15 @@ async def lab_baselines(lab: Lab, agents: LabAgents, rounds: int = 6) -> dict[st
         await asyncio.sleep(SETTLE_S)
         lost, n = _lost_since(lab, "bench-standby-rx", offset)
         fixed.append({"total_s": wall, "lost": lost, "probes": n})
+
+        offset = lab.serial_path("bench-qemu").stat().st_size
+        op, wall = await agents.failover("bench-qemu", there[0].name, there[1].name)
+        if op["state"] != "succeeded" or op["steps"][0]["mode"] != "qemu":
+            raise RuntimeError(f"migrate_with_failover (mode qemu) in the benchmark: {op}")
+        await asyncio.sleep(SETTLE_S)
+        lost, n = _lost_since(lab, "bench-qemu", offset)
+        by_qemu.append({"total_s": wall, "lost": lost, "probes": n,
+                        "migrate_s": op["steps"][3]["duration_s"]})  # fmt: skip
 
     busy1 = await asyncio.to_thread(lag_snapshot, agents)
     idle, busy = lag_window(idle0, idle1), lag_window(idle1, busy1)
@@ -162,7 +176,16 @@ async def lab_baselines(lab: Lab, agents: LabAgents, rounds: int = 6) -> dict[st
             for step in ("plan", "reserve", "unplug", "migrate", "replug", "verify")
         },
         "lost_probes": [int(r["lost"]) for r in agent],
+        # What the agent reports: DEVICE_REMOVED on the source to DEVICE_ADDED there.
+        "primary_outage_s": [r["primary_outage_s"] for r in agent],
     }
+    qemu_total = median([r["total_s"] for r in by_qemu])
+    out["agent_failover_mode_qemu"] = {
+        "total_s_median": round(qemu_total, 3),
+        "migrate_s_median": round(median([r["migrate_s"] for r in by_qemu]), 3),
+        "lost_probes": [int(r["lost"]) for r in by_qemu],
+    }
+    out["mode_qemu_over_sequenced"] = round(qemu_total / agent_total, 3)
     out["agent_over_raw_sequence"] = round(agent_total / seq_total, 3)
     out["agent_over_raw_per_round"] = [round(x, 3) for x in ratios]
     out["agent_over_raw_median_of_rounds"] = round(median(ratios), 3)

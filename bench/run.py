@@ -291,6 +291,16 @@ def render_table(res: dict[str, Any]) -> str:
             lines.append(
                 f"| The same without the migration step: what the sequencing costs (s) | {sq['agent']} | raw {sq['raw']} | - |"
             )
+        if ag and "primary_outage_s" in ag:
+            lines.append(
+                f"| Primary outage the agent reports, migrate_with_failover (DEVICE_REMOVED → DEVICE_ADDED, s) | {ag['primary_outage_s']} | lost probes, same rounds {ag['lost_probes']} | - |"
+            )
+        mq = lb.get("agent_failover_mode_qemu")
+        if mq:
+            lines += [
+                f"| migrate_with_failover, mode qemu (QEMU moves the primary), wall time (s) | {mq['total_s_median']} (migrate {mq['migrate_s_median']}) | mode sequenced {ag['total_s_median'] if ag else '-'} | **{lb['mode_qemu_over_sequenced']}** |",
+                f"| Lost probes, mode qemu | {mq['lost_probes']} | mode sequenced {ag['lost_probes'] if ag else '-'} | - |",
+            ]
         fx = lb.get("agent_failover_standby_rx_guest")
         if fx:
             lines.append(
