@@ -11,6 +11,7 @@ import libvirt
 import msgspec
 from msgspec import Meta
 
+from agent.devices import failover_negotiated, interfaces
 from agent.errors import Conflict, InvalidRequest, NotFound
 from agent.events import DomainSnapshot, domain_ref, domain_state_names
 from handlers import Context, Verb
@@ -29,6 +30,14 @@ class DomainRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     request_id: RequestId | None = None
 
 
+class GuestFailover(msgspec.Struct, frozen=True):
+    """Whether the guest bonded its failover pair, for a domain with a virtio standby."""
+
+    standby: str
+    negotiated: bool | None  # None: could not be told (see `how`)
+    how: str
+
+
 class DomainInfo(msgspec.Struct, frozen=True):
     uuid: str
     name: str
@@ -40,6 +49,9 @@ class DomainInfo(msgspec.Struct, frozen=True):
     vcpus: int
     memory_kib: int
     max_memory_kib: int
+    # Running domains with a <teaming type='persistent'/> standby, when failover.guest_check
+    # is `monitor` (docs/failover.md): what QEMU says of the guest's bond.
+    failover: GuestFailover | None = None
 
 
 def _lookup(conn: Any, name_or_uuid: str) -> Any:  # runs on the executor
@@ -100,7 +112,17 @@ async def domain_list(ctx: Context, _: ListRequest) -> list[DomainSnapshot]:
 
 async def domain_get(ctx: Context, req: DomainRequest) -> DomainInfo:
     dom = await find_domain(ctx, req.domain)
-    return await ctx.hypervisor.call(_info, dom)
+    info = await ctx.hypervisor.call(_info, dom)
+    if ctx.failover.guest_check != "monitor" or info.state != "running":
+        return info
+    live = await ctx.hypervisor.call(dom.XMLDesc, 0)
+    standby = next((n for n in interfaces(live) if n.teaming == "persistent"), None)
+    if standby is None:
+        return info
+    negotiated, how = await failover_negotiated(ctx.hypervisor, dom, standby.alias)
+    return msgspec.structs.replace(
+        info, failover=GuestFailover(standby=standby.alias, negotiated=negotiated, how=how)
+    )
 
 
 ACTIVE = frozenset({"running", "paused", "blocked", "pmsuspended", "shutdown"})

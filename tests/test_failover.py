@@ -112,6 +112,8 @@ async def test_migrate_with_failover_moves_the_guest_and_plugs_its_primary_on_th
     plan = op["steps"][0]
     assert (plan["primary"], plan["standby"]) == (PRIMARY, "ua-backup0")
     assert "negotiated VIRTIO_NET_F_STANDBY" in plan["guest"], plan
+    on_b = (await call(nc, agent_b.host, "domain.get", {"domain": u}))["result"]
+    assert on_b["failover"]["negotiated"] is True, on_b
 
     assert await asyncio.to_thread(where, host_b, u) == {
         "running": True, "primary": True, "record": False,
@@ -480,6 +482,9 @@ async def test_a_guest_without_a_failover_bond_is_refused_unless_forced(
     assert reply["error"]["code"] == "conflict", reply
     assert reply["error"]["details"]["reason"] == "guest_not_negotiated"
     assert "never bound" in reply["error"]["message"]
+    info = (await call(nc, agent_a.host, "domain.get", {"domain": u}))["result"]
+    assert info["failover"]["standby"] == "ua-backup0"
+    assert info["failover"]["negotiated"] is False, info
     assert await asyncio.to_thread(where, host_a, u) == {
         "running": True, "primary": True, "record": False,
     }  # fmt: skip
