@@ -38,6 +38,13 @@ ERROR_CODES = frozenset({
 })  # fmt: skip
 # How long a test's threads and processes may take to end after it, before they count as leaked.
 LEAK_GRACE_S = 10.0
+# An agent that notices a libvirtd going away within seconds and reconnects at once.
+FAST_RECONNECT = {
+    "libvirt.keepalive_interval_s": 1,
+    "libvirt.keepalive_count": 2,
+    "libvirt.reconnect_min_s": 0.2,
+    "libvirt.reconnect_max_s": 1.0,
+}
 
 
 def descendants() -> dict[int, str]:

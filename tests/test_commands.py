@@ -17,7 +17,7 @@ from nats.aio.client import Client as NATS
 
 from agent.supervisor import AgentState
 from lab.daemon import LibvirtDaemon
-from tests.conftest import ERROR_CODES, ROOT, Collector, RunningAgent, call
+from tests.conftest import ERROR_CODES, FAST_RECONNECT, ROOT, Collector, RunningAgent, call
 from tests.test_daemon_events import Flipper
 from tests.test_events import DOMAIN_XML, define
 
@@ -144,11 +144,7 @@ async def test_commands_during_a_libvirt_outage_get_unavailable(
     """libvirtd killed: domain verbs answer `unavailable` and ping says libvirt is away; libvirtd back: they work again."""
     daemon = await asyncio.to_thread(LibvirtDaemon(tmp_path, "outage").start)
     try:
-        agent = await start_agent(**{
-            "libvirt.uri": daemon.test_uri, "libvirt.keepalive_interval_s": 1,
-            "libvirt.keepalive_count": 2, "libvirt.reconnect_min_s": 0.2,
-            "libvirt.reconnect_max_s": 1.0,
-        })  # fmt: skip
+        agent = await start_agent(**{"libvirt.uri": daemon.test_uri, **FAST_RECONNECT})
         assert (await call(nc, agent.host, "domain.list"))["ok"] is True
         await asyncio.to_thread(daemon.kill)
 

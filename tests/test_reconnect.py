@@ -10,7 +10,7 @@ import libvirt
 import pytest
 
 from lab.daemon import LibvirtDaemon
-from tests.conftest import Collector, RunningAgent
+from tests.conftest import FAST_RECONNECT, Collector, RunningAgent
 from tests.test_events import define
 
 pytestmark = pytest.mark.daemon
@@ -24,15 +24,7 @@ async def test_libvirtd_restart_is_announced_and_callbacks_come_back(
     """libvirtd stops and restarts: libvirt_disconnected, then libvirt_connected and a resync, then events again."""
     daemon = await asyncio.to_thread(LibvirtDaemon(tmp_path, "restart").start)
     try:
-        agent = await start_agent(
-            **{
-                "libvirt.uri": daemon.test_uri,
-                "libvirt.keepalive_interval_s": 1,
-                "libvirt.keepalive_count": 2,
-                "libvirt.reconnect_min_s": 0.2,
-                "libvirt.reconnect_max_s": 1.0,
-            }
-        )
+        agent = await start_agent(**{"libvirt.uri": daemon.test_uri, **FAST_RECONNECT})
         hosts = await collect(f"virt.{agent.host}.host.>")
         events = await collect(f"virt.{agent.host}.event.>")
 
@@ -71,11 +63,7 @@ async def test_what_changed_while_libvirt_was_away_is_published_as_inferred_even
     changes, marked inferred, before the reconnect resync - and nothing for what did not change."""
     daemon = await asyncio.to_thread(LibvirtDaemon(tmp_path, "infer").start)
     try:
-        agent = await start_agent(**{
-            "libvirt.uri": daemon.test_uri, "libvirt.keepalive_interval_s": 1,
-            "libvirt.keepalive_count": 2, "libvirt.reconnect_min_s": 0.2,
-            "libvirt.reconnect_max_s": 1.0,
-        })  # fmt: skip
+        agent = await start_agent(**{"libvirt.uri": daemon.test_uri, **FAST_RECONNECT})
         everything = await collect(f"virt.{agent.host}.>")
         conn = await asyncio.to_thread(libvirt.open, daemon.test_uri)
         try:
