@@ -27,6 +27,7 @@ log = structlog.get_logger("agent.spool")
 
 _LEN = struct.Struct(">I")
 SEGMENT_BYTES = 8 * 1024 * 1024
+READ_BYTES = 4 * 1024 * 1024  # one read of a segment (a larger record is read whole)
 
 
 class Record(msgspec.Struct, array_like=True, frozen=True):
@@ -227,7 +228,13 @@ class Spool:
                 continue
             with open(seg.path, "rb") as f:
                 f.seek(seg.read_offset)
-                data = f.read(min(seg.size - seg.read_offset, 4 * 1024 * 1024))
+                data = f.read(min(seg.size - seg.read_offset, READ_BYTES))
+                if len(data) >= _LEN.size:
+                    (n,) = _LEN.unpack_from(data, 0)
+                    if _LEN.size + n > len(data):
+                        # One record larger than a read (a big resync): read it whole, or it
+                        # and everything after it would never be read.
+                        data += f.read(_LEN.size + n - len(data))
             off = 0
             while len(out) < limit and off + 4 <= len(data):
                 (n,) = _LEN.unpack_from(data, off)

@@ -85,3 +85,17 @@ def test_a_full_disk_raises_oserror(tmp_path: Path) -> None:
         again.close()
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_a_record_larger_than_a_read_is_read_whole_and_the_rest_after_it(tmp_path: Path) -> None:
+    """One spooled record over the 4 MiB read size (a big resync) is returned, and the records after it follow in order; the spool then reads as drained."""
+    spool = Spool(tmp_path, max_bytes=64 * 1024 * 1024)
+    spool.append(record(1, 5 * 1024 * 1024))
+    spool.append(record(2))
+    got = []
+    for _ in range(3):
+        got += spool.read(10)
+    assert [(r.sequence, len(r.payload)) for _, r in got] == [(1, 5 * 1024 * 1024), (2, 1000)]
+    for index, _ in got:
+        spool.acked(index)
+    assert spool.empty()
