@@ -42,8 +42,8 @@ log = structlog.get_logger("agent.failover")
 
 NS = "https://virt-agent.dev/xmlns/failover/1"
 PREFIX = "virtagent"
-MIN_GAP_S = 0.2
-PLUGGED_KEPT = 1024  # between two reconcile passes, however many domains start or resume
+MIN_GAP_S = 0.2  # between two reconcile passes, however many domains start or resume
+PLUGGED_KEPT = 1024  # plug times kept for the sources that ask for them (failover.replug)
 UNPLUGGING = "unplugging"  # detach sent; DEVICE_REMOVED not (yet) seen
 OWED = "owed"  # the primary is out of the guest: plug it wherever the domain runs
 
