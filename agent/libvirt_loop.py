@@ -39,7 +39,14 @@ class LoopSafeEventImpl(libvirtaio.virEventAsyncIOImpl):  # type: ignore[misc]
                 if not self._ops:
                     return
                 op = self._ops.popleft()
-            op()
+            try:
+                op()
+            except Exception as exc:  # noqa: BLE001 - reported; the queue must drain
+                # One change that fails (a handle for a descriptor closed meanwhile) must not
+                # leave the ones queued behind it waiting: there is one wake-up per batch.
+                self.loop.call_exception_handler(
+                    {"message": "libvirt event-loop change failed", "exception": exc}
+                )
 
     def _run(self, op: Callable[[], None]) -> None:
         if self.loop.is_closed():

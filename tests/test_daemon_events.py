@@ -169,3 +169,34 @@ async def test_events_command_tails_the_bus(
         "stopped/destroyed",
     ]
     assert all(f" {agent.host} " in ln and name in ln for ln in lines)
+
+
+async def test_a_failing_event_loop_change_does_not_stall_the_ones_behind_it() -> None:
+    """libvirt's handle and timer changes from other threads are applied on the loop, one wake-up per batch: a change that fails (a descriptor closed meanwhile) is reported, and the changes queued behind it still apply."""
+    from agent.libvirt_loop import LoopSafeEventImpl  # noqa: PLC0415
+
+    loop = asyncio.get_running_loop()
+    impl = LoopSafeEventImpl(loop, threading.get_ident())
+    applied: list[int] = []
+    reported: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, ctx: reported.append(ctx))
+
+    def fail() -> None:
+        raise OSError("descriptor closed meanwhile")
+
+    def from_a_thread() -> None:
+        impl._run(fail)
+        impl._run(lambda: applied.append(1))
+        impl._run(lambda: applied.append(2))
+
+    try:
+        await asyncio.to_thread(from_a_thread)
+        for _ in range(100):
+            if applied == [1, 2]:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        loop.set_exception_handler(previous)
+    assert applied == [1, 2]
+    assert [str(c["exception"]) for c in reported] == ["descriptor closed meanwhile"]
