@@ -188,3 +188,22 @@ class Bus:
             with contextlib.suppress(NatsError, OSError, TimeoutError):
                 await asyncio.wait_for(nc.close(), timeout * 0.3)
         self.metrics.nats_connected.set(0)
+
+
+async def subscribed(nc: NATS, timeout: float = 10.0) -> None:
+    """Return once the server has read everything this client sent before the call: its
+    new subscriptions are in place, its publishes delivered.
+
+    nats-py's `flush()` writes its PING straight to the socket, ahead of commands still
+    waiting in the client's pending buffer (a SUB just made is there), so a lone `flush()`
+    can return before the server has seen the subscription. A PING sent while that buffer
+    is empty follows everything before it."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        clean = nc.pending_data_size == 0
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            raise TimeoutError("the NATS server did not confirm this client's commands in time")
+        await nc.flush(max(1, int(remaining)))
+        if clean:
+            return

@@ -11,6 +11,8 @@ import msgspec
 import nats
 from nats.aio.msg import Msg
 
+from agent.bus import subscribed
+
 UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
 
 
@@ -85,7 +87,7 @@ async def tail(
     subjects = subjects_for(prefix, host, domain, etype)
     for subject in subjects:
         await nc.subscribe(subject, cb=on_msg)
-    await nc.flush()
+    await subscribed(nc)
     print(f"# listening on {', '.join(subjects)}", file=sys.stderr, flush=True)
     try:
         await done.wait()

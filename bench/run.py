@@ -22,6 +22,7 @@ import msgspec
 import nats
 from nats.aio.msg import Msg
 
+from agent.bus import subscribed
 from agent.embedded import NatsServer
 from bench.eventgen import rss_kib
 from bench.fleet import run_fleet
@@ -145,6 +146,7 @@ async def event_bridge(
     await nc.subscribe(
         f"virt.{host}.event.*.lifecycle", cb=sub.on_event, pending_msgs_limit=1_000_000
     )
+    await subscribed(nc)
     env = dict(os.environ)  # VIRT_AGENT_* settings pass through to the agent under test
     env["VIRT_AGENT_LOG_FORMAT"] = "json"
     env["VIRT_AGENT_LOG_LEVEL"] = "warning"
@@ -179,6 +181,7 @@ async def event_bridge(
     # Latency baseline: plain NATS publish -> the same subscriber, same rate.
     plain = Subscriber()
     await nc.subscribe("bench.plain", cb=plain.on_plain)
+    await subscribed(nc)
     pub = helper("natspub", server.url, str(paced), "bench.plain", "1000")
     go(pub)
     await asyncio.to_thread(result, pub)

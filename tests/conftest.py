@@ -22,6 +22,7 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from agent.bus import subscribed
 from agent.embedded import NatsServer
 from agent.settings import Settings, load
 from agent.supervisor import Agent
@@ -308,7 +309,7 @@ async def collect(nc: NATS) -> Callable[[str], Awaitable[Collector]]:
     async def sub(subject: str) -> Collector:
         c = Collector()
         await nc.subscribe(subject, cb=c.on_msg)
-        await nc.flush()
+        await subscribed(nc)
         return c
 
     return sub

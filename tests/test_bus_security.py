@@ -24,6 +24,7 @@ import msgspec
 import nats
 import pytest
 
+from agent.bus import subscribed
 from agent.embedded import NatsServer
 from lab.agents import agent_env
 from tests.conftest import ROOT, Collector, RunningAgent
@@ -68,12 +69,12 @@ async def test_a_hosts_credentials_speak_only_for_that_host(
 
         seen = Collector()
         await controller.subscribe("virt.>", cb=seen.on_msg)
-        await controller.flush()
+        await subscribed(controller)
         # hv01 may publish its own events ...
         await hv01.publish("virt.hv01.event.x.lifecycle", b'{"own": true}')
         # ... not hv02's,
         await hv01.publish("virt.hv02.event.x.lifecycle", b'{"forged": true}')
-        await hv01.flush()
+        await subscribed(hv01)
         await seen.wait_for(lambda e: e.get("own") is True)
         await asyncio.sleep(0.5)
         assert [m[0] for m in seen.messages] == ["virt.hv01.event.x.lifecycle"]
@@ -367,7 +368,7 @@ async def test_creds_file_authentication_with_the_examples_permissions(
         js = controller.jetstream()
         events = Collector()
         await controller.subscribe("virt.hv01.event.>", cb=events.on_msg)
-        await controller.flush()
+        await subscribed(controller)
         done = await controller.request(
             "virt.hv01.cmd.domain.suspend", b'{"domain": "test"}', timeout=10
         )
@@ -379,9 +380,9 @@ async def test_creds_file_authentication_with_the_examples_permissions(
         # hv01's credentials cannot publish hv02's events.
         seen = Collector()
         await controller.subscribe("virt.hv02.>", cb=seen.on_msg)
-        await controller.flush()
+        await subscribed(controller)
         await hv01.publish("virt.hv02.event.x.lifecycle", b'{"forged": true}')
-        await hv01.flush()
+        await subscribed(hv01)
         await asyncio.sleep(0.5)
         assert seen.messages == []
         assert any("permissions violation" in e.lower() for e in errors), errors

@@ -23,6 +23,7 @@ import libvirt
 import nats
 import pytest
 
+from agent.bus import subscribed
 from agent.embedded import NatsServer
 from lab.daemon import LibvirtDaemon, free_port
 from lab.prereqs import install_packages
@@ -106,7 +107,7 @@ async def test_the_image_runs_the_agent_beside_libvirt_and_stops_cleanly(
     nc = await nats.connect(nats_server.url)
     seen = Collector()
     await nc.subscribe(f"virt.{HOST}.>", cb=seen.on_msg)
-    await nc.flush()
+    await subscribed(nc)
     conn = libvirt.open(test_daemon.test_uri)
     try:
         await asyncio.to_thread(run_container, image, nats_server.url, test_daemon, tmp_path / "st")

@@ -15,7 +15,7 @@ import libvirt
 import pytest
 from nats.aio.client import Client as NATS
 
-from agent.bus import EVENTS_STREAM
+from agent.bus import EVENTS_STREAM, subscribed
 from agent.embedded import NatsServer
 from lab.daemon import LibvirtDaemon
 from tests.conftest import ROOT, AgentProcess, Collector, RunningAgent, stream_messages
@@ -56,6 +56,7 @@ class Flipper:
 async def wait_for_subject(nc: NATS, subject: str, timeout: float = 20.0) -> dict[str, Any]:
     c = Collector()
     sub = await nc.subscribe(subject, cb=c.on_msg)
+    await subscribed(nc)
     try:
         return await c.wait_for(lambda _e: True, timeout)
     finally:

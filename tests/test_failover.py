@@ -16,6 +16,7 @@ import libvirt
 import msgspec
 import pytest
 
+from agent.bus import subscribed
 from agent.devices import device_xml
 from agent.errors import LibvirtFailure
 from agent.failover import NS, PREFIX, Record, record_to_xml
@@ -431,6 +432,7 @@ async def test_a_cancel_after_the_migration_ends_succeeded_with_the_primary_owed
             replug_asked.set()  # not answered: the primary is not plugged yet
 
     sub = await nc.subscribe("virt.slowdst.cmd.>", cb=destination)
+    await subscribed(nc)
     try:
         dom = await asyncio.to_thread(guest, "a", "failover")
         u = dom.UUIDString()

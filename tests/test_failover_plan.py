@@ -17,6 +17,7 @@ import msgspec
 import pytest
 from nats.aio.client import Client as NATS
 
+from agent.bus import subscribed
 from agent.capabilities import Capabilities
 from agent.devices import interfaces
 from agent.envelope import Subjects
@@ -400,6 +401,7 @@ async def test_one_change_at_a_time_on_a_domain_across_verbs(
             asked.set()  # a reserve this destination has not answered yet
 
     sub = await nc.subscribe("virt.ghost.cmd.>", cb=hold)
+    await subscribed(nc)
     dom = running_pair(testdrv, "t-busy")
     try:
         started = await call(nc, agent.host, "migrate_with_failover",
