@@ -82,6 +82,42 @@ class Resync(HostData, frozen=True, kw_only=True):
     domains: list[DomainSnapshot]
     # Set after a queue overflow: which sequence numbers were never published.
     missed: Missed | None = None
+    # A snapshot larger than one message (the server's max_payload) is sent in parts,
+    # numbered 1..parts in consecutive sequence numbers; `missed` is on the first.
+    part: int = 1
+    parts: int = 1
+
+
+# Room in a message for the envelope and a resync's other fields, besides its domains.
+ENVELOPE_ROOM = 2048
+
+
+def resync_parts(
+    host: str, reason: str, domains: list[DomainSnapshot], missed: Missed | None, max_bytes: int
+) -> list[Resync]:
+    """One snapshot as resync host events that each fit in `max_bytes` (the server's
+    max_payload), in domain order; always at least one."""
+    budget = max(1024, max_bytes - ENVELOPE_ROOM)
+    chunks: list[list[DomainSnapshot]] = [[]]
+    used = 0
+    for d in domains:
+        size = len(msgspec.json.encode(d)) + 1
+        if chunks[-1] and used + size > budget:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(d)
+        used += size
+    return [
+        Resync(
+            host=host,
+            reason=reason,
+            domains=chunk,
+            missed=missed if i == 0 else None,
+            part=i + 1,
+            parts=len(chunks),
+        )
+        for i, chunk in enumerate(chunks)
+    ]
 
 
 class Heartbeat(HostData, frozen=True, kw_only=True):
@@ -100,6 +136,19 @@ class SpoolOverflow(HostData, frozen=True, kw_only=True):
     last_sequence: int
 
 
+class DeadLetter(HostData, frozen=True, kw_only=True):
+    """A message JetStream would never accept was set aside in the agent's dead-letter file
+    (state_dir/dead-letters.jsonl) after `attempts` refusals; the messages after it went on."""
+
+    boot_id: str
+    msg_id: str
+    subject: str
+    sequence: int
+    bytes: int
+    reason: str
+    attempts: int
+
+
 HOST_EVENT_TYPES: dict[type[HostData], str] = {
     AgentStarted: "agent_started",
     AgentStopping: "agent_stopping",
@@ -108,6 +157,7 @@ HOST_EVENT_TYPES: dict[type[HostData], str] = {
     Resync: "resync",
     Heartbeat: "heartbeat",
     SpoolOverflow: "spool_overflow",
+    DeadLetter: "dead_letter",
 }
 
 

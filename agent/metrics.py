@@ -50,6 +50,11 @@ class Metrics:
         self.publish_errors = Counter(
             f"{NS}_publish_errors", "JetStream publish failures, by kind", ["kind"], registry=r
         )
+        self.dead_letters = Counter(
+            f"{NS}_dead_letters",
+            "Messages JetStream would never accept, set aside in the dead-letter file",
+            registry=r,
+        )
         self.publish_latency = Histogram(
             f"{NS}_publish_latency_seconds",
             "From the libvirt callback to the JetStream acknowledgement",

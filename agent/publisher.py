@@ -32,11 +32,14 @@ import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
+from nats.errors import MaxPayloadError
 
+from agent.deadletter import DeadLetters
 from agent.envelope import (
     HOST_EVENT_TYPES,
     CloudEvent,
     Counters,
+    DeadLetter,
     HostData,
     Missed,
     SpoolOverflow,
@@ -84,6 +87,7 @@ class _Outgoing:
     segment: int | None = None
     sent_at: float = 0.0
     attempts: int = 0
+    rejections: int = 0  # explicit refusals (JetStream errors, over max_payload)
 
     def record(self) -> Record:
         """As the spool keeps it."""
@@ -101,9 +105,11 @@ class Publisher:
         boot_id: str,
         metrics: Metrics,
         spool: Spool | None = None,
+        dead_letters: DeadLetters | None = None,
     ) -> None:
         self.settings = settings
         self.spool = spool
+        self.dead_letters = dead_letters
         # Appending to the spool instead of the memory queue (also at start, if a previous
         # process left messages there: they go first).
         self._spooling = spool is not None and not spool.empty()
@@ -145,6 +151,12 @@ class Publisher:
     @property
     def sequence(self) -> int:
         return self._sequence
+
+    @property
+    def max_payload(self) -> int:
+        """The largest message the server takes (1 MiB, NATS's default, until connected)."""
+        nc = self._nc
+        return nc.max_payload if nc is not None and nc.max_payload else 1024 * 1024
 
     @property
     def depth(self) -> int:
@@ -414,6 +426,9 @@ class Publisher:
                 reply=self._inbox + token,
                 headers={"Nats-Msg-Id": out.msg_id},
             )
+        except MaxPayloadError:
+            self.metrics.publish_errors.labels("max_payload").inc()
+            self._rejected(token, out, f"larger than the server's max_payload ({nc.max_payload})")
         except NatsError as exc:
             # Stays in flight; the ack watchdog sends it again after ack_timeout_s.
             self.metrics.publish_errors.labels(type(exc).__name__).inc()
@@ -435,17 +450,52 @@ class Publisher:
             return
         if ack.error is not None:
             self.metrics.publish_errors.labels("api_error").inc()
-            log.warning(
-                "JetStream refused a message, will retry", error=ack.error, msg_id=out.msg_id
-            )
+            self._rejected(token, out, f"JetStream: {ack.error.get('description', ack.error)}")
             return
         del self._inflight[token]
-        self._slots.release()
-        if out.segment is not None and self.spool is not None:
-            self.spool.acked(out.segment)
+        self._done(out)
         self.published += 1
         self.metrics.events_published.inc()
         self.metrics.publish_latency.observe((time.time_ns() - out.time_ns) / 1e9)
+
+    def _done(self, out: _Outgoing) -> None:
+        """Out of flight for good (stored, or set aside): its slot and spool place are free."""
+        self._slots.release()
+        if out.segment is not None and self.spool is not None:
+            self.spool.acked(out.segment)
+
+    def _rejected(self, token: str, out: _Outgoing, reason: str) -> None:
+        """An explicit refusal. The message stays in flight - sent again after the ack
+        timeout - until it has been refused `max_rejections` times; then it is set aside in
+        the dead-letter file and named by a host event, and the messages after it go on."""
+        out.rejections += 1
+        if out.rejections < self.settings.max_rejections:
+            log.warning("JetStream refused a message, will retry", reason=reason,
+                        msg_id=out.msg_id, refusals=out.rejections)  # fmt: skip
+            return
+        if self._inflight.pop(token, None) is None:
+            return
+        self._done(out)
+        self.metrics.dead_letters.inc()
+        log.error("message JetStream will not accept set aside in the dead-letter file",
+                  msg_id=out.msg_id, subject=out.subject, reason=reason,
+                  bytes=len(out.payload), attempts=out.attempts)  # fmt: skip
+        if self.dead_letters is not None:
+            self.dead_letters.add(out.msg_id, out.subject, out.sequence, out.payload, reason,
+                                  out.attempts)  # fmt: skip
+        if out.subject != self.subjects.host_event("dead_letter"):  # never one about itself
+            self.submit_host_event(
+                DeadLetter(
+                    host=self.subjects.host,
+                    boot_id=self.boot_id,
+                    msg_id=out.msg_id,
+                    subject=out.subject,
+                    sequence=out.sequence,
+                    bytes=len(out.payload),
+                    reason=reason,
+                    attempts=out.attempts,
+                )
+            )
 
     async def watch_acks(self) -> None:
         """Re-send messages whose acknowledgement did not arrive within ack_timeout_s."""

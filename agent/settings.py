@@ -98,6 +98,12 @@ class PublisherSettings(_Section, frozen=True, kw_only=True, forbid_unknown_fiel
     # the gap).
     spool_after: PosInt = 5000
     spool_max_bytes: NonNegInt = 1024 * 1024 * 1024
+    # A message JetStream answers with an error (or the client refuses, e.g. over the
+    # server's max_payload) this many times is set aside in state_dir/dead-letters.jsonl,
+    # counted, and named by a `dead_letter` host event; the messages after it go on.
+    max_rejections: Annotated[int, Meta(ge=1, le=100)] = 3
+    # The dead-letter file keeps payloads up to this size in total; beyond it, only the ids.
+    dead_letter_max_bytes: NonNegInt = 64 * 1024 * 1024
 
 
 class CommandSettings(_Section, frozen=True, kw_only=True, forbid_unknown_fields=True):

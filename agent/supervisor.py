@@ -23,14 +23,15 @@ from nats.errors import Error as NatsError
 from agent import __version__
 from agent.bus import Bus, ensure_streams
 from agent.commands import CommandService
+from agent.deadletter import DeadLetters
 from agent.envelope import (
     AgentStarted,
     AgentStopping,
     Heartbeat,
     LibvirtConnected,
     LibvirtDisconnected,
-    Resync,
     Subjects,
+    resync_parts,
 )
 from agent.errors import AgentError, Unavailable
 from agent.failover import Reconciler
@@ -76,8 +77,10 @@ class Agent:
             else None
         )
         self.publisher = Publisher(
-            settings.publisher, self.subjects, self.boot_id, self.metrics, self.spool
-        )
+            settings.publisher, self.subjects, self.boot_id, self.metrics, self.spool,
+            DeadLetters(Path(settings.state_dir) / "dead-letters.jsonl",
+                        settings.publisher.dead_letter_max_bytes),
+        )  # fmt: skip
         self.hypervisor = Hypervisor(
             settings.libvirt,
             settings.libvirt.uri,
@@ -356,9 +359,8 @@ class Agent:
                 self.publisher.submit_event(event)
             self.metrics.events_inferred.inc(len(inferred))
         self.tracker.reset(domains, keep=touched)
-        self.publisher.submit_host_event(
-            Resync(host=self.host, reason=reason, domains=domains, missed=missed)
-        )
+        for part in resync_parts(self.host, reason, domains, missed, self.publisher.max_payload):
+            self.publisher.submit_host_event(part)
         self.metrics.resyncs.labels(reason).inc()
         if missed is not None:
             log.warning(

@@ -1,0 +1,118 @@
+"""Lose nothing at the edges: what a fleet meets in its first months, on a real nats-server.
+
+Here the server's `max_payload` is small (16 KiB), so a message JetStream can never accept
+and a resync larger than one message are cheap to make."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+import msgspec
+import nats
+import pytest
+
+from agent.embedded import NatsServer
+from agent.spool import Record, Spool
+from tests.conftest import RunningAgent, stream_messages
+
+MAX_PAYLOAD = 16 * 1024
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    """A nats-server whose max_payload is 16 KiB."""
+    conf = tmp_path / "small.conf"
+    conf.write_text(f"max_payload: {MAX_PAYLOAD}\n")
+    server = NatsServer(tmp_path / "nats", config_file=conf).start()
+    yield server
+    server.stop()
+
+
+def previous_process_spool(state: Path, host: str, big_at: int, n: int) -> list[str]:
+    """A spool left by an earlier process of `host`: n small records, the one at `big_at`
+    larger than the server's max_payload. Returns the ids, in order."""
+    spool = Spool(state / "spool", max_bytes=1 << 30)
+    ids = []
+    for seq in range(1, n + 1):
+        msg_id = f"{host}:0ldb00t:{seq}"
+        body = {"id": msg_id, "sequence": seq, "pad": "x" * (40_000 if seq == big_at else 10)}
+        spool.append(Record(f"virt.{host}.event.{uuid.uuid4()}.lifecycle", msg_id,
+                            1_700_000_000_000_000_000 + seq, seq,
+                            json.dumps(body).encode()))  # fmt: skip
+        ids.append(msg_id)
+    spool.close()
+    return ids
+
+
+async def test_a_message_jetstream_can_never_accept_is_set_aside_and_the_rest_flows(
+    nats_server: NatsServer,
+    start_agent: Callable[..., Awaitable[RunningAgent]],
+    tmp_path: Path,
+) -> None:
+    """A spooled record over the server's max_payload: after a bounded number of attempts it
+    goes to the dead-letter file, a host event names it, and everything else in its segment
+    is stored once; the segment is deleted, and a flush does not wait on it."""
+    host = "dl1"
+    state = tmp_path / "dlstate"
+    ids = previous_process_spool(state, host, big_at=5, n=12)
+    agent = await start_agent(**{"host_id": host, "state_dir": str(state),
+                                 "publisher.ack_timeout_s": 1.0})  # fmt: skip
+    await agent.settled(timeout=60)
+    nc = await nats.connect(nats_server.url)
+    try:
+        stored = await stream_messages(nc, "VIRT_EVENTS", f"virt.{host}.>")
+    finally:
+        await nc.close()
+    stored_ids = [ev.get("id") for _, ev, _ in stored if ev.get("id", "").startswith(host)]
+    kept = [i for i in ids if i != ids[4]]
+    assert sorted(i for i in stored_ids if "0ldb00t" in i) == sorted(kept)
+    dead = [json.loads(line) for line in (state / "dead-letters.jsonl").read_text().splitlines()]
+    assert [d["msg_id"] for d in dead] == [ids[4]]
+    assert dead[0]["reason"]
+    assert len(dead[0]["payload"]) > MAX_PAYLOAD
+    named = [ev["data"] for s, ev, _ in stored if s == f"virt.{host}.host.dead_letter"]
+    assert [d["msg_id"] for d in named] == [ids[4]]
+    assert list((state / "spool").glob("*.seg")) == []
+    assert agent.agent.metrics.registry.get_sample_value("virt_agent_dead_letters_total") == 1
+
+
+def many_domains_xml(path: Path, n: int) -> str:
+    doms = "".join(
+        f"<domain type='test'><name>vm-{i:04d}-{'n' * 40}</name><uuid>{uuid.uuid4()}</uuid>"
+        "<memory>65536</memory><os><type>hvm</type></os></domain>"
+        for i in range(n)
+    )
+    path.write_text(f"<node>{doms}</node>")
+    return f"test://{path}"
+
+
+async def test_a_resync_larger_than_the_servers_max_payload_is_published_in_parts(
+    nats_server: NatsServer,
+    start_agent: Callable[..., Awaitable[RunningAgent]],
+    tmp_path: Path,
+) -> None:
+    """300 domains make a snapshot of about 45 KiB: it goes out in parts, each within the
+    server's max_payload, that together name every domain once."""
+    uri = many_domains_xml(tmp_path / "node.xml", 300)
+    agent = await start_agent(**{"libvirt.uri": uri})
+    await agent.settled(timeout=60)
+    nc = await nats.connect(nats_server.url)
+    try:
+        stored = await stream_messages(nc, "VIRT_EVENTS", f"virt.{agent.host}.host.resync")
+        sizes = []
+        for subject, ev, _ in stored:
+            assert subject.endswith(".resync")
+            sizes.append(len(msgspec.json.encode(ev)))
+    finally:
+        await nc.close()
+    parts = [ev["data"] for _, ev, _ in stored]
+    assert len(parts) > 1, "one message cannot carry it"
+    assert [p["part"] for p in parts] == list(range(1, len(parts) + 1))
+    assert {p["parts"] for p in parts} == {len(parts)}
+    assert max(sizes) <= MAX_PAYLOAD
+    names = [d["name"] for p in parts for d in p["domains"]]
+    assert len(names) == 300
+    assert len(set(names)) == 300
