@@ -1,4 +1,4 @@
-"""The NATS side: a connection that keeps reconnecting, and the contract's JetStream streams."""
+"""The NATS connection: its options, the first connection retried, and what nats-py leaves out."""
 
 from __future__ import annotations
 
@@ -13,59 +13,12 @@ import nats
 import structlog
 from nats.aio.client import Client as NATS
 from nats.errors import Error as NatsError
-from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import BadRequestError
 
-from agent.envelope import Subjects
 from agent.errors import Unavailable, redact
 from agent.metrics import Metrics
 from agent.settings import NatsSettings
 
 log = structlog.get_logger("agent.bus")
-
-EVENTS_STREAM = "VIRT_EVENTS"
-OPS_STREAM = "VIRT_OPS"
-# JetStream's error code for "stream name already in use with a different configuration".
-STREAM_CONFIG_MISMATCH = 10058
-
-
-def stream_configs(settings: NatsSettings, subjects: Subjects) -> list[StreamConfig]:
-    common = {
-        "retention": RetentionPolicy.LIMITS,
-        "storage": StorageType.FILE,
-        "discard": DiscardPolicy.OLD,
-        "num_replicas": settings.stream_replicas,
-        "duplicate_window": float(settings.duplicate_window_s),
-        "max_age": float(settings.events_max_age_s),
-        "max_bytes": settings.events_max_bytes,
-    }
-    return [
-        StreamConfig(
-            name=EVENTS_STREAM,
-            description="libvirt domain events and agent host events (virt-agent contract v1)",
-            subjects=subjects.events_stream_subjects(),
-            **common,
-        ),
-        StreamConfig(
-            name=OPS_STREAM,
-            description="progress and outcome of long operations (virt-agent contract v1)",
-            subjects=subjects.ops_stream_subjects(),
-            **common,
-        ),
-    ]
-
-
-async def ensure_streams(nc: NATS, settings: NatsSettings, subjects: Subjects) -> None:
-    """Create the streams, or bring an existing one to this configuration; safe to repeat."""
-    js = nc.jetstream()
-    for cfg in stream_configs(settings, subjects):
-        try:
-            await js.add_stream(cfg)
-        except BadRequestError as exc:
-            if exc.err_code != STREAM_CONFIG_MISMATCH:
-                raise
-            await js.update_stream(cfg)
-            log.info("stream configuration updated", stream=cfg.name)
 
 
 def connect_options(settings: NatsSettings) -> dict[str, Any]:

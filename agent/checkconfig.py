@@ -3,6 +3,7 @@ reach - each check printed, the exit status naming the first that failed:
 
     0 all good            2 a setting is invalid     3 the state directory is not writable
     4 libvirt unreachable 5 NATS or JetStream unreachable   6 the HTTP address cannot be bound
+    7 a fleet stream differs from these settings (or is missing while the operator manages them)
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import SettingsError, redact
-from agent.settings import NatsSettings, load
+from agent.settings import NatsSettings, Settings, load
 
-EXIT = {"settings": 2, "state_dir": 3, "libvirt": 4, "nats": 5, "http": 6}
+EXIT = {"settings": 2, "state_dir": 3, "libvirt": 4, "nats": 5, "http": 6, "streams": 7}
 
 
 def _state_dir(path: str) -> str:
@@ -37,21 +38,61 @@ def _libvirt(uri: str) -> str:
         conn.close()
 
 
-async def _nats(settings: NatsSettings) -> str:
+async def _connect(settings: NatsSettings) -> Any:
     import nats  # noqa: PLC0415
 
     from agent.bus import connect_options  # noqa: PLC0415
 
     urls, timeout = settings.urls, settings.connect_timeout_s
-    nc = await asyncio.wait_for(
+    return await asyncio.wait_for(
         nats.connect(servers=urls, connect_timeout=timeout, max_reconnect_attempts=0,
                      allow_reconnect=False, **connect_options(settings)),
         timeout * len(urls) + 1,
     )  # fmt: skip
+
+
+async def _nats(settings: NatsSettings) -> str:
+    nc = await _connect(settings)
     try:
         info = await nc.jetstream().account_info()
         server = redact(f"//{nc.connected_url.netloc}")[2:] if nc.connected_url else "?"
         return f"{server}: JetStream, {info.streams} streams"
+    finally:
+        await nc.close()
+
+
+async def _streams(s: Settings) -> str:
+    """The fleet's streams against these settings (an agent never changes them)."""
+    from nats.js.errors import NotFoundError  # noqa: PLC0415
+
+    from agent.envelope import Subjects  # noqa: PLC0415
+    from agent.streams import differences, stream_configs  # noqa: PLC0415
+
+    nc = await _connect(s.nats)
+    try:
+        js = nc.jetstream()
+        said, bad = [], []
+        for cfg in stream_configs(s.nats, Subjects(s.subject_prefix, s.host_id)):
+            assert cfg.name is not None
+            try:
+                have = (await js.stream_info(cfg.name)).config
+            except NotFoundError:
+                if s.nats.manage_streams:
+                    said.append(f"{cfg.name} missing (the agent creates it)")
+                else:
+                    bad.append(f"{cfg.name} missing (nats.manage_streams is false)")
+                continue
+            diff = differences(have, cfg)
+            if not diff:
+                said.append(f"{cfg.name} as these settings")
+                continue
+            text = ", ".join(
+                f"{k} {v['stream']} (settings {v['settings']})" for k, v in diff.items()
+            )
+            (said if not s.nats.manage_streams else bad).append(f"{cfg.name} differs: {text}")
+        if bad:
+            raise ValueError("; ".join(bad + said))
+        return "; ".join(said)
     finally:
         await nc.close()
 
@@ -82,6 +123,7 @@ def check(config: str | None, overrides: dict[str, Any], offline: bool) -> int:
         ("state_dir", lambda: _state_dir(s.state_dir)),
         ("libvirt", lambda: _libvirt(s.libvirt.uri)),
         ("nats", lambda: asyncio.run(_nats(s.nats))),
+        ("streams", lambda: asyncio.run(_streams(s))),
         ("http", lambda: _http(s.http.listen)),
     ]
     for name, fn in checks:

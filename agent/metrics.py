@@ -55,6 +55,18 @@ class Metrics:
             "Messages JetStream would never accept, set aside in the dead-letter file",
             registry=r,
         )
+        self.streams_recreated = Counter(
+            f"{NS}_streams_recreated",
+            "JetStream streams found missing while running and created again",
+            ["stream"],
+            registry=r,
+        )
+        self.stream_config_mismatch = Gauge(
+            f"{NS}_stream_config_mismatch",
+            "1 while the fleet's stream differs from this agent's settings (left as it is)",
+            ["stream"],
+            registry=r,
+        )
         self.publish_latency = Histogram(
             f"{NS}_publish_latency_seconds",
             "From the libvirt callback to the JetStream acknowledgement",

@@ -54,6 +54,7 @@ from agent.metrics import Metrics
 from agent.operations import OpEvent
 from agent.settings import PublisherSettings
 from agent.spool import Record, Spool
+from agent.streams import Streams
 
 log = structlog.get_logger("agent.publisher")
 
@@ -88,6 +89,8 @@ class _Outgoing:
     sent_at: float = 0.0
     attempts: int = 0
     rejections: int = 0  # explicit refusals (JetStream errors, over max_payload)
+    # When JetStream first answered no-responders (no stream took it), monotonic; 0: never.
+    unbound_since: float = 0.0
 
     def record(self) -> Record:
         """As the spool keeps it."""
@@ -136,6 +139,7 @@ class Publisher:
         self._inflight: dict[str, _Outgoing] = {}
         self._tokens = itertools.count(1)
         self._nc: NATS | None = None
+        self._streams: Streams | None = None
         self._inbox = ""
         self._received_by_type: dict[str, Any] = {}
         metrics.queue_capacity.set(settings.queue_size)
@@ -331,9 +335,10 @@ class Publisher:
 
     # ------------------------------------------------------------ sending
 
-    async def attach(self, nc: NATS) -> None:
+    async def attach(self, nc: NATS, streams: Streams | None = None) -> None:
         """Start receiving acknowledgements on a reply inbox of this publisher's own."""
         self._nc = nc
+        self._streams = streams
         self._inbox = nc.new_inbox() + "."
         await nc.subscribe(
             self._inbox + "*",
@@ -440,8 +445,8 @@ class Publisher:
         if out is None:
             return  # an ack for a message already re-sent under a new token
         if msg.headers and msg.headers.get("Status") == "503":
-            # No JetStream responder (stream missing or JetStream down): retry after the timeout.
             self.metrics.publish_errors.labels("no_responders").inc()
+            self._unbound(token, out)
             return
         try:
             ack = _ack_decoder.decode(msg.data)
@@ -463,6 +468,20 @@ class Publisher:
         self._slots.release()
         if out.segment is not None and self.spool is not None:
             self.spool.acked(out.segment)
+
+    def _unbound(self, token: str, out: _Outgoing) -> None:
+        """No stream took the message (JetStream's no-responders). Either its stream is gone -
+        the stream check creates it again, and the message is sent again after the ack
+        timeout - or, when a check since its first such answer found every stream in place,
+        no stream binds its subject: a refusal like any other."""
+        streams = self._streams
+        if streams is None:
+            return
+        if out.unbound_since and streams.verified_at > out.unbound_since:
+            self._rejected(token, out, "no stream takes this subject")
+            return
+        out.unbound_since = out.unbound_since or time.monotonic()
+        streams.check_requested.set()
 
     def _rejected(self, token: str, out: _Outgoing, reason: str) -> None:
         """An explicit refusal. The message stays in flight - sent again after the ack

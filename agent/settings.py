@@ -66,6 +66,10 @@ class NatsSettings(_Section, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     events_max_bytes: int = -1
     # JetStream drops a re-published Nats-Msg-Id within this window.
     duplicate_window_s: PosInt = 120
+    # Create VIRT_EVENTS and VIRT_OPS when they are missing (at start, and again if one
+    # disappears). false: the operator manages them; the agent only checks they exist. An
+    # existing stream is never changed by an agent either way (agent/streams.py).
+    manage_streams: bool = True
     # Port of the nats-server started by --embedded.
     embedded_port: Annotated[int, Meta(ge=0, le=65535)] = 4222
     # Authentication and TLS. Secrets are read from files (never written in this file, never

@@ -21,7 +21,7 @@ import structlog
 from nats.errors import Error as NatsError
 
 from agent import __version__
-from agent.bus import Bus, ensure_streams
+from agent.bus import Bus
 from agent.commands import CommandService
 from agent.deadletter import DeadLetters
 from agent.envelope import (
@@ -46,6 +46,7 @@ from agent.publisher import Publisher
 from agent.registry import Registration, Registry, open_bucket
 from agent.settings import Settings
 from agent.spool import Spool
+from agent.streams import Streams
 from handlers import Context, all_verbs
 
 # Tasks that publish without being asked; stopped first at shutdown.
@@ -81,6 +82,7 @@ class Agent:
             DeadLetters(Path(settings.state_dir) / "dead-letters.jsonl",
                         settings.publisher.dead_letter_max_bytes),
         )  # fmt: skip
+        self.streams = Streams(settings.nats, self.subjects, self.metrics)
         self.hypervisor = Hypervisor(
             settings.libvirt,
             settings.libvirt.uri,
@@ -134,6 +136,7 @@ class Agent:
             "running": self.state is AgentState.RUNNING,
             "libvirt": self.hypervisor.connected,
             "nats": self.bus.connected,
+            "streams": self.streams.present,
             "queue_below_bound": self.publisher.depth < self.settings.publisher.queue_size,
             "spool_below_bound": self.spool is None
             or self.spool.bytes < self.settings.publisher.spool_max_bytes,
@@ -157,7 +160,7 @@ class Agent:
             nc = await self.bus.connect(self._stop)
         except Unavailable:
             return
-        await ensure_streams(nc, self.settings.nats, self.subjects)
+        await self.streams.ensure(nc, startup=True)
         ttl = (
             self.settings.agent.heartbeat_interval_s
             * self.settings.agent.registration_ttl_heartbeats
@@ -184,11 +187,12 @@ class Agent:
             self.operations.holder,
             self.settings.devices.detach_timeout_s,
         )
-        await self.publisher.attach(nc)
+        await self.publisher.attach(nc, self.streams)
         async with asyncio.TaskGroup() as tg:
             tasks = [
                 tg.create_task(self.publisher.run(), name="publisher"),
                 tg.create_task(self.publisher.watch_acks(), name="ack-watchdog"),
+                tg.create_task(self.streams.watch(nc), name="streams"),
                 tg.create_task(self.commands.run(nc), name="commands"),
                 tg.create_task(self.operations.run(), name="operations"),
                 tg.create_task(self._measure_loop_lag(), name="loop-lag"),

@@ -35,7 +35,8 @@ def test_a_good_configuration_passes_every_check(good: list[str]) -> None:
     code, out = check(*good)
     assert code == 0, out
     assert [line.split()[:2] for line in out.splitlines()] == [
-        ["ok", "settings"], ["ok", "state_dir"], ["ok", "libvirt"], ["ok", "nats"], ["ok", "http"],
+        ["ok", "settings"], ["ok", "state_dir"], ["ok", "libvirt"], ["ok", "nats"],
+        ["ok", "streams"], ["ok", "http"],
     ]  # fmt: skip
     assert "JetStream" in out
 
@@ -61,6 +62,26 @@ def test_each_failure_has_its_exit_status(good: list[str], tmp_path: Path) -> No
         code, out = check(*with_("--http-addr", f"127.0.0.1:{port}"))
     assert code == 6, out
     assert "FAIL http" in out
+
+
+async def test_a_fleet_stream_that_differs_from_these_settings_is_reported(
+    good: list[str], start_agent: Callable[..., Awaitable[RunningAgent]]
+) -> None:
+    """The streams exist (an agent made them); a host whose max_bytes drifted is told, with
+    the stream's value and its own, and exit status 7; operator-managed streams only inform."""
+    agent = await start_agent()
+    await agent.settled()
+    code, out = await asyncio.to_thread(check, *good)
+    assert code == 0, out
+    assert "VIRT_EVENTS as these settings" in out
+    code, out = await asyncio.to_thread(check, *good, VIRT_AGENT_NATS_EVENTS_MAX_BYTES="20000")
+    assert code == 7, out
+    assert "FAIL streams" in out
+    assert "VIRT_EVENTS differs: max_bytes -1 (settings 20000)" in out
+    code, out = await asyncio.to_thread(check, *good, VIRT_AGENT_NATS_EVENTS_MAX_BYTES="20000",
+                                        VIRT_AGENT_NATS_MANAGE_STREAMS="false")  # fmt: skip
+    assert code == 0, out
+    assert "VIRT_OPS differs: max_bytes -1 (settings 20000)" in out
 
 
 def test_a_crash_point_from_the_environment_is_refused(good: list[str], tmp_path: Path) -> None:

@@ -15,8 +15,9 @@ import libvirt
 import pytest
 from nats.aio.client import Client as NATS
 
-from agent.bus import EVENTS_STREAM, subscribed
+from agent.bus import subscribed
 from agent.embedded import NatsServer
+from agent.streams import EVENTS_STREAM
 from lab.daemon import LibvirtDaemon
 from tests.conftest import ROOT, AgentProcess, Collector, RunningAgent, stream_messages
 from tests.test_events import define

@@ -16,7 +16,7 @@ import pytest
 
 from agent.embedded import NatsServer
 from agent.spool import Record, Spool
-from tests.conftest import RunningAgent, stream_messages
+from tests.conftest import RunningAgent, call, eventually, stream_messages
 
 MAX_PAYLOAD = 16 * 1024
 
@@ -116,3 +116,92 @@ async def test_a_resync_larger_than_the_servers_max_payload_is_published_in_part
     names = [d["name"] for p in parts for d in p["domains"]]
     assert len(names) == 300
     assert len(set(names)) == 300
+
+
+async def flip(nc: nats.NATS, host: str, times: int) -> None:
+    """Suspend and resume the test driver's domain `test`: two lifecycle events per time."""
+    for _ in range(times):
+        for verb in ("domain.suspend", "domain.resume"):
+            reply = await call(nc, host, verb, {"domain": "test"})
+            assert reply["ok"] is True, reply
+
+
+async def lifecycle_events(nc: nats.NATS, host: str) -> list[str]:
+    """The host's stored domain events in `sequence` order (stream order may differ after a
+    re-send), each once."""
+    stored = await stream_messages(nc, "VIRT_EVENTS", f"virt.{host}.event.>")
+    ids = [ev["id"] for _, ev, _ in stored]
+    assert len(ids) == len(set(ids)), "stored twice"
+    return [ev["data"]["event"] for _, ev, _ in sorted(stored, key=lambda m: m[1]["sequence"])]
+
+
+async def test_a_deleted_stream_is_recreated_loudly_and_nothing_is_lost(
+    nats_server: NatsServer, start_agent: Callable[..., Awaitable[RunningAgent]]
+) -> None:
+    """An operator deletes VIRT_EVENTS (or NATS comes back with an empty store): the agent
+    sees JetStream's no-responders answers, creates the stream again, says so, and every
+    event from then on is stored."""
+    agent = await start_agent(**{"publisher.ack_timeout_s": 1.0})
+    nc = await nats.connect(nats_server.url)
+    try:
+        await agent.settled()
+        await nc.jetstream().delete_stream("VIRT_EVENTS")
+        await flip(nc, agent.host, 5)
+        await agent.settled(timeout=30)
+        assert await lifecycle_events(nc, agent.host) == ["suspended", "resumed"] * 5
+        metric = agent.agent.metrics.registry.get_sample_value
+        assert metric("virt_agent_streams_recreated_total", {"stream": "VIRT_EVENTS"}) == 1
+        assert agent.agent.readiness()["checks"]["streams"] is True
+    finally:
+        await nc.close()
+
+
+async def test_an_agent_never_shrinks_or_rewrites_the_fleets_streams(
+    nats_server: NatsServer, start_agent: Callable[..., Awaitable[RunningAgent]]
+) -> None:
+    """The streams are fleet objects: an agent whose limits drifted leaves them as they are
+    (nothing stored is cut) and reports the difference."""
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        first = await start_agent()
+        await first.settled()
+        await flip(nc, first.host, 50)
+        await first.settled()
+        before = await js.stream_info("VIRT_EVENTS")
+        drifted = await start_agent(**{"nats.events_max_bytes": 20_000,
+                                       "nats.duplicate_window_s": 30})  # fmt: skip
+        await drifted.settled()
+        after = await js.stream_info("VIRT_EVENTS")
+        assert after.config.max_bytes == before.config.max_bytes
+        assert after.config.duplicate_window == before.config.duplicate_window
+        assert after.state.messages >= before.state.messages
+        metric = drifted.agent.metrics.registry.get_sample_value
+        assert metric("virt_agent_stream_config_mismatch", {"stream": "VIRT_EVENTS"}) == 1
+        assert metric("virt_agent_stream_config_mismatch", {"stream": "VIRT_OPS"}) == 1
+        assert first.agent.metrics.registry.get_sample_value(
+            "virt_agent_stream_config_mismatch", {"stream": "VIRT_EVENTS"}
+        ) in (None, 0)
+    finally:
+        await nc.close()
+
+
+async def test_operator_managed_streams_are_never_created_and_their_absence_is_not_ready(
+    nats_server: NatsServer, start_agent: Callable[..., Awaitable[RunningAgent]]
+) -> None:
+    """nats.manage_streams false: the agent creates no stream; while the operator's are
+    missing it is not ready and keeps what it has; once they exist, it goes on."""
+    agent = await start_agent(**{"nats.manage_streams": False, "publisher.ack_timeout_s": 1.0})
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        assert [s.config.name for s in await js.streams_info()] == ["KV_virt_hosts"]
+        assert agent.agent.readiness()["checks"]["streams"] is False
+        await flip(nc, agent.host, 2)
+        await js.add_stream(name="VIRT_EVENTS", subjects=["virt.*.event.>", "virt.*.host.>"])
+        await js.add_stream(name="VIRT_OPS", subjects=["virt.*.op.>"])
+        await agent.settled(timeout=30)
+        assert await lifecycle_events(nc, agent.host) == ["suspended", "resumed"] * 2
+        await eventually(lambda: agent.agent.readiness()["checks"]["streams"], 10, "streams ready")
+    finally:
+        await nc.close()

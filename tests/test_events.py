@@ -14,7 +14,7 @@ import libvirt
 import pytest
 from nats.aio.client import Client as NATS
 
-from agent.bus import EVENTS_STREAM
+from agent.streams import EVENTS_STREAM
 from tests.conftest import Collector, RunningAgent, stream_messages
 
 DOMAIN_XML = """<domain type='test'>

@@ -1,0 +1,155 @@
+"""The contract's JetStream streams: fleet objects, created when missing, never rewritten.
+
+VIRT_EVENTS and VIRT_OPS are shared by every host. An agent creates a stream that does not
+exist (unless `nats.manage_streams` is false: then the operator does) and never changes one
+that does: a host whose limits drifted would otherwise cut every host's history. A difference
+between a stream and this agent's settings is reported instead (log, the
+`virt_agent_stream_config_mismatch` gauge, `check-config`).
+
+When JetStream answers a publish with no-responders (the stream was deleted, or NATS came back
+with an empty store) the publisher asks for a check: a missing stream is created again, loudly
+(`virt_agent_streams_recreated_total`), and `/readyz` is false while one is missing."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import structlog
+from nats.aio.client import Client as NATS
+from nats.errors import Error as NatsError
+from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import BadRequestError, NotFoundError
+
+from agent.envelope import Subjects
+from agent.metrics import Metrics
+from agent.settings import NatsSettings
+
+log = structlog.get_logger("agent.streams")
+
+EVENTS_STREAM = "VIRT_EVENTS"
+OPS_STREAM = "VIRT_OPS"
+# JetStream's error code for "stream name already in use with a different configuration".
+STREAM_NAME_IN_USE = 10058
+# What an agent's settings say about a stream, compared with what the fleet's stream has.
+COMPARED = ("subjects", "num_replicas", "max_bytes", "max_age", "duplicate_window", "storage",
+            "retention", "discard")  # fmt: skip
+
+
+def stream_configs(settings: NatsSettings, subjects: Subjects) -> list[StreamConfig]:
+    common = {
+        "retention": RetentionPolicy.LIMITS,
+        "storage": StorageType.FILE,
+        "discard": DiscardPolicy.OLD,
+        "num_replicas": settings.stream_replicas,
+        "duplicate_window": float(settings.duplicate_window_s),
+        "max_age": float(settings.events_max_age_s),
+        "max_bytes": settings.events_max_bytes,
+    }
+    return [
+        StreamConfig(
+            name=EVENTS_STREAM,
+            description="libvirt domain events and agent host events (virt-agent contract v1)",
+            subjects=subjects.events_stream_subjects(),
+            **common,
+        ),
+        StreamConfig(
+            name=OPS_STREAM,
+            description="progress and outcome of long operations (virt-agent contract v1)",
+            subjects=subjects.ops_stream_subjects(),
+            **common,
+        ),
+    ]
+
+
+def differences(have: StreamConfig, want: StreamConfig) -> dict[str, dict[str, Any]]:
+    """Field -> {"stream": what the fleet's stream has, "settings": what this agent's say}."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in COMPARED:
+        a, b = getattr(have, name), getattr(want, name)
+        if name == "subjects":
+            a, b = sorted(a or []), sorted(b or [])
+        elif isinstance(a, float) or isinstance(b, float):
+            a, b = round(a or 0.0, 3), round(b or 0.0, 3)
+        elif name in ("max_bytes",):
+            a, b = a if a is not None else -1, b if b is not None else -1
+        if a != b:
+            out[name] = {"stream": getattr(a, "value", a), "settings": getattr(b, "value", b)}
+    return out
+
+
+class Streams:
+    def __init__(self, settings: NatsSettings, subjects: Subjects, metrics: Metrics) -> None:
+        self.configs = stream_configs(settings, subjects)
+        self.manage = settings.manage_streams
+        self.metrics = metrics
+        self.present = False  # every stream exists (as of the last check)
+        # monotonic time of the last check that found every stream: a message refused with
+        # no-responders after it is refused for its subject, not for a missing stream.
+        self.verified_at = 0.0
+        self.check_requested = asyncio.Event()
+        self._mismatch: dict[str, dict[str, dict[str, Any]]] = {}
+
+    async def ensure(self, nc: NATS, *, startup: bool = False) -> bool:
+        """Create what is missing (when managed), compare what exists; True if all exist."""
+        js = nc.jetstream()
+        missing = []
+        for cfg in self.configs:
+            assert cfg.name is not None
+            try:
+                info = await js.stream_info(cfg.name)
+            except NotFoundError:
+                if not self.manage:
+                    missing.append(cfg.name)
+                    continue
+                try:
+                    await js.add_stream(cfg)
+                except BadRequestError as exc:
+                    if exc.err_code != STREAM_NAME_IN_USE:
+                        raise
+                    continue  # another host created it meanwhile
+                if startup:
+                    log.info("stream created", stream=cfg.name)
+                else:
+                    log.error(  # noqa: TRY400 - inside the except, but not about it
+                        "stream was missing (deleted, or NATS lost its store); created again",
+                        stream=cfg.name,
+                    )
+                    self.metrics.streams_recreated.labels(cfg.name).inc()
+                continue
+            self._compare(cfg.name, info.config, cfg)
+        self.present = not missing
+        if missing:
+            self.check_requested.set()  # the watch task looks again until they exist
+            log.error("streams missing; nats.manage_streams is false, so the operator creates "
+                      "them; messages wait", streams=missing)  # fmt: skip
+        else:
+            self.verified_at = time.monotonic()
+        return self.present
+
+    def _compare(self, name: str, have: StreamConfig, want: StreamConfig) -> None:
+        diff = differences(have, want)
+        if diff != self._mismatch.get(name, {}):
+            if diff:
+                log.warning("the fleet's stream differs from this agent's settings; left as it "
+                            "is", stream=name, differences=diff)  # fmt: skip
+            self._mismatch[name] = diff
+        self.metrics.stream_config_mismatch.labels(name).set(1 if diff else 0)
+
+    async def watch(self, nc: NATS) -> None:
+        """Check again whenever the publisher asks; while a stream is missing, every 2 s."""
+        while True:
+            await self.check_requested.wait()
+            self.check_requested.clear()
+            try:
+                ok = await self.ensure(nc)
+            except (NatsError, OSError) as exc:
+                log.warning("stream check failed, will retry", error=str(exc))
+                ok = False
+            if not ok:
+                self.present = False
+                await asyncio.sleep(2)
+                self.check_requested.set()
+            else:
+                self.check_requested.clear()
