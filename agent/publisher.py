@@ -53,7 +53,7 @@ from agent.events import DomainEvent
 from agent.metrics import Metrics
 from agent.operations import OpEvent
 from agent.settings import PublisherSettings
-from agent.spool import Record, Spool
+from agent.spool import Record, Ref, Spool
 from agent.streams import Streams
 
 log = structlog.get_logger("agent.publisher")
@@ -84,8 +84,8 @@ class _Outgoing:
     msg_id: str
     time_ns: int
     sequence: int = 0
-    # The spool segment the message was read from (None: it came from memory).
-    segment: int | None = None
+    # Where in the spool the message was read from (None: it came from memory).
+    spool_ref: Ref | None = None
     sent_at: float = 0.0
     attempts: int = 0
     rejections: int = 0  # explicit refusals (JetStream errors, over max_payload)
@@ -381,9 +381,9 @@ class Publisher:
         while True:
             records = spool.read(batch)
             if records:
-                for index, rec in records:
+                for ref, rec in records:
                     out = _Outgoing(rec.subject, rec.payload, rec.msg_id, rec.time_ns,
-                                    rec.sequence, segment=index)  # fmt: skip
+                                    rec.sequence, spool_ref=ref)  # fmt: skip
                     await self._send(out, new=True)
                 if self._queue:
                     return  # cannot happen while spooling; kept for safety: memory first
@@ -466,8 +466,8 @@ class Publisher:
     def _done(self, out: _Outgoing) -> None:
         """Out of flight for good (stored, or set aside): its slot and spool place are free."""
         self._slots.release()
-        if out.segment is not None and self.spool is not None:
-            self.spool.acked(out.segment)
+        if out.spool_ref is not None and self.spool is not None:
+            self.spool.acked(out.spool_ref)
 
     def _unbound(self, token: str, out: _Outgoing) -> None:
         """No stream took the message (JetStream's no-responders). Either its stream is gone -
@@ -521,6 +521,8 @@ class Publisher:
         timeout = self.settings.ack_timeout_s
         while True:
             await asyncio.sleep(min(1.0, timeout / 4))
+            if self.spool is not None:
+                self.spool.save_progress()
             if not self._connected():
                 continue  # re-sending into nats-py's reconnect buffer would only pile up copies
             if self._held or self._spooling:
@@ -566,34 +568,23 @@ class Publisher:
 
     def spill(self) -> None:
         """At a shutdown that could not flush: what only memory holds (unacknowledged sends,
-        the queue, what the disk refused) goes to the spool so the next process sends it, in
-        order - older than what this process spooled at the front, newer at the end. Kept
-        once: a second spill adds nothing."""
+        the queue, what the disk refused) goes to the spool so the next process sends it,
+        each message where its sequence number puts it among the spooled ones. Kept once: a
+        second spill adds nothing, and acknowledgements arriving after it are ignored."""
         spool = self.spool
         if spool is None:
             return
-        memory = [o.record() for o in self._inflight.values() if o.segment is None]
+        memory = [o.record() for o in self._inflight.values() if o.spool_ref is None]
         memory += [self._render(item).record() for item in (*self._queue, *self._held)]
-        memory.sort(key=lambda r: r.sequence)
-        first = spool.first_sequence_written()
-        front = [r for r in memory if first is None or r.sequence < first]
-        back = [r for r in memory if first is not None and r.sequence >= first]
         self._queue.clear()
         self._held.clear()
-        for token in [t for t, o in self._inflight.items() if o.segment is None]:
-            del self._inflight[token]
-        kept = 0
+        # What was read from the spool is still there: the next process sends it.
+        self._inflight.clear()
         try:
-            spool.prepend(front)
-            kept += len(front)
-            for rec in back:
-                dropped = spool.append(rec)
-                kept += 1
-                if dropped is not None:
-                    log.error("spool over its bound at shutdown", dropped=dropped.count,
-                              first_sequence=dropped.first_sequence)  # fmt: skip
+            spool.merge(memory)
         except OSError as exc:
             log.error("could not keep unsent messages for the next start; they are lost",  # noqa: TRY400
-                      messages=len(memory) - kept, error=str(exc))  # fmt: skip
-        if kept:
-            log.warning("kept in the spool for the next start", messages=kept)
+                      messages=len(memory), error=str(exc))  # fmt: skip
+            return
+        if memory:
+            log.warning("kept in the spool for the next start", messages=len(memory))

@@ -8,17 +8,22 @@ agent restart (a new process publishes the old process's spool first; JetStream'
 window drops any that had been stored already).
 
 Files: `<state_dir>/spool/<index>.seg`, records `[4-byte big-endian length][msgpack]`. A segment
-is deleted once every record in it has been acknowledged. When the spool exceeds
+is deleted once every record in it has been acknowledged. How far a segment is acknowledged
+from its start is kept beside it (`<index>.ack`, saved every second and at close), so a new
+process after a crash sends from there, not the whole segment again. When the spool exceeds
 `publisher.spool_max_bytes`, the oldest segment not being sent is dropped and counted.
 """
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import errno
+import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 import msgspec
 import structlog
@@ -26,6 +31,7 @@ import structlog
 log = structlog.get_logger("agent.spool")
 
 _LEN = struct.Struct(">I")
+_PROGRESS = struct.Struct(">QQ")  # records acknowledged from the start, and their bytes
 SEGMENT_BYTES = 8 * 1024 * 1024
 READ_BYTES = 4 * 1024 * 1024  # one read of a segment (a larger record is read whole)
 
@@ -42,6 +48,14 @@ _enc = msgspec.msgpack.Encoder()
 _dec = msgspec.msgpack.Decoder(Record)
 
 
+class Ref(NamedTuple):
+    """Where a record read from the spool lives, for `acked`."""
+
+    segment: int
+    ordinal: int  # its position in the segment
+    end: int  # the byte offset just after it
+
+
 @dataclass
 class _Segment:
     index: int
@@ -55,6 +69,15 @@ class _Segment:
     read_offset: int = 0
     read_records: int = 0
     sealed: bool = False  # no more appends (a newer segment exists)
+    # Acknowledged from the start: records and bytes; acknowledged beyond: ordinal -> end.
+    acked: int = 0
+    acked_offset: int = 0
+    early: dict[int, int] = field(default_factory=dict)
+    progress_saved: int = 0  # `acked` as last written to the .ack file
+
+    @property
+    def progress_path(self) -> Path:
+        return self.path.with_suffix(".ack")
 
 
 @dataclass(frozen=True)
@@ -73,10 +96,17 @@ class Spool:
         self._out: BinaryIO | None = None  # the segment being written, unbuffered
         for path in sorted(self.dir.glob("*.seg"), key=lambda p: int(p.stem)):
             seg = self._scan(path)
-            if seg.records:
+            if seg.records > seg.acked:
                 self._segments.append(seg)
             else:
-                path.unlink(missing_ok=True)  # nothing readable in it
+                self._delete(seg)  # nothing readable in it, or all of it acknowledged
+        for stray in [
+            *self.dir.glob("*.ack"),
+            *self.dir.glob("*.tmp"),
+            *self.dir.glob("*.ack-tmp"),
+        ]:
+            if stray.suffix != ".ack" or not stray.with_suffix(".seg").exists():
+                stray.unlink(missing_ok=True)  # left by a crash, or of a deleted segment
         # Written by an earlier process: its sequence numbers are not this process's.
         self._inherited = {s.index for s in self._segments}
         if self._segments:
@@ -93,13 +123,6 @@ class Spool:
     def bytes(self) -> int:
         return sum(s.size for s in self._segments)
 
-    def first_sequence_written(self) -> int | None:
-        """The first sequence number this process spooled that is still here (None if none):
-        messages kept in memory with a lower one are older than everything it spooled."""
-        seqs = [s.first_sequence for s in self._segments
-                if s.records and s.index not in self._inherited]  # fmt: skip
-        return min(seqs) if seqs else None
-
     def empty(self) -> bool:
         """Nothing left to send and nothing awaiting an acknowledgement."""
         return not self._segments
@@ -107,6 +130,9 @@ class Spool:
     def _scan(self, path: Path) -> _Segment:
         seg = _Segment(int(path.stem), path, sealed=True)
         data = path.read_bytes()
+        progress = (0, 0)
+        with contextlib.suppress(OSError, struct.error):
+            progress = _PROGRESS.unpack(seg.progress_path.read_bytes())
         off = 0
         while off + 4 <= len(data):
             (n,) = _LEN.unpack_from(data, off)
@@ -122,6 +148,10 @@ class Spool:
             seg.last_sequence = rec.sequence
             seg.records += 1
             off += 4 + n
+            if (seg.records, off) == progress:
+                # Acknowledged up to here by the process that wrote it: sent from after it.
+                seg.acked = seg.read_records = seg.progress_saved = seg.records
+                seg.acked_offset = seg.read_offset = off
         seg.size = off
         if off != len(data):
             with open(path, "r+b") as f:
@@ -158,23 +188,60 @@ class Spool:
         seg.last_sequence = rec.sequence
         return self._enforce_bound()
 
-    def prepend(self, records: list[Record]) -> None:
-        """Records older than everything spooled (what was in memory at a shutdown without
-        NATS): a new segment before the first one."""
+    def merge(self, records: list[Record]) -> None:
+        """Records only memory held at a shutdown, put where their sequence numbers belong
+        among what this process spooled: each joins the first of its segments that ends after
+        it (that segment is rewritten from its acknowledged start, in order, and replaces the
+        old file in one rename), or goes at the end. Whatever happens, nothing already spooled
+        is lost: a failed write leaves the old segment."""
         if not records:
             return
-        index = self._segments[0].index - 1 if self._segments else 0
-        path = self.dir / f"{index}.seg"
+        records = sorted(records, key=lambda r: r.sequence)
+        own = [s for s in self._segments if s.index not in self._inherited]
+        ends = [s.last_sequence for s in own]
+        into: dict[int, list[Record]] = {}
+        tail: list[Record] = []
+        for rec in records:
+            i = bisect.bisect_right(ends, rec.sequence)
+            if i < len(own):
+                into.setdefault(i, []).append(rec)
+            else:
+                tail.append(rec)
+        for i, extra in into.items():
+            self._rewrite(own[i], extra)
+        for rec in tail:
+            dropped = self.append(rec)
+            if dropped is not None:
+                log.error("spool over its bound at shutdown", dropped=dropped.count,
+                          first_sequence=dropped.first_sequence)  # fmt: skip
+
+    def _rewrite(self, seg: _Segment, extra: list[Record]) -> None:
+        self._seal(seg)
+        with open(seg.path, "rb") as f:
+            f.seek(seg.acked_offset)
+            data = f.read()
+        kept = []
+        off = 0
+        while off + 4 <= len(data):
+            (n,) = _LEN.unpack_from(data, off)
+            kept.append(_dec.decode(data[off + 4 : off + 4 + n]))
+            off += 4 + n
+        merged = sorted(kept + extra, key=lambda r: r.sequence)
+        tmp = seg.path.with_suffix(".tmp")
         try:
-            with open(path, "wb") as f:
-                for rec in records:
+            with open(tmp, "wb") as f:
+                for rec in merged:
                     body = _enc.encode(rec)
-                    f.write(_LEN.pack(len(body)))
-                    f.write(body)
+                    f.write(_LEN.pack(len(body)) + body)
+                f.flush()
+                os.fsync(f.fileno())
         except OSError:
-            path.unlink(missing_ok=True)  # all or nothing: a partial copy would be sent twice
+            tmp.unlink(missing_ok=True)
             raise
-        self._segments.insert(0, self._scan(path))
+        seg.progress_path.unlink(missing_ok=True)
+        os.replace(tmp, seg.path)
+        fresh = self._scan(seg.path)
+        self._segments[self._segments.index(seg)] = fresh
 
     def _open(self, index: int) -> _Segment:
         path = self.dir / f"{index}.seg"
@@ -197,13 +264,14 @@ class Spool:
             # the wire (during an outage, in the client's reconnect buffer) and the last one
             # is being written.
             victim = next(
-                (s for s in self._segments[:-1] if not s.outstanding and not s.read_records), None
-            )
+                (s for s in self._segments[:-1]
+                 if not s.outstanding and s.read_records == s.acked), None
+            )  # fmt: skip
             if victim is None:
                 break
             self._segments.remove(victim)
-            victim.path.unlink(missing_ok=True)
-            lost = victim.records
+            self._delete(victim)
+            lost = victim.records - victim.acked
             if not lost:
                 continue
             d = Dropped(lost, victim.first_sequence, victim.last_sequence)
@@ -218,9 +286,9 @@ class Spool:
 
     # ------------------------------------------------------------ reading
 
-    def read(self, limit: int) -> list[tuple[int, Record]]:
-        """Up to `limit` records in order, each with its segment index (for `acked`)."""
-        out: list[tuple[int, Record]] = []
+    def read(self, limit: int) -> list[tuple[Ref, Record]]:
+        """Up to `limit` records in order, each with where it lives (for `acked`)."""
+        out: list[tuple[Ref, Record]] = []
         for seg in self._segments:
             if len(out) >= limit:
                 break
@@ -240,8 +308,9 @@ class Spool:
                 (n,) = _LEN.unpack_from(data, off)
                 if off + 4 + n > len(data):
                     break
-                out.append((seg.index, _dec.decode(data[off + 4 : off + 4 + n])))
                 off += 4 + n
+                ref = Ref(seg.index, seg.read_records, seg.read_offset + off)
+                out.append((ref, _dec.decode(data[off - n : off])))
                 seg.read_records += 1
                 seg.outstanding += 1
             seg.read_offset += off
@@ -249,19 +318,44 @@ class Spool:
                 break  # keep order: the rest of this segment before the next one
         return out
 
-    def acked(self, index: int) -> None:
-        """One record of segment `index` is stored in JetStream; a segment fully sent and
-        acknowledged is deleted (the one being written is closed first)."""
+    def acked(self, ref: Ref) -> None:
+        """The record at `ref` is stored in JetStream; a segment fully sent and acknowledged
+        is deleted (the one being written is closed first)."""
         for i, seg in enumerate(self._segments):
-            if seg.index == index:
+            if seg.index == ref.segment:
                 seg.outstanding -= 1
+                seg.early[ref.ordinal] = ref.end
+                while seg.acked in seg.early:
+                    seg.acked_offset = seg.early.pop(seg.acked)
+                    seg.acked += 1
                 if seg.outstanding == 0 and seg.read_records >= seg.records:
                     self._seal(seg)
                     self._segments.pop(i)
-                    seg.path.unlink(missing_ok=True)
+                    self._delete(seg)
                 return
 
+    def save_progress(self) -> None:
+        """Write how far each segment is acknowledged, where it changed (one small file each,
+        replaced whole): after a crash, the next process sends from there."""
+        for seg in self._segments:
+            if seg.acked == seg.progress_saved:
+                continue
+            tmp = seg.progress_path.with_suffix(".ack-tmp")
+            try:
+                tmp.write_bytes(_PROGRESS.pack(seg.acked, seg.acked_offset))
+                os.replace(tmp, seg.progress_path)
+            except OSError as exc:
+                log.warning("could not save the spool's progress", segment=seg.path.name,
+                            error=str(exc))  # fmt: skip
+                return
+            seg.progress_saved = seg.acked
+
+    def _delete(self, seg: _Segment) -> None:
+        seg.path.unlink(missing_ok=True)
+        seg.progress_path.unlink(missing_ok=True)
+
     def close(self) -> None:
+        self.save_progress()
         if self._out is not None:
             self._out.close()
             self._out = None

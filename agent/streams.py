@@ -109,6 +109,7 @@ class Streams:
                     if exc.err_code != STREAM_NAME_IN_USE:
                         raise
                     continue  # another host created it meanwhile
+                self.metrics.stream_config_mismatch.labels(cfg.name).set(0)
                 if startup:
                     log.info("stream created", stream=cfg.name)
                 else:

@@ -257,11 +257,12 @@ async def test_queue_overflow_is_counted_and_followed_by_a_resync(
     assert state[dom.UUIDString()] == "running"
 
 
-async def test_streams_are_created_or_updated_idempotently(
+async def test_streams_are_created_once_shared_and_an_existing_one_left_as_it_is(
     start_agent: Callable[..., Awaitable[RunningAgent]],
     nc: NATS,
 ) -> None:
-    """An existing VIRT_EVENTS with another configuration is updated; two agents share the streams."""
+    """An existing VIRT_EVENTS with another configuration is left as it is (and reported);
+    a missing VIRT_OPS is created; two agents share the streams."""
     js = nc.jetstream()
     await js.add_stream(
         name="VIRT_EVENTS", subjects=["virt.*.event.>", "virt.*.host.>"], max_age=60
@@ -269,10 +270,13 @@ async def test_streams_are_created_or_updated_idempotently(
     a = await start_agent()
     b = await start_agent()
     info = await js.stream_info("VIRT_EVENTS")
-    assert info.config.max_age == a.agent.settings.nats.events_max_age_s
-    assert info.config.duplicate_window == a.agent.settings.nats.duplicate_window_s
+    assert info.config.max_age == 60
+    metric = a.agent.metrics.registry.get_sample_value
+    assert metric("virt_agent_stream_config_mismatch", {"stream": "VIRT_EVENTS"}) == 1
     ops = await js.stream_info("VIRT_OPS")
     assert ops.config.subjects == ["virt.*.op.>"]
+    assert ops.config.max_age == a.agent.settings.nats.events_max_age_s
+    assert metric("virt_agent_stream_config_mismatch", {"stream": "VIRT_OPS"}) == 0
     for agent in (a, b):
         await agent.settled()
         stored = await stream_messages(nc, EVENTS_STREAM, f"virt.{agent.host}.host.agent_started")
