@@ -20,7 +20,7 @@ from typing import Any
 import msgspec
 import structlog
 
-from agent import __version__
+from agent import __version__, statedir
 from agent import logging as agent_logging
 from agent.embedded import NatsServer
 from agent.errors import AgentError, SettingsError
@@ -29,6 +29,7 @@ from agent.settings import FLAGS, LoadedSettings, Settings, load
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_BAD_SETTINGS = 2
+EXIT_STATE_DIR_IN_USE = 3  # another agent holds the state directory (as check-config's 3)
 EMBEDDED_LIBVIRT_URI = "test:///default"
 # Past shutdown_grace_s by this much, a shutdown that has not ended is cut short.
 SHUTDOWN_OVERDUE_S = 2.0
@@ -216,7 +217,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     log = structlog.get_logger("agent.cli")
     server: NatsServer | None = None
     try:
-        Path(s.state_dir).mkdir(parents=True, exist_ok=True)
+        held = statedir.lock(s.state_dir)  # before an embedded nats-server uses it
+    except statedir.StateDirInUse as exc:
+        log.error("agent not started", error=exc.message, **exc.details)  # noqa: TRY400
+        return EXIT_STATE_DIR_IN_USE
+    try:
         if s.embedded:
             s, server = start_embedded(loaded)
         return asyncio.run(_run_agent(s))
@@ -230,6 +235,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         if server is not None:
             server.stop()
+        statedir.unlock(held)
 
 
 def start_embedded(loaded: LoadedSettings) -> tuple[Settings, NatsServer | None]:

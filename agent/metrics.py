@@ -67,6 +67,11 @@ class Metrics:
             ["stream"],
             registry=r,
         )
+        self.duplicate_host_id = Gauge(
+            f"{NS}_duplicate_host_id",
+            "1 while another live agent writes this host id's registration",
+            registry=r,
+        )
         self.publish_latency = Histogram(
             f"{NS}_publish_latency_seconds",
             "From the libvirt callback to the JetStream acknowledgement",

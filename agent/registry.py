@@ -12,7 +12,13 @@ import msgspec
 import structlog
 from nats.aio.client import Client as NATS
 from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import BadRequestError, KeyNotFoundError, NoKeysError, NotFoundError
+from nats.js.errors import (
+    BadRequestError,
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+    NoKeysError,
+    NotFoundError,
+)
 from nats.js.kv import KeyValue
 
 from agent.capabilities import Capabilities
@@ -57,12 +63,44 @@ async def open_bucket(nc: NATS, ttl_s: float, replicas: int) -> KeyValue:
 
 
 class Registry:
+    """Writes after the first one name the revision this agent wrote last: when another
+    writer came between, a second live agent has this host id (a cloned machine, a
+    copied configuration) - `twin` names it until this agent is alone again. An earlier
+    process of this host that died does not write any more, so a restart is no twin."""
+
     def __init__(self, kv: KeyValue) -> None:
         self.kv = kv
+        self._revision: int | None = None
+        self.twin: Registration | None = None
 
     async def publish(self, reg: Registration) -> None:
-        fresh = msgspec.structs.replace(reg, updated=time.time())
-        await self.kv.put(reg.host, msgspec.json.encode(fresh))
+        data = msgspec.json.encode(msgspec.structs.replace(reg, updated=time.time()))
+        if self._revision is not None:
+            try:
+                self._revision = await self.kv.update(reg.host, data, last=self._revision)
+            except KeyWrongLastSequenceError:
+                pass
+            else:
+                self._alone()
+                return
+            try:
+                other = await self.resolve(reg.host)
+            except NotFound:
+                other = None  # expired or withdrawn meanwhile: nobody else writes
+            if other is not None and other.boot_id != reg.boot_id:
+                if self.twin is None or self.twin.boot_id != other.boot_id:
+                    log.error("another live agent uses this host id; give each host its own",
+                              host=reg.host, other_boot_id=other.boot_id,
+                              other_version=other.version)  # fmt: skip
+                self.twin = other
+            else:
+                self._alone()
+        self._revision = await self.kv.put(reg.host, data)
+
+    def _alone(self) -> None:
+        if self.twin is not None:
+            log.info("no other agent uses this host id any more", other_boot_id=self.twin.boot_id)
+            self.twin = None
 
     async def withdraw(self, host: str) -> None:
         with contextlib.suppress(KeyNotFoundError, NotFoundError):

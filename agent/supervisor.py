@@ -20,7 +20,7 @@ from typing import Any
 import structlog
 from nats.errors import Error as NatsError
 
-from agent import __version__
+from agent import __version__, statedir
 from agent.bus import Bus
 from agent.commands import CommandService
 from agent.deadletter import DeadLetters
@@ -72,6 +72,8 @@ class Agent:
         self.boot_id = uuid.uuid4().hex
         self.subjects = Subjects(settings.subject_prefix, settings.host_id)
         self.metrics = Metrics()
+        # Before anything in the state directory is opened: one agent per directory.
+        self._state_lock = statedir.lock(settings.state_dir)
         self.spool = (
             Spool(Path(settings.state_dir) / "spool", settings.publisher.spool_max_bytes)
             if settings.publisher.spool_max_bytes
@@ -137,6 +139,7 @@ class Agent:
             "libvirt": self.hypervisor.connected,
             "nats": self.bus.connected,
             "streams": self.streams.present,
+            "unique_host_id": self.registry is None or self.registry.twin is None,
             "queue_below_bound": self.publisher.depth < self.settings.publisher.queue_size,
             "spool_below_bound": self.spool is None
             or self.spool.bytes < self.settings.publisher.spool_max_bytes,
@@ -301,6 +304,7 @@ class Agent:
                     # shutdown) what only memory holds goes to the spool for the next start.
                     self.publisher.spill()
                     self.spool.close()
+                statedir.unlock(self._state_lock)
                 self.state = AgentState.STOPPED
                 log.info("agent stopped")
 
@@ -343,6 +347,7 @@ class Agent:
             )
         except NatsError as exc:
             log.warning("could not refresh the virt_hosts registration", error=str(exc))
+        self.metrics.duplicate_host_id.set(0 if self.registry.twin is None else 1)
 
     async def resync(self, reason: str) -> None:
         """Publish a snapshot of every domain; it also accounts for any dropped events."""

@@ -5,7 +5,11 @@ and a resync larger than one message are cheap to make."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -16,7 +20,8 @@ import pytest
 
 from agent.embedded import NatsServer
 from agent.spool import Record, Spool
-from tests.conftest import RunningAgent, call, eventually, stream_messages
+from lab.agents import agent_env
+from tests.conftest import ROOT, RunningAgent, call, eventually, stream_messages
 
 MAX_PAYLOAD = 16 * 1024
 
@@ -205,3 +210,49 @@ async def test_operator_managed_streams_are_never_created_and_their_absence_is_n
         await eventually(lambda: agent.agent.readiness()["checks"]["streams"], 10, "streams ready")
     finally:
         await nc.close()
+
+
+async def test_a_second_agent_on_the_same_state_directory_is_refused(
+    nats_server: NatsServer, start_agent: Callable[..., Awaitable[RunningAgent]], tmp_path: Path
+) -> None:
+    """Two agents on one state directory would write the same spool segment and delete each
+    other's unsent records: the second exits at once, with its own status, saying who holds
+    the directory; the first goes on untouched."""
+    state = tmp_path / "shared"
+    first = await start_agent(state_dir=str(state))
+    second = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "agent", "run", "--libvirt-uri", "test:///default",
+         "--nats-url", nats_server.url, "--host-id", "other", "--state-dir", str(state),
+         "--http-addr", "", "--log-format", "json"],
+        cwd=ROOT, env=agent_env(), capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    out = second.stdout + second.stderr
+    assert second.returncode == 3, out
+    assert "state directory" in out
+    assert f"pid {os.getpid()}" in out
+    nc = await nats.connect(nats_server.url)
+    try:
+        assert (await call(nc, first.host, "ping"))["ok"] is True
+    finally:
+        await nc.close()
+
+
+async def test_two_live_agents_with_one_host_id_both_say_so_until_one_stops(
+    start_agent: Callable[..., Awaitable[RunningAgent]],
+) -> None:
+    """Same host_id on two machines (a cloned image): each sees the other overwrite its
+    registration, says so (log, metric, readiness false), and is well again once alone."""
+    fast = {"host_id": "twin", "agent.heartbeat_interval_s": 0.5}
+    a = await start_agent(**fast)
+    b = await start_agent(**fast)
+
+    def unique(r: RunningAgent) -> bool:
+        return bool(r.agent.readiness()["checks"]["unique_host_id"])
+
+    await eventually(lambda: not unique(a) and not unique(b), 30, "both see their twin")
+    for r in (a, b):
+        assert r.agent.metrics.registry.get_sample_value("virt_agent_duplicate_host_id") == 1
+    await b.stop()
+    await eventually(lambda: unique(a), 30, "the survivor alone again")
+    assert a.agent.metrics.registry.get_sample_value("virt_agent_duplicate_host_id") == 0
