@@ -197,7 +197,8 @@ class Publisher:
         if self.spool is None:
             return False
         if not self._spooling:
-            connected = self._nc is None or self._nc.is_connected
+            # Before NATS is attached (the agent starts with libvirt), to the spool too.
+            connected = self._nc is not None and self._nc.is_connected
             if len(self._queue) >= self._spool_after or not connected:
                 self._spooling = True
                 log.warning("spooling to disk", queued=len(self._queue),

@@ -159,9 +159,24 @@ class Agent:
         log.info("agent starting", version=__version__, libvirt_uri=self.settings.libvirt.uri)
         if self.http is not None:
             await self.http.start()
+        self.publisher.submit_host_event(
+            AgentStarted(
+                host=self.host,
+                boot_id=self.boot_id,
+                version=__version__,
+                pid=os.getpid(),
+                libvirt_uri=self.settings.libvirt.uri,
+            )
+        )
+        # libvirt first: its events are spooled until NATS is there (a host that boots during
+        # a NATS outage records everything from its first event).
+        libvirt_up = asyncio.create_task(self._libvirt_startup(), name="libvirt-startup")
         try:
             nc = await self.bus.connect(self._stop)
         except Unavailable:
+            libvirt_up.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await libvirt_up
             return
         await self.streams.ensure(nc, startup=True)
         ttl = (
@@ -200,21 +215,8 @@ class Agent:
                 tg.create_task(self.operations.run(), name="operations"),
                 tg.create_task(self._measure_loop_lag(), name="loop-lag"),
             ]
-            self.publisher.submit_host_event(
-                AgentStarted(
-                    host=self.host,
-                    boot_id=self.boot_id,
-                    version=__version__,
-                    pid=os.getpid(),
-                    libvirt_uri=self.settings.libvirt.uri,
-                )
-            )
-            if await self.hypervisor.reconnect(self._stop):
-                try:
-                    await self._announce_libvirt("startup")
-                except AgentError as exc:
-                    # libvirt went away at once; the watch task reconnects and resyncs.
-                    log.warning("startup resync failed", error=exc.message)
+            if await libvirt_up:
+                await self._register()
                 tasks += [
                     tg.create_task(self._watch_libvirt(), name="libvirt-watch"),
                     tg.create_task(self._resync_on_overflow(), name="overflow-resync"),
@@ -309,6 +311,18 @@ class Agent:
                 log.info("agent stopped")
 
     # ------------------------------------------------------------ long-lived tasks
+
+    async def _libvirt_startup(self) -> bool:
+        """Connect to libvirt (events flow from here on) and take the startup snapshot; False
+        if asked to stop first."""
+        if not await self.hypervisor.reconnect(self._stop):
+            return False
+        try:
+            await self._announce_libvirt("startup")
+        except AgentError as exc:
+            # libvirt went away at once; the watch task reconnects and resyncs.
+            log.warning("startup resync failed", error=exc.message)
+        return True
 
     async def _announce_libvirt(self, reason: str) -> None:
         lib, hv = await self.hypervisor.versions()

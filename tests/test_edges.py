@@ -10,18 +10,29 @@ import json
 import os
 import subprocess
 import sys
+import urllib.request
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import msgspec
 import nats
+import nats.js.errors
 import pytest
 
 from agent.embedded import NatsServer
 from agent.spool import Record, Spool
 from lab.agents import agent_env
-from tests.conftest import ROOT, RunningAgent, call, eventually, stream_messages
+from lab.daemon import LibvirtDaemon, free_port
+from tests.conftest import (
+    ROOT,
+    AgentProcess,
+    RunningAgent,
+    call,
+    eventually,
+    stream_messages,
+)
+from tests.test_daemon_events import Flipper
 
 MAX_PAYLOAD = 16 * 1024
 
@@ -256,3 +267,63 @@ async def test_two_live_agents_with_one_host_id_both_say_so_until_one_stops(
     await b.stop()
     await eventually(lambda: unique(a), 30, "the survivor alone again")
     assert a.agent.metrics.registry.get_sample_value("virt_agent_duplicate_host_id") == 0
+
+
+def metric(http: str, name: str) -> float | None:
+    """A sample of the agent's /metrics (summed over labels); None if it does not answer."""
+    try:
+        with urllib.request.urlopen(f"http://{http}/metrics", timeout=10) as r:
+            text = r.read().decode()
+    except OSError:
+        return None
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith((name + "{", name + " ")))  # fmt: skip
+
+
+@pytest.mark.daemon
+async def test_a_host_that_boots_during_a_nats_outage_records_its_events_from_the_first(
+    test_daemon: LibvirtDaemon, agent_process: Callable[..., AgentProcess], tmp_path: Path
+) -> None:
+    """NATS is unreachable when the agent starts: it connects to libvirt anyway and spools
+    what happens; once NATS is there, every event is stored, the first included."""
+    port = free_port()
+    http = f"127.0.0.1:{free_port()}"
+    host = "bootdark"
+    agent_process("--libvirt-uri", test_daemon.test_uri, "--nats-url", f"nats://127.0.0.1:{port}",
+                  "--host-id", host, "--http-addr", http, "--state-dir", str(tmp_path / "st"))  # fmt: skip
+
+    async def until_metric(name: str, value: float, what: str) -> None:
+        await eventually(lambda: (metric(http, name) or 0) >= value, 60, what)
+
+    await until_metric("virt_agent_libvirt_connected", 1, "libvirt connected without NATS")
+    flipper = await asyncio.to_thread(lambda: Flipper(test_daemon.test_uri).start())
+    try:
+        await eventually(lambda: flipper.count >= 200, 60, "200 flips")
+    finally:
+        await asyncio.to_thread(flipper.stop)
+    await until_metric("virt_agent_spooled_total", flipper.count, "every flip spooled")
+    server = NatsServer(tmp_path / "nats", port=port).start()
+    try:
+        uuid_ = flipper.dom.UUIDString()
+
+        async def stored() -> list[str]:
+            nc = await nats.connect(server.url)
+            try:
+                msgs = await stream_messages(nc, "VIRT_EVENTS", f"virt.{host}.event.{uuid_}.>")
+            except nats.js.errors.NotFoundError:
+                return []  # the agent has not made the stream yet
+            finally:
+                await nc.close()
+            return [
+                ev["data"]["event"] for _, ev, _ in sorted(msgs, key=lambda m: m[1]["sequence"])
+            ]
+
+        deadline = asyncio.get_running_loop().time() + 60
+        while (events := await stored()).count("resumed") < flipper.count // 2:
+            assert asyncio.get_running_loop().time() < deadline, events[-5:]
+            await asyncio.sleep(0.5)
+        flips = [e for e in events if e in ("suspended", "resumed")]
+        assert flips == ["suspended", "resumed"] * (flipper.count // 2)
+        assert events[:2] == ["defined", "started"]
+    finally:
+        server.stop()

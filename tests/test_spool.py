@@ -9,6 +9,7 @@ import itertools
 import os
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -146,6 +147,7 @@ def test_a_shutdown_spill_keeps_sequence_order(tmp_path: Path) -> None:
         for _ in range(n):
             pub.submit_host_event(LibvirtDisconnected(host="h", uri="test:///default", reason="x"))
 
+    pub._nc = SimpleNamespace(is_connected=True)  # type: ignore[assignment] - no messages sent
     pub._spooling = True
     submit(30)
     assert [r.sequence for _, r in spool.read(30)] == list(range(1, 31))  # in flight
