@@ -317,14 +317,42 @@ class Agent:
         if asked to stop first."""
         if not await self.hypervisor.reconnect(self._stop):
             return False
-        try:
-            await self._announce_libvirt("startup")
-        except AgentError as exc:
-            # libvirt went away at once; the watch task reconnects and resyncs.
-            log.warning("startup resync failed", error=exc.message)
+        await self._announce_until_done("startup")
         return True
 
-    async def _announce_libvirt(self, reason: str) -> None:
+    async def _announce_until_done(self, reason: str) -> None:
+        """After a (re)connect: libvirt_connected, the snapshot, the capabilities and the
+        registration - what fails is tried again with back-off while libvirt stays connected;
+        once the connection is lost, the reconnect that follows takes it over."""
+        delay = self.settings.libvirt.reconnect_min_s
+        announced = False
+        while True:
+            try:
+                if not announced:
+                    await self._announce_connected()
+                    announced = True
+                await self.resync(reason)
+            except AgentError as exc:
+                if not self.hypervisor.connected:
+                    log.warning(f"{reason} resync failed; libvirt is gone again",
+                                error=exc.message)  # fmt: skip
+                    return
+                log.warning(f"{reason} resync failed, will retry", error=exc.message,
+                            retry_in_s=round(delay, 2))  # fmt: skip
+            else:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), delay)
+            if self._stop.is_set():
+                return
+            delay = min(self.settings.libvirt.reconnect_max_s, delay * 2)
+        try:
+            await self.ctx.probe_capabilities()
+        except AgentError as exc:
+            log.warning("capabilities probe failed", error=exc.message)
+        await self._register()
+
+    async def _announce_connected(self) -> None:
         lib, hv = await self.hypervisor.versions()
         self.publisher.submit_host_event(
             LibvirtConnected(
@@ -336,12 +364,6 @@ class Agent:
                 unsupported_event_types=self.hypervisor.unsupported,
             )
         )
-        await self.resync(reason)
-        try:
-            await self.ctx.probe_capabilities()
-        except AgentError as exc:
-            log.warning("capabilities probe failed", error=exc.message)
-        await self._register()
 
     async def _register(self) -> None:
         if self.registry is None:
@@ -403,10 +425,7 @@ class Agent:
             if not await self.hypervisor.reconnect(self._stop):
                 return
             self.metrics.libvirt_reconnects.inc()
-            try:
-                await self._announce_libvirt("reconnect")
-            except AgentError as exc:
-                log.warning("reconnect resync failed", error=exc.message)
+            await self._announce_until_done("reconnect")
 
     async def _resync_on_overflow(self) -> None:
         while True:
