@@ -69,6 +69,8 @@ class Bus:
                         servers=self.settings.urls,
                         name=self.client_name,
                         connect_timeout=self.settings.connect_timeout_s,
+                        ping_interval=self.settings.ping_interval_s,
+                        max_outstanding_pings=self.settings.max_outstanding_pings,
                         max_reconnect_attempts=-1,
                         reconnect_time_wait=1,
                         # Buffer while reconnecting, beyond the publisher's in-flight bound.

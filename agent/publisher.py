@@ -87,6 +87,7 @@ class _Outgoing:
     # Where in the spool the message was read from (None: it came from memory).
     spool_ref: Ref | None = None
     sent_at: float = 0.0
+    first_sent_at: float = 0.0
     attempts: int = 0
     rejections: int = 0  # explicit refusals (JetStream errors, over max_payload)
     # When JetStream first answered no-responders (no stream took it), monotonic; 0: never.
@@ -421,6 +422,7 @@ class Publisher:
             await self._slots.acquire()
         out.attempts += 1
         out.sent_at = time.monotonic()
+        out.first_sent_at = out.first_sent_at or out.sent_at
         token = str(next(self._tokens))
         self._inflight[token] = out
         nc = self._nc
@@ -544,6 +546,18 @@ class Publisher:
                 log.warning("acks timed out, re-sent", count=len(expired), timeout_s=timeout)
 
     # ------------------------------------------------------------ shutdown
+
+    def ready(self) -> dict[str, bool]:
+        """The publisher's part of /readyz: its bounds not reached, and acknowledgements
+        arriving - the oldest unacknowledged publish is younger than the ack timeout (a
+        silent partition shows here before NATS's pings notice it)."""
+        oldest = min((o.first_sent_at for o in self._inflight.values()), default=None)
+        return {
+            "queue_below_bound": self.depth < self.settings.queue_size,
+            "spool_below_bound": self.spool is None
+            or self.spool.bytes < self.settings.spool_max_bytes,
+            "publishing": oldest is None or time.monotonic() - oldest < self.settings.ack_timeout_s,
+        }
 
     def idle(self) -> bool:
         return (

@@ -60,6 +60,11 @@ class LibvirtSettings(_Section, frozen=True, kw_only=True, forbid_unknown_fields
 class NatsSettings(_Section, frozen=True, kw_only=True, forbid_unknown_fields=True):
     urls: list[str] = msgspec.field(default_factory=lambda: ["nats://127.0.0.1:4222"])
     connect_timeout_s: PosFloat = 5.0
+    # A silent partition (no FIN, no RST) is found when this many pings, one per interval,
+    # go unanswered: about ping_interval_s * (max_outstanding_pings + 1). nats-py's own
+    # default is two minutes.
+    ping_interval_s: PosFloat = 3.0
+    max_outstanding_pings: Annotated[int, Meta(ge=1, le=10)] = 2
     # Replicas of the JetStream streams this agent creates (3 on a 3-node cluster).
     stream_replicas: Annotated[int, Meta(ge=1, le=5)] = 1
     events_max_age_s: PosInt = 7 * 24 * 3600

@@ -140,9 +140,7 @@ class Agent:
             "nats": self.bus.connected,
             "streams": self.streams.present,
             "unique_host_id": self.registry is None or self.registry.twin is None,
-            "queue_below_bound": self.publisher.depth < self.settings.publisher.queue_size,
-            "spool_below_bound": self.spool is None
-            or self.spool.bytes < self.settings.publisher.spool_max_bytes,
+            **self.publisher.ready(),
         }
         return {"ready": all(checks.values()), "checks": checks}
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 import urllib.request
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -327,3 +329,39 @@ async def test_a_host_that_boots_during_a_nats_outage_records_its_events_from_th
         assert events[:2] == ["defined", "started"]
     finally:
         server.stop()
+
+
+async def test_a_silent_partition_makes_the_agent_not_ready_within_seconds(
+    nats_server: NatsServer,
+    test_daemon: LibvirtDaemon,
+    start_agent: Callable[..., Awaitable[RunningAgent]],
+) -> None:
+    """nats-server frozen (SIGSTOP: no FIN, no RST - a partition as the agent sees it). With
+    events to publish, /readyz turns false once the oldest unacknowledged publish is older
+    than the ack timeout; with none, once NATS's pings go unanswered (default settings:
+    seconds, not nats-py's two minutes). Both come back when the server does."""
+    assert nats_server.proc is not None
+    agent = await start_agent(**{"libvirt.uri": test_daemon.test_uri})
+    await agent.settled()
+
+    def ready() -> bool:
+        return bool(agent.agent.readiness()["ready"])
+
+    def check(name: str) -> bool:
+        return bool(agent.agent.readiness()["checks"][name])
+
+    t0 = time.monotonic()
+    nats_server.proc.send_signal(signal.SIGSTOP)
+    try:
+        flipper = await asyncio.to_thread(lambda: Flipper(test_daemon.test_uri).start())
+        try:
+            await eventually(lambda: not check("publishing"), 15, "publishing check false")
+        finally:
+            await asyncio.to_thread(flipper.stop)
+        assert time.monotonic() - t0 < 15
+        await eventually(lambda: not check("nats"), 25, "nats check false (pings)")
+        assert not ready()
+    finally:
+        nats_server.proc.send_signal(signal.SIGCONT)
+    await eventually(ready, 60, "ready again")
+    await agent.settled()
