@@ -213,6 +213,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"virt-agent: {exc.message}", file=sys.stderr)
         return EXIT_BAD_SETTINGS
     s = loaded.settings
+    agent_logging.unbreakable_stdio()
     agent_logging.configure(s.log.level, s.log.format)
     log = structlog.get_logger("agent.cli")
     server: NatsServer | None = None
@@ -247,7 +248,15 @@ def start_embedded(loaded: LoadedSettings) -> tuple[Settings, NatsServer | None]
     server = None
     nats_settings = s.nats
     if not loaded.explicit("nats.urls"):
-        server = NatsServer(Path(s.state_dir) / "nats", port=s.nats.embedded_port).start()
+        server = NatsServer(Path(s.state_dir) / "nats", port=s.nats.embedded_port,
+                            die_with_parent=True)  # fmt: skip
+        # This process holds the state directory: a server on its store is a stale one.
+        stale = server.stop_stale()
+        if stale is not None:
+            structlog.get_logger("agent.cli").warning(
+                "stale bundled nats-server of this state directory stopped", pid=stale
+            )
+        server.start()
         nats_settings = msgspec.structs.replace(s.nats, urls=[server.url])
     s = msgspec.structs.replace(s, libvirt=lv, nats=nats_settings)
     url = nats_settings.urls[0]

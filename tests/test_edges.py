@@ -365,3 +365,107 @@ async def test_a_silent_partition_makes_the_agent_not_ready_within_seconds(
         nats_server.proc.send_signal(signal.SIGCONT)
     await eventually(ready, 60, "ready again")
     await agent.settled()
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def embedded_agent(state: Path, http: str, log: Path, port: int = 0) -> subprocess.Popen[bytes]:
+    """`virt-agent run --embedded` on `state`, its output in `log`."""
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "agent", "run", "--embedded", "--state-dir", str(state),
+             "--http-addr", http, "--host-id", "emb", "--log-format", "json"],
+            cwd=ROOT, env=agent_env(VIRT_AGENT_NATS_EMBEDDED_PORT=str(port)),
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+
+def piped_agent(nats_url: str, state: Path, http: str) -> subprocess.Popen[bytes]:
+    """An agent whose stdout and stderr are a pipe to this process."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "agent", "run", "--libvirt-uri", "test:///default",
+         "--nats-url", nats_url, "--host-id", "piped", "--state-dir", str(state),
+         "--http-addr", http, "--log-format", "json"],
+        cwd=ROOT, env=agent_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+
+
+def server_pid(state: Path) -> int:
+    return int((state / "nats" / "nats-server.pid").read_text().strip())
+
+
+async def test_the_bundled_nats_server_dies_with_its_agent(tmp_path: Path) -> None:
+    """`--embedded` and the agent SIGKILLed: its nats-server goes too (the next `make run`
+    would otherwise find the port taken)."""
+    state, http = tmp_path / "st", f"127.0.0.1:{free_port()}"
+    agent = embedded_agent(state, http, tmp_path / "agent.log")
+    try:
+        await eventually(lambda: (metric(http, "virt_agent_nats_connected") or 0) == 1, 60,
+                         "the embedded agent connected")  # fmt: skip
+        pid = server_pid(state)
+        assert alive(pid)
+        agent.kill()
+        agent.wait(10)
+        await eventually(lambda: not alive(pid), 10, "the bundled nats-server gone")
+    finally:
+        agent.kill()
+        agent.wait(10)
+
+
+async def test_a_stale_bundled_server_of_the_state_directory_is_stopped_at_start(
+    tmp_path: Path,
+) -> None:
+    """A nats-server left running on this state directory (its agent died before it could
+    stop it): the next `--embedded` start stops it and runs, instead of failing on the port."""
+    state, http = tmp_path / "st", f"127.0.0.1:{free_port()}"
+    port = free_port()
+    stale = NatsServer(state / "nats", port=port).start()
+    try:
+        assert stale.proc is not None
+        agent = embedded_agent(state, http, tmp_path / "agent.log", port)
+        try:
+            await eventually(lambda: (metric(http, "virt_agent_nats_connected") or 0) == 1
+                             or agent.poll() is not None, 60, "the agent up or gone")  # fmt: skip
+            log = (tmp_path / "agent.log").read_text()
+            assert agent.poll() is None, log
+            assert "stale" in log
+            assert stale.proc.poll() is not None, "the stale server was stopped"
+            agent.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(agent.wait, 30) == 0
+        finally:
+            agent.kill()
+            agent.wait(10)
+    finally:
+        stale.stop()
+
+
+async def test_a_closed_log_pipe_does_not_stop_the_agent_before_its_orderly_shutdown(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """The agent's stdout and stderr are a pipe whose reader went away: it runs on, and a
+    SIGTERM still ends it in order (exit 0, agent_stopping published)."""
+    http = f"127.0.0.1:{free_port()}"
+    agent = piped_agent(nats_server.url, tmp_path / "st", http)
+    try:
+        assert agent.stdout is not None
+        agent.stdout.close()  # the reader is gone: every write now fails with EPIPE
+        await eventually(lambda: (metric(http, "virt_agent_nats_connected") or 0) == 1
+                         or agent.poll() is not None, 60, "the agent up or gone")  # fmt: skip
+        assert agent.poll() is None, f"the agent died: {agent.returncode}"
+        agent.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(agent.wait, 30) == 0
+        nc = await nats.connect(nats_server.url)
+        try:
+            stored = await stream_messages(nc, "VIRT_EVENTS", "virt.piped.host.agent_stopping")
+        finally:
+            await nc.close()
+        assert len(stored) == 1
+    finally:
+        agent.kill()
+        agent.wait(10)
