@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--type", dest="etype", help="only this event type, e.g. lifecycle")
     ev.add_argument("--json", action="store_true", help="print each CloudEvent as raw JSON")
     ev.add_argument("--count", type=int, help="exit after this many events")
+    ev.add_argument("--reorder-s", type=float, default=1.0,
+                    help="hold each event this long for earlier ones of its boot still on their "
+                         "way, so output is in sequence order (0: print as received)")  # fmt: skip
 
     call = sub.add_parser("call", help="send a command to a host's agent and print the reply")
     call.add_argument("host", help="host id")
@@ -333,7 +336,16 @@ def cmd_events(args: argparse.Namespace) -> int:
     urls, prefix = _bus(args)
     with contextlib.suppress(KeyboardInterrupt):
         return asyncio.run(
-            tail(urls, prefix, args.host, args.domain, args.etype, args.json, limit=args.count)
+            tail(
+                urls,
+                prefix,
+                args.host,
+                args.domain,
+                args.etype,
+                args.json,
+                limit=args.count,
+                reorder_s=args.reorder_s,
+            )
         )
     return EXIT_OK
 

@@ -544,6 +544,10 @@ class Publisher:
                 await self._send(again, new=False)
             if expired:
                 log.warning("acks timed out, re-sent", count=len(expired), timeout_s=timeout)
+                if self._streams is not None:
+                    # A missing stream is silent when a core subscriber listens on the subject
+                    # (no no-responders answer): look for it.
+                    self._streams.check_requested.set()
 
     # ------------------------------------------------------------ shutdown
 

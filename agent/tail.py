@@ -49,6 +49,60 @@ def render(event: dict[str, Any]) -> str:
     return f"{head} {fields}".rstrip()
 
 
+class Reorder:
+    """Live events in `sequence` order within each boot, each once.
+
+    A subscriber sees every publish attempt: a message re-sent after a lost acknowledgement
+    comes again, and one lost on a broken connection comes after what followed it. An event
+    is held up to `window_s` for earlier ones of its boot still on their way; one that comes
+    later than that is printed when it comes (out of order, never dropped); an id already
+    printed is not printed again."""
+
+    def __init__(self, window_s: float, remember: int = 100_000) -> None:
+        self.window_s = window_s
+        self._held: list[tuple[str, int, float, dict[str, Any], bytes]] = []
+        self._printed: dict[str, None] = {}  # ids, oldest first (bounded)
+        self._remember = remember
+
+    @staticmethod
+    def _boot(event: dict[str, Any]) -> str:
+        return str(event.get("id", "")).rpartition(":")[0]
+
+    def push(self, event: dict[str, Any], raw: bytes, now: float) -> None:
+        eid = str(event.get("id", ""))
+        if eid in self._printed or any(h[3].get("id") == eid for h in self._held):
+            return
+        seq = event.get("sequence")
+        self._held.append((self._boot(event), seq if isinstance(seq, int) else 0, now, event, raw))
+
+    def due(self, now: float) -> list[tuple[dict[str, Any], bytes]]:
+        """What may be printed now: every held event whose window passed, and before it the
+        earlier ones of its boot."""
+        ripe = {b for b, _, t, _, _ in self._held if now - t >= self.window_s}
+        if not ripe:
+            return []
+        cut = {b: max(s for b2, s, t, _, _ in self._held if b2 == b and now - t >= self.window_s)
+               for b in ripe}  # fmt: skip
+        out = sorted((h for h in self._held if h[0] in cut and h[1] <= cut[h[0]]),
+                     key=lambda h: (h[0], h[1]))  # fmt: skip
+        self._held = [h for h in self._held if not (h[0] in cut and h[1] <= cut[h[0]])]
+        return self._mark(out)
+
+    def drain(self) -> list[tuple[dict[str, Any], bytes]]:
+        out = sorted(self._held, key=lambda h: (h[0], h[1]))
+        self._held = []
+        return self._mark(out)
+
+    def _mark(
+        self, held: list[tuple[str, int, float, dict[str, Any], bytes]]
+    ) -> list[tuple[dict[str, Any], bytes]]:
+        for h in held:
+            self._printed[str(h[3].get("id", ""))] = None
+        while len(self._printed) > self._remember:
+            del self._printed[next(iter(self._printed))]
+        return [(h[3], h[4]) for h in held]
+
+
 def matches_domain(event: dict[str, Any], domain: str | None) -> bool:
     if domain is None:
         return True
@@ -65,13 +119,25 @@ async def tail(
     as_json: bool,
     out: TextIO = sys.stdout,
     limit: int | None = None,
+    reorder_s: float = 1.0,
 ) -> int:
     nc = await nats.connect(servers=urls, max_reconnect_attempts=-1, name="virt-agent events")
+    loop = asyncio.get_running_loop()
     done = asyncio.Event()
+    order = Reorder(reorder_s)
     seen = 0
 
-    async def on_msg(msg: Msg) -> None:
+    def emit(ready: list[tuple[dict[str, Any], bytes]]) -> None:
         nonlocal seen
+        for event, raw in ready:
+            if limit is not None and seen >= limit:
+                break
+            print(raw.decode() if as_json else render(event), file=out, flush=True)
+            seen += 1
+        if limit is not None and seen >= limit:
+            done.set()
+
+    async def on_msg(msg: Msg) -> None:
         try:
             event = msgspec.json.decode(msg.data)
         except msgspec.DecodeError:
@@ -79,18 +145,25 @@ async def tail(
             return
         if not isinstance(event, dict) or not matches_domain(event, domain):
             return
-        print(msg.data.decode() if as_json else render(event), file=out, flush=True)
-        seen += 1
-        if limit is not None and seen >= limit:
-            done.set()
+        order.push(event, msg.data, loop.time())
+        if reorder_s <= 0:
+            emit(order.drain())
+
+    async def release() -> None:
+        while True:
+            await asyncio.sleep(min(0.1, max(reorder_s / 4, 0.01)))
+            emit(order.due(loop.time()))
 
     subjects = subjects_for(prefix, host, domain, etype)
     for subject in subjects:
         await nc.subscribe(subject, cb=on_msg)
     await subscribed(nc)
     print(f"# listening on {', '.join(subjects)}", file=sys.stderr, flush=True)
+    releaser = asyncio.create_task(release())
     try:
         await done.wait()
     finally:
+        releaser.cancel()
+        emit(order.drain())  # also on Ctrl-C: what was held is printed
         await nc.drain()
     return 0

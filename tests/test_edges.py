@@ -469,3 +469,40 @@ async def test_a_closed_log_pipe_does_not_stop_the_agent_before_its_orderly_shut
     finally:
         agent.kill()
         agent.wait(10)
+
+
+async def test_virt_agent_events_prints_each_event_once_in_sequence_order(
+    nats_server: NatsServer, start_agent: Callable[..., Awaitable[RunningAgent]]
+) -> None:
+    """A live tail sees every publish attempt: after the stream vanished, the re-sent events
+    come again, later than what followed them. `virt-agent events` prints each event once,
+    in `sequence` order within its boot."""
+    agent = await start_agent(**{"publisher.ack_timeout_s": 1.0})
+    await agent.settled()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agent", "events", "--nats-url", nats_server.url,
+        "--host", agent.host, "--type", "lifecycle", "--json",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT,
+    )  # fmt: skip
+    nc = await nats.connect(nats_server.url)
+    try:
+        assert proc.stderr is not None
+        line = await asyncio.wait_for(proc.stderr.readline(), 30)
+        assert line.startswith(b"# listening on "), line
+        await nc.jetstream().delete_stream("VIRT_EVENTS")
+        await flip(nc, agent.host, 5)
+        await agent.settled(timeout=30)
+        await asyncio.sleep(3)  # the tail's reorder window, and then some
+        proc.send_signal(signal.SIGINT)
+        out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        await nc.close()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    events = [json.loads(ln) for ln in out.decode().splitlines()]
+    ids = [e["id"] for e in events]
+    assert len(ids) == len(set(ids)), ids
+    seqs = [e["sequence"] for e in events]
+    assert seqs == sorted(seqs), seqs
+    assert [e["data"]["event"] for e in events] == ["suspended", "resumed"] * 5
