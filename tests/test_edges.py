@@ -6,6 +6,7 @@ and a resync larger than one message are cheap to make."""
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import os
 import signal
@@ -506,3 +507,35 @@ async def test_virt_agent_events_prints_each_event_once_in_sequence_order(
     seqs = [e["sequence"] for e in events]
     assert seqs == sorted(seqs), seqs
     assert [e["data"]["event"] for e in events] == ["suspended", "resumed"] * 5
+
+
+async def test_the_readmes_example_consumer_names_an_unexplained_gap_and_nothing_else(
+    nats_server: NatsServer, start_agent: Callable[..., Awaitable[RunningAgent]]
+) -> None:
+    """docs/examples/ordered_consumer.py over a real stream: silent on a whole one; one stored
+    event removed, it names exactly that sequence."""
+    spec = importlib.util.spec_from_file_location(
+        "ordered_consumer", ROOT / "docs" / "examples" / "ordered_consumer.py"
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    agent = await start_agent()
+    nc = await nats.connect(nats_server.url)
+    try:
+        await flip(nc, agent.host, 5)
+        await agent.settled()
+        js = nc.jetstream()
+        count = (await js.stream_info("VIRT_EVENTS")).state.messages
+        assert await example.consume(nats_server.url, "whole", limit=count) == []
+        last = await js.get_last_msg("VIRT_EVENTS", f"virt.{agent.host}.event.*.lifecycle")
+        gone = json.loads(last.data)["sequence"]
+        await js.delete_msg("VIRT_EVENTS", last.seq)
+        await flip(nc, agent.host, 1)
+        await agent.settled()
+        count = (await js.stream_info("VIRT_EVENTS")).state.messages
+        said = await example.consume(nats_server.url, "holed", limit=count)
+        assert said == [f"{agent.host}:{agent.agent.boot_id}: not (yet) seen {gone}..{gone}"]
+    finally:
+        await nc.close()
