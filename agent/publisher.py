@@ -473,18 +473,19 @@ class Publisher:
             self.spool.acked(out.spool_ref)
 
     def _unbound(self, token: str, out: _Outgoing) -> None:
-        """No stream took the message (JetStream's no-responders). Either its stream is gone -
-        the stream check creates it again, and the message is sent again after the ack
-        timeout - or, when a check since its first such answer found every stream in place,
-        no stream binds its subject: a refusal like any other."""
+        """No stream took the message (JetStream's no-responders). Its stream is gone - the
+        stream check creates it again - or has no leader yet, and the message is sent again
+        after the ack timeout; or JetStream said, since the message's first such answer,
+        that no stream takes its subject: a refusal like any other."""
         streams = self._streams
         if streams is None:
             return
-        if out.unbound_since and streams.verified_at > out.unbound_since:
+        said = streams.unbound.get(out.subject)
+        if said is not None and out.unbound_since and said > out.unbound_since:
             self._rejected(token, out, "no stream takes this subject")
             return
         out.unbound_since = out.unbound_since or time.monotonic()
-        streams.check_requested.set()
+        streams.ask(out.subject)
 
     def _rejected(self, token: str, out: _Outgoing, reason: str) -> None:
         """An explicit refusal. The message stays in flight - sent again after the ack

@@ -85,9 +85,11 @@ class Streams:
         self.manage = settings.manage_streams
         self.metrics = metrics
         self.present = False  # every stream exists (as of the last check)
-        # monotonic time of the last check that found every stream: a message refused with
-        # no-responders after it is refused for its subject, not for a missing stream.
-        self.verified_at = 0.0
+        # Subjects JetStream said no stream takes (monotonic time it said so): a message
+        # answered no-responders on one of them is refused for good. Any other no-responders
+        # answer is a missing stream or one without a leader yet (a cluster recovering).
+        self.unbound: dict[str, float] = {}
+        self._asked: set[str] = set()
         self.check_requested = asyncio.Event()
         self._mismatch: dict[str, dict[str, dict[str, Any]]] = {}
 
@@ -126,8 +128,28 @@ class Streams:
             log.error("streams missing; nats.manage_streams is false, so the operator creates "
                       "them; messages wait", streams=missing)  # fmt: skip
         else:
-            self.verified_at = time.monotonic()
+            await self._look_up(js)
         return self.present
+
+    def ask(self, subject: str) -> None:
+        """A publish on `subject` was answered no-responders: does any stream take it?"""
+        if len(self._asked) < 1024:
+            self._asked.add(subject)
+        self.check_requested.set()
+
+    async def _look_up(self, js: Any) -> None:
+        for subject in list(self._asked):
+            try:
+                await js.find_stream_name_by_subject(subject)
+            except NotFoundError:
+                self.unbound[subject] = time.monotonic()
+            except (NatsError, OSError):
+                continue  # asked again at the next check
+            else:
+                self.unbound.pop(subject, None)
+            self._asked.discard(subject)
+        while len(self.unbound) > 1024:
+            del self.unbound[next(iter(self.unbound))]
 
     def _compare(self, name: str, have: StreamConfig, want: StreamConfig) -> None:
         diff = differences(have, want)

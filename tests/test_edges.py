@@ -539,3 +539,26 @@ async def test_the_readmes_example_consumer_names_an_unexplained_gap_and_nothing
         assert said == [f"{agent.host}:{agent.agent.boot_id}: not (yet) seen {gone}..{gone}"]
     finally:
         await nc.close()
+
+
+async def test_a_subject_no_stream_takes_is_set_aside_and_the_rest_flows(
+    nats_server: NatsServer, start_agent: Callable[..., Awaitable[RunningAgent]], tmp_path: Path
+) -> None:
+    """Operator-managed streams that do not take host events: after JetStream says no stream
+    takes their subject, each is refused for good and set aside; domain events are stored."""
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        await js.add_stream(name="VIRT_EVENTS", subjects=["virt.*.event.>"])
+        await js.add_stream(name="VIRT_OPS", subjects=["virt.*.op.>"])
+        state = tmp_path / "unbound"
+        agent = await start_agent(**{"nats.manage_streams": False, "state_dir": str(state),
+                                     "publisher.ack_timeout_s": 1.0})  # fmt: skip
+        await flip(nc, agent.host, 2)
+        await agent.settled(timeout=60)
+        assert await lifecycle_events(nc, agent.host) == ["suspended", "resumed"] * 2
+        dead = [json.loads(x) for x in (state / "dead-letters.jsonl").read_text().splitlines()]
+        assert {d["subject"].rsplit(".", 1)[1] for d in dead} >= {"agent_started", "resync"}
+        assert all(d["reason"] == "no stream takes this subject" for d in dead)
+    finally:
+        await nc.close()
