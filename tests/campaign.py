@@ -112,7 +112,7 @@ async def ground(uri: str, out: str) -> None:
     libvirtaio.virEventRegisterAsyncIOImpl()
     loop = asyncio.get_running_loop()
     n = 0
-    with open(out, "a", buffering=1) as f:
+    with open(out, "a", buffering=1) as f:  # noqa: ASYNC230 - a line per event, the record
 
         def on_event(_c: Any, dom: Any, event: int, detail: int, _o: Any) -> None:
             f.write(json.dumps({"uuid": dom.UUIDString(), "event": event, "detail": detail}) + "\n")
@@ -124,7 +124,7 @@ async def ground(uri: str, out: str) -> None:
                 await asyncio.sleep(0.1)
                 continue
             closed = asyncio.Event()
-            conn.registerCloseCallback(lambda *_: loop.call_soon(closed.set), None)
+            conn.registerCloseCallback(lambda *_, c=closed: loop.call_soon(c.set), None)
             conn.setKeepAlive(1, 3)
             conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, on_event, None)
             n += 1
@@ -396,66 +396,81 @@ class Campaign:
     # ------------------------------------------------------------ faults
 
     async def _apply(self, step: Step, gen: Generator) -> None:
-        f = step.fault
-        quiet = f in QUIET
+        quiet = step.fault in QUIET
         if quiet:
             await asyncio.to_thread(gen.pause)
             await self._until("settled before the fault", self._settled)
         listening = self._listening()
-        before: dict[str, str] = {}
-        if f == "nats_node_kill":
-            victim = random.Random(self.seed + len(self.report.faults)).choice(self.nodes)
-            victim.signal(signal.SIGKILL)
-            await asyncio.to_thread(victim.stop)
-            await asyncio.sleep(step.hold_s)
-            await asyncio.to_thread(restart, victim)
-        elif f in ("nats_all_kill", "disk_full"):
-            filler = self.state / "filler"
-            if f == "disk_full":
-                await asyncio.to_thread(fill, filler)
-            for n in self.nodes:
-                n.signal(signal.SIGKILL)
-            for n in self.nodes:
-                await asyncio.to_thread(n.stop)
-            await asyncio.sleep(step.hold_s)
-            for n in self.nodes:
-                await asyncio.to_thread(restart, n)
-            if f == "disk_full":
-                filler.unlink(missing_ok=True)
-        elif f == "nats_freeze":
-            for n in self.nodes:
-                n.signal(signal.SIGSTOP)
-            await asyncio.sleep(step.hold_s)
-            for n in self.nodes:
-                n.signal(signal.SIGCONT)
-        elif f == "stream_delete":
-            self.kept += await stored(self.urls, "VIRT_EVENTS", f"virt.{self.host}.>")
-            import nats  # noqa: PLC0415
-
-            nc = await nats.connect(servers=self.urls)
-            try:
-                await nc.jetstream().delete_stream("VIRT_EVENTS")
-            finally:
-                await nc.close()
-            await asyncio.sleep(step.hold_s)
-        elif f == "libvirtd_restart":
-            before = await asyncio.to_thread(self._snapshot)
-            await asyncio.to_thread(self.daemon.stop)
-            await asyncio.sleep(step.hold_s)
-            await asyncio.to_thread(self.daemon.start)
-        elif f in ("agent_kill", "agent_term"):
-            sig = signal.SIGKILL if f == "agent_kill" else signal.SIGTERM
-            await asyncio.to_thread(self._stop_agent, sig)
-            await asyncio.sleep(step.hold_s)
-            self._start_agent()
-        self.report.faults.append(f)
-        self.report.ready_s.append(round(await self._until(f"ready after {f}", self._ready), 2))
-        if f == "libvirtd_restart":
+        before = await asyncio.to_thread(self._snapshot)
+        await getattr(self, f"_{step.fault}")(step)
+        self.report.faults.append(step.fault)
+        ready = await self._until(f"ready after {step.fault}", self._ready)
+        self.report.ready_s.append(round(ready, 2))
+        if step.fault == "libvirtd_restart":
             await self._until("the listener back", lambda: self._listening() > listening)
             # The agent's reconnect resync is published before it is ready again.
             self.restarts.append((before, await asyncio.to_thread(self._snapshot)))
         if quiet:
             gen.resume()
+
+    async def _nats_node_kill(self, step: Step) -> None:
+        victim = random.Random(self.seed + len(self.report.faults)).choice(self.nodes)
+        victim.signal(signal.SIGKILL)
+        await asyncio.to_thread(victim.stop)
+        await asyncio.sleep(step.hold_s)
+        await asyncio.to_thread(restart, victim)
+
+    async def _nats_all_kill(self, step: Step) -> None:
+        for n in self.nodes:
+            n.signal(signal.SIGKILL)
+        for n in self.nodes:
+            await asyncio.to_thread(n.stop)
+        await asyncio.sleep(step.hold_s)
+        for n in self.nodes:
+            await asyncio.to_thread(restart, n)
+
+    async def _disk_full(self, step: Step) -> None:
+        """The state directory's disk full while NATS is away: the spool cannot take what
+        comes, which waits in memory behind it."""
+        filler = self.state / "filler"
+        await asyncio.to_thread(fill, filler)
+        try:
+            await self._nats_all_kill(step)
+        finally:
+            filler.unlink(missing_ok=True)
+
+    async def _nats_freeze(self, step: Step) -> None:
+        for n in self.nodes:
+            n.signal(signal.SIGSTOP)
+        await asyncio.sleep(step.hold_s)
+        for n in self.nodes:
+            n.signal(signal.SIGCONT)
+
+    async def _stream_delete(self, step: Step) -> None:
+        import nats  # noqa: PLC0415
+
+        self.kept += await stored(self.urls, "VIRT_EVENTS", f"virt.{self.host}.>")
+        nc = await nats.connect(servers=self.urls)
+        try:
+            await nc.jetstream().delete_stream("VIRT_EVENTS")
+        finally:
+            await nc.close()
+        await asyncio.sleep(step.hold_s)
+
+    async def _libvirtd_restart(self, step: Step) -> None:
+        await asyncio.to_thread(self.daemon.stop)
+        await asyncio.sleep(step.hold_s)
+        await asyncio.to_thread(self.daemon.start)
+
+    async def _agent_kill(self, step: Step) -> None:
+        await asyncio.to_thread(self._stop_agent, signal.SIGKILL)
+        await asyncio.sleep(step.hold_s)
+        await asyncio.to_thread(self._start_agent)
+
+    async def _agent_term(self, step: Step) -> None:
+        await asyncio.to_thread(self._stop_agent, signal.SIGTERM)
+        await asyncio.sleep(step.hold_s)
+        await asyncio.to_thread(self._start_agent)
 
     # ------------------------------------------------------------ run and check
 
@@ -463,19 +478,14 @@ class Campaign:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.state.mkdir(parents=True, exist_ok=True)
         if os.geteuid() == 0:
-            subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", str(self.state)],
-                           check=True)  # fmt: skip
-            self._tmpfs = True
+            await asyncio.to_thread(self._mount)
         gen: Generator | None = None
         try:
             self.nodes = await asyncio.to_thread(start_cluster, self.workdir)
             await asyncio.to_thread(self.daemon.start)
-            self.listener = subprocess.Popen(
-                [sys.executable, "-m", "tests.campaign", "ground", self.daemon.test_uri,
-                 str(self.ground_file)], cwd=ROOT,
-            )  # fmt: skip
+            await asyncio.to_thread(self._start_listener)
             await self._until("the listener", lambda: self._listening() >= 1)
-            self._start_agent()
+            await asyncio.to_thread(self._start_agent)
             await self._until("the agent ready", self._ready)
             gen = Generator(self.daemon.test_uri, 4, self.rate, self.seed).start()
             for step in self.steps:
@@ -489,16 +499,31 @@ class Campaign:
             if gen is not None:
                 await asyncio.to_thread(gen.stop)
             await asyncio.to_thread(self._stop_agent, signal.SIGTERM)
-            if self.listener is not None:
-                self.listener.kill()
-                self.listener.wait()
-            await asyncio.to_thread(self.daemon.stop)
-            for n in self.nodes:
-                n.signal(signal.SIGCONT)
-                await asyncio.to_thread(n.stop)
-            if self._tmpfs:
-                subprocess.run(["umount", "-l", str(self.state)], check=False)
+            await asyncio.to_thread(self._stop_rest)
         return self.report
+
+    def _mount(self) -> None:
+        """The state directory on a tmpfs of its own: a disk that can be filled."""
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", str(self.state)],
+                       check=True)  # fmt: skip
+        self._tmpfs = True
+
+    def _start_listener(self) -> None:
+        self.listener = subprocess.Popen(
+            [sys.executable, "-m", "tests.campaign", "ground", self.daemon.test_uri,
+             str(self.ground_file)], cwd=ROOT,
+        )  # fmt: skip
+
+    def _stop_rest(self) -> None:
+        if self.listener is not None:
+            self.listener.kill()
+            self.listener.wait()
+        self.daemon.stop()
+        for n in self.nodes:
+            n.signal(signal.SIGCONT)
+            n.stop()
+        if self._tmpfs:
+            subprocess.run(["umount", "-l", str(self.state)], check=False)
 
     async def check(self, gen: Generator) -> None:
         r = self.report
@@ -513,7 +538,13 @@ class Campaign:
         key = {e["id"]: (boots[_boot(e)], e["sequence"]) for e in unique}
         unique.sort(key=lambda e: key[e["id"]])
 
-        # 1. Every ground-truth event once, in libvirt's order, per domain.
+        self._check_ground_truth(unique, gen)
+        self._check_gaps(unique)
+        self._check_inferred(unique)
+
+    def _check_ground_truth(self, unique: list[dict[str, Any]], gen: Generator) -> None:
+        """Every ground-truth event once, in libvirt's order, per domain."""
+        r = self.report
         truth, _ = read_ground(self.ground_file)
         want: dict[str, list[str]] = defaultdict(list)
         for t in truth:
@@ -522,9 +553,9 @@ class Campaign:
         got: dict[str, list[str]] = defaultdict(list)
         for e in unique:
             d = e.get("data") or {}
-            if e["type"] == "virt.domain.lifecycle" and not d.get("inferred"):
-                if e.get("subject") in gen.uuids:
-                    got[e["subject"]].append(d["event"])
+            lifecycle = e["type"] == "virt.domain.lifecycle" and not d.get("inferred")
+            if lifecycle and e.get("subject") in gen.uuids:
+                got[e["subject"]].append(d["event"])
         r.events = sum(len(v) for v in want.values())
         for u in set(want) | set(got):
             w, g = Counter(want[u]), Counter(got[u])
@@ -543,7 +574,9 @@ class Campaign:
         if r.lost:
             r.problems.append(f"{r.lost} of {r.events} ground-truth events not stored")
 
-        # 2. No gap in a boot's sequence that nothing names.
+    def _check_gaps(self, unique: list[dict[str, Any]]) -> None:
+        """No gap in a boot's sequence that nothing names."""
+        r = self.report
         seqs: dict[str, set[int]] = defaultdict(set)
         for e in unique:
             b = _boot(e)
@@ -560,7 +593,9 @@ class Campaign:
             if missing:
                 r.problems.append(f"boot {b}: sequences {missing[:10]} neither stored nor named")
 
-        # 3. Inferred events exactly for what changed while libvirt was away.
+    def _check_inferred(self, unique: list[dict[str, Any]]) -> None:
+        """Inferred events exactly for what changed while libvirt was away."""
+        r = self.report
         inferred = {e["subject"] for e in unique if e["type"] == "virt.domain.lifecycle"
                     and (e.get("data") or {}).get("inferred")}  # fmt: skip
         changed: set[str] = set()

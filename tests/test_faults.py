@@ -23,6 +23,7 @@ from nats.js.api import StreamConfig
 from agent.embedded import NatsServer
 from lab.agents import answering
 from lab.daemon import LibvirtDaemon, free_port
+from tests.campaign import restart, start_cluster
 from tests.conftest import AgentProcess, RunningAgent, stream_messages
 from tests.test_daemon_events import Flipper
 
@@ -56,17 +57,8 @@ async def first_ack_after(pub: Any, timeout: float = 60) -> float:
 @pytest.fixture
 def nats_cluster(tmp_path: Path) -> Iterator[list[NatsServer]]:
     """Three nats-servers routed into one cluster, JetStream on each."""
-    cports = [free_port() for _ in range(3)]
-    nodes = []
-    for i, cport in enumerate(cports):
-        routes = ",".join(f"nats://127.0.0.1:{p}" for j, p in enumerate(cports) if j != i)
-        nodes.append(NatsServer(tmp_path / f"n{i}", extra_args=[
-            "--server_name", f"n{i}", "--cluster_name", "virt-test",
-            "--cluster", f"nats://127.0.0.1:{cport}", "--routes", routes,
-        ]))  # fmt: skip
+    nodes = start_cluster(tmp_path)
     try:
-        for n in nodes:
-            n.start()
         yield nodes
     finally:
         for n in nodes:
@@ -155,12 +147,6 @@ async def test_killing_the_connected_node_of_a_three_node_cluster_loses_and_doub
 
 
 # ---------------------------------------------------------------- NATS unreachable: the spool
-
-
-def restart(server: NatsServer) -> None:
-    """The same nats-server again: same port, same JetStream store."""
-    server.requested_port = server.port
-    server.start()
 
 
 async def flip(uri: str, events: int) -> Flipper:
