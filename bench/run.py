@@ -1,7 +1,9 @@
 """`make bench`: every figure as a ratio against a baseline measured in the same run.
 
 Writes bench/results/latest.json and the results table in bench/README.md.
-BENCH_EVENTS (default 120000) sets the events of the throughput rounds, all together.
+BENCH_EVENTS (default 120000) sets the events of the throughput rounds, all together;
+BENCH_CAMPAIGN_SEEDS (comma-separated; default the fixed seeds and three fresh ones) and
+BENCH_CAMPAIGN_FAULTS (default 12) the fault campaign.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import asyncio
 import json
 import os
 import platform
+import random
 import subprocess
 import sys
 import tempfile
@@ -313,6 +316,8 @@ def render_table(res: dict[str, Any]) -> str:
         lines += fleet_table(res["fleet"])
     if res.get("faults"):
         lines += fault_table(res["faults"])
+    if res.get("campaign"):
+        lines += campaign_table(res["campaign"])
     return "\n".join(lines)
 
 
@@ -330,6 +335,48 @@ def fault_suite() -> list[dict[str, Any]]:
         print(proc.stdout[-3000:], file=sys.stderr)
         raise RuntimeError("the fault suite failed; its rows are not figures")
     return rows
+
+
+def campaign_suite() -> list[dict[str, Any]]:
+    """The randomized fault campaign (tests/campaign.py), longer than in CI: the fixed seeds
+    and fresh ones, BENCH_CAMPAIGN_FAULTS faults each."""
+    seeds = os.environ.get("BENCH_CAMPAIGN_SEEDS") or ",".join(
+        ["3", "4"] + [str(random.SystemRandom().randrange(1 << 31)) for _ in range(3)]
+    )
+    with tempfile.TemporaryDirectory(prefix="virt-agent-campaign-") as tmp:
+        out = Path(tmp) / "campaign.jsonl"
+        proc = subprocess.run(
+            [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
+             "tests/test_campaign.py"],
+            cwd=ROOT, capture_output=True, text=True, check=False,
+            env={**os.environ, "VIRT_AGENT_CAMPAIGN_REPORT": str(out),
+                 "VIRT_AGENT_CAMPAIGN_SEEDS": seeds,
+                 "VIRT_AGENT_CAMPAIGN_FAULTS": os.environ.get("BENCH_CAMPAIGN_FAULTS", "12")},
+        )  # fmt: skip
+        rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    if proc.returncode != 0:
+        # A failing schedule is a finding: its row goes into the table with its problems.
+        print(proc.stdout[-3000:], file=sys.stderr)
+    return rows
+
+
+def campaign_table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "",
+        "Fault campaign (tests/campaign.py, run by the benchmark: seeded random schedules of "
+        "NATS node and cluster kills, freezes, stream deletion, libvirtd restarts, agent "
+        "SIGKILL/SIGTERM and a full disk, against an independent libvirt listener's ground "
+        "truth; time to ready: from the end of a fault to `/readyz` 200, the worst of the run):",
+        "",
+        "| seed | faults applied | events | stored | lost | duplicated | max time to ready (s) | problems |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['seed']} | {r['faults']} | {r['events']:,} | {r['stored']:,} | {r['lost']} | "
+        f"{r['duplicated']} | {r['max_ready_s']} | {'; '.join(r['problems']) or 'none'} |"
+        for r in rows
+    ]
+    return lines
 
 
 def fleet_table(f: dict[str, Any]) -> list[str]:
@@ -414,6 +461,7 @@ async def main() -> None:
             res["fleet"] = await run_fleet(Path(tmp), n_agents)
     if os.environ.get("BENCH_FAULTS", "1") != "0":
         res["faults"] = fault_suite()
+        res["campaign"] = campaign_suite()
     if os.environ.get("BENCH_LAB", "1") != "0":
         lab = Lab(hosts=2)
         agents = None
