@@ -21,9 +21,10 @@ from agent.settings import NatsSettings
 log = structlog.get_logger("agent.bus")
 
 
-def connect_options(settings: NatsSettings) -> dict[str, Any]:
-    """nats-py options for the configured TLS and authentication (secrets read from files)."""
-    opts: dict[str, Any] = {}
+def connect_options(settings: NatsSettings, host: str) -> dict[str, Any]:
+    """nats-py options for the configured TLS and authentication (secrets read from files),
+    and the inbox prefix replies come to (`_INBOX_<host>` unless set)."""
+    opts: dict[str, Any] = {"inbox_prefix": settings.inbox_prefix or f"_INBOX_{host}"}
     if settings.tls_ca_file or settings.tls_cert_file:
         ctx = ssl.create_default_context(cafile=settings.tls_ca_file or None)
         if settings.tls_cert_file:
@@ -46,8 +47,11 @@ class Bus:
     """Owns the NATS connection. nats-py reconnects by itself once connected; the first
     connection is retried here with back-off until it succeeds or the agent stops."""
 
-    def __init__(self, settings: NatsSettings, client_name: str, metrics: Metrics) -> None:
+    def __init__(
+        self, settings: NatsSettings, client_name: str, metrics: Metrics, host: str
+    ) -> None:
         self.settings = settings
+        self.host = host
         self.client_name = client_name
         self.metrics = metrics
         self.nc: NATS | None = None
@@ -78,7 +82,7 @@ class Bus:
                         error_cb=self._on_error,
                         disconnected_cb=self._on_disconnected,
                         reconnected_cb=self._on_reconnected,
-                        **connect_options(self.settings),
+                        **connect_options(self.settings, self.host),
                     ),
                     self.settings.connect_timeout_s * len(self.settings.urls) + 1,
                 ))  # fmt: skip

@@ -38,7 +38,7 @@ def _libvirt(uri: str) -> str:
         conn.close()
 
 
-async def _connect(settings: NatsSettings) -> Any:
+async def _connect(settings: NatsSettings, host: str) -> Any:
     import nats  # noqa: PLC0415
 
     from agent.bus import connect_options  # noqa: PLC0415
@@ -46,13 +46,13 @@ async def _connect(settings: NatsSettings) -> Any:
     urls, timeout = settings.urls, settings.connect_timeout_s
     return await asyncio.wait_for(
         nats.connect(servers=urls, connect_timeout=timeout, max_reconnect_attempts=0,
-                     allow_reconnect=False, **connect_options(settings)),
+                     allow_reconnect=False, **connect_options(settings, host)),
         timeout * len(urls) + 1,
     )  # fmt: skip
 
 
-async def _nats(settings: NatsSettings) -> str:
-    nc = await _connect(settings)
+async def _nats(settings: NatsSettings, host: str) -> str:
+    nc = await _connect(settings, host)
     try:
         info = await nc.jetstream().account_info()
         server = redact(f"//{nc.connected_url.netloc}")[2:] if nc.connected_url else "?"
@@ -68,7 +68,7 @@ async def _streams(s: Settings) -> str:
     from agent.envelope import Subjects  # noqa: PLC0415
     from agent.streams import differences, stream_configs  # noqa: PLC0415
 
-    nc = await _connect(s.nats)
+    nc = await _connect(s.nats, s.host_id)
     try:
         js = nc.jetstream()
         said, bad = [], []
@@ -122,7 +122,7 @@ def check(config: str | None, overrides: dict[str, Any], offline: bool) -> int:
     checks: list[tuple[str, Any]] = [
         ("state_dir", lambda: _state_dir(s.state_dir)),
         ("libvirt", lambda: _libvirt(s.libvirt.uri)),
-        ("nats", lambda: asyncio.run(_nats(s.nats))),
+        ("nats", lambda: asyncio.run(_nats(s.nats, s.host_id))),
         ("streams", lambda: asyncio.run(_streams(s))),
         ("http", lambda: _http(s.http.listen)),
     ]

@@ -21,7 +21,7 @@ from nats.errors import Error as NatsError
 
 from agent.errors import AgentError, Forbidden, InvalidRequest, NotFound, Timeout, Unavailable
 from agent.settings import CommandSettings
-from handlers import Context, Verb
+from handlers import CALLER, Context, Verb
 
 log = structlog.get_logger("agent.commands")
 
@@ -46,8 +46,8 @@ class _Outcomes:
     def __init__(self, window_s: float, limit: int = 100_000) -> None:
         self.window_s = window_s
         self.limit = limit
-        self._done: OrderedDict[tuple[str, str], tuple[float, bytes]] = OrderedDict()
-        self._running: dict[tuple[str, str], asyncio.Future[bytes]] = {}
+        self._done: OrderedDict[tuple[str, str, str], tuple[float, bytes]] = OrderedDict()
+        self._running: dict[tuple[str, str, str], asyncio.Future[bytes]] = {}
 
     def _expire(self) -> None:
         cutoff = time.monotonic() - self.window_s
@@ -55,19 +55,19 @@ class _Outcomes:
         while done and (next(iter(done.values()))[0] < cutoff or len(done) > self.limit):
             done.popitem(last=False)
 
-    def get(self, key: tuple[str, str]) -> bytes | asyncio.Future[bytes] | None:
+    def get(self, key: tuple[str, str, str]) -> bytes | asyncio.Future[bytes] | None:
         self._expire()
         done = self._done.get(key)
         if done is not None:
             return done[1]
         return self._running.get(key)
 
-    def start(self, key: tuple[str, str]) -> asyncio.Future[bytes]:
+    def start(self, key: tuple[str, str, str]) -> asyncio.Future[bytes]:
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._running[key] = fut
         return fut
 
-    def finish(self, key: tuple[str, str], reply: bytes) -> None:
+    def finish(self, key: tuple[str, str, str], reply: bytes) -> None:
         fut = self._running.pop(key, None)
         if fut is not None and not fut.done():
             fut.set_result(reply)
@@ -104,12 +104,21 @@ class CommandService:
         finally:
             await sub.unsubscribe()
 
+    def _verb_and_caller(self, name: str) -> tuple[str, str | None]:
+        """`failover.reserve.hv01` -> (`failover.reserve`, `hv01`) for an agent-to-agent verb."""
+        head, _, caller = name.rpartition(".")
+        verb = self.verbs.get(head)
+        if verb is not None and verb.peer and caller:
+            return head, caller
+        return name, None
+
     async def _serve(self, msg: Msg) -> None:
-        verb = msg.subject[len(self.prefix) :]
+        verb, caller = self._verb_and_caller(msg.subject[len(self.prefix) :])
+        CALLER.set(caller)
         started = time.monotonic()
         outcome = "error"
         try:
-            reply = await self._dispatch(verb, msg.data)
+            reply = await self._dispatch(verb, msg.data, caller)
             outcome = "ok" if reply.startswith(b'{"ok":true') else "error"
         except Exception:
             log.exception("command handler failed", verb=verb)
@@ -128,9 +137,15 @@ class CommandService:
         except NatsError as exc:
             log.warning("could not reply", subject=msg.subject, error=str(exc))
 
-    async def _dispatch(self, verb_name: str, data: bytes) -> bytes:
+    async def _dispatch(self, verb_name: str, data: bytes, caller: str | None) -> bytes:
         try:
             verb = self._authorize(verb_name, data)
+            if verb.peer and caller is None and not self.settings.accept_v1_peer_calls:
+                raise Forbidden(
+                    f"{verb_name} needs the calling host's id as the subject's last token "
+                    f"({verb_name}.<host>, contract v1.1); commands.accept_v1_peer_calls is false",
+                    verb=verb_name,
+                )
             try:
                 raw = msgspec.json.decode(data)
             except (msgspec.DecodeError, UnicodeDecodeError) as exc:
@@ -152,7 +167,7 @@ class CommandService:
         request_id = getattr(request, "request_id", None)
         if request_id is None:
             return await self._call(verb, request)
-        key = (verb_name, request_id)
+        key = (caller or "", verb_name, request_id)
         seen = self._outcomes.get(key)
         if isinstance(seen, bytes):
             return seen

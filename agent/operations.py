@@ -54,6 +54,8 @@ class Reservation(msgspec.Struct, frozen=True, kw_only=True):
     # "recorded" | "template:<name>" | "network:<name>" | "pci:<address>"
     resource: str
     expires: float
+    # The host that asked for it (contract v1.1); empty: a v1 caller, not authenticated.
+    caller: str = ""
 
 
 class OpEvent(msgspec.Struct, frozen=True, kw_only=True):
@@ -83,22 +85,29 @@ class Journal:
         )
         self.db.execute(
             "CREATE TABLE IF NOT EXISTS reservations (id TEXT PRIMARY KEY, operation TEXT,"
-            " domain TEXT, resource TEXT, expires REAL)"
+            " domain TEXT, resource TEXT, expires REAL, caller TEXT NOT NULL DEFAULT '')"
         )
+        columns = {r[1] for r in self.db.execute("PRAGMA table_info(reservations)")}
+        if "caller" not in columns:  # a journal of a release before callers were known
+            self.db.execute("ALTER TABLE reservations ADD COLUMN caller TEXT NOT NULL DEFAULT ''")
 
     # Reservations of primary NICs for migrated-in domains (agent/pool.py), with a lease.
     def add_reservation(self, r: Reservation) -> None:
         self.db.execute(
-            "INSERT OR REPLACE INTO reservations VALUES (?, ?, ?, ?, ?)",
-            (r.id, r.operation, r.domain, r.resource, r.expires),
+            "INSERT OR REPLACE INTO reservations (id, operation, domain, resource, expires, caller)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (r.id, r.operation, r.domain, r.resource, r.expires, r.caller),
         )
 
     def reservations(self, now: float) -> list[Reservation]:
         """Every unexpired reservation (expired ones are deleted on the way)."""
         self.db.execute("DELETE FROM reservations WHERE expires < ?", (now,))
-        rows = self.db.execute("SELECT * FROM reservations ORDER BY expires").fetchall()
-        return [Reservation(id=r[0], operation=r[1], domain=r[2], resource=r[3], expires=r[4])
-                for r in rows]  # fmt: skip
+        rows = self.db.execute(
+            "SELECT id, operation, domain, resource, expires, caller FROM reservations"
+            " ORDER BY expires"
+        ).fetchall()
+        return [Reservation(id=r[0], operation=r[1], domain=r[2], resource=r[3], expires=r[4],
+                            caller=r[5]) for r in rows]  # fmt: skip
 
     def drop_reservation(self, reservation_id: str) -> bool:
         cur = self.db.execute("DELETE FROM reservations WHERE id = ?", (reservation_id,))

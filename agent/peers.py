@@ -1,6 +1,10 @@
 """Agent-to-agent requests: this agent calling a verb on another host's agent over NATS
-request/reply (the `failover.*` verbs). A reply's error comes back as the same AgentError
-family, so callers handle a peer's `not_found` like their own."""
+request/reply (the `failover.*` verbs). The subject ends with this host's id (contract v1.1:
+`virt.<dest>.cmd.failover.reserve.<caller>`), which the server's permissions let only this
+host use, so the destination knows who calls. A reply's error comes back as the same
+AgentError family, so callers handle a peer's `not_found` like their own; a destination that
+does not know the v1.1 form (a previous release) answers `not_found` before anything was
+unplugged, so a mixed pair fails safe."""
 
 from __future__ import annotations
 
@@ -24,12 +28,13 @@ _FAMILIES: dict[str, type[AgentError]] = {
 
 
 class Peers:
-    def __init__(self, nc: NATS, prefix: str) -> None:
+    def __init__(self, nc: NATS, prefix: str, me: str) -> None:
         self.nc = nc
         self.prefix = prefix
+        self.me = me
 
     async def call(self, host: str, verb: str, payload: dict[str, Any], timeout: float) -> Any:
-        subject = f"{self.prefix}.{host}.cmd.{verb}"
+        subject = f"{self.prefix}.{host}.cmd.{verb}.{self.me}"
         try:
             msg = await self.nc.request(subject, msgspec.json.encode(payload), timeout=timeout)
         except NoRespondersError:

@@ -18,7 +18,7 @@ import uuid
 import xml.etree.ElementTree as ET
 
 from agent.devices import template_xml
-from agent.errors import Unavailable
+from agent.errors import Conflict, Forbidden, InvalidRequest, Unavailable
 from agent.operations import Journal, Reservation
 from agent.settings import DeviceSettings, FailoverSettings
 
@@ -66,16 +66,34 @@ class Pool:
         return self.journal.reservations(time.time())
 
     def reserve(
-        self, operation: str, domain: str, pci_in_use: set[str], lease_s: float = 0.0
+        self,
+        operation: str,
+        domain: str,
+        pci_in_use: set[str],
+        lease_s: float = 0.0,
+        caller: str = "",
     ) -> Reservation:
-        """Hold a primary for `domain`; the same operation asking again gets the same one.
-        The lease is `pool.lease_s`, or longer when the caller says its migration may take
-        longer."""
+        """Hold a primary for `domain` on behalf of `caller`; the same operation asking again
+        gets the same one. The lease is `pool.lease_s`, or longer when the caller says its
+        migration may take longer, up to `failover.max_lease_s`; one caller holds at most
+        `failover.max_reservations_per_caller`."""
+        s = self.settings
+        if lease_s > s.max_lease_s:
+            raise InvalidRequest(
+                f"lease_s {lease_s:g} exceeds failover.max_lease_s ({s.max_lease_s:g})",
+                lease_s=lease_s, max_lease_s=s.max_lease_s,
+            )  # fmt: skip
         active = self.active()
         for r in active:
             if r.operation == operation:
+                self.check_caller(r, caller)
                 return r
-        s = self.settings
+        if caller and sum(r.caller == caller for r in active) >= s.max_reservations_per_caller:
+            raise Conflict(
+                f"host {caller!r} already holds {s.max_reservations_per_caller} reservations "
+                "here (failover.max_reservations_per_caller)",
+                caller=caller, limit=s.max_reservations_per_caller,
+            )  # fmt: skip
         if s.pool_pci:
             held = {r.resource for r in active}
             free = [a for a in s.pool_pci if f"pci:{a}" not in held and a not in pci_in_use]
@@ -97,9 +115,23 @@ class Pool:
             domain=domain,
             resource=resource,
             expires=time.time() + max(s.lease_s, lease_s),
+            caller=caller,
         )
         self.journal.add_reservation(r)
         return r
+
+    @staticmethod
+    def check_caller(r: Reservation, caller: str) -> None:
+        """Only the host a reservation was made for may use or release it (a reservation of a
+        v1 caller names none, and any caller may)."""
+        if r.caller and caller != r.caller:
+            raise Forbidden(
+                f"reservation {r.id} belongs to host {r.caller!r}, not {caller or 'a v1 caller'!r}",
+                reservation_id=r.id,
+            )
+
+    def get(self, reservation_id: str) -> Reservation | None:
+        return next((r for r in self.active() if r.id == reservation_id), None)
 
     def for_operation(self, operation: str) -> Reservation | None:
         return next((r for r in self.active() if r.operation == operation), None)

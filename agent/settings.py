@@ -60,6 +60,9 @@ class LibvirtSettings(_Section, frozen=True, kw_only=True, forbid_unknown_fields
 class NatsSettings(_Section, frozen=True, kw_only=True, forbid_unknown_fields=True):
     urls: list[str] = msgspec.field(default_factory=lambda: ["nats://127.0.0.1:4222"])
     connect_timeout_s: PosFloat = 5.0
+    # Replies to this agent's requests come to `<inbox_prefix>.<id>`; the example permissions
+    # let each host subscribe only to its own (contract v1.1). Empty: `_INBOX_<host_id>`.
+    inbox_prefix: str = ""
     # A silent partition (no FIN, no RST) is found when this many pings, one per interval,
     # go unanswered: about ping_interval_s * (max_outstanding_pings + 1). nats-py's own
     # default is two minutes.
@@ -130,6 +133,10 @@ class CommandSettings(_Section, frozen=True, kw_only=True, forbid_unknown_fields
     max_operations: Annotated[int, Meta(ge=1, le=1000)] = 4
     # A command still running after this long is answered with `timeout`.
     timeout_s: PosFloat = 60.0
+    # Contract v1.1 names the calling host in an agent-to-agent verb's subject
+    # (`failover.reserve.<caller>`). During a rolling upgrade from v1, calls without it are
+    # still served (their reservations name no caller); set false once every host runs v1.1.
+    accept_v1_peer_calls: bool = True
 
 
 class DeviceSettings(_Section, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -155,6 +162,10 @@ class FailoverSettings(_Section, frozen=True, kw_only=True, forbid_unknown_field
     replug_timeout_s: PosFloat = 120.0
     # One agent-to-agent request (failover.reserve / release / replug).
     peer_timeout_s: PosFloat = 10.0
+    # The longest lease a caller may ask for in failover.reserve (its migration timeout and
+    # replug window), and how many reservations one calling host may hold here at once.
+    max_lease_s: Annotated[float, Meta(gt=0, le=86400)] = 3600.0
+    max_reservations_per_caller: Annotated[int, Meta(ge=1, le=1000)] = 8
     # An unplug the guest never finished: the record is dropped after this long if the primary
     # is still attached (until then it is kept, in case the guest releases the device late).
     unplug_grace_s: PosFloat = 300.0

@@ -94,7 +94,8 @@ class Agent:
         )
         self.tracker = StateTracker()
         self.hypervisor.listen("lifecycle", self.tracker.observe)
-        self.bus = Bus(settings.nats, f"virt-agent/{settings.host_id}", self.metrics)
+        self.bus = Bus(settings.nats, f"virt-agent/{settings.host_id}", self.metrics,
+                       settings.host_id)  # fmt: skip
         self.http: HttpServer | None = None
         if settings.http.listen:
             self.http = HttpServer(settings.http.listen, self.metrics, self.health, self.readiness)
@@ -192,7 +193,7 @@ class Agent:
             self.metrics,
             recoverable=frozenset(v.name for v in self.verbs.values() if v.recover),
         )
-        self.ctx.peers = Peers(nc, self.settings.subject_prefix)
+        self.ctx.peers = Peers(nc, self.settings.subject_prefix, self.host)
         self.ctx.reconciler = self.reconciler = Reconciler(
             self.hypervisor,
             self.host,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -104,12 +105,19 @@ class Context:
 Handler = Callable[[Context, Any], Awaitable[Any]]
 
 
+# The calling host of an agent-to-agent verb, from its subject's last token (contract v1.1;
+# the server's permissions let each host use only its own id there). None: a v1 call.
+CALLER: contextvars.ContextVar[str | None] = contextvars.ContextVar("caller", default=None)
+
+
 @dataclass(frozen=True)
 class Verb:
     name: str
     request: type[Any]
     handler: Handler
     mutating: bool = False
+    # An agent-to-agent verb: called as `<verb>.<caller host id>` (contract v1.1).
+    peer: bool = False
     # For a verb whose operations outlive a restart of the agent: the runner that finishes
     # one the previous process left running (it decides from what libvirt shows).
     recover: Callable[[Context, Operation], Runner] | None = None

@@ -27,7 +27,7 @@ import pytest
 from agent.bus import subscribed
 from agent.embedded import NatsServer
 from lab.agents import agent_env
-from tests.conftest import ROOT, Collector, RunningAgent
+from tests.conftest import ROOT, Collector, RunningAgent, stream_messages
 from tests.test_checkconfig import check
 
 CONF = ROOT / "config" / "nats-server.conf.example"
@@ -44,13 +44,15 @@ def url(server: NatsServer, user: str) -> str:
     return f"nats://{user}:change-me-{user}@127.0.0.1:{server.port}"
 
 
-async def connect(server: NatsServer, user: str) -> tuple[Any, list[str]]:
+async def connect(server: NatsServer, user: str, inbox: str | None = None) -> tuple[Any, list[str]]:
+    """A connection as `user`, with its own inbox prefix (`_INBOX_<user>`) unless told."""
     errors: list[str] = []
 
     async def on_error(exc: Exception) -> None:
         errors.append(str(exc))
 
-    nc = await nats.connect(url(server, user), error_cb=on_error)
+    nc = await nats.connect(url(server, user), error_cb=on_error,
+                            inbox_prefix=inbox or f"_INBOX_{user}")  # fmt: skip
     return nc, errors
 
 
@@ -83,20 +85,128 @@ async def test_a_hosts_credentials_speak_only_for_that_host(
         with pytest.raises(TimeoutError):
             await hv01.request("virt.hv02.cmd.domain.destroy", b'{"domain": "test"}', timeout=2)
         assert agent.agent.commands.handled == 1, "only the controller's ping reached the agent"
-        # ... but can call its failover verbs, and gets the answer.
+        # ... but can call its failover verbs under its own id, and gets the answer,
         out = await hv01.request(
-            "virt.hv02.cmd.failover.release", b'{"reservation_id": "ab12"}', timeout=10
+            "virt.hv02.cmd.failover.release.hv01", b'{"reservation_id": "ab12"}', timeout=10
         )
         assert msgspec.json.decode(out.data) == {"ok": True, "result": {"released": False}}
+        # ... not under another host's id.
+        with pytest.raises(TimeoutError):
+            await hv01.request(
+                "virt.hv02.cmd.failover.release.hv03", b'{"reservation_id": "ab12"}', timeout=2
+            )
         # The controller cannot call the agent-to-agent verbs.
         with pytest.raises(TimeoutError):
             await controller.request(
-                "virt.hv02.cmd.failover.release", b'{"reservation_id": "ab12"}', timeout=2
+                "virt.hv02.cmd.failover.release.controller",
+                b'{"reservation_id": "ab12"}',
+                timeout=2,
             )
     finally:
         for nc in (controller, hv01):
             with contextlib.suppress(Exception):
                 await nc.close()
+
+
+async def test_a_host_cannot_read_another_hosts_or_the_controllers_replies(
+    secured: NatsServer, start_agent: Callable[..., Awaitable[RunningAgent]]
+) -> None:
+    """Replies go to per-host inbox prefixes: hv02 may subscribe to neither the plain
+    `_INBOX.>` nor hv01's or the controller's, and sees none of the replies hv01's agent
+    sends to the controller."""
+    await start_agent(**{"host_id": "hv01", "nats.urls": [url(secured, "hv01")]})
+    controller, _ = await connect(secured, "controller")
+    hv02, hv02_errors = await connect(secured, "hv02")
+    try:
+        seen = Collector()
+        for subject in ("_INBOX.>", "_INBOX_controller.>", "_INBOX_hv01.>", ">"):
+            await hv02.subscribe(subject, cb=seen.on_msg)
+        await subscribed(hv02)
+        reply = await controller.request("virt.hv01.cmd.ping", b"{}", timeout=10)
+        assert msgspec.json.decode(reply.data)["ok"] is True
+        await asyncio.sleep(0.5)
+        assert seen.messages == []
+        denied = [e for e in hv02_errors if "permissions violation for subscription" in e.lower()]
+        assert len(denied) == 4, hv02_errors
+    finally:
+        for nc in (controller, hv02):
+            with contextlib.suppress(Exception):
+                await nc.close()
+
+
+async def test_reservations_belong_to_their_caller_and_are_bounded(
+    secured: NatsServer, start_agent: Callable[..., Awaitable[RunningAgent]], tmp_path: Path
+) -> None:
+    """The destination knows who calls from the subject (the server lets hv01 use only its
+    own id there): a reservation names its caller; another host can neither release it nor
+    replug for it; one caller holds at most `failover.max_reservations_per_caller`; a lease
+    beyond `failover.max_lease_s` is refused, naming the setting."""
+    await start_agent(**{"host_id": "hv02", "nats.urls": [url(secured, "hv02")],
+                         "failover.max_reservations_per_caller": 2,
+                         "failover.max_lease_s": 600})  # fmt: skip
+    hv01, _ = await connect(secured, "hv01")
+    hv03, _ = await connect(secured, "hv03")
+
+    async def call(nc: Any, verb: str, me: str, body: dict[str, Any]) -> dict[str, Any]:
+        msg = await nc.request(f"virt.hv02.cmd.{verb}.{me}", msgspec.json.encode(body), timeout=10)
+        out: dict[str, Any] = msgspec.json.decode(msg.data)
+        return out
+
+    def reserve(op: str, lease: float = 60, source: str = "hv01") -> dict[str, Any]:
+        return {"operation_id": op, "domain": "6695eb01-f6a4-8304-79aa-97f2502e193f",
+                "alias": "ua-primary0", "source": source, "lease_s": lease}  # fmt: skip
+
+    try:
+        first = await call(hv01, "failover.reserve", "hv01", reserve("a1"))
+        assert first["ok"] is True, first
+        rid = first["result"]["reservation_id"]
+        assert (await call(hv01, "failover.reserve", "hv01", reserve("a2")))["ok"] is True
+        over = await call(hv01, "failover.reserve", "hv01", reserve("a3"))
+        assert over["error"]["code"] == "conflict", over
+        long = await call(hv03, "failover.reserve", "hv03", reserve("b1", 3600, "hv03"))
+        assert long["error"]["code"] == "invalid_request", long
+        assert "failover.max_lease_s" in long["error"]["message"]
+        # hv03 claims hv01's operation and reservation: refused, and the reservation stays.
+        stolen = await call(hv03, "failover.reserve", "hv03", reserve("a1", source="hv03"))
+        assert stolen["error"]["code"] == "forbidden", stolen
+        stolen = await call(hv03, "failover.reserve", "hv03", reserve("a9"))
+        assert stolen["error"]["code"] == "forbidden", stolen
+        taken = await call(hv03, "failover.release", "hv03", {"reservation_id": rid})
+        assert taken["error"]["code"] == "forbidden", taken
+        by_op = await call(hv03, "failover.release", "hv03", {"operation_id": "a1"})
+        assert by_op["error"]["code"] == "forbidden", by_op
+        mine = await call(hv01, "failover.release", "hv01", {"reservation_id": rid})
+        assert mine == {"ok": True, "result": {"released": True}}
+    finally:
+        for nc in (hv01, hv03):
+            with contextlib.suppress(Exception):
+                await nc.close()
+
+
+async def test_the_monitoring_identity_reads_the_streams_and_sends_no_command(
+    secured: NatsServer, start_agent: Callable[..., Awaitable[RunningAgent]]
+) -> None:
+    """`monitor` reads VIRT_EVENTS and VIRT_OPS (an ordered consumer, and a durable one of
+    its own) and is refused on every command subject."""
+    agent = await start_agent(**{"host_id": "hv01", "nats.urls": [url(secured, "hv01")]})
+    await agent.settled()
+    monitor, errors = await connect(secured, "monitor")
+    try:
+        started = await stream_messages(monitor, "VIRT_EVENTS", "virt.hv01.host.agent_started")
+        assert [ev["data"]["boot_id"] for _, ev, _ in started] == [agent.agent.boot_id]
+        js = monitor.jetstream()
+        sub = await js.pull_subscribe("virt.*.host.>", durable="noc", stream="VIRT_EVENTS")
+        msgs = await sub.fetch(1, timeout=10)
+        await msgs[0].ack()
+        assert msgspec.json.decode(msgs[0].data)["source"] == "/virt/hv01"
+        assert (await js.stream_info("VIRT_OPS")).config.name == "VIRT_OPS"
+        for verb in ("ping", "domain.destroy", "failover.release.monitor"):
+            with pytest.raises(TimeoutError):
+                await monitor.request(f"virt.hv01.cmd.{verb}", b'{"domain": "test"}', timeout=2)
+        assert agent.agent.commands.handled == 0
+        assert sum("permissions violation for publish" in e.lower() for e in errors) == 3, errors
+    finally:
+        await monitor.close()
 
 
 def test_the_password_never_appears_in_the_agents_output(
@@ -352,13 +462,15 @@ async def test_creds_file_authentication_with_the_examples_permissions(
     agent = await start_agent(
         **{"host_id": "hv01", "nats.urls": [server.url], "nats.creds_file": str(files["hv01"])}
     )
-    controller = await nats.connect(server.url, user_credentials=str(files["controller"]))
+    controller = await nats.connect(server.url, user_credentials=str(files["controller"]),
+                                    inbox_prefix="_INBOX_controller")  # fmt: skip
     errors: list[str] = []
 
     async def on_error(exc: Exception) -> None:
         errors.append(str(exc))
 
-    hv01 = await nats.connect(server.url, user_credentials=str(files["hv01"]), error_cb=on_error)
+    hv01 = await nats.connect(server.url, user_credentials=str(files["hv01"]), error_cb=on_error,
+                              inbox_prefix="_INBOX_hv01")  # fmt: skip
     try:
         reply = await controller.request("virt.hv01.cmd.ping", b"{}", timeout=10)
         assert msgspec.json.decode(reply.data)["ok"] is True
@@ -391,7 +503,7 @@ async def test_creds_file_authentication_with_the_examples_permissions(
             with contextlib.suppress(Exception):
                 await nc.close()
     assert agent.agent.commands.handled == 2
-    args = ["--libvirt-uri", "test:///default", "--nats-url", server.url,
+    args = ["--libvirt-uri", "test:///default", "--nats-url", server.url, "--host-id", "hv01",
             "--state-dir", str(tmp_path / "st"), "--http-addr", ""]  # fmt: skip
     code, out = check(*args, VIRT_AGENT_NATS_CREDS_FILE=str(files["untrusted"]),
                       VIRT_AGENT_NATS_CONNECT_TIMEOUT_S="2")  # fmt: skip

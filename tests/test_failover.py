@@ -421,7 +421,8 @@ async def test_a_cancel_after_the_migration_ends_succeeded_with_the_primary_owed
     replug_asked = asyncio.Event()
 
     async def destination(msg: Any) -> None:
-        verb = msg.subject.removeprefix("virt.slowdst.cmd.")
+        # virt.slowdst.cmd.<verb>.<caller> (contract v1.1)
+        verb = msg.subject.removeprefix("virt.slowdst.cmd.").rpartition(".")[0]
         if verb == "failover.reserve":
             await msg.respond(msgspec.json.encode({"ok": True, "result": {
                 "reservation_id": "ab", "resource": "recorded", "pool": "recorded",

@@ -395,7 +395,7 @@ async def test_one_change_at_a_time_on_a_domain_across_verbs(
     asked = asyncio.Event()
 
     async def hold(msg: Any) -> None:
-        if msg.subject.endswith("failover.release"):
+        if ".failover.release." in msg.subject:  # virt.ghost.cmd.failover.release.<caller>
             await msg.respond(b'{"ok": true, "result": {"released": true}}')
         else:
             asked.set()  # a reserve this destination has not answered yet
@@ -446,3 +446,19 @@ async def test_a_detach_libvirt_refuses_at_once_ends_the_unplug(
     assert destination.agent.reconciler.pool.active() == [], "the reservation was given back"
     again = await call(nc, source.host, "migrate_with_failover", req)
     assert again["ok"] is True, again
+
+
+async def test_v1_agent_to_agent_calls_are_refused_once_the_transition_is_over(
+    nc: NATS, start_agent: Callable[..., Awaitable[RunningAgent]]
+) -> None:
+    """Contract v1.1 names the caller in the subject (`failover.release.<host>`). During a
+    rolling upgrade the v1 form is still served; with commands.accept_v1_peer_calls false it
+    is refused, naming the form and the setting, and the v1.1 form still works."""
+    strict = await start_agent(**{"commands.accept_v1_peer_calls": False})
+    old = await call(nc, strict.host, "failover.release", {"reservation_id": "ab12"})
+    assert old["error"]["code"] == "forbidden", old
+    assert "commands.accept_v1_peer_calls" in old["error"]["message"]
+    new = await call(nc, strict.host, "failover.release.hv09", {"reservation_id": "ab12"})
+    assert new == {"ok": True, "result": {"released": False}}
+    lenient = await start_agent()
+    assert (await call(nc, lenient.host, "failover.release", {"reservation_id": "ab12"}))["ok"]

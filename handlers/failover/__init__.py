@@ -45,7 +45,7 @@ VERBS = [
         mutating=True,
         recover=recovery,
     ),
-    Verb("failover.reserve", ReserveRequest, reserve, mutating=True),
-    Verb("failover.release", ReleaseRequest, release, mutating=True),
-    Verb("failover.replug", ReplugRequest, replug, mutating=True),
+    Verb("failover.reserve", ReserveRequest, reserve, mutating=True, peer=True),
+    Verb("failover.release", ReleaseRequest, release, mutating=True, peer=True),
+    Verb("failover.replug", ReplugRequest, replug, mutating=True, peer=True),
 ]

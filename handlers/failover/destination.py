@@ -1,6 +1,11 @@
 """migrate-with-failover on the destination: the verbs a source agent calls - hold an
 equivalent primary (`failover.reserve`), give it back (`failover.release`), plug it into the
-domain that arrived (`failover.replug`)."""
+domain that arrived (`failover.replug`).
+
+The caller is the host id the subject names (`handlers.CALLER`, authenticated by the
+server's permissions): a reservation belongs to it, and only it may release it or have the
+primary of the domain it migrated here plugged. A v1 caller (no id in the subject, accepted
+during a rolling upgrade) is taken at its word (`source`)."""
 
 from __future__ import annotations
 
@@ -12,8 +17,9 @@ from msgspec import Meta
 
 from agent import crashpoints
 from agent.devices import device_element
-from agent.errors import InvalidRequest
-from handlers import Context
+from agent.errors import Forbidden, InvalidRequest
+from agent.failover import read_record
+from handlers import CALLER, Context
 from handlers.devices import Alias
 from handlers.domain import RequestId, find_domain
 from handlers.failover.plan import MAX_LEASE_S
@@ -51,11 +57,15 @@ class ReplugRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 async def reserve(ctx: Context, req: ReserveRequest) -> dict[str, Any]:
     _, _, reconciler = ctx.fleet()
+    caller = CALLER.get()
+    if caller is not None and req.source != caller:
+        raise Forbidden(f"host {caller!r} cannot reserve on behalf of {req.source!r}",
+                        source=req.source)  # fmt: skip
     if req.source == ctx.host:
         raise InvalidRequest("a host cannot reserve a primary for itself", source=req.source)
     pool = reconciler.pool
     r = pool.reserve(req.operation_id, req.domain, await reconciler.pci_in_use(),
-                     req.lease_s)  # fmt: skip
+                     req.lease_s, caller or "")  # fmt: skip
     crashpoints.reached("dest.reserve")
     return {"reservation_id": r.id, "resource": r.resource, "pool": pool.kind,
             "expires_in_s": round(r.expires - time.time(), 1)}  # fmt: skip
@@ -65,20 +75,30 @@ async def release(ctx: Context, req: ReleaseRequest) -> dict[str, Any]:
     pool = ctx.fleet()[2].pool
     if (req.reservation_id is None) == (req.operation_id is None):
         raise InvalidRequest("give either reservation_id or operation_id")
-    rid = req.reservation_id
-    if rid is None:
+    if req.reservation_id is not None:
+        found = pool.get(req.reservation_id)
+    else:
         assert req.operation_id is not None
         found = pool.for_operation(req.operation_id)
-        if found is None:
-            return {"released": False}
-        rid = found.id
-    return {"released": pool.release(rid)}
+    if found is None:
+        return {"released": False}
+    pool.check_caller(found, CALLER.get() or "")
+    return {"released": pool.release(found.id)}
 
 
 async def replug(ctx: Context, req: ReplugRequest) -> dict[str, Any]:
     _, _, reconciler = ctx.fleet()
     crashpoints.reached("dest.replug")
     dom = await find_domain(ctx, req.domain)
+    caller = CALLER.get()
+    if caller is not None:
+        rec = await read_record(ctx.hypervisor, dom)
+        # No record: nothing is owed (already plugged and settled); settling changes nothing.
+        if rec is not None and rec.source != caller:
+            raise Forbidden(
+                f"domain {req.domain} was not migrated here by host {caller!r}",
+                domain=req.domain,
+            )
     out = await reconciler.settle(dom)
     live = await ctx.hypervisor.call(dom.XMLDesc, 0)
     return {"settled": out.settled.value, "why": out.why,
