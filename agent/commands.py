@@ -9,6 +9,7 @@ sends can crash the service.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections import OrderedDict
 from typing import Any
@@ -19,7 +20,16 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 
-from agent.errors import AgentError, Forbidden, InvalidRequest, NotFound, Timeout, Unavailable
+from agent.errors import (
+    AgentError,
+    Conflict,
+    Forbidden,
+    InvalidRequest,
+    NotFound,
+    Timeout,
+    Unavailable,
+)
+from agent.operations import Journal
 from agent.settings import CommandSettings
 from handlers import CALLER, Context, Verb
 
@@ -40,38 +50,55 @@ def error_reply(exc: AgentError) -> bytes:
     )
 
 
+Key = tuple[str, str, str]  # (caller or "", verb, request_id)
+
+
 class _Outcomes:
-    """Replies of requests that carried a request_id, kept for the idempotency window."""
+    """Replies of requests that carried a request_id, kept for the idempotency window: in
+    memory, and in the journal (`store`, once the agent has one) so that a request repeated
+    after a restart is answered, not acted on again. Each keeps the digest of its request:
+    the same id with another request is a conflict."""
 
     def __init__(self, window_s: float, limit: int = 100_000) -> None:
         self.window_s = window_s
         self.limit = limit
-        self._done: OrderedDict[tuple[str, str, str], tuple[float, bytes]] = OrderedDict()
-        self._running: dict[tuple[str, str, str], asyncio.Future[bytes]] = {}
+        self.store: Journal | None = None
+        self._done: OrderedDict[Key, tuple[float, str, bytes]] = OrderedDict()
+        self._running: dict[Key, tuple[str, asyncio.Future[bytes]]] = {}
+        self._pruned = 0.0
 
     def _expire(self) -> None:
         cutoff = time.monotonic() - self.window_s
         done = self._done
         while done and (next(iter(done.values()))[0] < cutoff or len(done) > self.limit):
             done.popitem(last=False)
+        now = time.time()
+        if self.store is not None and now - self._pruned > 60:
+            self._pruned = now
+            self.store.prune_outcomes(now - self.window_s)
 
-    def get(self, key: tuple[str, str, str]) -> bytes | asyncio.Future[bytes] | None:
+    def get(self, key: Key) -> tuple[str, bytes | asyncio.Future[bytes]] | None:
         self._expire()
         done = self._done.get(key)
         if done is not None:
-            return done[1]
-        return self._running.get(key)
+            return done[1], done[2]
+        running = self._running.get(key)
+        if running is not None:
+            return running
+        if self.store is not None:
+            return self.store.request_outcome(key, time.time() - self.window_s)
+        return None
 
-    def start(self, key: tuple[str, str, str]) -> asyncio.Future[bytes]:
-        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self._running[key] = fut
-        return fut
+    def start(self, key: Key, digest: str) -> None:
+        self._running[key] = (digest, asyncio.get_running_loop().create_future())
 
-    def finish(self, key: tuple[str, str, str], reply: bytes) -> None:
-        fut = self._running.pop(key, None)
+    def finish(self, key: Key, digest: str, reply: bytes) -> None:
+        _, fut = self._running.pop(key, ("", None))
         if fut is not None and not fut.done():
             fut.set_result(reply)
-        self._done[key] = (time.monotonic(), reply)
+        self._done[key] = (time.monotonic(), digest, reply)
+        if self.store is not None:
+            self.store.record_outcome(key, digest, reply)
 
 
 class CommandService:
@@ -80,7 +107,7 @@ class CommandService:
         self.ctx = ctx
         self.verbs = verbs
         self.prefix = ctx.subjects.base + ".cmd."
-        self._outcomes = _Outcomes(settings.idempotency_window_s)
+        self.outcomes = _Outcomes(settings.idempotency_window_s)
         self._slots = asyncio.Semaphore(settings.max_concurrent)
         self._accepting = True
         self.handled = 0
@@ -168,17 +195,24 @@ class CommandService:
         if request_id is None:
             return await self._call(verb, request)
         key = (caller or "", verb_name, request_id)
-        seen = self._outcomes.get(key)
-        if isinstance(seen, bytes):
-            return seen
+        digest = hashlib.sha256(msgspec.json.encode(
+            {k: v for k, v in raw.items() if k != "request_id"}, order="sorted"
+        )).hexdigest()  # fmt: skip
+        seen = self.outcomes.get(key)
         if seen is not None:
-            return await asyncio.shield(seen)
-        self._outcomes.start(key)
+            first, outcome = seen
+            if first != digest:
+                return error_reply(Conflict(
+                    f"request_id {request_id!r} was used for another {verb_name} request",
+                    request_id=request_id,
+                ))  # fmt: skip
+            return outcome if isinstance(outcome, bytes) else await asyncio.shield(outcome)
+        self.outcomes.start(key, digest)
         reply = b""
         try:
             reply = await self._call(verb, request)
         finally:
-            self._outcomes.finish(key, reply or error_reply(AgentError("cancelled")))
+            self.outcomes.finish(key, digest, reply or error_reply(AgentError("cancelled")))
         return reply
 
     def _authorize(self, verb_name: str, data: bytes) -> Verb:

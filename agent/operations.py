@@ -87,9 +87,32 @@ class Journal:
             "CREATE TABLE IF NOT EXISTS reservations (id TEXT PRIMARY KEY, operation TEXT,"
             " domain TEXT, resource TEXT, expires REAL, caller TEXT NOT NULL DEFAULT '')"
         )
+        # Outcomes of requests that carried a request_id, for the idempotency window.
+        self.db.execute(
+            "CREATE TABLE IF NOT EXISTS requests (caller TEXT, verb TEXT, request_id TEXT,"
+            " digest TEXT, reply BLOB, at REAL, PRIMARY KEY (caller, verb, request_id))"
+        )
         columns = {r[1] for r in self.db.execute("PRAGMA table_info(reservations)")}
         if "caller" not in columns:  # a journal of a release before callers were known
             self.db.execute("ALTER TABLE reservations ADD COLUMN caller TEXT NOT NULL DEFAULT ''")
+
+    def request_outcome(self, key: tuple[str, str, str], since: float) -> tuple[str, bytes] | None:
+        """(digest, reply) of a request answered at or after `since`."""
+        row = self.db.execute(
+            "SELECT digest, reply FROM requests WHERE caller = ? AND verb = ? AND request_id = ?"
+            " AND at >= ?",
+            (*key, since),
+        ).fetchone()
+        return (row[0], bytes(row[1])) if row else None
+
+    def record_outcome(self, key: tuple[str, str, str], digest: str, reply: bytes) -> None:
+        now = time.time()
+        self.db.execute(
+            "INSERT OR REPLACE INTO requests VALUES (?, ?, ?, ?, ?, ?)", (*key, digest, reply, now)
+        )
+
+    def prune_outcomes(self, before: float) -> int:
+        return self.db.execute("DELETE FROM requests WHERE at < ?", (before,)).rowcount
 
     # Reservations of primary NICs for migrated-in domains (agent/pool.py), with a lease.
     def add_reservation(self, r: Reservation) -> None:

@@ -185,6 +185,7 @@ class Agent:
         self.registry = Registry(await open_bucket(nc, ttl, self.settings.nats.stream_replicas))
         self.ctx.registry = self.registry
         journal = Journal(Path(self.settings.state_dir) / "operations.db")
+        self.commands.outcomes.store = journal
         self.ctx.operations = self.operations = OperationManager(
             journal,
             self.host,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
@@ -16,8 +17,17 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from agent.supervisor import AgentState
+from lab.agents import answering
 from lab.daemon import LibvirtDaemon
-from tests.conftest import ERROR_CODES, FAST_RECONNECT, ROOT, Collector, RunningAgent, call
+from tests.conftest import (
+    ERROR_CODES,
+    FAST_RECONNECT,
+    ROOT,
+    AgentProcess,
+    Collector,
+    RunningAgent,
+    call,
+)
 from tests.test_daemon_events import Flipper
 from tests.test_events import DOMAIN_XML, define
 
@@ -264,3 +274,44 @@ async def test_a_name_that_looks_like_a_uuid_finds_the_right_domain(
     finally:
         for dom in twins:
             dom.undefine()
+
+
+@pytest.mark.daemon
+async def test_a_request_id_repeated_after_kill_9_and_a_restart_acts_once(
+    test_daemon: LibvirtDaemon,
+    nats_server: Any,
+    agent_process: Callable[..., AgentProcess],
+    tmp_path: Path,
+) -> None:
+    """The outcome of a request_id outlives the agent: after SIGKILL and a restart, the same
+    request gets the first reply and libvirt is not asked again; the same id with another
+    request is `conflict`."""
+    host = "idem"
+    args = ("--libvirt-uri", test_daemon.test_uri, "--nats-url", nats_server.url,
+            "--host-id", host, "--http-addr", "", "--state-dir", str(tmp_path / "st"))  # fmt: skip
+    first = agent_process(*args)
+    nc = await nats.connect(nats_server.url)
+    conn = await asyncio.to_thread(libvirt.open, test_daemon.test_uri)
+    dom = await asyncio.to_thread(define, conn)
+    try:
+        await asyncio.to_thread(dom.create)
+        await answering(nc, [host])
+        payload = {"domain": dom.name(), "request_id": "suspend-1"}
+        one = await call(nc, host, "domain.suspend", payload)
+        assert one["ok"] is True, one
+        assert dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED
+        first.signal(signal.SIGKILL)
+        await asyncio.to_thread(first.wait, 10)
+        await asyncio.to_thread(dom.resume)  # a second suspend would show
+        agent_process(*args)
+        await answering(nc, [host])
+        assert await call(nc, host, "domain.suspend", payload) == one
+        assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING, "acted once"
+        other = await call(nc, host, "domain.suspend", payload | {"domain": "test"})
+        assert error_code(other) == "conflict", other
+        assert "request_id" in other["error"]["message"]
+    finally:
+        await nc.close()
+        await asyncio.to_thread(dom.destroy)
+        await asyncio.to_thread(dom.undefine)
+        conn.close()
