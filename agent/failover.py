@@ -140,7 +140,7 @@ class Reconciler:
         settings: FailoverSettings,
         pool: Pool,
         metrics: Metrics,
-        locks: Callable[[str], asyncio.Lock],
+        locks: Callable[[str], contextlib.AbstractAsyncContextManager[None]],
         busy: Callable[[str], str | None],
         plug_timeout_s: float,
     ) -> None:

@@ -72,6 +72,12 @@ class Metrics:
             "1 while another live agent writes this host id's registration",
             registry=r,
         )
+        self.journal_rows = Gauge(
+            f"{NS}_journal_rows",
+            "Rows in the operations journal, by table (bounded by the retention settings)",
+            ["table"],
+            registry=r,
+        )
         self.publish_latency = Histogram(
             f"{NS}_publish_latency_seconds",
             "From the libvirt callback to the JetStream acknowledgement",

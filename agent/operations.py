@@ -10,10 +10,11 @@ Handlers start an operation with a runner coroutine; the runner reports steps th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,8 @@ from agent.errors import AgentError, Conflict, NotFound, Unavailable
 from agent.metrics import Metrics
 
 log = structlog.get_logger("agent.operations")
+
+PRUNE_INTERVAL_S = 600.0
 
 RUNNING, SUCCEEDED, FAILED, ROLLED_BACK, CANCELLED = (
     "running", "succeeded", "failed", "rolled_back", "cancelled",
@@ -66,6 +69,36 @@ class OpEvent(msgspec.Struct, frozen=True, kw_only=True):
 
 
 Publish = Callable[[str, OpEvent], object]
+
+
+class DomainLocks:
+    """One change to a domain at a time, for commands and operations alike: an asyncio.Lock
+    per domain that lives only while someone holds or waits for it, so a host that sees
+    10,000 domains come and go keeps none of theirs."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, domain_uuid: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(domain_uuid, (asyncio.Lock(), 0))
+        self._locks[domain_uuid] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[domain_uuid]
+            if users == 1:
+                del self._locks[domain_uuid]
+            else:
+                self._locks[domain_uuid] = (lock, users - 1)
+
+    def locked(self, domain_uuid: str) -> bool:
+        entry = self._locks.get(domain_uuid)
+        return entry is not None and entry[0].locked()
+
+    def __len__(self) -> int:
+        return len(self._locks)
 
 
 class Journal:
@@ -179,6 +212,28 @@ class Journal:
     def running(self) -> list[Operation]:
         return self.recent(10_000, state=RUNNING)
 
+    def prune(
+        self, max_operations: int, retention_s: float, outcomes_window_s: float
+    ) -> dict[str, int]:
+        """Bound the journal: finished operations beyond `max_operations` (the oldest) or older
+        than `retention_s`, recorded devices older than `retention_s`, idempotency outcomes past
+        their window. Running operations and reservations stay. Rows deleted, per table."""
+        cutoff = time.time() - retention_s
+        ops = self.db.execute(
+            "DELETE FROM operations WHERE state != ? AND (created < ? OR id IN (SELECT id FROM"
+            " operations WHERE state != ? ORDER BY created DESC LIMIT -1 OFFSET ?))",
+            (RUNNING, cutoff, RUNNING, max_operations),
+        ).rowcount
+        devices = self.db.execute("DELETE FROM devices WHERE recorded < ?", (cutoff,)).rowcount
+        requests = self.prune_outcomes(time.time() - outcomes_window_s)
+        return {"operations": ops, "devices": devices, "requests": requests}
+
+    def sizes(self) -> dict[str, int]:
+        return {
+            t: self.db.execute(f"SELECT count(*) FROM {t}").fetchone()[0]  # noqa: S608 - fixed names
+            for t in ("operations", "devices", "reservations", "requests")
+        }
+
     def close(self) -> None:
         self.db.close()
 
@@ -243,8 +298,11 @@ class OperationManager:
         max_concurrent: int,
         metrics: Metrics | None = None,
         recoverable: frozenset[str] = frozenset(),
+        retention: tuple[int, float, float] = (10_000, 7 * 24 * 3600.0, 600.0),
     ) -> None:
         self.journal = journal
+        # (finished operations kept, their retention, the idempotency window) - Journal.prune
+        self.retention = retention
         self.host = host
         self._publish = publish
         self.max_concurrent = max_concurrent
@@ -277,11 +335,22 @@ class OperationManager:
         self._publish(op.state, OpEvent(host=self.host, operation=op))
 
     async def run(self) -> None:
-        """Own the operation tasks until cancelled (which cancels the running ones)."""
+        """Own the operation tasks until cancelled (which cancels the running ones); keep
+        the journal within its bounds meanwhile."""
         async with asyncio.TaskGroup() as tg:
             self._group = tg
             self._running.set()
-            await asyncio.Event().wait()
+            while True:
+                self.prune()
+                await asyncio.sleep(PRUNE_INTERVAL_S)
+
+    def prune(self) -> None:
+        pruned = self.journal.prune(*self.retention)
+        if any(pruned.values()):
+            log.info("journal pruned", **pruned)
+        if self.metrics is not None:
+            for table, rows in self.journal.sizes().items():
+                self.metrics.journal_rows.labels(table).set(rows)
 
     async def stop(self, timeout: float) -> None:
         """Cancel every running operation and wait up to `timeout` for them to end (a rollback

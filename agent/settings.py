@@ -129,6 +129,10 @@ class CommandSettings(_Section, frozen=True, kw_only=True, forbid_unknown_fields
     max_pending: PosInt = 1024
     # A repeated request_id within this window gets the first reply, without acting again.
     idempotency_window_s: PosFloat = 600.0
+    # The journal keeps finished operations (operation.get/list) and devices recorded at
+    # unplug up to this long and this many; pruned at start and every 10 minutes.
+    operations_retention_s: PosFloat = 7 * 24 * 3600.0
+    operations_max: PosInt = 10_000
     # Long operations (migrations) running at once on this host; one more gets `unavailable`.
     max_operations: Annotated[int, Meta(ge=1, le=1000)] = 4
     # A command still running after this long is answered with `timeout`.

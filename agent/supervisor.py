@@ -193,7 +193,10 @@ class Agent:
             self.settings.commands.max_operations,
             self.metrics,
             recoverable=frozenset(v.name for v in self.verbs.values() if v.recover),
-        )
+            retention=(self.settings.commands.operations_max,
+                       self.settings.commands.operations_retention_s,
+                       self.settings.commands.idempotency_window_s),
+        )  # fmt: skip
         self.ctx.peers = Peers(nc, self.settings.subject_prefix, self.host)
         self.ctx.reconciler = self.reconciler = Reconciler(
             self.hypervisor,

@@ -7,7 +7,6 @@ reply's error code. Handlers never publish to NATS themselves.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import contextvars
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,7 +19,7 @@ from agent.errors import Conflict, Unavailable
 from agent.failover import Reconciler
 from agent.hypervisor import Hypervisor
 from agent.metrics import Metrics
-from agent.operations import Operation, OperationManager, Runner
+from agent.operations import DomainLocks, Operation, OperationManager, Runner
 from agent.peers import Peers
 from agent.registry import Registry
 from agent.settings import DeviceSettings, FailoverSettings
@@ -38,7 +37,7 @@ class Context:
     metrics: Metrics
     started_at: float
     # Mutating commands on one domain run one at a time.
-    domain_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    domain_locks: DomainLocks = field(default_factory=DomainLocks)
     # Probed once per libvirt connection (agent/capabilities.py).
     capabilities: Capabilities | None = None
     # Set once NATS is up: the journal of long operations and the virt_hosts registry.
@@ -50,8 +49,8 @@ class Context:
     peers: Peers | None = None
     reconciler: Reconciler | None = None
 
-    def lock(self, domain_uuid: str) -> asyncio.Lock:
-        return self.domain_locks.setdefault(domain_uuid, asyncio.Lock())
+    def lock(self, domain_uuid: str) -> contextlib.AbstractAsyncContextManager[None]:
+        return self.domain_locks.hold(domain_uuid)
 
     def _no_operation(self, domain_uuid: str) -> None:
         holder = self.operations.holder(domain_uuid) if self.operations else None
@@ -77,7 +76,7 @@ class Context:
         operations = self.operations
         if operations is None:
             raise Unavailable("the journal is not open yet")
-        if self.lock(domain_uuid).locked():
+        if self.domain_locks.locked(domain_uuid):
             raise Conflict(f"a command is changing domain {domain_uuid}; try again when it "
                            "has answered", domain=domain_uuid)  # fmt: skip
         return operations.start(verb, domain_uuid, runner)
