@@ -88,13 +88,16 @@ def build() -> dict[str, Any]:
     for verb in verbs:
         key = f"command.{verb.name}"
         messages[key] = {"name": verb.name, "payload": request_ref[verb.request]}
+        channel = "peerCommand" if verb.peer else "command"
         operations[f"command_{verb.name.replace('.', '_')}"] = {
             "action": "receive",
-            "channel": {"$ref": "#/channels/command"},
-            "messages": [{"$ref": f"#/channels/command/messages/{key}"}],
+            "channel": {"$ref": f"#/channels/{channel}"},
+            "messages": [{"$ref": f"#/channels/{channel}/messages/{key}"}],
             "reply": {"channel": {"$ref": "#/channels/reply"},
                       "messages": [{"$ref": "#/channels/reply/messages/reply"}]},
         }  # fmt: skip
+
+    peer = {v.name: v.peer for v in verbs}
 
     def refs(prefix: str) -> dict[str, Any]:
         return {k: {"$ref": f"#/components/messages/{k}"} for k in messages if k.startswith(prefix)}
@@ -131,8 +134,31 @@ def build() -> dict[str, Any]:
             },
             "command": {
                 "address": "virt.{host}.cmd.{verb}",
-                "parameters": {"host": host, "verb": {"enum": sorted(all_verbs())}},
-                "messages": refs("command."),
+                "parameters": {
+                    "host": host,
+                    "verb": {"enum": sorted(v.name for v in verbs if not v.peer)},
+                },
+                "messages": {
+                    k: v
+                    for k, v in refs("command.").items()
+                    if not peer.get(k.removeprefix("command."))
+                },
+            },
+            "peerCommand": {
+                "address": "virt.{host}.cmd.{verb}.{caller}",
+                "description": "agent-to-agent verbs (contract v1.1): `caller` is the calling "
+                "host's id, which the server's permissions let only that host use. The v1 form "
+                "without it is served while commands.accept_v1_peer_calls is true.",
+                "parameters": {
+                    "host": host,
+                    "caller": host,
+                    "verb": {"enum": sorted(v.name for v in verbs if v.peer)},
+                },
+                "messages": {
+                    k: v
+                    for k, v in refs("command.").items()
+                    if peer.get(k.removeprefix("command."))
+                },
             },
             "reply": {"address": None, "messages": refs("reply")},
         },
