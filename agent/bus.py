@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import random
 import ssl
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +15,29 @@ import structlog
 from nats.aio.client import Client as NATS
 from nats.errors import Error as NatsError
 
-from agent.errors import Unavailable, redact
+from agent.errors import AgentError, Unavailable, redact
 from agent.metrics import Metrics
 from agent.settings import NatsSettings
 
 log = structlog.get_logger("agent.bus")
+
+
+@dataclass(frozen=True)
+class BusTarget:
+    """Where an operator's command (`events`, `call`, `hosts`, `migrate`) finds the bus."""
+
+    urls: list[str]
+    prefix: str
+    options: dict[str, Any]  # nats.connect's TLS, authentication and inbox options
+
+    async def connect(self, name: str, **more: Any) -> NATS:
+        """A NATS connection, or AgentError saying (redacted) why there is none."""
+        try:
+            options = {"allow_reconnect": False, **self.options, **more}
+            return await nats.connect(servers=self.urls, name=name, **options)
+        except (nats.errors.Error, OSError, TimeoutError) as exc:
+            raise AgentError(f"cannot reach NATS at {', '.join(redact(self.urls))}: "
+                             f"{redact(str(exc) or type(exc).__name__)}") from None  # fmt: skip
 
 
 def connect_options(settings: NatsSettings, host: str) -> dict[str, Any]:

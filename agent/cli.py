@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import structlog
@@ -25,6 +25,9 @@ from agent import logging as agent_logging
 from agent.embedded import NatsServer
 from agent.errors import AgentError, SettingsError
 from agent.settings import FLAGS, LoadedSettings, Settings, load
+
+if TYPE_CHECKING:
+    from agent.bus import BusTarget
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -43,8 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     _settings_args(sub.add_parser("run", help="run the agent"))
 
     ev = sub.add_parser("events", help="tail events from the bus")
-    ev.add_argument("--nats-url", action="append", help="NATS server URL (repeatable)")
-    ev.add_argument("--prefix", default=None, help="subject prefix (default: virt)")
+    _bus_args(ev)
     ev.add_argument("--host", help="only this host id")
     ev.add_argument("--domain", help="only this domain (name or UUID)")
     ev.add_argument("--type", dest="etype", help="only this event type, e.g. lifecycle")
@@ -122,17 +124,36 @@ def _settings_args(p: argparse.ArgumentParser) -> None:
 
 
 def _bus_args(p: argparse.ArgumentParser) -> None:
+    """The bus settings of the operator's commands: the agent's own (config file, then
+    VIRT_AGENT_* environment, then these flags) - TLS, creds, nkey, token, user and password
+    included - so they work on a secured bus."""
+    p.add_argument("--config", help="a settings file (its [nats] and subject_prefix are used)")
     p.add_argument("--nats-url", action="append", help="NATS server URL (repeatable)")
     p.add_argument("--prefix", default=None, help="subject prefix (default: virt)")
+    p.add_argument(
+        "--inbox-prefix",
+        default=None,
+        help="where replies come; a secured bus may allow only yours (e.g. _INBOX_controller);"
+        " default nats.inbox_prefix, else _INBOX",
+    )
 
 
-def _bus(args: argparse.Namespace) -> tuple[list[str], str]:
-    urls = args.nats_url or [
-        u.strip()
-        for u in os.environ.get("VIRT_AGENT_NATS_URLS", "nats://127.0.0.1:4222").split(",")
-        if u.strip()
-    ]
-    return urls, args.prefix or os.environ.get("VIRT_AGENT_SUBJECT_PREFIX", "virt")
+def _bus(args: argparse.Namespace) -> BusTarget:
+    """Raises SettingsError for a bad setting (main says which)."""
+    from agent.bus import BusTarget, connect_options  # noqa: PLC0415
+
+    overrides: dict[str, Any] = {}
+    if args.nats_url:
+        overrides["nats.urls"] = args.nats_url
+    if args.prefix:
+        overrides["subject_prefix"] = args.prefix
+    if args.inbox_prefix:
+        overrides["nats.inbox_prefix"] = args.inbox_prefix
+    s = load(args.config, os.environ, overrides).settings
+    options = connect_options(s.nats, s.host_id)
+    if not s.nats.inbox_prefix:
+        options["inbox_prefix"] = "_INBOX"  # a person's tool: NATS's own default
+    return BusTarget(s.nats.urls, s.subject_prefix, options)
 
 
 def parse_call_args(args: list[str]) -> dict[str, Any]:
@@ -170,7 +191,14 @@ def main(argv: list[str] | None = None) -> int:
         "check-config": cmd_check_config,
         "health": cmd_health,
     }
-    return commands[args.command](args)
+    try:
+        return commands[args.command](args)
+    except SettingsError as exc:
+        print(f"virt-agent {args.command}: {exc.message}", file=sys.stderr)
+        return EXIT_BAD_SETTINGS
+    except AgentError as exc:
+        print(f"virt-agent {args.command}: {exc.message}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -333,12 +361,11 @@ def _arm_overdue(after: float) -> None:
 def cmd_events(args: argparse.Namespace) -> int:
     from agent.tail import tail  # noqa: PLC0415
 
-    urls, prefix = _bus(args)
+    bus = _bus(args)
     with contextlib.suppress(KeyboardInterrupt):
         return asyncio.run(
             tail(
-                urls,
-                prefix,
+                bus,
                 args.host,
                 args.domain,
                 args.etype,
@@ -362,13 +389,13 @@ def cmd_call(args: argparse.Namespace) -> int:
     except (ValueError, msgspec.DecodeError) as exc:
         print(f"virt-agent call: {exc}", file=sys.stderr)
         return EXIT_BAD_SETTINGS
-    urls, prefix = _bus(args)
+    bus = _bus(args)
 
     async def go() -> int:
-        nc = await nats.connect(servers=urls, name="virt-agent call")
+        nc = await bus.connect("virt-agent call")
         try:
             msg = await nc.request(
-                f"{prefix}.{args.host}.cmd.{args.verb}",
+                f"{bus.prefix}.{args.host}.cmd.{args.verb}",
                 msgspec.json.encode(body),
                 timeout=args.timeout,
             )
@@ -392,10 +419,10 @@ def cmd_hosts(args: argparse.Namespace) -> int:
 
     from agent.registry import BUCKET, Registry  # noqa: PLC0415
 
-    urls, _ = _bus(args)
+    bus = _bus(args)
 
     async def go() -> int:
-        nc = await nats.connect(servers=urls, name="virt-agent hosts")
+        nc = await bus.connect("virt-agent hosts")
         try:
             try:
                 kv = await nc.jetstream().key_value(BUCKET)
@@ -427,7 +454,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
     from agent.opwatch import follow, printer  # noqa: PLC0415
 
-    urls, prefix = _bus(args)
+    bus = _bus(args)
     verb = "migrate_with_failover" if args.failover else "migrate"
     body: dict[str, Any] = {"domain": args.domain, "destination": args.destination}
     for key in ("mode", "primary", "max_downtime_ms", "bandwidth_mib_s", "postcopy", "timeout_s"):
@@ -439,10 +466,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             body[key] = value
 
     async def go() -> int:
-        nc = await nats.connect(servers=urls, name="virt-agent migrate")
+        nc = await bus.connect("virt-agent migrate")
         try:
             try:
-                msg = await nc.request(f"{prefix}.{args.source}.cmd.{verb}",
+                msg = await nc.request(f"{bus.prefix}.{args.source}.cmd.{verb}",
                                        msgspec.json.encode(body), timeout=30)  # fmt: skip
             except nats.errors.NoRespondersError:
                 print(f"virt-agent migrate: no agent answers for host {args.source!r}",
@@ -459,7 +486,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                   + (f" (mode {mode})" if mode else ""), flush=True)  # fmt: skip
             if not args.wait:
                 return EXIT_OK
-            op = await follow(nc, f"{prefix}.{args.source}.op.{op_id}",
+            op = await follow(nc, f"{bus.prefix}.{args.source}.op.{op_id}",
                               printer(sys.stdout, sys.stdout.isatty()))  # fmt: skip
         finally:
             await nc.close()

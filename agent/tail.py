@@ -8,10 +8,9 @@ import sys
 from typing import Any, TextIO
 
 import msgspec
-import nats
 from nats.aio.msg import Msg
 
-from agent.bus import subscribed
+from agent.bus import BusTarget, subscribed
 
 UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
 
@@ -111,8 +110,7 @@ def matches_domain(event: dict[str, Any], domain: str | None) -> bool:
 
 
 async def tail(
-    urls: list[str],
-    prefix: str,
+    bus: BusTarget,
     host: str | None,
     domain: str | None,
     etype: str | None,
@@ -121,7 +119,8 @@ async def tail(
     limit: int | None = None,
     reorder_s: float = 1.0,
 ) -> int:
-    nc = await nats.connect(servers=urls, max_reconnect_attempts=-1, name="virt-agent events")
+    nc = await bus.connect("virt-agent events", allow_reconnect=True, max_reconnect_attempts=-1)
+    prefix = bus.prefix
     loop = asyncio.get_running_loop()
     done = asyncio.Event()
     order = Reorder(reorder_s)

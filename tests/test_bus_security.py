@@ -243,6 +243,22 @@ def openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
 
 
+def cli(*args: str, timeout: float = 60, **env: str) -> tuple[int, str]:
+    """`virt-agent <args>` with these environment settings; (exit status, output). A command
+    still running at `timeout` (a tail) is stopped and reported as -1."""
+    try:
+        p = subprocess.run([sys.executable, "-m", "agent", *args], cwd=ROOT, env=agent_env(**env),
+                           capture_output=True, text=True, timeout=timeout, check=False)  # fmt: skip
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout or b""
+        err = exc.stderr or b""
+        text = (out.decode() if isinstance(out, bytes) else out) + (
+            err.decode() if isinstance(err, bytes) else err
+        )
+        return -1, text
+    return p.returncode, p.stdout + p.stderr
+
+
 def make_pki(d: Path) -> None:
     """A CA of the test's own, a server certificate for 127.0.0.1 and a client certificate."""
     ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
@@ -298,6 +314,23 @@ async def test_mutual_tls_with_a_ca_of_our_own(
             "VIRT_AGENT_NATS_TLS_KEY_FILE": str(pki / "client.key")}  # fmt: skip
     code, out = check(*args, **env)
     assert code == 0, out
+    # The operator's tools read the same settings: `call`, `hosts` and `events` work over it.
+    url = f"tls://127.0.0.1:{server.port}"
+    code, out = await asyncio.to_thread(cli, "call", agent.host, "ping", "--nats-url", url, **env)
+    assert code == 0, out
+    assert '"ok": true' in out
+    code, out = await asyncio.to_thread(cli, "hosts", "--nats-url", url, **env)
+    assert code == 0, out
+    assert agent.host in out
+    code, out = await asyncio.to_thread(
+        cli, "events", "--nats-url", url, "--host", agent.host, "--count", "1", "--reorder-s", "0",
+        timeout=5, **env,
+    )  # fmt: skip
+    assert "listening on" in out, out
+    no_cert = {k: v for k, v in env.items() if "CERT" not in k and "KEY" not in k}
+    code, out = await asyncio.to_thread(cli, "call", agent.host, "ping", "--nats-url", url,
+                                        **no_cert)  # fmt: skip
+    assert code != 0, out
 
 
 async def test_token_authentication_from_a_file(
@@ -510,4 +543,14 @@ async def test_creds_file_authentication_with_the_examples_permissions(
     assert code == 5, out
     code, out = check(*args, VIRT_AGENT_NATS_CREDS_FILE=str(files["hv01"]))
     assert code == 0, out
+    # The operator's CLI with the controller's creds and inbox prefix.
+    controller_env = {"VIRT_AGENT_NATS_CREDS_FILE": str(files["controller"]),
+                      "VIRT_AGENT_NATS_INBOX_PREFIX": "_INBOX_controller"}  # fmt: skip
+    code, out = await asyncio.to_thread(cli, "call", "hv01", "ping", "--nats-url", server.url,
+                                        **controller_env)  # fmt: skip
+    assert code == 0, out
+    code, out = await asyncio.to_thread(cli, "call", "hv01", "ping", "--nats-url", server.url,
+                                        "--timeout", "3",
+                                        VIRT_AGENT_NATS_CREDS_FILE=str(files["controller"]))  # fmt: skip
+    assert code != 0, "the default inbox is not the controller's: no reply can come"
     assert str(files["hv01.seed"]) not in out
