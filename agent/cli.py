@@ -52,6 +52,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--type", dest="etype", help="only this event type, e.g. lifecycle")
     ev.add_argument("--json", action="store_true", help="print each CloudEvent as raw JSON")
     ev.add_argument("--count", type=int, help="exit after this many events")
+    ev.add_argument(
+        "--since",
+        help="replay stored events from then: 90s, 30m, 2h, 7d ago or an "
+        "ISO 8601 time (2026-11-30T10:00Z)",
+    )
+    ev.add_argument("--last", type=int, help="replay the last N stored events")
+    ev.add_argument(
+        "--follow",
+        action="store_true",
+        help="with --since/--last: then go on with live events (no gap, no repeat)",
+    )
     ev.add_argument("--reorder-s", type=float, default=1.0,
                     help="hold each event this long for earlier ones of its boot still on their "
                          "way, so output is in sequence order (0: print as received)")  # fmt: skip
@@ -359,9 +370,15 @@ def _arm_overdue(after: float) -> None:
 
 
 def cmd_events(args: argparse.Namespace) -> int:
-    from agent.tail import tail  # noqa: PLC0415
+    from agent.tail import parse_since, tail  # noqa: PLC0415
 
     bus = _bus(args)
+    try:
+        since = parse_since(args.since) if args.since else None
+    except ValueError as exc:
+        print(f"virt-agent events: {exc}", file=sys.stderr)
+        return EXIT_BAD_SETTINGS
+    replay = since is not None or args.last is not None
     with contextlib.suppress(KeyboardInterrupt):
         return asyncio.run(
             tail(
@@ -372,6 +389,9 @@ def cmd_events(args: argparse.Namespace) -> int:
                 args.json,
                 limit=args.count,
                 reorder_s=args.reorder_s,
+                since=since,
+                last=args.last,
+                follow=args.follow or not replay,
             )
         )
     return EXIT_OK

@@ -1,10 +1,15 @@
-"""`virt-agent events`: tail the bus, one readable line per event (or raw JSON)."""
+"""`virt-agent events`: tail the bus, one readable line per event (or raw JSON) - live, or
+replayed from VIRT_EVENTS (`--since`, `--last`) and then followed (`--follow`) through one
+JetStream ordered consumer, so there is no seam between history and live: nothing twice,
+nothing missing. Output is in `sequence` order within each boot."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import re
 import sys
+from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
 
 import msgspec
@@ -102,6 +107,35 @@ class Reorder:
         return [(h[3], h[4]) for h in held]
 
 
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+
+
+def parse_since(text: str, now: datetime | None = None) -> datetime:
+    """`90s`, `30m`, `2h`, `7d` ago, or an ISO 8601 time (`2026-11-30T10:00Z`; UTC if no zone)."""
+    now = now or datetime.now(UTC)
+    m = _DURATION.match(text.strip())
+    if m:
+        seconds = float(m[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m[2]]
+        return now - timedelta(seconds=seconds)
+    try:
+        t = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"--since {text!r}: give a duration (90s, 30m, 2h, 7d) or an ISO 8601 "
+                         "time (2026-11-30T10:00Z)") from None  # fmt: skip
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+def subject_matches(subject: str, pattern: str) -> bool:
+    """NATS wildcard matching (`*` one token, `>` the rest)."""
+    s, p = subject.split("."), pattern.split(".")
+    for i, tok in enumerate(p):
+        if tok == ">":
+            return len(s) > i
+        if i >= len(s) or (tok != "*" and tok != s[i]):
+            return False
+    return len(s) == len(p)
+
+
 def matches_domain(event: dict[str, Any], domain: str | None) -> bool:
     if domain is None:
         return True
@@ -118,7 +152,12 @@ async def tail(
     out: TextIO = sys.stdout,
     limit: int | None = None,
     reorder_s: float = 1.0,
+    since: datetime | None = None,
+    last: int | None = None,
+    follow: bool = True,
 ) -> int:
+    """Live (neither `since` nor `last`), or replayed from the stream - from `since`, the last
+    `last` of them, or both - then followed if `follow`."""
     nc = await bus.connect("virt-agent events", allow_reconnect=True, max_reconnect_attempts=-1)
     prefix = bus.prefix
     loop = asyncio.get_running_loop()
@@ -154,15 +193,71 @@ async def tail(
             emit(order.due(loop.time()))
 
     subjects = subjects_for(prefix, host, domain, etype)
-    for subject in subjects:
-        await nc.subscribe(subject, cb=on_msg)
-    await subscribed(nc)
-    print(f"# listening on {', '.join(subjects)}", file=sys.stderr, flush=True)
     releaser = asyncio.create_task(release())
     try:
-        await done.wait()
+        if since is None and last is None:
+            for subject in subjects:
+                await nc.subscribe(subject, cb=on_msg)
+            await subscribed(nc)
+            print(f"# listening on {', '.join(subjects)}", file=sys.stderr, flush=True)
+            await done.wait()
+        else:
+            await _replay(nc, subjects, since, last, follow, on_msg, done)
     finally:
         releaser.cancel()
         emit(order.drain())  # also on Ctrl-C: what was held is printed
         await nc.drain()
     return 0
+
+
+async def _replay(
+    nc: Any,
+    subjects: list[str],
+    since: datetime | None,
+    last: int | None,
+    follow: bool,
+    on_msg: Any,
+    done: asyncio.Event,
+) -> None:
+    """One ordered consumer on VIRT_EVENTS: what is stored (from `since`; of it, the last
+    `last` once caught up), then - with `follow` - what is stored from then on."""
+    from nats.js.api import ConsumerConfig, DeliverPolicy  # noqa: PLC0415
+
+    from agent.streams import EVENTS_STREAM  # noqa: PLC0415
+
+    js = nc.jetstream()
+    info = await js.stream_info(EVENTS_STREAM)
+    # One consumer filter: the subject itself, or the host's (or every host's) whole tree.
+    tokens = subjects[0].split(".")
+    filt = subjects[0] if len(subjects) == 1 else ".".join([*tokens[:2], ">"])
+    config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
+    if since is not None:
+        config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME,
+                                opt_start_time=since.astimezone(UTC).isoformat())  # fmt: skip
+    print(f"# replaying {filt} from {EVENTS_STREAM}"
+          + (f" since {since.isoformat()}" if since else "")
+          + (f", the last {last}" if last else "") + (", then following" if follow else ""),
+          file=sys.stderr, flush=True)  # fmt: skip
+    if info.state.messages == 0 and not follow:
+        return
+    sub = await js.subscribe(filt, stream=EVENTS_STREAM, ordered_consumer=True, config=config)
+    # With --last, what is stored is held until caught up, then its last N go out.
+    held: collections.deque[Msg] = collections.deque(maxlen=last or None)
+    caught_up = info.state.messages == 0
+    try:
+        while not done.is_set() and (follow or not caught_up):
+            try:
+                msg: Msg | None = await sub.next_msg(timeout=1.0)
+            except TimeoutError:
+                msg = None  # nothing (more) stored under the filter: caught up
+            if msg is not None and any(subject_matches(msg.subject, s) for s in subjects):
+                if last and not caught_up:
+                    held.append(msg)
+                else:
+                    await on_msg(msg)
+            if not caught_up and (msg is None or msg.metadata.num_pending == 0):
+                caught_up = True
+                while held:
+                    await on_msg(held.popleft())
+    finally:
+        await sub.unsubscribe()

@@ -562,3 +562,37 @@ async def test_a_subject_no_stream_takes_is_set_aside_and_the_rest_flows(
         assert all(d["reason"] == "no stream takes this subject" for d in dead)
     finally:
         await nc.close()
+
+
+async def test_virt_agent_events_replays_history_and_follows_without_a_seam(
+    nats_server: NatsServer, start_agent: Callable[..., Awaitable[RunningAgent]]
+) -> None:
+    """`--since` and `--last` replay VIRT_EVENTS, in sequence order, and exit once caught up;
+    with `--follow` the live events come after the stored ones, none twice, none missing."""
+    agent = await start_agent()
+    nc = await nats.connect(nats_server.url)
+
+    def run(*extra: str) -> list[str]:
+        p = subprocess.run(
+            [sys.executable, "-m", "agent", "events", "--nats-url", nats_server.url,
+             "--host", agent.host, "--type", "lifecycle", "--json", *extra],
+            cwd=ROOT, env=agent_env(), capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert p.returncode == 0, p.stderr
+        return [json.loads(line)["data"]["event"] for line in p.stdout.splitlines()]
+
+    try:
+        await flip(nc, agent.host, 3)
+        await agent.settled()
+        assert await asyncio.to_thread(run, "--since", "1h") == ["suspended", "resumed"] * 3
+        assert await asyncio.to_thread(run, "--last", "3") == ["resumed", "suspended", "resumed"]
+        assert await asyncio.to_thread(run, "--since", "2026-01-01T00:00Z", "--last", "1") == [
+            "resumed"
+        ]
+        follow = asyncio.create_task(asyncio.to_thread(run, "--since", "1h", "--follow",
+                                                       "--count", "10", "--reorder-s", "0.2"))  # fmt: skip
+        await asyncio.sleep(2)
+        await flip(nc, agent.host, 2)
+        assert await asyncio.wait_for(follow, 60) == ["suspended", "resumed"] * 5
+    finally:
+        await nc.close()
