@@ -67,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="hold each event this long for earlier ones of its boot still on their "
                          "way, so output is in sequence order (0: print as received)")  # fmt: skip
 
+    hi = sub.add_parser("history", help="one domain's timeline across hosts, from the streams")
+    hi.add_argument("domain", help="name or UUID")
+    hi.add_argument("--since", help="from then: 90s, 30m, 2h, 7d ago or an ISO 8601 time")
+    hi.add_argument("--json", action="store_true", help="print each CloudEvent as raw JSON")
+    _bus_args(hi)
+
     call = sub.add_parser("call", help="send a command to a host's agent and print the reply")
     call.add_argument("host", help="host id")
     call.add_argument("verb", help="e.g. ping, capabilities, domain.list, domain.start")
@@ -196,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = {
         "run": cmd_run,
         "events": cmd_events,
+        "history": cmd_history,
         "call": cmd_call,
         "hosts": cmd_hosts,
         "migrate": cmd_migrate,
@@ -395,6 +402,19 @@ def cmd_events(args: argparse.Namespace) -> int:
             )
         )
     return EXIT_OK
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    from agent.history import history  # noqa: PLC0415
+    from agent.tail import parse_since  # noqa: PLC0415
+
+    bus = _bus(args)
+    try:
+        since = parse_since(args.since) if args.since else None
+    except ValueError as exc:
+        print(f"virt-agent history: {exc}", file=sys.stderr)
+        return EXIT_BAD_SETTINGS
+    return asyncio.run(history(bus, args.domain, args.json, since))
 
 
 # ---------------------------------------------------------------- call and hosts

@@ -596,3 +596,34 @@ async def test_virt_agent_events_replays_history_and_follows_without_a_seam(
         assert await asyncio.wait_for(follow, 60) == ["suspended", "resumed"] * 5
     finally:
         await nc.close()
+
+
+async def test_virt_agent_history_shows_one_domains_timeline_across_hosts(
+    nats_server: NatsServer, start_agent: Callable[..., Awaitable[RunningAgent]]
+) -> None:
+    """Two hosts' agents see the same domain (one in-process test driver): `virt-agent
+    history test` prints its events from both hosts, in time order, and nothing of others."""
+    a = await start_agent()
+    b = await start_agent()
+    nc = await nats.connect(nats_server.url)
+    try:
+        await flip(nc, a.host, 2)
+        for r in (a, b):
+            await r.settled()
+        p = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "agent", "history", "test", "--nats-url", nats_server.url,
+             "--json"],
+            cwd=ROOT, env=agent_env(), capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+    finally:
+        await nc.close()
+    assert p.returncode == 0, p.stderr
+    events = [json.loads(line) for line in p.stdout.splitlines()]
+    assert {e["data"]["domain"]["name"] for e in events} == {"test"}
+    assert {e["data"]["host"] for e in events} == {a.host, b.host}
+    for r in (a, b):
+        mine = [e["data"]["event"] for e in events if e["data"]["host"] == r.host]
+        assert mine == ["suspended", "resumed"] * 2
+    times = [e["time"] for e in events]
+    assert times == sorted(times)

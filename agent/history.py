@@ -1,0 +1,97 @@
+"""`virt-agent history DOMAIN`: one VM's timeline across hosts from both streams - its
+lifecycle and device events (VIRT_EVENTS, every host), and the operations on it (VIRT_OPS) -
+in time order; a migration shows as `stopped/migrated` on one host, `resumed/migrated` on
+the other, and the operation that moved it."""
+
+from __future__ import annotations
+
+import sys
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+import msgspec
+
+from agent.bus import BusTarget
+from agent.streams import EVENTS_STREAM, OPS_STREAM
+from agent.tail import UUID_RE, render
+
+
+async def stored(js: Any, stream: str, subject: str, since: datetime | None) -> list[Any]:
+    """Everything `stream` holds on `subject` (from `since`), through an ordered consumer."""
+    from nats.js.api import ConsumerConfig, DeliverPolicy  # noqa: PLC0415
+    from nats.js.errors import NotFoundError  # noqa: PLC0415
+
+    try:
+        if (await js.stream_info(stream)).state.messages == 0:
+            return []
+    except NotFoundError:
+        return []
+    config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
+    if since is not None:
+        config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME,
+                                opt_start_time=since.astimezone(UTC).isoformat())  # fmt: skip
+    sub = await js.subscribe(subject, stream=stream, ordered_consumer=True, config=config)
+    out = []
+    try:
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=1.0)
+            except TimeoutError:
+                break
+            out.append(msgspec.json.decode(msg.data))
+            if msg.metadata.num_pending == 0:
+                break
+    finally:
+        await sub.unsubscribe()
+    return out
+
+
+def _field(event: dict[str, Any], outer: str, inner: str) -> Any:
+    return ((event.get("data") or {}).get(outer) or {}).get(inner)
+
+
+def render_op(event: dict[str, Any]) -> str:
+    data = event.get("data") or {}
+    op = data.get("operation") or {}
+    dest = (op.get("progress") or {}).get("destination") or (op.get("result") or {}).get(
+        "destination", ""
+    )
+    err = op.get("error") or {}
+    tail = f" -> {dest}" if dest else ""
+    tail += f" ({err.get('code')}: {err.get('message')})" if err else ""
+    return (f"{event.get('time', '?')} {data.get('host', '?')} #{event.get('sequence', '?')} "
+            f"operation {op.get('verb')} {op.get('id', '')[:8]} {op.get('state')} "
+            f"step={op.get('step')}{tail}")  # fmt: skip
+
+
+async def history(
+    bus: BusTarget,
+    domain: str,
+    as_json: bool,
+    since: datetime | None = None,
+    out: TextIO = sys.stdout,
+) -> int:
+    """Print the timeline; 1 if nothing is stored for the domain."""
+    nc = await bus.connect("virt-agent history")
+    try:
+        js = nc.jetstream()
+        by_uuid = bool(UUID_RE.match(domain))
+        subject = f"{bus.prefix}.*.event.{domain if by_uuid else '*'}.>"
+        events = [e for e in await stored(js, EVENTS_STREAM, subject, since)
+                  if by_uuid or _field(e, "domain", "name") == domain]  # fmt: skip
+        uuids = {domain} if by_uuid else {e["subject"] for e in events if e.get("subject")}
+        ops = [e for e in await stored(js, OPS_STREAM, f"{bus.prefix}.*.op.>", since)
+               if _field(e, "operation", "domain") in uuids]  # fmt: skip
+    finally:
+        await nc.close()
+    timeline = sorted(events + ops, key=lambda e: (e.get("time", ""), e.get("sequence", 0)))
+    if not timeline:
+        print(f"virt-agent history: nothing stored for domain {domain!r}", file=sys.stderr)
+        return 1
+    for e in timeline:
+        if as_json:
+            print(msgspec.json.encode(e).decode(), file=out)
+        else:
+            print(render_op(e) if str(e.get("type", "")).startswith("virt.operation.")
+                  else render(e), file=out)  # fmt: skip
+    return 0
