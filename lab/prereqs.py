@@ -19,6 +19,9 @@ DEBIAN_PACKAGES = [
     "iproute2",
     "pkg-config",
     "gcc",
+    # promtool and prometheus: the alert rules are checked, unit-tested and shown firing in a
+    # real Prometheus (tests/test_prometheus.py).
+    "prometheus",
 ]
 INSTALL_COMMAND = "apt-get update && apt-get install -y " + " ".join(DEBIAN_PACKAGES)
 
