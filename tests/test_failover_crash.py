@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -97,10 +98,18 @@ async def test_an_agent_killed_at_a_step_boundary_leaves_one_vm_with_one_primary
     offset = serial.stat().st_size
     ops = await collect(f"virt.{agents.ids['a']}.op.>")
 
+    # The operation's precondition: a guest whose bond holds both NICs (on a busy machine the
+    # guest may still be bringing it up; the plan would refuse it, and no step be reached).
+    await bond_now(serial, 2, timeout=90)
     req = {"domain": u, "destination": agents.ids["b"]}
+    reply: Any = "no reply (the agent may die before it answers)"
     with contextlib.suppress(Exception):
-        await call(nc, agents.ids["a"], "migrate_with_failover", req, timeout=5)
-    status = await wait_exit(agents.procs[victim])
+        reply = await call(nc, agents.ids["a"], "migrate_with_failover", req, timeout=30)
+    try:
+        status = await wait_exit(agents.procs[victim])
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"the agent never reached {point}; the reply was {reply}; its "
+                             f"log: {agents.procs[victim].output()[-3000:]}") from None  # fmt: skip
     assert status == EXIT_STATUS, agents.procs[victim].output()[-3000:]
     agents.start(victim, hosts[victim].uri)
     await agents.ready(nc, victim)
