@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -377,14 +378,10 @@ def _arm_overdue(after: float) -> None:
 
 
 def cmd_events(args: argparse.Namespace) -> int:
-    from agent.tail import parse_since, tail  # noqa: PLC0415
+    from agent.tail import tail  # noqa: PLC0415
 
     bus = _bus(args)
-    try:
-        since = parse_since(args.since) if args.since else None
-    except ValueError as exc:
-        print(f"virt-agent events: {exc}", file=sys.stderr)
-        return EXIT_BAD_SETTINGS
+    since = _since(args)
     replay = since is not None or args.last is not None
     with contextlib.suppress(KeyboardInterrupt):
         return asyncio.run(
@@ -404,16 +401,22 @@ def cmd_events(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_history(args: argparse.Namespace) -> int:
-    from agent.history import history  # noqa: PLC0415
+def _since(args: argparse.Namespace) -> datetime | None:
+    """--since as a time; SettingsError (exit 2, saying what is accepted) if it is not one."""
     from agent.tail import parse_since  # noqa: PLC0415
 
-    bus = _bus(args)
     try:
-        since = parse_since(args.since) if args.since else None
-    except ValueError as exc:
-        print(f"virt-agent history: {exc}", file=sys.stderr)
-        return EXIT_BAD_SETTINGS
+        return parse_since(args.since) if args.since else None
+    except ValueError:
+        accepted = "a duration (90s, 30m, 2h, 7d) or an ISO 8601 time (2026-11-30T10:00Z)"
+        raise SettingsError("--since", args.since, accepted, "command line") from None
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    from agent.history import history  # noqa: PLC0415
+
+    bus = _bus(args)
+    since = _since(args)
     return asyncio.run(history(bus, args.domain, args.json, since))
 
 

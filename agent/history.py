@@ -6,44 +6,18 @@ the other, and the operation that moved it."""
 from __future__ import annotations
 
 import sys
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, TextIO
 
 import msgspec
 
 from agent.bus import BusTarget
-from agent.streams import EVENTS_STREAM, OPS_STREAM
+from agent.streams import EVENTS_STREAM, OPS_STREAM, read_stream
 from agent.tail import UUID_RE, render
 
 
-async def stored(js: Any, stream: str, subject: str, since: datetime | None) -> list[Any]:
-    """Everything `stream` holds on `subject` (from `since`), through an ordered consumer."""
-    from nats.js.api import ConsumerConfig, DeliverPolicy  # noqa: PLC0415
-    from nats.js.errors import NotFoundError  # noqa: PLC0415
-
-    try:
-        if (await js.stream_info(stream)).state.messages == 0:
-            return []
-    except NotFoundError:
-        return []
-    config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
-    if since is not None:
-        config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME,
-                                opt_start_time=since.astimezone(UTC).isoformat())  # fmt: skip
-    sub = await js.subscribe(subject, stream=stream, ordered_consumer=True, config=config)
-    out = []
-    try:
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=1.0)
-            except TimeoutError:
-                break
-            out.append(msgspec.json.decode(msg.data))
-            if msg.metadata.num_pending == 0:
-                break
-    finally:
-        await sub.unsubscribe()
-    return out
+async def stored(nc: Any, stream: str, subject: str, since: datetime | None) -> list[Any]:
+    return [msgspec.json.decode(m.data) for m in await read_stream(nc, stream, subject, since)]
 
 
 def _field(event: dict[str, Any], outer: str, inner: str) -> Any:
@@ -74,13 +48,12 @@ async def history(
     """Print the timeline; 1 if nothing is stored for the domain."""
     nc = await bus.connect("virt-agent history")
     try:
-        js = nc.jetstream()
         by_uuid = bool(UUID_RE.match(domain))
         subject = f"{bus.prefix}.*.event.{domain if by_uuid else '*'}.>"
-        events = [e for e in await stored(js, EVENTS_STREAM, subject, since)
+        events = [e for e in await stored(nc, EVENTS_STREAM, subject, since)
                   if by_uuid or _field(e, "domain", "name") == domain]  # fmt: skip
         uuids = {domain} if by_uuid else {e["subject"] for e in events if e.get("subject")}
-        ops = [e for e in await stored(js, OPS_STREAM, f"{bus.prefix}.*.op.>", since)
+        ops = [e for e in await stored(nc, OPS_STREAM, f"{bus.prefix}.*.op.>", since)
                if _field(e, "operation", "domain") in uuids]  # fmt: skip
     finally:
         await nc.close()

@@ -14,12 +14,22 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
-from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.api import (
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
 from nats.js.errors import BadRequestError, NotFoundError
 
 from agent.envelope import Subjects
@@ -176,3 +186,47 @@ class Streams:
                 self.check_requested.set()
             else:
                 self.check_requested.clear()
+
+
+async def read_stream(
+    nc: NATS,
+    stream: str,
+    subject: str = ">",
+    since: datetime | None = None,
+    patience_s: float = 60.0,
+) -> list[Msg]:
+    """Everything `stream` holds on `subject` (from `since`), in stream order, through an
+    ordered consumer; none if the stream does not exist. A cluster that just lost a node
+    answers JetStream requests again once it has elected new leaders: asked again until
+    then, within `patience_s`."""
+    js = nc.jetstream()
+    config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
+    if since is not None:
+        config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME,
+                                opt_start_time=since.astimezone(UTC).isoformat())  # fmt: skip
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            if (await js.stream_info(stream)).state.messages == 0:
+                return []
+            sub = await js.subscribe(subject, stream=stream, ordered_consumer=True, config=config)
+            break
+        except NotFoundError:
+            return []
+        except NatsTimeoutError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.5)
+    out: list[Msg] = []
+    try:
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=2.0)
+            except TimeoutError:
+                break  # nothing (more) under the filter
+            out.append(msg)
+            if msg.metadata.num_pending == 0:
+                break
+    finally:
+        await sub.unsubscribe()
+    return out

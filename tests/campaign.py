@@ -50,6 +50,7 @@ import libvirt
 import msgspec
 
 from agent.embedded import NatsServer
+from agent.streams import read_stream
 from lab.agents import agent_env
 from lab.daemon import LibvirtDaemon, free_port
 
@@ -248,40 +249,12 @@ def restart(server: NatsServer) -> None:
 
 
 async def stored(urls: list[str], stream: str, subject: str) -> list[dict[str, Any]]:
-    """Everything `stream` holds on `subject`, in stream order (asked again while a cluster
-    elects leaders)."""
+    """Everything `stream` holds on `subject`, in stream order."""
     import nats  # noqa: PLC0415
-    from nats.js.errors import NotFoundError  # noqa: PLC0415
 
     nc = await nats.connect(servers=urls)
     try:
-        js = nc.jetstream()
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if (await js.stream_info(stream)).state.messages == 0:
-                    return []
-                sub = await js.subscribe(subject, stream=stream, ordered_consumer=True)
-                break
-            except NotFoundError:
-                return []
-            except nats.errors.TimeoutError:
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.5)
-        out = []
-        try:
-            while True:
-                try:
-                    msg = await sub.next_msg(timeout=2.0)
-                except TimeoutError:
-                    break
-                out.append(msgspec.json.decode(msg.data))
-                if msg.metadata.num_pending == 0:
-                    break
-        finally:
-            await sub.unsubscribe()
-        return out
+        return [msgspec.json.decode(m.data) for m in await read_stream(nc, stream, subject)]
     finally:
         await nc.close()
 

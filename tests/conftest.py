@@ -25,6 +25,7 @@ from nats.aio.msg import Msg
 from agent.bus import subscribed
 from agent.embedded import NatsServer
 from agent.settings import Settings, load
+from agent.streams import read_stream
 from agent.supervisor import Agent
 from lab.agents import agent_env
 from lab.daemon import LibvirtDaemon
@@ -319,34 +320,8 @@ async def stream_messages(
     nc: NATS, stream: str, subject: str = ">"
 ) -> list[tuple[str, dict[str, Any], dict[str, str]]]:
     """Everything a JetStream stream holds on a subject filter, in stream order."""
-    js = nc.jetstream()
-    # A cluster that just lost a node answers JetStream requests again once it has elected
-    # new leaders: asked again until then, within a bound.
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            info = await js.stream_info(stream)
-            out: list[tuple[str, dict[str, Any], dict[str, str]]] = []
-            if info.state.messages == 0:
-                return out
-            sub = await js.subscribe(subject, stream=stream, ordered_consumer=True)
-            break
-        except nats.errors.TimeoutError:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.5)
-    try:
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=2.0)
-            except TimeoutError:
-                break
-            out.append((msg.subject, msgspec.json.decode(msg.data), dict(msg.headers or {})))
-            if msg.metadata.num_pending == 0:
-                break
-    finally:
-        await sub.unsubscribe()
-    return out
+    return [(m.subject, msgspec.json.decode(m.data), dict(m.headers or {}))
+            for m in await read_stream(nc, stream, subject)]  # fmt: skip
 
 
 class AgentProcess:
