@@ -9,6 +9,7 @@ reach - each check printed, the exit status naming the first that failed:
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import tempfile
@@ -107,18 +108,29 @@ def _http(listen: str) -> str:
     return f"{listen} free"
 
 
-def check(config: str | None, overrides: dict[str, Any], offline: bool) -> int:
+def check(
+    config: str | None, overrides: dict[str, Any], offline: bool, as_json: bool = False
+) -> int:
+    results: list[dict[str, Any]] = []
+
     def line(name: str, ok: bool, text: str) -> None:
-        print(f"{'ok  ' if ok else 'FAIL'} {name:<10} {text}", flush=True)
+        results.append({"name": name, "ok": ok, "text": text})
+        if not as_json:
+            print(f"{'ok  ' if ok else 'FAIL'} {name:<10} {text}", flush=True)
+
+    def done(code: int) -> int:
+        if as_json:
+            print(json.dumps({"ok": code == 0, "exit": code, "checks": results}), flush=True)
+        return code
 
     try:
         s = load(config, os.environ, overrides).settings
     except SettingsError as exc:
         line("settings", False, exc.message)
-        return EXIT["settings"]
+        return done(EXIT["settings"])
     line("settings", True, f"host {s.host_id}, libvirt {s.libvirt.uri}, nats {redact(s.nats.urls)}")
     if offline:
-        return 0
+        return done(0)
     checks: list[tuple[str, Any]] = [
         ("state_dir", lambda: _state_dir(s.state_dir)),
         ("libvirt", lambda: _libvirt(s.libvirt.uri)),
@@ -131,5 +143,5 @@ def check(config: str | None, overrides: dict[str, Any], offline: bool) -> int:
             line(name, True, fn())
         except Exception as exc:  # noqa: BLE001 - every failure is reported, not raised
             line(name, False, redact(str(exc).strip() or type(exc).__name__))
-            return EXIT[name]
-    return 0
+            return done(EXIT[name])
+    return done(0)

@@ -39,13 +39,64 @@ EMBEDDED_LIBVIRT_URI = "test:///default"
 SHUTDOWN_OVERDUE_S = 2.0
 
 
+# Each subcommand's exit statuses, shown in its --help.
+EXITS = {
+    "run": "0 stopped in order; 1 failed (or shutdown overdue); 2 bad settings; "
+           "3 the state directory is another agent's",
+    "events": "0 done (--count reached, caught up, or interrupted); 1 NATS unreachable; "
+              "2 bad arguments or settings",
+    "history": "0 printed; 1 nothing stored for the domain, or NATS unreachable; 2 bad arguments",
+    "call": "0 the reply is ok; 1 an error reply, no reply or NATS unreachable; 2 bad arguments",
+    "hosts": "0 listed; 1 NATS unreachable; 2 bad settings",
+    "migrate": "0 accepted (with --wait: succeeded); 1 refused, failed or unreachable; "
+               "2 bad arguments",
+    "check-config": "0 all good; 2 a setting; 3 state directory; 4 libvirt; 5 NATS; 6 HTTP; "
+                    "7 a fleet stream differs",
+    "health": "0 the endpoint answered 200; 1 it did not (or no HTTP is configured); "
+              "2 bad settings",
+}  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="virt-agent", description=__doc__)
     p.add_argument("--version", action="version", version=f"virt-agent {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
+    real_add = sub.add_parser
 
-    _settings_args(sub.add_parser("run", help="run the agent"))
+    def add_parser(name: str, **kw: Any) -> argparse.ArgumentParser:
+        return real_add(name, epilog=f"exit status: {EXITS[name]}", **kw)
 
+    sub.add_parser = add_parser  # type: ignore[method-assign]
+    _agent_parsers(sub)
+    _bus_parsers(sub)
+    _migrate_parser(sub)
+    return p
+
+
+def _agent_parsers(sub: Any) -> None:
+    """The subcommands of the agent's own host: run, check-config, health."""
+    run = sub.add_parser("run", help="run the agent")
+    _settings_args(run)
+    run.add_argument("--json", action="store_true", help="log as JSON lines (--log-format json)")
+
+    chk = sub.add_parser("check-config", help="validate the settings and what they must reach")
+    _settings_args(chk)
+    chk.add_argument(
+        "--offline",
+        action="store_true",
+        help="the settings only; do not try libvirt, NATS, the state dir, HTTP",
+    )
+    chk.add_argument("--json", action="store_true", help="one JSON document: every check")
+
+    hl = sub.add_parser("health", help="probe the running agent's /healthz (or /readyz)")
+    _settings_args(hl)
+    hl.add_argument("--ready", action="store_true", help="probe /readyz instead of /healthz")
+    hl.add_argument("--timeout", type=float, default=4.0, help="seconds to wait for the answer")
+    hl.add_argument("--json", action="store_true", help="one JSON document: url, status, body")
+
+
+def _bus_parsers(sub: Any) -> None:
+    """The operator's read and call subcommands: events, history, call, hosts."""
     ev = sub.add_parser("events", help="tail events from the bus")
     _bus_args(ev)
     ev.add_argument("--host", help="only this host id")
@@ -80,11 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
     call.add_argument("args", nargs="*", help="one JSON object, or key=value pairs")
     _bus_args(call)
     call.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the reply")
+    call.add_argument("--json", action="store_true", help="the reply as one line of JSON")
 
     hosts = sub.add_parser("hosts", help="list the hosts registered in virt_hosts")
     _bus_args(hosts)
     hosts.add_argument("--json", action="store_true", help="print the registrations as JSON")
 
+
+def _migrate_parser(sub: Any) -> None:
     mig = sub.add_parser("migrate", help="live-migrate a domain between two hosts' agents")
     mig.add_argument("domain", help="domain name or UUID")
     mig.add_argument("--from", dest="source", required=True, help="the source host id")
@@ -106,21 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mig.add_argument("--timeout-s", type=float, help="abort the migration after this long")
     mig.add_argument("--wait", action="store_true", help="follow the operation to its end")
-    _bus_args(mig)
-
-    chk = sub.add_parser("check-config", help="validate the settings and what they must reach")
-    _settings_args(chk)
-    chk.add_argument(
-        "--offline",
+    mig.add_argument(
+        "--json",
         action="store_true",
-        help="the settings only; do not try libvirt, NATS, the state dir, HTTP",
+        help="the reply as JSON; with --wait, each operation event as a JSON line",
     )
-
-    hl = sub.add_parser("health", help="probe the running agent's /healthz (or /readyz)")
-    _settings_args(hl)
-    hl.add_argument("--ready", action="store_true", help="probe /readyz instead of /healthz")
-    hl.add_argument("--timeout", type=float, default=4.0, help="seconds to wait for the answer")
-    return p
+    _bus_args(mig)
 
 
 def _settings_args(p: argparse.ArgumentParser) -> None:
@@ -223,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     from agent.checkconfig import check  # noqa: PLC0415
 
-    return check(args.config, _overrides(args), args.offline)
+    return check(args.config, _overrides(args), args.offline, args.json)
 
 
 def cmd_health(args: argparse.Namespace) -> int:
@@ -242,15 +287,22 @@ def cmd_health(args: argparse.Namespace) -> int:
     host, _, port = listen.rpartition(":")
     host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "[::]": "[::1]"}.get(host, host)  # noqa: S104
     url = f"http://{host}:{port}/{'readyz' if args.ready else 'healthz'}"
+    status, body = 0, ""
     try:
         with urllib.request.urlopen(url, timeout=args.timeout) as resp:
-            print(resp.read().decode(errors="replace").strip())
-            return EXIT_OK
+            status, body = resp.status, resp.read().decode(errors="replace").strip()
     except urllib.error.HTTPError as exc:
-        print(f"{url}: {exc.code} {exc.read().decode(errors='replace').strip()}", file=sys.stderr)
+        status, body = exc.code, exc.read().decode(errors="replace").strip()
     except (OSError, TimeoutError) as exc:
-        print(f"{url}: {exc}", file=sys.stderr)
-    return EXIT_FAILED
+        body = str(exc)
+    ok = status == 200
+    if args.json:
+        print(msgspec.json.encode({"ok": ok, "url": url, "status": status, "body": body}).decode())
+    elif ok:
+        print(body)
+    else:
+        print(f"{url}: {status or ''} {body}".replace("  ", " "), file=sys.stderr)
+    return EXIT_OK if ok else EXIT_FAILED
 
 
 # ---------------------------------------------------------------- run
@@ -258,7 +310,10 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     try:
-        loaded = load(args.config, os.environ, _overrides(args))
+        overrides = _overrides(args)
+        if args.json:
+            overrides["log.format"] = "json"
+        loaded = load(args.config, os.environ, overrides)
     except SettingsError as exc:
         print(f"virt-agent: {exc.message}", file=sys.stderr)
         return EXIT_BAD_SETTINGS
@@ -451,7 +506,7 @@ def cmd_call(args: argparse.Namespace) -> int:
         finally:
             await nc.close()
         reply = msgspec.json.decode(msg.data)
-        print(msgspec.json.format(msg.data, indent=2).decode())
+        print(msg.data.decode() if args.json else msgspec.json.format(msg.data, indent=2).decode())
         return EXIT_OK if isinstance(reply, dict) and reply.get("ok") else EXIT_FAILED
 
     return asyncio.run(go())
@@ -491,6 +546,11 @@ def cmd_hosts(args: argparse.Namespace) -> int:
     return asyncio.run(go())
 
 
+def json_lines(op: dict[str, Any]) -> None:
+    """An operation's every update as one JSON line (`migrate --wait --json`)."""
+    print(msgspec.json.encode(op).decode(), flush=True)
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     """Exit 0 when the migration was accepted (or, with --wait, succeeded), else 1."""
     import nats  # noqa: PLC0415
@@ -515,25 +575,33 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                 msg = await nc.request(f"{bus.prefix}.{args.source}.cmd.{verb}",
                                        msgspec.json.encode(body), timeout=30)  # fmt: skip
             except nats.errors.NoRespondersError:
-                print(f"virt-agent migrate: no agent answers for host {args.source!r}",
-                      file=sys.stderr)  # fmt: skip
-                return EXIT_FAILED
-            reply = msgspec.json.decode(msg.data)
+                msg = None
+            gone = f"no agent answers for host {args.source!r}"
+            reply: dict[str, Any] = (
+                msgspec.json.decode(msg.data)
+                if msg is not None
+                else {"ok": False, "error": {"code": "unavailable", "message": gone, "details": {}}}
+            )
+            if args.json:
+                print(msgspec.json.encode(reply).decode(), flush=True)
             if not reply.get("ok"):
                 err = reply["error"]
-                print(f"virt-agent migrate: {err['code']}: {err['message']}", file=sys.stderr)
+                if not args.json:
+                    print(f"virt-agent migrate: {err['code']}: {err['message']}", file=sys.stderr)
                 return EXIT_FAILED
             op_id = reply["result"]["operation_id"]
             mode = reply["result"].get("mode")
-            print(f"{verb} {args.domain} {args.source} → {args.destination}: operation {op_id}"
-                  + (f" (mode {mode})" if mode else ""), flush=True)  # fmt: skip
+            if not args.json:
+                print(f"{verb} {args.domain} {args.source} → {args.destination}: operation "
+                      f"{op_id}" + (f" (mode {mode})" if mode else ""), flush=True)  # fmt: skip
             if not args.wait:
                 return EXIT_OK
-            op = await follow(nc, f"{bus.prefix}.{args.source}.op.{op_id}",
-                              printer(sys.stdout, sys.stdout.isatty()))  # fmt: skip
+            show = json_lines if args.json else printer(sys.stdout, sys.stdout.isatty())
+            op = await follow(nc, f"{bus.prefix}.{args.source}.op.{op_id}", show)
         finally:
             await nc.close()
-        print(f"{op['state']}" + (f": {op['error']['message']}" if op.get("error") else ""))
+        if not args.json:
+            print(f"{op['state']}" + (f": {op['error']['message']}" if op.get("error") else ""))
         return EXIT_OK if op["state"] == "succeeded" else EXIT_FAILED
 
     return asyncio.run(go())

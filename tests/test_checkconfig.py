@@ -4,6 +4,7 @@ against a real nats-server, libvirt's test driver, a real socket in use."""
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import subprocess
 import sys
@@ -128,3 +129,39 @@ async def test_health_probes_the_running_agent_at_its_http_address(
     code, out = await asyncio.to_thread(health, "--http-addr", f"127.0.0.1:{free_port()}")
     assert code == 1
     assert "Connection refused" in out
+
+
+def test_every_subcommand_speaks_json_and_documents_its_exit_statuses(
+    good: list[str], nats_server: NatsServer
+) -> None:
+    """`--json` on every subcommand gives one JSON document (or JSON lines for streams), and
+    each subcommand's help lists its exit statuses."""
+    for sub in ("run", "events", "history", "call", "hosts", "migrate", "check-config",
+                "health"):  # fmt: skip
+        p = subprocess.run([sys.executable, "-m", "agent", sub, "--help"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+        assert "--json" in p.stdout, sub
+        assert "exit status" in p.stdout.lower(), sub
+    code, out = check(*good, "--json")
+    assert code == 0, out
+    doc = json.loads(out)
+    assert doc["ok"] is True
+    assert [c["name"] for c in doc["checks"]] == [
+        "settings", "state_dir", "libvirt", "nats", "streams", "http"]  # fmt: skip
+    bogus = list(good)
+    bogus[bogus.index("--nats-url") + 1] = "bogus"
+    code, out = check(*bogus, "--json")
+    assert code == 2
+    assert json.loads(out)["checks"][0] == {"name": "settings", "ok": False,
+                                            "text": json.loads(out)["checks"][0]["text"]}  # fmt: skip
+    bus = ["--nats-url", nats_server.url]
+    p = subprocess.run([sys.executable, "-m", "agent", "migrate", "vm1", "--from", "nohost",
+                        "--to", "other", "--json", *bus], cwd=ROOT,
+                       env=agent_env(), capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert p.returncode == 1
+    assert json.loads(p.stdout)["ok"] is False, p.stdout
+    p = subprocess.run([sys.executable, "-m", "agent", "health", "--json", "--http-addr",
+                        f"127.0.0.1:{free_port()}"], cwd=ROOT, env=agent_env(),
+                       capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert p.returncode == 1
+    assert json.loads(p.stdout)["ok"] is False
