@@ -60,6 +60,18 @@ async def _settled(lab: Lab, name: str) -> None:
     await asyncio.sleep(SETTLE_S)
 
 
+def _timeline(lab: Lab, name: str, offset: int, label: str, op: dict[str, Any]) -> dict[str, Any]:
+    """One migration's steps and the guest's probes since `offset`, probe times in seconds
+    from the first of them (the operation's start, within one probe interval)."""
+    text = lab.serial_path(name).read_bytes()[offset:].decode(errors="replace")
+    ps = probes(text)
+    t0 = ps[0].uptime if ps else 0.0
+    return {"label": label,
+            "steps": [{"step": s["step"], "duration_s": s.get("duration_s", 0.0)}
+                      for s in op["steps"]],
+            "probes": [{"t": round(p.uptime - t0, 3), "ok": p.ok} for p in ps]}  # fmt: skip
+
+
 def _lost_since(lab: Lab, name: str, offset: int) -> tuple[int, int]:
     text = lab.serial_path(name).read_bytes()[offset:].decode(errors="replace")
     ps = probes(text)
@@ -101,6 +113,7 @@ async def lab_baselines(lab: Lab, agents: LabAgents, rounds: int = 6) -> dict[st
     seq: list[dict[str, Any]] = []
     agent: list[dict[str, Any]] = []
     ratios: list[float] = []
+    timelines: dict[str, dict[str, Any]] = {}
     for i in range(rounds):
         # Directions alternate: A→B in even rounds, B→A in odd ones (each guest comes back
         # within the round or in the next one). The failover guest goes A→B and back in each
@@ -125,6 +138,8 @@ async def lab_baselines(lab: Lab, agents: LabAgents, rounds: int = 6) -> dict[st
                 r["total_s"] = wall
                 r["primary_outage_s"] = op["result"]["primary_outage_s"]
             await asyncio.sleep(SETTLE_S)
+            if who == "agent" and "stock" not in timelines:
+                timelines["stock"] = _timeline(lab, "bench-failover", offset, "stock guest", op)
             r["lost"], r["probes"] = _lost_since(lab, "bench-failover", offset)
             r["direction"] = f"{src.name}→{dst.name}"
             (seq if who == "raw" else agent).append(r)
@@ -135,6 +150,9 @@ async def lab_baselines(lab: Lab, agents: LabAgents, rounds: int = 6) -> dict[st
         if op["state"] != "succeeded":
             raise RuntimeError(f"migrate_with_failover failed in the benchmark: {op['error']}")
         await asyncio.sleep(SETTLE_S)
+        if "standby_rx" not in timelines:
+            timelines["standby_rx"] = _timeline(lab, "bench-standby-rx", offset,
+                                                "standby-rx guest", op)  # fmt: skip
         lost, n = _lost_since(lab, "bench-standby-rx", offset)
         fixed.append({"total_s": wall, "lost": lost, "probes": n})
 
@@ -203,6 +221,7 @@ async def lab_baselines(lab: Lab, agents: LabAgents, rounds: int = 6) -> dict[st
         "agent": round(median([r["total_s"] - r["migrate_s"] for r in agent]), 3),
         "raw": round(median([r["total_s"] - r["migrate_s"] for r in seq]), 3),
     }
+    out["timelines"] = timelines
     out["agent_failover_standby_rx_guest"] = {
         "total_s_median": round(median([r["total_s"] for r in fixed]), 3),
         "lost_probes": [int(r["lost"]) for r in fixed],

@@ -31,6 +31,7 @@ from bench.eventgen import rss_kib
 from bench.fleet import run_fleet
 from bench.lab_bench import lab_baselines
 from bench.stats import median, pct
+from bench.timeline import timeline_svg
 from lab.agents import LabAgents
 from lab.daemon import LibvirtDaemon
 from lab.lab import Lab
@@ -479,12 +480,25 @@ async def main() -> None:
     (HERE / "results" / "latest.json").write_text(json.dumps(res, indent=2) + "\n")
     table = render_table(res)
     update_readme(table)
+    draw_timeline(res)
     print(table)
+
+
+def draw_timeline(res: dict[str, Any]) -> None:
+    """docs/failover-timeline.svg: one migrate_with_failover of each guest variant."""
+    lines = (res.get("lab") or {}).get("timelines") or {}
+    rows = [lines[k] for k in ("stock", "standby_rx") if k in lines]
+    if rows:
+        svg = timeline_svg(rows, "migrate_with_failover: steps, and the guest's 50 ms pings "
+                           "(red: lost)")  # fmt: skip
+        (ROOT / "docs" / "failover-timeline.svg").write_text(svg)
 
 
 if __name__ == "__main__":
     if sys.argv[1:] == ["--render"]:
         # Re-draw the README table from the stored results, without measuring again.
-        update_readme(render_table(json.loads((HERE / "results" / "latest.json").read_text())))
+        stored = json.loads((HERE / "results" / "latest.json").read_text())
+        update_readme(render_table(stored))
+        draw_timeline(stored)
     else:
         asyncio.run(main())

@@ -98,6 +98,12 @@ def print_summary(rows: list[dict[str, Any]]) -> None:
         print(f"| {r['route']} | {mode} | {op['state']} | " + " | ".join(cells)
               + f" | {r['wall']:.2f}s | {r['lost']} of {r['probes']} |")  # fmt: skip
     print("\nprobes: the guest pings its gateway every 50 ms through its failover bond.")
+    if any(r["lost"] > 5 for r in rows):
+        print("why probes are lost after the replug: a stock guest kernel's net_failover drops "
+              "what arrives on the virtio standby from the moment the new primary registers "
+              "until its link is up (docs/lab.md); the agent's sequence is done by then. "
+              "See the same migration with a guest that keeps receiving on the standby: "
+              "make demo ARGS='--guest standby-rx'.")  # fmt: skip
 
 
 def main() -> None:
