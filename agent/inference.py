@@ -16,9 +16,22 @@ The detail of an inferred event is the domain's current state reason (e.g. `boot
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
+from collections.abc import Awaitable, Callable
 
+import structlog
+
+from agent.envelope import LibvirtConnected, LibvirtDisconnected, resync_parts
+from agent.errors import AgentError
 from agent.events import DomainEvent, DomainRef, DomainSnapshot, Lifecycle
+from agent.hypervisor import Hypervisor
+from agent.metrics import Metrics
+from agent.publisher import Publisher
+from agent.settings import LibvirtSettings
+
+log = structlog.get_logger("agent.inference")
 
 ACTIVE = frozenset({"running", "blocked", "paused", "shutdown", "pmsuspended"})
 # The state a domain is in after a lifecycle event (events that change no state are absent).
@@ -142,3 +155,123 @@ class StateTracker:
             if old_or_none.persistent and not d.persistent:
                 emit(d, "undefined", "unknown")
         return out
+
+
+class Resyncs:
+    """What the bus learns of libvirt's state besides its events: the snapshot at start and
+    after each reconnect (with, before it, the inferred events of what changed meanwhile),
+    and after dropped events (the `missed` gap); each retried while libvirt stays connected."""
+
+    def __init__(
+        self,
+        host: str,
+        hv: Hypervisor,
+        publisher: Publisher,
+        metrics: Metrics,
+        settings: LibvirtSettings,
+        stop: asyncio.Event,
+        after_connect: Callable[[], Awaitable[None]],
+    ) -> None:
+        self.host = host
+        self.hv = hv
+        self.publisher = publisher
+        self.metrics = metrics
+        self.settings = settings
+        self._stop = stop
+        self._after_connect = after_connect
+        self.tracker = StateTracker()
+        hv.listen("lifecycle", self.tracker.observe)
+
+    async def announce(self, reason: str) -> None:
+        """After a (re)connect: libvirt_connected, the snapshot, the capabilities and the
+        registration - what fails is tried again with back-off while libvirt stays connected;
+        once the connection is lost, the reconnect that follows takes it over."""
+        delay = self.settings.reconnect_min_s
+        announced = False
+        while True:
+            try:
+                if not announced:
+                    await self._announce_connected()
+                    announced = True
+                await self.resync(reason)
+            except AgentError as exc:
+                if not self.hv.connected:
+                    log.warning(f"{reason} resync failed; libvirt is gone again",
+                                error=exc.message)  # fmt: skip
+                    return
+                log.warning(f"{reason} resync failed, will retry", error=exc.message,
+                            retry_in_s=round(delay, 2))  # fmt: skip
+            else:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), delay)
+            if self._stop.is_set():
+                return
+            delay = min(self.settings.reconnect_max_s, delay * 2)
+        await self._after_connect()
+
+    async def _announce_connected(self) -> None:
+        lib, hv = await self.hv.versions()
+        self.publisher.submit_host_event(
+            LibvirtConnected(
+                host=self.host,
+                uri=self.hv.uri,
+                libvirt_version=lib,
+                hypervisor=hv,
+                event_types=[k.event_type for k in self.hv.registered],
+                unsupported_event_types=self.hv.unsupported,
+            )
+        )
+
+    async def resync(self, reason: str) -> None:
+        """Publish a snapshot of every domain; it also accounts for any dropped events."""
+        missed = self.publisher.take_missed()
+        touching = self.tracker.begin()
+        try:
+            domains = await self.hv.snapshot()
+        except AgentError:
+            self.tracker.end(touching)
+            self.publisher.restore_missed(missed)
+            raise
+        touched = self.tracker.end(touching)
+        if reason == "reconnect":
+            # What changed while libvirt was away, as events marked inferred, before the resync
+            # (not for domains whose real events arrived while the snapshot was taken).
+            inferred = self.tracker.infer(self.host, domains, skip=touched)
+            for event in inferred:
+                self.publisher.submit_event(event)
+            self.metrics.events_inferred.inc(len(inferred))
+        self.tracker.reset(domains, keep=touched)
+        for part in resync_parts(self.host, reason, domains, missed, self.publisher.max_payload):
+            self.publisher.submit_host_event(part)
+        self.metrics.resyncs.labels(reason).inc()
+        if missed is not None:
+            log.warning(
+                "resync published after dropped events",
+                dropped=missed.count,
+                first_sequence=missed.first_sequence,
+                last_sequence=missed.last_sequence,
+            )
+
+    async def watch(self) -> None:
+        """Each time libvirt's connection is lost: say so, reconnect, announce again."""
+        while True:
+            reason = await self.hv.wait_closed()
+            log.warning("libvirt connection lost", uri=self.hv.uri, reason=reason)
+            self.publisher.submit_host_event(
+                LibvirtDisconnected(host=self.host, uri=self.hv.uri, reason=reason)
+            )
+            if not await self.hv.reconnect(self._stop):
+                return
+            self.metrics.libvirt_reconnects.inc()
+            await self.announce("reconnect")
+
+    async def on_overflow(self) -> None:
+        """After dropped events, once the queue is low: a resync naming the gap."""
+        while True:
+            await self.publisher.resync_needed.wait()
+            try:
+                await self.resync("overflow")
+            except AgentError as exc:
+                log.warning("overflow resync failed, will retry", error=exc.message)
+                await asyncio.sleep(1.0)

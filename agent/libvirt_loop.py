@@ -199,7 +199,3 @@ def ensure_registered(loop: asyncio.AbstractEventLoop) -> LoopSafeEventImpl:
     elif _impl.loop is not loop:
         raise RuntimeError("libvirt's event loop is already bound to another asyncio loop")
     return _impl
-
-
-def current() -> LoopSafeEventImpl | None:
-    return _impl

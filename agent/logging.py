@@ -92,7 +92,3 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(max(numeric, logging.WARNING))
-
-
-def get(name: str) -> Any:
-    return structlog.get_logger(name)

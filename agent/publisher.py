@@ -154,10 +154,6 @@ class Publisher:
     # ------------------------------------------------------------ producers (loop thread)
 
     @property
-    def sequence(self) -> int:
-        return self._sequence
-
-    @property
     def max_payload(self) -> int:
         """The largest message the server takes (1 MiB, NATS's default, until connected)."""
         nc = self._nc

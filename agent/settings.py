@@ -187,7 +187,7 @@ class HttpSettings(_Section, frozen=True, kw_only=True, forbid_unknown_fields=Tr
 class LogSettings(_Section, frozen=True, kw_only=True, forbid_unknown_fields=True):
     level: str = "info"
     # auto: readable on a terminal, JSON otherwise.
-    format: str = "auto"
+    format: Literal["auto", "json", "console"] = "auto"
 
 
 class AgentSettings(_Section, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -392,8 +392,6 @@ def _validate(s: Settings, sources: Mapping[str, str]) -> None:
             raise bad("http.listen", s.http.listen, "expected host:port, or empty to disable")
     if s.log.level.lower() not in {"debug", "info", "warning", "error", "critical"}:
         raise bad("log.level", s.log.level, "one of debug, info, warning, error, critical")
-    if s.log.format not in {"auto", "json", "console"}:
-        raise bad("log.format", s.log.format, "one of auto, json, console")
     _validate_nats_auth(s, bad)
     _validate_failover(s, bad)
     if not s.state_dir:

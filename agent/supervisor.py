@@ -28,16 +28,13 @@ from agent.envelope import (
     AgentStarted,
     AgentStopping,
     Heartbeat,
-    LibvirtConnected,
-    LibvirtDisconnected,
     Subjects,
-    resync_parts,
 )
 from agent.errors import AgentError, Unavailable
 from agent.failover import Reconciler
 from agent.http import HttpServer
 from agent.hypervisor import Hypervisor
-from agent.inference import StateTracker
+from agent.inference import Resyncs
 from agent.metrics import Metrics
 from agent.operations import Journal, OperationManager, cancel_and_wait
 from agent.peers import Peers
@@ -85,6 +82,7 @@ class Agent:
                         settings.publisher.dead_letter_max_bytes),
         )  # fmt: skip
         self.streams = Streams(settings.nats, self.subjects, self.metrics)
+        self.journal: Journal | None = None
         self.hypervisor = Hypervisor(
             settings.libvirt,
             settings.libvirt.uri,
@@ -92,8 +90,6 @@ class Agent:
             self.publisher.submit_event,
             self.metrics,
         )
-        self.tracker = StateTracker()
-        self.hypervisor.listen("lifecycle", self.tracker.observe)
         self.bus = Bus(settings.nats, f"virt-agent/{settings.host_id}", self.metrics,
                        settings.host_id)  # fmt: skip
         self.http: HttpServer | None = None
@@ -119,6 +115,8 @@ class Agent:
         self.operations: OperationManager | None = None
         self.reconciler: Reconciler | None = None
         self._stop = asyncio.Event()
+        self.resyncs = Resyncs(self.host, self.hypervisor, self.publisher, self.metrics,
+                               settings.libvirt, self._stop, self._after_connect)  # fmt: skip
         self._stop_deadline: float | None = None
         self.ready = asyncio.Event()
 
@@ -184,7 +182,7 @@ class Agent:
         )
         self.registry = Registry(await open_bucket(nc, ttl, self.settings.nats.stream_replicas))
         self.ctx.registry = self.registry
-        journal = Journal(Path(self.settings.state_dir) / "operations.db")
+        journal = self.journal = Journal(Path(self.settings.state_dir) / "operations.db")
         self.commands.outcomes.store = journal
         self.ctx.operations = self.operations = OperationManager(
             journal,
@@ -221,8 +219,8 @@ class Agent:
             if await libvirt_up:
                 await self._register()
                 tasks += [
-                    tg.create_task(self._watch_libvirt(), name="libvirt-watch"),
-                    tg.create_task(self._resync_on_overflow(), name="overflow-resync"),
+                    tg.create_task(self.resyncs.watch(), name="libvirt-watch"),
+                    tg.create_task(self.resyncs.on_overflow(), name="overflow-resync"),
                     tg.create_task(self._heartbeat(), name="heartbeat"),
                     tg.create_task(self.reconciler.run(), name="failover-reconcile"),
                 ]
@@ -309,6 +307,8 @@ class Agent:
                     # shutdown) what only memory holds goes to the spool for the next start.
                     self.publisher.spill()
                     self.spool.close()
+                if self.journal is not None:
+                    self.journal.close()
                 statedir.unlock(self._state_lock)
                 self.state = AgentState.STOPPED
                 log.info("agent stopped")
@@ -320,53 +320,19 @@ class Agent:
         if asked to stop first."""
         if not await self.hypervisor.reconnect(self._stop):
             return False
-        await self._announce_until_done("startup")
+        await self.resyncs.announce("startup")
         return True
 
-    async def _announce_until_done(self, reason: str) -> None:
-        """After a (re)connect: libvirt_connected, the snapshot, the capabilities and the
-        registration - what fails is tried again with back-off while libvirt stays connected;
-        once the connection is lost, the reconnect that follows takes it over."""
-        delay = self.settings.libvirt.reconnect_min_s
-        announced = False
-        while True:
-            try:
-                if not announced:
-                    await self._announce_connected()
-                    announced = True
-                await self.resync(reason)
-            except AgentError as exc:
-                if not self.hypervisor.connected:
-                    log.warning(f"{reason} resync failed; libvirt is gone again",
-                                error=exc.message)  # fmt: skip
-                    return
-                log.warning(f"{reason} resync failed, will retry", error=exc.message,
-                            retry_in_s=round(delay, 2))  # fmt: skip
-            else:
-                break
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), delay)
-            if self._stop.is_set():
-                return
-            delay = min(self.settings.libvirt.reconnect_max_s, delay * 2)
+    async def _after_connect(self) -> None:
+        """Once libvirt is (re)connected and its snapshot out: capabilities, registration."""
         try:
             await self.ctx.probe_capabilities()
         except AgentError as exc:
             log.warning("capabilities probe failed", error=exc.message)
         await self._register()
 
-    async def _announce_connected(self) -> None:
-        lib, hv = await self.hypervisor.versions()
-        self.publisher.submit_host_event(
-            LibvirtConnected(
-                host=self.host,
-                uri=self.hypervisor.uri,
-                libvirt_version=lib,
-                hypervisor=hv,
-                event_types=[k.event_type for k in self.hypervisor.registered],
-                unsupported_event_types=self.hypervisor.unsupported,
-            )
-        )
+    async def resync(self, reason: str) -> None:
+        await self.resyncs.resync(reason)
 
     async def _register(self) -> None:
         if self.registry is None:
@@ -387,57 +353,6 @@ class Agent:
         except NatsError as exc:
             log.warning("could not refresh the virt_hosts registration", error=str(exc))
         self.metrics.duplicate_host_id.set(0 if self.registry.twin is None else 1)
-
-    async def resync(self, reason: str) -> None:
-        """Publish a snapshot of every domain; it also accounts for any dropped events."""
-        missed = self.publisher.take_missed()
-        touching = self.tracker.begin()
-        try:
-            domains = await self.hypervisor.snapshot()
-        except AgentError:
-            self.tracker.end(touching)
-            self.publisher.restore_missed(missed)
-            raise
-        touched = self.tracker.end(touching)
-        if reason == "reconnect":
-            # What changed while libvirt was away, as events marked inferred, before the resync
-            # (not for domains whose real events arrived while the snapshot was taken).
-            inferred = self.tracker.infer(self.host, domains, skip=touched)
-            for event in inferred:
-                self.publisher.submit_event(event)
-            self.metrics.events_inferred.inc(len(inferred))
-        self.tracker.reset(domains, keep=touched)
-        for part in resync_parts(self.host, reason, domains, missed, self.publisher.max_payload):
-            self.publisher.submit_host_event(part)
-        self.metrics.resyncs.labels(reason).inc()
-        if missed is not None:
-            log.warning(
-                "resync published after dropped events",
-                dropped=missed.count,
-                first_sequence=missed.first_sequence,
-                last_sequence=missed.last_sequence,
-            )
-
-    async def _watch_libvirt(self) -> None:
-        while True:
-            reason = await self.hypervisor.wait_closed()
-            log.warning("libvirt connection lost", uri=self.hypervisor.uri, reason=reason)
-            self.publisher.submit_host_event(
-                LibvirtDisconnected(host=self.host, uri=self.hypervisor.uri, reason=reason)
-            )
-            if not await self.hypervisor.reconnect(self._stop):
-                return
-            self.metrics.libvirt_reconnects.inc()
-            await self._announce_until_done("reconnect")
-
-    async def _resync_on_overflow(self) -> None:
-        while True:
-            await self.publisher.resync_needed.wait()
-            try:
-                await self.resync("overflow")
-            except AgentError as exc:
-                log.warning("overflow resync failed, will retry", error=exc.message)
-                await asyncio.sleep(1.0)
 
     async def _measure_loop_lag(self, period: float = 0.1) -> None:
         loop = asyncio.get_running_loop()
