@@ -15,6 +15,7 @@ import structlog
 from nats.aio.client import Client as NATS
 from nats.errors import Error as NatsError
 
+from agent.envelope import Subjects
 from agent.errors import AgentError, Unavailable, redact
 from agent.metrics import Metrics
 from agent.settings import NatsSettings
@@ -29,6 +30,10 @@ class BusTarget:
     urls: list[str]
     prefix: str
     options: dict[str, Any]  # nats.connect's TLS, authentication and inbox options
+
+    def subjects(self, host: str) -> Subjects:
+        """The contract's subjects of `host` (`*`: of every host) under this prefix."""
+        return Subjects(self.prefix, host)
 
     async def connect(self, name: str, **more: Any) -> NATS:
         """A NATS connection, or AgentError saying (redacted) why there is none."""

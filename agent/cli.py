@@ -493,7 +493,7 @@ def cmd_call(args: argparse.Namespace) -> int:
         nc = await bus.connect("virt-agent call")
         try:
             msg = await nc.request(
-                f"{bus.prefix}.{args.host}.cmd.{args.verb}",
+                bus.subjects(args.host).cmd(args.verb),
                 msgspec.json.encode(body),
                 timeout=args.timeout,
             )
@@ -572,7 +572,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         nc = await bus.connect("virt-agent migrate")
         try:
             try:
-                msg = await nc.request(f"{bus.prefix}.{args.source}.cmd.{verb}",
+                msg = await nc.request(bus.subjects(args.source).cmd(verb),
                                        msgspec.json.encode(body), timeout=30)  # fmt: skip
             except nats.errors.NoRespondersError:
                 msg = None
@@ -597,7 +597,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             if not args.wait:
                 return EXIT_OK
             show = json_lines if args.json else printer(sys.stdout, sys.stdout.isatty())
-            op = await follow(nc, f"{bus.prefix}.{args.source}.op.{op_id}", show)
+            op = await follow(nc, bus.subjects(args.source).op(op_id), show)
         finally:
             await nc.close()
         if not args.json:

@@ -106,7 +106,7 @@ class CommandService:
         self.settings = settings
         self.ctx = ctx
         self.verbs = verbs
-        self.prefix = ctx.subjects.base + ".cmd."
+        self.prefix = ctx.subjects.cmd("")  # virt.<host>.cmd.
         self.outcomes = _Outcomes(settings.idempotency_window_s)
         self._slots = asyncio.Semaphore(settings.max_concurrent)
         self._accepting = True

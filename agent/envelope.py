@@ -165,7 +165,8 @@ HOST_EVENT_TYPES: dict[type[HostData], str] = {
 
 
 class Subjects:
-    """Every subject this host's agent publishes or listens on, from one prefix and host id."""
+    """Every subject of the contract for one host (`*`: every host), from one prefix: built
+    here and nowhere else."""
 
     def __init__(self, prefix: str, host: str) -> None:
         self.prefix = prefix
@@ -180,6 +181,9 @@ class Subjects:
 
     def op(self, operation_id: str) -> str:
         return f"{self.base}.op.{operation_id}"
+
+    def cmd(self, verb: str) -> str:
+        return f"{self.base}.cmd.{verb}"
 
     def events_stream_subjects(self) -> list[str]:
         return [f"{self.prefix}.*.event.>", f"{self.prefix}.*.host.>"]

@@ -49,11 +49,12 @@ async def history(
     nc = await bus.connect("virt-agent history")
     try:
         by_uuid = bool(UUID_RE.match(domain))
-        subject = f"{bus.prefix}.*.event.{domain if by_uuid else '*'}.>"
+        every_host = bus.subjects("*")
+        subject = every_host.event(domain if by_uuid else "*", ">")
         events = [e for e in await stored(nc, EVENTS_STREAM, subject, since)
                   if by_uuid or _field(e, "domain", "name") == domain]  # fmt: skip
         uuids = {domain} if by_uuid else {e["subject"] for e in events if e.get("subject")}
-        ops = [e for e in await stored(nc, OPS_STREAM, f"{bus.prefix}.*.op.>", since)
+        ops = [e for e in await stored(nc, OPS_STREAM, every_host.op(">"), since)
                if _field(e, "operation", "domain") in uuids]  # fmt: skip
     finally:
         await nc.close()

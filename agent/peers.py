@@ -16,6 +16,7 @@ from nats.errors import Error as NatsError
 from nats.errors import NoRespondersError
 
 from agent import errors
+from agent.envelope import Subjects
 from agent.errors import AgentError, Timeout, Unavailable
 
 _FAMILIES: dict[str, type[AgentError]] = {
@@ -34,7 +35,7 @@ class Peers:
         self.me = me
 
     async def call(self, host: str, verb: str, payload: dict[str, Any], timeout: float) -> Any:
-        subject = f"{self.prefix}.{host}.cmd.{verb}.{self.me}"
+        subject = Subjects(self.prefix, host).cmd(f"{verb}.{self.me}")
         try:
             msg = await self.nc.request(subject, msgspec.json.encode(payload), timeout=timeout)
         except NoRespondersError:

@@ -16,6 +16,7 @@ import msgspec
 from nats.aio.msg import Msg
 
 from agent.bus import BusTarget, subscribed
+from agent.envelope import Subjects
 
 UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
 
@@ -25,9 +26,10 @@ def subjects_for(prefix: str, host: str | None, domain: str | None, etype: str |
     h = host or "*"
     dom = domain if domain and UUID_RE.match(domain) else "*"
     t = etype or "*"
-    out = [f"{prefix}.{h}.event.{dom}.{t}"]
+    subjects = Subjects(prefix, h)
+    out = [subjects.event(dom, t)]
     if domain is None:
-        out.append(f"{prefix}.{h}.host.{t}")
+        out.append(subjects.host_event(t))
     return out
 
 
