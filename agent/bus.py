@@ -13,10 +13,13 @@ from typing import Any
 import nats
 import structlog
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
 
 from agent.envelope import Subjects
-from agent.errors import AgentError, Unavailable, redact
+from agent.errors import AgentError, Timeout, Unavailable, redact
 from agent.metrics import Metrics
 from agent.settings import NatsSettings
 
@@ -43,6 +46,21 @@ class BusTarget:
         except (nats.errors.Error, OSError, TimeoutError) as exc:
             raise AgentError(f"cannot reach NATS at {', '.join(redact(self.urls))}: "
                              f"{redact(str(exc) or type(exc).__name__)}") from None  # fmt: skip
+
+
+async def request(nc: NATS, host: str, subject: str, body: bytes, timeout: float) -> Msg:
+    """One request to `host`'s agent, NATS's failures mapped once to the agent's errors: no
+    agent there (`unavailable`), no reply in time (`timeout`), the bus failing (`unavailable`)."""
+    verb = subject.split(".cmd.", 1)[-1]
+    try:
+        return await nc.request(subject, body, timeout=timeout)
+    except NoRespondersError:
+        raise Unavailable(f"no agent answers on host {host!r}", host=host) from None
+    except (TimeoutError, NatsTimeoutError):
+        raise Timeout(f"host {host!r} did not answer {verb} within {timeout:g}s",
+                      host=host, verb=verb) from None  # fmt: skip
+    except NatsError as exc:
+        raise Unavailable(f"request to {host!r} failed: {exc}", host=host) from None
 
 
 def connect_options(settings: NatsSettings, host: str) -> dict[str, Any]:

@@ -480,7 +480,7 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 def cmd_call(args: argparse.Namespace) -> int:
     """Exit 0 when the reply is ok, 1 when it is an error, 2 for a bad invocation."""
-    import nats  # noqa: PLC0415
+    from agent.bus import request  # noqa: PLC0415
 
     try:
         body = parse_call_args(args.args)
@@ -492,17 +492,8 @@ def cmd_call(args: argparse.Namespace) -> int:
     async def go() -> int:
         nc = await bus.connect("virt-agent call")
         try:
-            msg = await nc.request(
-                bus.subjects(args.host).cmd(args.verb),
-                msgspec.json.encode(body),
-                timeout=args.timeout,
-            )
-        except nats.errors.NoRespondersError:
-            print(f"virt-agent call: no agent answers for host {args.host!r}", file=sys.stderr)
-            return EXIT_FAILED
-        except TimeoutError:
-            print(f"virt-agent call: no reply within {args.timeout}s", file=sys.stderr)
-            return EXIT_FAILED
+            subject = bus.subjects(args.host).cmd(args.verb)
+            msg = await request(nc, args.host, subject, msgspec.json.encode(body), args.timeout)
         finally:
             await nc.close()
         reply = msgspec.json.decode(msg.data)
@@ -553,8 +544,7 @@ def json_lines(op: dict[str, Any]) -> None:
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     """Exit 0 when the migration was accepted (or, with --wait, succeeded), else 1."""
-    import nats  # noqa: PLC0415
-
+    from agent.bus import request  # noqa: PLC0415
     from agent.opwatch import follow, printer  # noqa: PLC0415
 
     bus = _bus(args)
@@ -572,16 +562,12 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         nc = await bus.connect("virt-agent migrate")
         try:
             try:
-                msg = await nc.request(bus.subjects(args.source).cmd(verb),
-                                       msgspec.json.encode(body), timeout=30)  # fmt: skip
-            except nats.errors.NoRespondersError:
-                msg = None
-            gone = f"no agent answers for host {args.source!r}"
-            reply: dict[str, Any] = (
-                msgspec.json.decode(msg.data)
-                if msg is not None
-                else {"ok": False, "error": {"code": "unavailable", "message": gone, "details": {}}}
-            )
+                msg = await request(nc, args.source, bus.subjects(args.source).cmd(verb),
+                                    msgspec.json.encode(body), 30)  # fmt: skip
+                reply: dict[str, Any] = msgspec.json.decode(msg.data)
+            except AgentError as exc:  # no agent there, no reply: as a reply says it
+                reply = {"ok": False, "error": {"code": exc.code, "message": exc.message,
+                                                "details": exc.details}}  # fmt: skip
             if args.json:
                 print(msgspec.json.encode(reply).decode(), flush=True)
             if not reply.get("ok"):

@@ -20,6 +20,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 
+from agent.bus import subscribed
 from agent.errors import (
     AgentError,
     Conflict,
@@ -111,6 +112,7 @@ class CommandService:
         self._slots = asyncio.Semaphore(settings.max_concurrent)
         self._accepting = True
         self.handled = 0
+        self.listening = asyncio.Event()
 
     def stop_accepting(self) -> None:
         self._accepting = False
@@ -118,6 +120,12 @@ class CommandService:
     async def run(self, nc: NATS) -> None:
         """Serve requests until cancelled; in-flight ones finish or are cancelled with it."""
         sub = await nc.subscribe(self.prefix + ">", pending_msgs_limit=self.settings.max_pending)
+        try:
+            await subscribed(nc)  # the server has it: commands sent from now on reach this agent
+        except (NatsError, TimeoutError) as exc:
+            # NATS went away meanwhile: the client sends the subscription again on reconnect.
+            log.warning("command subscription not confirmed yet", error=str(exc))
+        self.listening.set()
         try:
             async with asyncio.TaskGroup() as tg:
                 async for msg in sub.messages:

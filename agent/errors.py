@@ -71,3 +71,27 @@ class SettingsError(AgentError):
         self.key = key
         self.value = redact(value)
         self.source = source
+
+
+def from_reply(data: bytes, peer: str) -> Any:
+    """A contract reply's `result`, or its error raised as the same AgentError family (a
+    peer's `not_found` handled like one of this agent's own)."""
+    import msgspec  # noqa: PLC0415
+
+    reply = msgspec.json.decode(data)
+    if not isinstance(reply, dict):
+        raise AgentError(f"{peer}: a reply that is not a JSON object", peer=peer)
+    if reply.get("ok"):
+        return reply.get("result")
+    err = reply.get("error") or {}
+    family = REPLY_FAMILIES.get(err.get("code", ""), AgentError)
+    raise family(f"{peer}: {err.get('message', 'unknown error')}", peer=peer,
+                 **(err.get("details") or {}))  # fmt: skip
+
+
+# A reply's error code -> the error this agent raises for it.
+REPLY_FAMILIES: dict[str, type[AgentError]] = {
+    cls.code: cls
+    for cls in (InvalidRequest, NotFound, Conflict, Unsupported, Forbidden, LibvirtFailure,
+                Timeout, Unavailable)
+}  # fmt: skip

@@ -12,20 +12,10 @@ from typing import Any
 
 import msgspec
 from nats.aio.client import Client as NATS
-from nats.errors import Error as NatsError
-from nats.errors import NoRespondersError
 
-from agent import errors
+from agent.bus import request
 from agent.envelope import Subjects
-from agent.errors import AgentError, Timeout, Unavailable
-
-_FAMILIES: dict[str, type[AgentError]] = {
-    cls.code: cls
-    for cls in (
-        errors.InvalidRequest, errors.NotFound, errors.Conflict, errors.Unsupported,
-        errors.Forbidden, errors.LibvirtFailure, errors.Timeout, errors.Unavailable,
-    )
-}  # fmt: skip
+from agent.errors import from_reply
 
 
 class Peers:
@@ -36,19 +26,5 @@ class Peers:
 
     async def call(self, host: str, verb: str, payload: dict[str, Any], timeout: float) -> Any:
         subject = Subjects(self.prefix, host).cmd(f"{verb}.{self.me}")
-        try:
-            msg = await self.nc.request(subject, msgspec.json.encode(payload), timeout=timeout)
-        except NoRespondersError:
-            raise Unavailable(f"no agent answers on host {host!r}", host=host) from None
-        except TimeoutError:
-            raise Timeout(f"host {host!r} did not answer {verb} within {timeout}s",
-                          host=host, verb=verb) from None  # fmt: skip
-        except NatsError as exc:
-            raise Unavailable(f"request to {host!r} failed: {exc}", host=host) from None
-        reply = msgspec.json.decode(msg.data)
-        if reply.get("ok"):
-            return reply.get("result")
-        err = reply.get("error") or {}
-        family = _FAMILIES.get(err.get("code", ""), AgentError)
-        raise family(f"{host}: {err.get('message', 'unknown error')}", peer=host,
-                     **(err.get("details") or {}))  # fmt: skip
+        msg = await request(self.nc, host, subject, msgspec.json.encode(payload), timeout)
+        return from_reply(msg.data, host)

@@ -217,6 +217,7 @@ class Agent:
                 tg.create_task(self._measure_loop_lag(), name="loop-lag"),
             ]
             if await libvirt_up:
+                await self.commands.listening.wait()  # ready means commands are heard
                 await self._register()
                 tasks += [
                     tg.create_task(self.resyncs.watch(), name="libvirt-watch"),
