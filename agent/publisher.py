@@ -21,6 +21,7 @@ bound (`spool_max_bytes`) is the only place where old messages are given up, and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 from collections import deque
@@ -125,6 +126,7 @@ class Publisher:
         self.metrics = metrics
         self._queue: deque[_Queued] = deque()
         self._wakeup = asyncio.Event()
+        self._progress = asyncio.Event()  # a message left flight (flush waits on it)
         self._sequence = 0
         self.received = 0
         self.published = 0
@@ -464,6 +466,7 @@ class Publisher:
 
     def _done(self, out: _Outgoing) -> None:
         """Out of flight for good (stored, or set aside): its slot and spool place are free."""
+        self._progress.set()
         self._slots.release()
         if out.spool_ref is not None and self.spool is not None:
             self.spool.acked(out.spool_ref)
@@ -569,17 +572,21 @@ class Publisher:
         )
 
     async def flush(self, timeout: float) -> bool:
-        """Wait until every queued message is acknowledged; False if the timeout ran out."""
+        """Wait until every queued message is acknowledged; False if the timeout ran out.
+        Woken by each acknowledgement (and looks again at least every half second)."""
         deadline = time.monotonic() + timeout
         self._wakeup.set()
         while not self.idle():
-            if time.monotonic() > deadline:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 log.warning(
                     "flush timed out", queued=len(self._queue), inflight=len(self._inflight)
                 )
                 self.spill()
                 return False
-            await asyncio.sleep(0.01)
+            self._progress.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._progress.wait(), min(remaining, 0.5))
         return True
 
     def spill(self) -> None:
