@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from nats.errors import Error as NatsError
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
+from agent.backoff import Backoff
 from agent.envelope import Subjects
 from agent.errors import AgentError, Timeout, Unavailable, redact
 from agent.metrics import Metrics
@@ -104,7 +104,7 @@ class Bus:
         return self.nc is not None and self.nc.is_connected
 
     async def connect(self, stop: asyncio.Event) -> NATS:
-        delay = 0.25
+        backoff = Backoff(0.25, 10.0)
         while True:
             try:
                 # nats-py retries the initial connection forever by itself (reconnects are
@@ -142,13 +142,10 @@ class Bus:
                     "NATS not reachable yet",
                     servers=redact(self.settings.urls),
                     error=str(exc) or type(exc).__name__,
-                    retry_in_s=round(delay, 2),
+                    retry_in_s=round(backoff.delay, 2),
                 )
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), delay)
-                if stop.is_set():
+                if await backoff.wait(stop):
                     raise Unavailable("stopped before NATS was reachable") from exc
-                delay = min(10.0, delay * 2) * random.uniform(0.8, 1.2)  # noqa: S311
                 continue
             self.nc = nc
             self.metrics.nats_connected.set(1)

@@ -31,6 +31,7 @@ import libvirt
 import msgspec
 import structlog
 
+from agent.backoff import Backoff
 from agent.devices import device_element, pci_sources, plug
 from agent.errors import AgentError, Unsupported
 from agent.hypervisor import Hypervisor
@@ -152,7 +153,7 @@ class Reconciler:
         self.lock = locks
         self.busy = busy  # the operation holding a domain, if any
         self.plug_timeout_s = plug_timeout_s
-        self._retry_at: dict[str, tuple[float, float]] = {}  # uuid -> (when, back-off)
+        self._retry_at: dict[str, tuple[float, Backoff]] = {}  # uuid -> (when, its back-off)
         # When this host plugged the primary of an operation (DEVICE_ADDED, ns): the source
         # asks for it (failover.replug) to report the outage; the latest few are kept.
         self.plugged_at: collections.OrderedDict[str, int] = collections.OrderedDict()
@@ -280,18 +281,19 @@ class Reconciler:
     async def _settle_counted(self, dom: Any, now: float) -> bool:
         """Settle one domain with per-domain back-off; whether it is still owed a primary."""
         uuid = dom.UUIDString()
-        when, backoff = self._retry_at.get(uuid, (0.0, 0.0))
+        when, backoff = self._retry_at.get(uuid, (0.0, None))
         if now < when:
             return True
         try:
             out = await self.settle(dom)
         except Exception as exc:  # noqa: BLE001 - one domain's failure must not stop the pass
-            backoff = min(60.0, max(1.0, backoff * 2))
-            self._retry_at[uuid] = (now + backoff, backoff)
+            backoff = backoff or Backoff(1.0, 60.0)
+            delay = backoff.next()
+            self._retry_at[uuid] = (now + delay, backoff)
             self.metrics.replugs.labels("failed").inc()
             log.warning("could not settle owed primary", domain=uuid,
                         error=getattr(exc, "message", None) or repr(exc),
-                        retry_in_s=backoff)  # fmt: skip
+                        retry_in_s=round(delay, 1))  # fmt: skip
             return True
         self._retry_at.pop(uuid, None)
         return out.settled is Settled.WAITING

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import random
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -20,6 +19,7 @@ import libvirt
 import structlog
 
 from agent import libvirt_loop
+from agent.backoff import Backoff
 from agent.errors import (
     AgentError,
     Conflict,
@@ -246,20 +246,14 @@ class Hypervisor:
     async def reconnect(self, stop: asyncio.Event) -> bool:
         """Re-open the connection with exponential back-off; False if asked to stop first."""
         self._drop_connection()
-        delay = self.settings.reconnect_min_s
+        backoff = Backoff(self.settings.reconnect_min_s, self.settings.reconnect_max_s)
         while not stop.is_set():
             try:
                 await self.connect()
             except AgentError as exc:
-                log.warning(
-                    "libvirt reconnect failed",
-                    uri=self.uri,
-                    error=exc.message,
-                    retry_in_s=round(delay, 2),
-                )
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), delay)
-                delay = min(self.settings.reconnect_max_s, delay * 2) * random.uniform(0.8, 1.2)  # noqa: S311
+                log.warning("libvirt reconnect failed", uri=self.uri, error=exc.message,
+                            retry_in_s=round(backoff.delay, 2))  # fmt: skip
+                await backoff.wait(stop)
                 continue
             return True
         return False

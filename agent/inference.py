@@ -17,12 +17,12 @@ The detail of an inferred event is the domain's current state reason (e.g. `boot
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Awaitable, Callable
 
 import structlog
 
+from agent.backoff import Backoff
 from agent.envelope import LibvirtConnected, LibvirtDisconnected, resync_parts
 from agent.errors import AgentError
 from agent.events import DomainEvent, DomainRef, DomainSnapshot, Lifecycle
@@ -186,7 +186,7 @@ class Resyncs:
         """After a (re)connect: libvirt_connected, the snapshot, the capabilities and the
         registration - what fails is tried again with back-off while libvirt stays connected;
         once the connection is lost, the reconnect that follows takes it over."""
-        delay = self.settings.reconnect_min_s
+        backoff = Backoff(self.settings.reconnect_min_s, self.settings.reconnect_max_s)
         announced = False
         while True:
             try:
@@ -200,14 +200,11 @@ class Resyncs:
                                 error=exc.message)  # fmt: skip
                     return
                 log.warning(f"{reason} resync failed, will retry", error=exc.message,
-                            retry_in_s=round(delay, 2))  # fmt: skip
+                            retry_in_s=round(backoff.delay, 2))  # fmt: skip
             else:
                 break
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), delay)
-            if self._stop.is_set():
+            if await backoff.wait(self._stop):
                 return
-            delay = min(self.settings.reconnect_max_s, delay * 2)
         await self._after_connect()
 
     async def _announce_connected(self) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 import libvirt
 
 from agent import crashpoints
+from agent.backoff import Backoff
 from agent.devices import device_element, unplug
 from agent.errors import AgentError, Conflict, InvalidRequest, Timeout
 from agent.failover import NS, OWED, UNPLUGGING, Record, Settled, read_record, write_record
@@ -262,7 +263,7 @@ async def replug_on(ctx: Context, host: str, uuid: str, alias: str, op_id: str) 
     assert ctx.peers is not None
     s = ctx.failover
     deadline = time.monotonic() + s.replug_timeout_s
-    delay, last = 0.2, "no answer"
+    backoff, last = Backoff(0.2, 5.0), "no answer"
     while True:
         try:
             out: dict[str, Any] = await ctx.peers.call(host, "failover.replug", {
@@ -275,12 +276,11 @@ async def replug_on(ctx: Context, host: str, uuid: str, alias: str, op_id: str) 
             raise
         except AgentError as exc:  # unreachable, busy, libvirt refusing for now: ask again
             last = exc.message
-        if time.monotonic() + delay > deadline:
+        if time.monotonic() + backoff.delay > deadline:
             raise Timeout(f"{host} did not report the primary {alias!r} attached within "
                           f"{s.replug_timeout_s}s ({last}); its reconcile loop keeps trying",
                           host=host, alias=alias)  # fmt: skip
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 5.0)
+        await backoff.wait()
 
 
 # ---------------------------------------------------------------- source: after a restart
