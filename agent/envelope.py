@@ -77,7 +77,7 @@ class Missed(Struct, frozen=True, kw_only=True):
 
 
 class Resync(HostData, frozen=True, kw_only=True):
-    # startup | overflow | reconnect | requested
+    # startup | overflow | reconnect | requested | oversized (taken again: the first was too large)
     reason: str
     domains: list[DomainSnapshot]
     # Set after a queue overflow: which sequence numbers were never published.

@@ -264,11 +264,13 @@ class Resyncs:
             await self.announce("reconnect")
 
     async def on_overflow(self) -> None:
-        """After dropped events, once the queue is low: a resync naming the gap."""
+        """After dropped events (once the queue is low), or a resync too large to send: a
+        resync naming the gap."""
         while True:
             await self.publisher.resync_needed.wait()
+            reason, self.publisher.resync_reason = self.publisher.resync_reason, "overflow"
             try:
-                await self.resync("overflow")
+                await self.resync(reason)
             except AgentError as exc:
                 log.warning("overflow resync failed, will retry", error=exc.message)
                 await asyncio.sleep(1.0)

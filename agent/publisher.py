@@ -138,6 +138,8 @@ class Publisher:
         self._held: deque[_Queued] = deque()
         # Set once an overflow has happened and the queue has drained below the low watermark.
         self.resync_needed = asyncio.Event()
+        # Why the next of those resyncs: after dropped events, or one too large to send.
+        self.resync_reason = "overflow"
         self._slots = asyncio.Semaphore(settings.max_inflight)
         self._inflight: dict[str, _Outgoing] = {}
         self._tokens = itertools.count(1)
@@ -434,6 +436,8 @@ class Publisher:
             )
         except MaxPayloadError:
             self.metrics.publish_errors.labels("max_payload").inc()
+            if self._retake_resync(token, out, nc.max_payload):
+                return
             self._rejected(token, out, f"larger than the server's max_payload ({nc.max_payload})")
         except NatsError as exc:
             # Stays in flight; the ack watchdog sends it again after ack_timeout_s.
@@ -485,6 +489,29 @@ class Publisher:
             return
         out.unbound_since = out.unbound_since or time.monotonic()
         streams.ask(out.subject)
+
+    def _retake_resync(self, token: str, out: _Outgoing, max_payload: int) -> bool:
+        """A resync of this process too large for the server (taken before NATS said its
+        max_payload, e.g. at a start while NATS was away): it is not sent; its sequence number
+        becomes a gap that the resync taken again at once - in parts that fit - names."""
+        if out.subject != self.subjects.host_event("resync") or not out.msg_id.startswith(
+            f"{self.subjects.host}:{self.boot_id}:"
+        ):
+            return False
+        if self._inflight.pop(token, None) is None:
+            return True
+        self._done(out)
+        log.warning("resync larger than the server's max_payload; taken again in parts",
+                    bytes=len(out.payload), max_payload=max_payload,
+                    sequence=out.sequence)  # fmt: skip
+        m = self._missed
+        first = out.sequence if m is None else min(m.first_sequence, out.sequence)
+        last = out.sequence if m is None else max(m.last_sequence, out.sequence)
+        self._missed = Missed(count=(m.count if m else 0) + 1, first_sequence=first,
+                              last_sequence=last)  # fmt: skip
+        self.resync_reason = "oversized"
+        self.resync_needed.set()
+        return True
 
     def _rejected(self, token: str, out: _Outgoing, reason: str) -> None:
         """An explicit refusal. The message stays in flight - sent again after the ack

@@ -627,3 +627,42 @@ async def test_virt_agent_history_shows_one_domains_timeline_across_hosts(
         assert mine == ["suspended", "resumed"] * 2
     times = [e["time"] for e in events]
     assert times == sorted(times)
+
+
+async def test_a_resync_taken_before_nats_said_its_max_payload_is_taken_again_in_parts(
+    start_agent: Callable[..., Awaitable[RunningAgent]], tmp_path: Path
+) -> None:
+    """The agent starts while NATS is away: its startup snapshot (45 KiB) is spooled before the
+    server can say its max_payload is 16 KiB. That one is never stored; a new resync in parts
+    follows at once and names its sequence number as missed: nothing is set aside."""
+    uri = many_domains_xml(tmp_path / "node.xml", 300)
+    port = free_port()
+    conf = tmp_path / "late.conf"
+    conf.write_text(f"max_payload: {MAX_PAYLOAD}\n")
+    server = NatsServer(tmp_path / "late", port=port, config_file=conf)
+    starting = asyncio.create_task(start_agent(**{
+        "libvirt.uri": uri, "nats.urls": [f"nats://127.0.0.1:{port}"],
+        "publisher.ack_timeout_s": 1.0, "state_dir": str(tmp_path / "late-state"),
+    }))  # fmt: skip
+    try:
+        await asyncio.sleep(1.5)
+        await asyncio.to_thread(server.start)
+        agent = await starting
+        await agent.settled(timeout=60)
+        nc = await nats.connect(server.url)
+        try:
+            stored = await stream_messages(nc, "VIRT_EVENTS", f"virt.{agent.host}.host.resync")
+        finally:
+            await nc.close()
+        parts = [ev for _, ev, _ in stored]
+        assert [p["data"]["reason"] for p in parts] == ["oversized"] * len(parts)
+        assert len(parts) > 1
+        first = parts[0]["data"]["missed"]
+        assert first["first_sequence"] < parts[0]["sequence"], "the snapshot not sent is named"
+        names = [d["name"] for p in parts for d in p["data"]["domains"]]
+        assert len(set(names)) == 300
+        assert not (tmp_path / "late-state" / "dead-letters.jsonl").exists()
+    finally:
+        if not starting.done():
+            starting.cancel()
+        await asyncio.to_thread(server.stop)
