@@ -68,14 +68,27 @@ class PubAck(msgspec.Struct):
 
 
 @dataclass(slots=True)
-class _Queued:
+class _DomainItem:
+    """A libvirt domain event waiting to be rendered (dropped, counted, when the queue is
+    full)."""
+
     sequence: int
-    event: DomainEvent | None
-    # For host and operation events: their data, subject and CloudEvents type.
+    event: DomainEvent
+    time_ns: int
+
+
+@dataclass(slots=True)
+class _OtherItem:
+    """A host or operation event: never dropped; its data, subject and CloudEvents type."""
+
+    sequence: int
     data: Any
     time_ns: int
-    subject: str = ""
-    ce_type: str = ""
+    subject: str
+    ce_type: str
+
+
+_Queued = _DomainItem | _OtherItem
 
 
 @dataclass(slots=True)
@@ -184,7 +197,7 @@ class Publisher:
                 self.metrics.events_received.labels(event.event_type)
             )
         counter.inc()
-        item = _Queued(self._sequence, event, None, event.time_ns)
+        item = _DomainItem(self._sequence, event, event.time_ns)
         if self._spool_now():
             self._to_spool(item)
             return
@@ -229,8 +242,8 @@ class Publisher:
             # Rare, and it says what was given up: spooled like everything else, never dropped
             # before it (the bound drops whole old segments, this goes at the end).
             self._sequence += 1
-            overflow = _Queued(
-                self._sequence, None,
+            overflow = _OtherItem(
+                self._sequence,
                 SpoolOverflow(host=self.subjects.host, boot_id=self.boot_id,
                               count=dropped.count, first_sequence=dropped.first_sequence,
                               last_sequence=dropped.last_sequence),
@@ -243,7 +256,7 @@ class Publisher:
     def _hold(self, item: _Queued) -> None:
         """Keep in memory what the spool could not take; a domain event beyond the queue's
         bound is dropped and named by the next resync, host and operation events are kept."""
-        if item.event is not None and len(self._held) >= self.settings.queue_size:
+        if isinstance(item, _DomainItem) and len(self._held) >= self.settings.queue_size:
             self._drop(item.sequence, item.event)
             return
         self._held.append(item)
@@ -261,7 +274,7 @@ class Publisher:
 
     def _submit_other(self, data: Any, subject: str, ce_type: str) -> int:
         self._sequence += 1
-        item = _Queued(self._sequence, None, data, time.time_ns(), subject, ce_type)
+        item = _OtherItem(self._sequence, data, time.time_ns(), subject, ce_type)
         if self._spool_now():
             self._to_spool(item)
         else:
@@ -310,7 +323,7 @@ class Publisher:
 
     def _render(self, item: _Queued) -> _Outgoing:
         msg_id = f"{self.subjects.host}:{self.boot_id}:{item.sequence}"
-        if item.event is not None:
+        if isinstance(item, _DomainItem):
             ev = item.event
             uuid = ev.data.domain.uuid
             subject = self.subjects.event(uuid, ev.event_type)
