@@ -235,8 +235,7 @@ class Agent:
                 log.info("agent running", event_types=len(self.hypervisor.registered))
                 await self._stop.wait()
             await self._shutdown(tasks)
-            for t in tasks:
-                t.cancel()
+            await _cancel_for_sure(tasks)
 
     async def _shutdown(self, tasks: list[asyncio.Task[Any]]) -> None:
         self.state = AgentState.STOPPING
@@ -375,3 +374,20 @@ class Agent:
                 )
             )
             await self._register()
+
+
+async def _cancel_for_sure(tasks: list[asyncio.Task[Any]], attempts: int = 10) -> None:
+    """Cancel the tasks, and again those still running a second later: on Python 3.11 a
+    cancellation that arrives just as an awaited reply does is lost inside `asyncio.wait_for`
+    (nats-py's requests use it), and such a task would run on and hold the shutdown (seen:
+    20 s, the stream check loop). Each one still running is named."""
+    pending = [t for t in tasks if not t.done()]
+    for _ in range(attempts):
+        for t in pending:
+            t.cancel()
+        _, slow = await asyncio.wait(pending, timeout=1.0) if pending else (set(), set())
+        if not slow:
+            return
+        log.warning("tasks still running after cancellation; cancelled again",
+                    tasks=sorted(t.get_name() for t in slow))  # fmt: skip
+        pending = list(slow)
