@@ -34,14 +34,22 @@ def agent_env(**extra: str) -> dict[str, str]:
 
 
 async def answering(nc: NATS, hosts: list[str], timeout: float = 30) -> None:
-    """Until every one of these hosts' agents answers `ping`."""
+    """Until every one of these hosts' agents answers `ping` and has registered this boot in
+    `virt_hosts` (only then can another host find it as a destination; a ping is answered
+    as soon as commands are heard, before libvirt's capabilities are probed)."""
     deadline = time.monotonic() + timeout
     pending = set(hosts)
     while pending:
         for h in list(pending):
             with contextlib.suppress(Exception):
                 msg = await nc.request(f"virt.{h}.cmd.ping", b"{}", timeout=1)
-                if msgspec.json.decode(msg.data).get("ok"):
+                pong = msgspec.json.decode(msg.data)
+                if not pong.get("ok"):
+                    continue
+                kv = await nc.jetstream().key_value("virt_hosts")
+                entry = await kv.get(h)
+                registered = msgspec.json.decode(entry.value or b"{}").get("boot_id")
+                if registered == pong["result"]["boot_id"]:
                     pending.discard(h)
         if not pending:
             return
