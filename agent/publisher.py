@@ -285,19 +285,23 @@ class Publisher:
     def _drop(self, sequence: int, event: DomainEvent) -> None:
         self.dropped += 1
         self.metrics.events_dropped.inc()
-        m = self._missed
-        if m is None:
+        if self._missed is None:
             log.warning(
                 "event queue full, dropping events until it drains; a resync will follow",
                 capacity=self.settings.queue_size,
                 sequence=sequence,
                 event_type=event.event_type,
             )
-            self._missed = Missed(count=1, first_sequence=sequence, last_sequence=sequence)
-        else:
-            self._missed = Missed(
-                count=m.count + 1, first_sequence=m.first_sequence, last_sequence=sequence
-            )
+        self._note_missed(sequence)
+
+    def _note_missed(self, sequence: int) -> None:
+        """One more sequence number never published, for the next resync to name."""
+        m = self._missed
+        self._missed = Missed(
+            count=(m.count if m else 0) + 1,
+            first_sequence=sequence if m is None else min(m.first_sequence, sequence),
+            last_sequence=sequence if m is None else max(m.last_sequence, sequence),
+        )
 
     def take_missed(self) -> Missed | None:
         """Hand the record of dropped events to the resync that will cover them."""
@@ -517,11 +521,7 @@ class Publisher:
         log.warning("resync larger than the server's max_payload; taken again in parts",
                     bytes=len(out.payload), max_payload=max_payload,
                     sequence=out.sequence)  # fmt: skip
-        m = self._missed
-        first = out.sequence if m is None else min(m.first_sequence, out.sequence)
-        last = out.sequence if m is None else max(m.last_sequence, out.sequence)
-        self._missed = Missed(count=(m.count if m else 0) + 1, first_sequence=first,
-                              last_sequence=last)  # fmt: skip
+        self._note_missed(out.sequence)
         self.resync_reason = "oversized"
         self.resync_needed.set()
         return True
