@@ -1,13 +1,21 @@
 """One exponential back-off with jitter for every loop that tries again: libvirt reconnect,
-NATS connect, the resync after a (re)connect, the replug of a primary, the reconcile of owed
-primaries. Small enough not to need a library: a delay that doubles up to a bound, with
-+-20 % jitter so a fleet does not retry in step, and a wait that a stop request cuts short."""
+NATS connect, JetStream at start, the resync after a (re)connect, the replug of a primary, the
+reconcile of owed primaries. Small enough not to need a library: a delay that doubles up to a
+bound, with +-20 % jitter so a fleet does not retry in step, and a wait that a stop request
+cuts short."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import random
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import structlog
+
+log = structlog.get_logger("agent.backoff")
+T = TypeVar("T")
 
 
 class Backoff:
@@ -35,3 +43,23 @@ class Backoff:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), d)
         return stop.is_set()
+
+
+async def until_done(
+    step: Callable[[], Awaitable[T]],
+    *,
+    transient: tuple[type[BaseException], ...],
+    stop: asyncio.Event,
+    backoff: Backoff,
+    what: str,
+) -> T | None:
+    """`step()` again after each transient failure (logged as `what`) until it succeeds;
+    None once `stop` is set."""
+    while True:
+        try:
+            return await step()
+        except transient as exc:
+            log.warning(what, error=str(exc) or type(exc).__name__,
+                        retry_in_s=round(backoff.delay, 2))  # fmt: skip
+            if await backoff.wait(stop):
+                return None

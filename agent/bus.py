@@ -16,6 +16,7 @@ from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.errors import ServiceUnavailableError
 
 from agent.backoff import Backoff
 from agent.envelope import Subjects
@@ -46,6 +47,14 @@ class BusTarget:
         except (nats.errors.Error, OSError, TimeoutError) as exc:
             raise AgentError(f"cannot reach NATS at {', '.join(redact(self.urls))}: "
                              f"{redact(str(exc) or type(exc).__name__)}") from None  # fmt: skip
+
+
+# JetStream did not answer (no leader yet after a node restart, no quorum, a reconnect in
+# progress): asked again later, not a failure of the agent.
+JETSTREAM_UNANSWERED: tuple[type[BaseException], ...] = (
+    NatsTimeoutError, TimeoutError, NoRespondersError, ServiceUnavailableError,
+    nats.errors.ConnectionReconnectingError,
+)  # fmt: skip
 
 
 async def request(nc: NATS, host: str, subject: str, body: bytes, timeout: float) -> Msg:

@@ -514,11 +514,12 @@ def cmd_hosts(args: argparse.Namespace) -> int:
         nc = await bus.connect("virt-agent hosts")
         try:
             try:
-                kv = await nc.jetstream().key_value(BUCKET)
+                js = nc.jetstream()
+                kv = await js.key_value(BUCKET)
             except nats.js.errors.BucketNotFoundError:
                 regs = []
             else:
-                regs = await Registry(kv).hosts()
+                regs = await Registry(kv, js).hosts()
         finally:
             await nc.close()
         if args.json:

@@ -11,12 +11,12 @@ from typing import Any
 import msgspec
 import structlog
 from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import (
     BadRequestError,
     KeyNotFoundError,
     KeyWrongLastSequenceError,
-    NoKeysError,
     NotFoundError,
 )
 from nats.js.kv import KeyValue
@@ -68,8 +68,9 @@ class Registry:
     copied configuration) - `twin` names it until this agent is alone again. An earlier
     process of this host that died does not write any more, so a restart is no twin."""
 
-    def __init__(self, kv: KeyValue) -> None:
+    def __init__(self, kv: KeyValue, js: JetStreamContext) -> None:
         self.kv = kv
+        self._js = js
         self._revision: int | None = None
         self.twin: Registration | None = None
 
@@ -116,14 +117,18 @@ class Registry:
         return _decoder.decode(entry.value)
 
     async def hosts(self) -> list[Registration]:
+        """Every registered host. The keys come from the bucket stream's subject counts, not
+        nats-py's `KeyValue.keys()`: that decides "no keys" from a consumer-info reply that can
+        overtake the consumer's first message, and leaves a consumer on the server for five
+        minutes per listing."""
         try:
-            keys = await self.kv.keys()
-        except (NoKeysError, NotFoundError):
+            info = await self._js.stream_info(f"KV_{BUCKET}", subjects_filter=f"$KV.{BUCKET}.>")
+        except NotFoundError:
             return []
         out = []
-        for k in keys:
+        for subject in sorted(info.state.subjects or {}):
             try:
-                out.append(await self.resolve(k))
+                out.append(await self.resolve(subject.removeprefix(f"$KV.{BUCKET}.")))
             except NotFound:
-                continue  # expired between listing and reading
+                continue  # withdrawn (a delete marker) or expired between listing and reading
         return out

@@ -18,10 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+from nats.aio.client import Client as NATS
 from nats.errors import Error as NatsError
+from nats.js.kv import KeyValue
 
 from agent import __version__, statedir
-from agent.bus import Bus
+from agent.backoff import Backoff, until_done
+from agent.bus import JETSTREAM_UNANSWERED, Bus
 from agent.commands import CommandService
 from agent.deadletter import DeadLetters
 from agent.envelope import (
@@ -175,12 +178,16 @@ class Agent:
             with contextlib.suppress(asyncio.CancelledError):
                 await libvirt_up
             return
-        await self.streams.ensure(nc, startup=True)
-        ttl = (
-            self.settings.agent.heartbeat_interval_s
-            * self.settings.agent.registration_ttl_heartbeats
-        )
-        self.registry = Registry(await open_bucket(nc, ttl, self.settings.nats.stream_replicas))
+        bucket = await until_done(
+            lambda: self._jetstream(nc), transient=JETSTREAM_UNANSWERED, stop=self._stop,
+            backoff=Backoff(1.0, 10.0), what="JetStream not answering; libvirt's events spooled",
+        )  # fmt: skip
+        if bucket is None:  # stopped before JetStream answered
+            libvirt_up.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await libvirt_up
+            return
+        self.registry = Registry(bucket, nc.jetstream())
         self.ctx.registry = self.registry
         journal = self.journal = Journal(Path(self.settings.state_dir) / "operations.db")
         self.commands.outcomes.store = journal
@@ -236,6 +243,15 @@ class Agent:
                 await self._stop.wait()
             await self._shutdown(tasks)
             await _cancel_for_sure(tasks)
+
+    async def _jetstream(self, nc: NATS) -> KeyValue:
+        """The streams and the virt_hosts bucket, made where missing."""
+        await self.streams.ensure(nc, startup=True)
+        ttl = (
+            self.settings.agent.heartbeat_interval_s
+            * self.settings.agent.registration_ttl_heartbeats
+        )
+        return await open_bucket(nc, ttl, self.settings.nats.stream_replicas)
 
     async def _shutdown(self, tasks: list[asyncio.Task[Any]]) -> None:
         self.state = AgentState.STOPPING

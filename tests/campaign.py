@@ -222,8 +222,8 @@ class Generator:
 # ---------------------------------------------------------------- the bus
 
 
-def start_cluster(workdir: Path) -> list[NatsServer]:
-    """Three nats-servers routed into one cluster, JetStream on each."""
+def cluster_nodes(workdir: Path) -> list[NatsServer]:
+    """Three nats-servers that route into one cluster, JetStream on each; not started."""
     cports = [free_port() for _ in range(3)]
     nodes = []
     for i, cport in enumerate(cports):
@@ -232,6 +232,12 @@ def start_cluster(workdir: Path) -> list[NatsServer]:
             "--server_name", f"n{i}", "--cluster_name", "virt-test",
             "--cluster", f"nats://127.0.0.1:{cport}", "--routes", routes,
         ]))  # fmt: skip
+    return nodes
+
+
+def start_cluster(workdir: Path) -> list[NatsServer]:
+    """Three nats-servers routed into one cluster, JetStream on each."""
+    nodes = cluster_nodes(workdir)
     try:
         for n in nodes:
             n.start()

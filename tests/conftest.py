@@ -116,6 +116,36 @@ def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
     server.stop()
 
 
+SECURED_CONF = ROOT / "config" / "nats-server.conf.example"
+
+
+@pytest.fixture
+def secured(tmp_path: Path) -> Iterator[NatsServer]:
+    """A nats-server with config/nats-server.conf.example: per-host users hv01..hv03, a
+    controller and a monitor, each with the password `change-me-<user>`."""
+    server = NatsServer(tmp_path / "nats", config_file=SECURED_CONF).start()
+    yield server
+    server.stop()
+
+
+def secured_url(server: NatsServer, user: str) -> str:
+    return f"nats://{user}:change-me-{user}@127.0.0.1:{server.port}"
+
+
+async def connect_as(
+    server: NatsServer, user: str, inbox: str | None = None
+) -> tuple[Any, list[str]]:
+    """A connection as `user`, with its own inbox prefix (`_INBOX_<user>`) unless told."""
+    errors: list[str] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(str(exc))
+
+    nc = await nats.connect(secured_url(server, user), error_cb=on_error,
+                            inbox_prefix=inbox or f"_INBOX_{user}")  # fmt: skip
+    return nc, errors
+
+
 @pytest.fixture
 async def nc(nats_server: NatsServer) -> AsyncIterator[NATS]:
     """A plain NATS client on the test's server."""

@@ -9,6 +9,7 @@ import nats
 
 from agent.bus import subscribed
 from agent.embedded import NatsServer
+from agent.registry import BUCKET, Registration, Registry, open_bucket
 
 
 class RecordingProxy:
@@ -76,3 +77,44 @@ async def test_subscribed_returns_only_once_the_server_has_the_subscription(
     finally:
         await nc.close()
         await proxy.close()
+
+
+async def test_the_host_list_never_misses_a_registered_host(nats_server: NatsServer) -> None:
+    """nats-py's `KeyValue.keys()` decides "no keys" from a consumer-info reply that can
+    arrive before the consumer's first message: a registered host was sometimes missing from
+    `virt-agent hosts` (2 of 300 listings on a quiet machine). Each listing here is a fresh
+    connection, as the CLI makes one."""
+    nc = await nats.connect(nats_server.url)
+    try:
+        registry = Registry(await open_bucket(nc, 60, 1), nc.jetstream())
+        for host in ("hv01", "hv02"):
+            await registry.publish(registration(host))
+        await registry.withdraw("hv02")
+        await registry.publish(registration("hv03"))
+
+        async def listing() -> list[str]:
+            c = await nats.connect(nats_server.url)
+            try:
+                js = c.jetstream()
+                kv = await js.key_value(BUCKET)
+                try:
+                    return sorted(r.host for r in await Registry(kv, js).hosts())
+                except nats.js.errors.BadRequestError as exc:
+                    return [str(exc)]
+            finally:
+                await c.close()
+
+        # Listing leaves no consumer behind (keys() left one per listing for 5 minutes, and
+        # an operator's loop of `virt-agent hosts` reached the server's consumer limit).
+        lists = [
+            h for _ in range(300) for h in await asyncio.gather(*(listing() for _ in range(4)))
+        ]
+        wrong = [hosts for hosts in lists if hosts != ["hv01", "hv03"]]
+        assert not wrong, f"{len(wrong)} of {len(lists)} listings wrong: {wrong[:3]}"
+    finally:
+        await nc.close()
+
+
+def registration(host: str) -> Registration:
+    return Registration(host=host, boot_id="b", version="0", libvirt_uri="test:///default",
+                        migration_uri="", capabilities=None, updated=0.0)  # fmt: skip

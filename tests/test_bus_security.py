@@ -27,41 +27,24 @@ import pytest
 from agent.bus import subscribed
 from agent.embedded import NatsServer
 from lab.agents import agent_env
-from tests.conftest import ROOT, Collector, RunningAgent, stream_messages
+from tests.conftest import (
+    ROOT,
+    SECURED_CONF,
+    Collector,
+    RunningAgent,
+    connect_as,
+    secured_url,
+    stream_messages,
+)
 from tests.test_checkconfig import check
-
-CONF = ROOT / "config" / "nats-server.conf.example"
-
-
-@pytest.fixture
-def secured(tmp_path: Path) -> Iterator[NatsServer]:
-    server = NatsServer(tmp_path / "nats", config_file=CONF).start()
-    yield server
-    server.stop()
-
-
-def url(server: NatsServer, user: str) -> str:
-    return f"nats://{user}:change-me-{user}@127.0.0.1:{server.port}"
-
-
-async def connect(server: NatsServer, user: str, inbox: str | None = None) -> tuple[Any, list[str]]:
-    """A connection as `user`, with its own inbox prefix (`_INBOX_<user>`) unless told."""
-    errors: list[str] = []
-
-    async def on_error(exc: Exception) -> None:
-        errors.append(str(exc))
-
-    nc = await nats.connect(url(server, user), error_cb=on_error,
-                            inbox_prefix=inbox or f"_INBOX_{user}")  # fmt: skip
-    return nc, errors
 
 
 async def test_a_hosts_credentials_speak_only_for_that_host(
     secured: NatsServer, start_agent: Callable[..., Awaitable[RunningAgent]]
 ) -> None:
-    agent = await start_agent(**{"host_id": "hv02", "nats.urls": [url(secured, "hv02")]})
-    controller, _ = await connect(secured, "controller")
-    hv01, hv01_errors = await connect(secured, "hv01")
+    agent = await start_agent(**{"host_id": "hv02", "nats.urls": [secured_url(secured, "hv02")]})
+    controller, _ = await connect_as(secured, "controller")
+    hv01, hv01_errors = await connect_as(secured, "hv01")
     try:
         # The agent works under its own credentials: streams, registration, commands.
         reply = await controller.request("virt.hv02.cmd.ping", b"{}", timeout=10)
@@ -114,9 +97,9 @@ async def test_a_host_cannot_read_another_hosts_or_the_controllers_replies(
     """Replies go to per-host inbox prefixes: hv02 may subscribe to neither the plain
     `_INBOX.>` nor hv01's or the controller's, and sees none of the replies hv01's agent
     sends to the controller."""
-    await start_agent(**{"host_id": "hv01", "nats.urls": [url(secured, "hv01")]})
-    controller, _ = await connect(secured, "controller")
-    hv02, hv02_errors = await connect(secured, "hv02")
+    await start_agent(**{"host_id": "hv01", "nats.urls": [secured_url(secured, "hv01")]})
+    controller, _ = await connect_as(secured, "controller")
+    hv02, hv02_errors = await connect_as(secured, "hv02")
     try:
         seen = Collector()
         for subject in ("_INBOX.>", "_INBOX_controller.>", "_INBOX_hv01.>", ">"):
@@ -141,11 +124,11 @@ async def test_reservations_belong_to_their_caller_and_are_bounded(
     own id there): a reservation names its caller; another host can neither release it nor
     replug for it; one caller holds at most `failover.max_reservations_per_caller`; a lease
     beyond `failover.max_lease_s` is refused, naming the setting."""
-    await start_agent(**{"host_id": "hv02", "nats.urls": [url(secured, "hv02")],
+    await start_agent(**{"host_id": "hv02", "nats.urls": [secured_url(secured, "hv02")],
                          "failover.max_reservations_per_caller": 2,
                          "failover.max_lease_s": 600})  # fmt: skip
-    hv01, _ = await connect(secured, "hv01")
-    hv03, _ = await connect(secured, "hv03")
+    hv01, _ = await connect_as(secured, "hv01")
+    hv03, _ = await connect_as(secured, "hv03")
 
     async def call(nc: Any, verb: str, me: str, body: dict[str, Any]) -> dict[str, Any]:
         msg = await nc.request(f"virt.hv02.cmd.{verb}.{me}", msgspec.json.encode(body), timeout=10)
@@ -188,9 +171,9 @@ async def test_the_monitoring_identity_reads_the_streams_and_sends_no_command(
 ) -> None:
     """`monitor` reads VIRT_EVENTS and VIRT_OPS (an ordered consumer, and a durable one of
     its own) and is refused on every command subject."""
-    agent = await start_agent(**{"host_id": "hv01", "nats.urls": [url(secured, "hv01")]})
+    agent = await start_agent(**{"host_id": "hv01", "nats.urls": [secured_url(secured, "hv01")]})
     await agent.settled()
-    monitor, errors = await connect(secured, "monitor")
+    monitor, errors = await connect_as(secured, "monitor")
     try:
         started = await stream_messages(monitor, "VIRT_EVENTS", "virt.hv01.host.agent_started")
         assert [ev["data"]["boot_id"] for _, ev, _ in started] == [agent.agent.boot_id]
@@ -425,7 +408,7 @@ def mint(signer: Any, subject: Any, name: str, nats_claims: dict[str, Any]) -> s
 
 def example_permissions(role: str) -> dict[str, Any]:
     """A role's permissions from config/nats-server.conf.example, as user JWT claims."""
-    text = "\n".join(line.split("#")[0] for line in CONF.read_text().splitlines())
+    text = "\n".join(line.split("#")[0] for line in SECURED_CONF.read_text().splitlines())
     block = re.search(rf"{role} = {{(.*?)\n  }}", text, re.S)
     assert block, role
 

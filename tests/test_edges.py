@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -27,6 +28,7 @@ from agent.embedded import NatsServer
 from agent.spool import Record, Spool
 from lab.agents import agent_env
 from lab.daemon import LibvirtDaemon, free_port
+from tests.campaign import cluster_nodes
 from tests.conftest import (
     ROOT,
     AgentProcess,
@@ -666,3 +668,62 @@ async def test_a_resync_taken_before_nats_said_its_max_payload_is_taken_again_in
         if not starting.done():
             starting.cancel()
         await asyncio.to_thread(server.stop)
+
+
+@pytest.mark.daemon
+async def test_an_agent_started_while_jetstream_cannot_answer_waits_for_it_and_loses_nothing(
+    test_daemon: LibvirtDaemon, agent_process: Callable[..., AgentProcess], tmp_path: Path
+) -> None:
+    """One node of a three-node cluster is up, so NATS accepts the connection but JetStream
+    has no quorum and answers nothing (as after a node restart, while leaders are elected):
+    the agent keeps running, spooling libvirt's events and not ready, and once the cluster is
+    whole every event is stored. It used to exit on the first JetStream timeout (found by the
+    fault campaign, seed 1962951971: an agent restarted right after a node was killed)."""
+    nodes = cluster_nodes(tmp_path / "cluster")
+    http = f"127.0.0.1:{free_port()}"
+    host = "noquorum"
+    try:
+        nodes[0].start()
+        agent = agent_process(
+            "--libvirt-uri", test_daemon.test_uri, "--nats-url", nodes[0].url, "--host-id", host,
+            "--http-addr", http, "--state-dir", str(tmp_path / "st"),
+        )  # fmt: skip
+        await eventually(lambda: metric(http, "virt_agent_nats_connected") == 1, 60, "connected")
+        flipper = await asyncio.to_thread(lambda: Flipper(test_daemon.test_uri).start())
+        try:
+            await eventually(lambda: flipper.count >= 100, 60, "100 flips")
+        finally:
+            await asyncio.to_thread(flipper.stop)
+        # Past two JetStream request timeouts: still running, not ready, everything spooled.
+        await asyncio.sleep(12)
+        assert agent.proc.poll() is None, agent.output()[-2000:]
+        assert "JetStream not answering" in agent.output()
+        assert readyz(http)["ready"] is False
+        assert (metric(http, "virt_agent_spooled_total") or 0) >= flipper.count
+        for n in nodes[1:]:
+            n.start()
+        await eventually(lambda: readyz(http).get("ready") is True, 90, "ready once whole")
+        uuid_ = flipper.dom.UUIDString()
+        nc = await nats.connect(nodes[0].url)
+        try:
+            msgs = await stream_messages(nc, "VIRT_EVENTS", f"virt.{host}.event.{uuid_}.>")
+        finally:
+            await nc.close()
+        events = [ev["data"]["event"] for _, ev, _ in sorted(msgs, key=lambda m: m[1]["sequence"])]
+        assert [e for e in events if e in ("suspended", "resumed")] == (
+            ["suspended", "resumed"] * (flipper.count // 2)
+        )
+        assert events[:2] == ["defined", "started"]
+    finally:
+        for n in nodes:
+            n.stop()
+
+
+def readyz(http: str) -> dict[str, object]:
+    try:
+        with urllib.request.urlopen(f"http://{http}/readyz", timeout=10) as r:
+            return dict(json.loads(r.read()))
+    except urllib.error.HTTPError as exc:
+        return dict(json.loads(exc.read()))
+    except OSError:
+        return {}

@@ -18,11 +18,20 @@ import pytest
 
 from agent.bus import subscribed
 from agent.devices import device_xml
+from agent.embedded import NatsServer
 from agent.errors import LibvirtFailure
 from agent.failover import NS, PREFIX, Record, record_to_xml
 from handlers.migration import Convergence
 from lab.lab import bond_members, guest_mac, primary_interface_xml, probes, wait_for_serial
-from tests.conftest import Collector, RunningAgent, call, eventually, where
+from tests.conftest import (
+    Collector,
+    RunningAgent,
+    call,
+    connect_as,
+    eventually,
+    secured_url,
+    where,
+)
 
 pytestmark = pytest.mark.lab
 
@@ -127,6 +136,47 @@ async def test_migrate_with_failover_moves_the_guest_and_plugs_its_primary_on_th
     assert ["eth1"] in bond_members(text), "the guest saw its primary go"
     assert len(await bond_now(serial, 2)) == 2, "and come back"
     await pings_flow(serial, offset)
+
+
+async def test_migrate_with_failover_works_under_per_host_credentials(
+    lab: Any,
+    host_a: Any,
+    host_b: Any,
+    guest: Callable[..., Any],
+    start_agent: Callable[..., Awaitable[RunningAgent]],
+    secured: NatsServer,
+) -> None:
+    """Both agents run with config/nats-server.conf.example's per-host permissions (hv01 and
+    hv02), not as a superuser, and the request comes from its controller user: the whole
+    sequence works - the reservation on the destination under the caller-id subject, each
+    host's replies on its own inbox, the destination's replug - and the guest bonds again."""
+    agent_a = await start_agent(**{"libvirt.uri": host_a.uri, "host_id": "hv01",
+                                   "nats.urls": [secured_url(secured, "hv01")]})  # fmt: skip
+    await start_agent(**{"libvirt.uri": host_b.uri, "host_id": "hv02",
+                         "nats.urls": [secured_url(secured, "hv02")]})  # fmt: skip
+    controller, errors = await connect_as(secured, "controller")
+    try:
+        dom = await asyncio.to_thread(guest, "a", "failover")
+        u = dom.UUIDString()
+        serial = lab.serial_path(dom.name())
+        await asyncio.to_thread(wait_for_serial, serial, " ok", 30)
+        ops = Collector()
+        await controller.subscribe(f"virt.{agent_a.host}.op.>", cb=ops.on_msg)
+        await subscribed(controller)
+        reply = await call(controller, "hv01", "migrate_with_failover",
+                           {"domain": dom.name(), "destination": "hv02"})  # fmt: skip
+        assert reply["ok"] is True, reply
+        op = await final_of(ops)
+        assert op["state"] == "succeeded", op
+        assert [s["step"] for s in op["steps"]] == STEPS
+        assert await asyncio.to_thread(where, host_b, u) == {
+            "running": True, "primary": True, "record": False,
+        }  # fmt: skip
+        assert (await asyncio.to_thread(where, host_a, u))["running"] is False
+        assert len(await bond_now(serial, 2)) == 2, "the guest bonded its new primary"
+        assert errors == [], "the controller met no permissions violation"
+    finally:
+        await controller.close()
 
 
 async def pings_flow(serial: Path, offset: int, run: int = 20, timeout: float = 30) -> None:
