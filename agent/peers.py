@@ -15,7 +15,7 @@ from nats.aio.client import Client as NATS
 
 from agent.bus import request
 from agent.envelope import Subjects
-from agent.errors import from_reply
+from agent.errors import NotFound, from_reply
 
 
 class Peers:
@@ -27,4 +27,12 @@ class Peers:
     async def call(self, host: str, verb: str, payload: dict[str, Any], timeout: float) -> Any:
         subject = Subjects(self.prefix, host).cmd(f"{verb}.{self.me}")
         msg = await request(self.nc, host, subject, msgspec.json.encode(payload), timeout)
-        return from_reply(msg.data, host)
+        try:
+            return from_reply(msg.data, host)
+        except NotFound as exc:
+            if exc.details.get("verb") != f"{verb}.{self.me}":
+                raise
+            raise NotFound(
+                f"{host} does not know contract v1.1's agent-to-agent subjects (a previous "
+                f"release?): upgrade it before migrating to it", **exc.details,
+            ) from None  # fmt: skip
