@@ -162,6 +162,10 @@ class Reconciler:
         self._due: set[str] = set()
         hv.listen("lifecycle", self._on_lifecycle)
 
+    def entries(self) -> int:
+        """Domains this reconciler holds something for (due, or waiting to retry)."""
+        return len(self._due | self._retry_at.keys())
+
     def _on_lifecycle(self, event: Any) -> None:
         if event.data.event in ("started", "resumed"):
             self._due.add(event.data.domain.uuid)
@@ -306,6 +310,9 @@ class Reconciler:
         doms = await hv.call(hv.conn.listAllDomains, libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
         now = time.monotonic()
         owed = 0
+        running = {d.UUIDString() for d in doms}
+        for gone in self._retry_at.keys() - running:
+            del self._retry_at[gone]  # stopped or gone: its back-off is over
         for dom in doms:
             owed += await self._settle_counted(dom, now)
         self.metrics.owed_primaries.set(owed)

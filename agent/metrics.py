@@ -78,6 +78,13 @@ class Metrics:
             ["table"],
             registry=r,
         )
+        self.domain_entries = Gauge(
+            f"{NS}_domain_entries",
+            "Per-domain entries the agent holds, by table (tracked: the domains libvirt has; "
+            "the others empty while nothing runs)",
+            ["table"],
+            registry=r,
+        )
         self.publish_latency = Histogram(
             f"{NS}_publish_latency_seconds",
             "From the libvirt callback to the JetStream acknowledgement",

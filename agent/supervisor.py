@@ -122,6 +122,16 @@ class Agent:
                                settings.libvirt, self._stop, self._after_connect)  # fmt: skip
         self._stop_deadline: float | None = None
         self.ready = asyncio.Event()
+        # What grows with the domains a host has seen, read at each scrape.
+        entries = self.metrics.domain_entries
+        entries.labels("tracked").set_function(lambda: len(self.resyncs.tracker.known))
+        entries.labels("locks").set_function(lambda: len(self.ctx.domain_locks))
+        entries.labels("reconciler").set_function(
+            lambda: self.reconciler.entries() if self.reconciler else 0
+        )
+        entries.labels("operations").set_function(
+            lambda: self.operations.entries() if self.operations else 0
+        )
 
     # ------------------------------------------------------------ control
 

@@ -3,7 +3,8 @@
 Writes bench/results/latest.json and the results table in bench/README.md.
 BENCH_EVENTS (default 120000) sets the events of the throughput rounds, all together;
 BENCH_CAMPAIGN_SEEDS (comma-separated; default the fixed seeds and three fresh ones) and
-BENCH_CAMPAIGN_FAULTS (default 12) the fault campaign.
+BENCH_CAMPAIGN_FAULTS (default 12) the fault campaign; BENCH_SOAK_OPS and BENCH_SOAK_DOMAINS
+(default 100,000 and 10,000) the soak, BENCH_SOAK=0 skips it.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from agent.embedded import NatsServer
 from bench.eventgen import rss_kib
 from bench.fleet import run_fleet
 from bench.lab_bench import lab_baselines
+from bench.soak import soak
 from bench.stats import median, pct
 from bench.timeline import timeline_svg
 from lab.agents import LabAgents
@@ -319,6 +321,8 @@ def render_table(res: dict[str, Any]) -> str:
         lines += fault_table(res["faults"])
     if res.get("campaign"):
         lines += campaign_table(res["campaign"])
+    if res.get("soak"):
+        lines += soak_table(res["soak"])
     return "\n".join(lines)
 
 
@@ -378,6 +382,24 @@ def campaign_table(rows: list[dict[str, Any]]) -> list[str]:
         for r in rows
     ]
     return lines
+
+
+def soak_table(k: dict[str, Any]) -> list[str]:
+    entries = ", ".join(f"{t} {k['domain_entries_start'][t]:.0f} → {v:.0f}"
+                        for t, v in k["domain_entries_end"].items())  # fmt: skip
+    return [
+        "",
+        f"Soak (bench/soak.py): {k['operations']:,} short `migrate` operations with request ids "
+        f"over {k['domains']:,} domains created and removed, one agent process, journal bound "
+        f"`commands.operations_max` = {k['operations_max']:,} and a 5 s idempotency window; "
+        f"{k['ops_per_s']:,} operations/s:",
+        "",
+        "| measure | end of the run | baseline (same run) | ratio |",
+        "|---|---|---|---|",
+        f"| Agent RSS (MB) | {k['rss_end_mb']} | after the first tenth of the run: {k['rss_warm_mb']} | **{k['rss_end_over_warm']}** |",
+        f"| Journal rows, most seen (operations / idempotency outcomes) | {k['max_operation_rows']:,} / {k['max_request_rows']:,} | the bound {k['operations_max']:,} / - | {k['max_operation_rows'] / k['operations_max']:.3f} |",
+        f"| Per-domain entries before → after (`virt_agent_domain_entries`) | {entries} | - | - |",
+    ]
 
 
 def fleet_table(f: dict[str, Any]) -> list[str]:
@@ -460,6 +482,10 @@ async def main() -> None:
         with tempfile.TemporaryDirectory(prefix="virt-agent-fleet-") as tmp:
             n_agents = int(os.environ.get("BENCH_FLEET_AGENTS", "24"))
             res["fleet"] = await run_fleet(Path(tmp), n_agents)
+    if os.environ.get("BENCH_SOAK", "1") != "0":
+        with tempfile.TemporaryDirectory(prefix="virt-agent-soak-") as tmp:
+            res["soak"] = await soak(Path(tmp), int(os.environ.get("BENCH_SOAK_OPS", "100000")),
+                                     int(os.environ.get("BENCH_SOAK_DOMAINS", "10000")))  # fmt: skip
     if os.environ.get("BENCH_FAULTS", "1") != "0":
         res["faults"] = fault_suite()
         res["campaign"] = campaign_suite()

@@ -70,16 +70,15 @@ class Context:
             self._no_operation(domain_uuid)
             yield
 
-    def start_operation(self, verb: str, domain_uuid: str, runner: Runner) -> Operation:
-        """Start a long operation on a domain; refused while a command changes the domain or
-        another operation runs on it."""
+    async def start_operation(self, verb: str, domain_uuid: str, runner: Runner) -> Operation:
+        """Start a long operation on a domain once nothing else changes it: it waits for the
+        domain's lock (a command in flight, the reconciler reading the domain's record), as
+        mutating commands wait for each other; refused while another operation runs on it."""
         operations = self.operations
         if operations is None:
             raise Unavailable("the journal is not open yet")
-        if self.domain_locks.locked(domain_uuid):
-            raise Conflict(f"a command is changing domain {domain_uuid}; try again when it "
-                           "has answered", domain=domain_uuid)  # fmt: skip
-        return operations.start(verb, domain_uuid, runner)
+        async with self.exclusive(domain_uuid):
+            return operations.start(verb, domain_uuid, runner)
 
     def fleet(self) -> tuple[OperationManager, Peers, Reconciler]:
         """What verbs that span hosts need: the journal, the other agents, the reconciler."""

@@ -198,7 +198,7 @@ async def migrate(ctx: Context, req: MigrateRequest) -> dict[str, Any]:
             raise AgentError(f"domain is not running on {req.destination} after the migration")
         return {**result, "destination": req.destination}
 
-    op = ctx.start_operation("migrate", dom.UUIDString(), runner)
+    op = await ctx.start_operation("migrate", dom.UUIDString(), runner)
     return {"operation_id": op.id, "state": op.state}
 
 

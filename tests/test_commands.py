@@ -16,6 +16,7 @@ import nats
 import pytest
 from nats.aio.client import Client as NATS
 
+from agent.registry import Registration
 from agent.supervisor import AgentState
 from lab.agents import answering
 from lab.daemon import LibvirtDaemon
@@ -315,3 +316,33 @@ async def test_a_request_id_repeated_after_kill_9_and_a_restart_acts_once(
         await asyncio.to_thread(dom.destroy)
         await asyncio.to_thread(dom.undefine)
         conn.close()
+
+
+async def test_an_operation_waits_for_a_domains_lock_instead_of_a_spurious_conflict(
+    start_agent: Callable[..., Awaitable[RunningAgent]], nc: NATS, testdrv: Any
+) -> None:
+    """Something holds the domain's lock for a moment - another command, or the failover
+    reconciler reading the record of a domain that just started: `migrate` waits for it,
+    as mutating commands wait for each other, and then starts its operation. It was refused
+    `conflict` ("a command is changing domain") - a controller that started a VM and
+    migrated it at once met it, and the soak (bench/soak.py) on its first domains."""
+    agent = await start_agent()
+    registry = agent.agent.registry
+    assert registry is not None
+    await registry.publish(Registration(host="elsewhere", boot_id="b", version="0",
+                                        libvirt_uri="test:///default", migration_uri="",
+                                        capabilities=None, updated=0.0))  # fmt: skip
+    dom = define(testdrv)
+    dom.create()
+    async with agent.agent.ctx.lock(dom.UUIDString()):
+        request = asyncio.create_task(
+            call(nc, agent.host, "migrate", {"domain": dom.name(), "destination": "elsewhere"})
+        )
+        await asyncio.sleep(1.0)
+        assert not request.done(), request.result()
+    reply = await request
+    assert reply["ok"] is True, reply
+    op = await call(
+        nc, agent.host, "operation.get", {"operation_id": reply["result"]["operation_id"]}
+    )
+    assert op["result"]["domain"] == dom.UUIDString(), op

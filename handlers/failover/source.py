@@ -45,7 +45,7 @@ async def migrate_with_failover(ctx: Context, req: FailoverRequest) -> dict[str,
         )
     plan = await make_plan(ctx, dom, req, dest)
     flow = Failover(ctx, dom, req, plan, dest)
-    op = ctx.start_operation("migrate_with_failover", dom.UUIDString(), flow.run)
+    op = await ctx.start_operation("migrate_with_failover", dom.UUIDString(), flow.run)
     return {"operation_id": op.id, "state": op.state, "mode": plan.mode}
 
 
