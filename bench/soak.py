@@ -95,11 +95,20 @@ async def soak(
         try:
             await answering(nc, [host], timeout=60)
             # A destination whose libvirt (a test driver of its own) cannot take a migration.
+            # Written again like a live agent's heartbeat: the bucket's entries expire.
             js = nc.jetstream()
-            await Registry(await open_bucket(nc, 3600, 1), js).publish(Registration(
-                host="soak-dest", boot_id="b", version="0", libvirt_uri="test:///default",
-                migration_uri="", capabilities=None, updated=0.0,
-            ))  # fmt: skip
+            registry = Registry(await open_bucket(nc, 3600, 1), js)
+            dest = Registration(host="soak-dest", boot_id="b", version="0",
+                                libvirt_uri="test:///default", migration_uri="",
+                                capabilities=None, updated=0.0)  # fmt: skip
+            await registry.publish(dest)
+
+            async def heartbeat() -> None:
+                while True:
+                    await asyncio.sleep(5)
+                    await registry.publish(dest)
+
+            beating = asyncio.create_task(heartbeat())
             finals: dict[str, asyncio.Future[str]] = {}
             early: dict[str, str] = {}
 
@@ -169,6 +178,8 @@ async def soak(
             await asyncio.sleep(2)  # the last domains' events reach the agent's tables
             entries = await asyncio.to_thread(domain_entries, http)
         finally:
+            if "beating" in locals():
+                beating.cancel()
             await nc.close()
             await asyncio.to_thread(conn.close)
             stop_process(proc)
