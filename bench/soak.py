@@ -92,6 +92,7 @@ async def soak(
             )  # fmt: skip
         nc = await nats.connect(server.url)
         conn = await asyncio.to_thread(libvirt.open, daemon.test_uri)
+        beating: asyncio.Task[None] | None = None
         try:
             await answering(nc, [host], timeout=60)
             # A destination whose libvirt (a test driver of its own) cannot take a migration.
@@ -178,7 +179,7 @@ async def soak(
             await asyncio.sleep(2)  # the last domains' events reach the agent's tables
             entries = await asyncio.to_thread(domain_entries, http)
         finally:
-            if "beating" in locals():
+            if beating is not None:
                 beating.cancel()
             await nc.close()
             await asyncio.to_thread(conn.close)
