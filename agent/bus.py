@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ class BusTarget:
     urls: list[str]
     prefix: str
     options: dict[str, Any]  # nats.connect's TLS, authentication and inbox options
+    nats: NatsSettings = field(default_factory=NatsSettings)  # the rest of [nats]
 
     def subjects(self, host: str) -> Subjects:
         """The contract's subjects of `host` (`*`: of every host) under this prefix."""

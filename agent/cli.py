@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import json
 import os
 import signal
 import sys
@@ -48,6 +49,8 @@ EXITS = {
     "history": "0 printed; 1 nothing stored for the domain, or NATS unreachable; 2 bad arguments",
     "call": "0 the reply is ok; 1 an error reply, no reply or NATS unreachable; 2 bad arguments",
     "hosts": "0 listed; 1 NATS unreachable; 2 bad settings",
+    "hub-sync": "0 every registered leaf host is a source; 1 a hub stream takes subjects "
+                "itself, or NATS unreachable; 2 bad settings",
     "migrate": "0 accepted (with --wait: succeeded); 1 refused, failed or unreachable; "
                "2 bad arguments",
     "check-config": "0 all good; 2 a setting; 3 state directory; 4 libvirt; 5 NATS; 6 HTTP; "
@@ -137,6 +140,13 @@ def _bus_parsers(sub: Any) -> None:
     _bus_args(hosts)
     hosts.add_argument("--json", action="store_true", help="print the registrations as JSON")
 
+    hub = sub.add_parser(
+        "hub-sync",
+        help="leaf-node mode: make the hub's streams source every registered leaf host's",
+    )
+    _bus_args(hub)
+    hub.add_argument("--json", action="store_true", help="print the sources as JSON")
+
 
 def _migrate_parser(sub: Any) -> None:
     mig = sub.add_parser("migrate", help="live-migrate a domain between two hosts' agents")
@@ -216,7 +226,7 @@ def _bus(args: argparse.Namespace) -> BusTarget:
     options = connect_options(s.nats, s.host_id)
     if not s.nats.inbox_prefix:
         options["inbox_prefix"] = "_INBOX"  # a person's tool: NATS's own default
-    return BusTarget(s.nats.urls, s.subject_prefix, options)
+    return BusTarget(s.nats.urls, s.subject_prefix, options, s.nats)
 
 
 def parse_call_args(args: list[str]) -> dict[str, Any]:
@@ -251,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         "history": cmd_history,
         "call": cmd_call,
         "hosts": cmd_hosts,
+        "hub-sync": cmd_hub_sync,
         "migrate": cmd_migrate,
         "check-config": cmd_check_config,
         "health": cmd_health,
@@ -353,8 +364,10 @@ def start_embedded(loaded: LoadedSettings) -> tuple[Settings, NatsServer | None]
     server = None
     nats_settings = s.nats
     if not loaded.explicit("nats.urls"):
-        server = NatsServer(Path(s.state_dir) / "nats", port=s.nats.embedded_port,
-                            die_with_parent=True)  # fmt: skip
+        store = Path(s.state_dir) / "nats"
+        leaf = leaf_config(s, store) if s.nats.leaf_remotes else None
+        server = NatsServer(store, port=s.nats.embedded_port, die_with_parent=True,
+                            config_file=leaf)  # fmt: skip
         # This process holds the state directory: a server on its store is a stale one.
         stale = server.stop_stale()
         if stale is not None:
@@ -374,6 +387,20 @@ def start_embedded(loaded: LoadedSettings) -> tuple[Settings, NatsServer | None]
         flush=True,
     )
     return s, server
+
+
+def leaf_config(s: Settings, store: Path) -> Path:
+    """The bundled server as a leaf node of the hub: this host's id as its server name and
+    JetStream domain (the hub's streams source from `$JS.<host>.API`)."""
+    remote: dict[str, Any] = {"urls": s.nats.leaf_remotes}
+    if s.nats.leaf_creds_file:
+        remote["credentials"] = s.nats.leaf_creds_file
+    conf = {"server_name": s.host_id, "jetstream": {"domain": s.host_id},
+            "leafnodes": {"remotes": [remote]}}  # fmt: skip
+    store.mkdir(parents=True, exist_ok=True)
+    path = store / "leaf.conf"
+    path.write_text(json.dumps(conf, indent=2) + "\n")  # nats-server reads JSON as well
+    return path
 
 
 async def _run_agent(settings: Settings) -> int:
@@ -533,6 +560,27 @@ def cmd_hosts(args: argparse.Namespace) -> int:
             fo = "yes" if caps and caps.virtio_net_failover else "no"
             age = f"{now - r.updated:>5.0f}s"
             print(f"{r.host:<20} {r.version:<8} {lib:<8} {fo:<8} {age}  {r.libvirt_uri}")
+        return EXIT_OK
+
+    return asyncio.run(go())
+
+
+def cmd_hub_sync(args: argparse.Namespace) -> int:
+    from agent import hub  # noqa: PLC0415
+
+    bus = _bus(args)
+
+    async def go() -> int:
+        nc = await bus.connect("virt-agent hub-sync")
+        try:
+            sources = await hub.sync(nc, bus.nats, bus.prefix)
+        finally:
+            await nc.close()
+        if args.json:
+            print(json.dumps(sources))
+        else:
+            for stream, domains in sources.items():
+                print(f"{stream:<12} sources {', '.join(domains) or 'no leaf host yet'}")
         return EXIT_OK
 
     return asyncio.run(go())

@@ -185,11 +185,14 @@ class Subjects:
     def cmd(self, verb: str) -> str:
         return f"{self.base}.cmd.{verb}"
 
-    def events_stream_subjects(self) -> list[str]:
-        return [f"{self.prefix}.*.event.>", f"{self.prefix}.*.host.>"]
+    def events_stream_subjects(self, own: bool = False) -> list[str]:
+        """What VIRT_EVENTS takes: every host's events, or (`own`) only this host's - a leaf
+        node's stream, which must not take what other leaves publish through the hub."""
+        who = self.host if own else "*"
+        return [f"{self.prefix}.{who}.event.>", f"{self.prefix}.{who}.host.>"]
 
-    def ops_stream_subjects(self) -> list[str]:
-        return [f"{self.prefix}.*.op.>"]
+    def ops_stream_subjects(self, own: bool = False) -> list[str]:
+        return [f"{self.prefix}.{self.host if own else '*'}.op.>"]
 
 
 _second_cache: list[Any] = [None, ""]

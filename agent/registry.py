@@ -14,6 +14,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import (
+    APIError,
     BadRequestError,
     KeyNotFoundError,
     KeyWrongLastSequenceError,
@@ -27,6 +28,7 @@ from agent.errors import NotFound
 log = structlog.get_logger("agent.registry")
 
 BUCKET = "virt_hosts"
+WRONG_LAST_SEQUENCE = 10071  # JetStream's error code for a write over another revision
 
 
 class Registration(msgspec.Struct, frozen=True, kw_only=True):
@@ -40,13 +42,17 @@ class Registration(msgspec.Struct, frozen=True, kw_only=True):
     updated: float
     # Where this host finds primary NICs for migrated-in domains (agent/pool.py).
     failover_pool: dict[str, Any] | None = None
+    # Leaf-node mode: the JetStream domain of this host's own streams, which the hub's
+    # streams source from (virt-agent hub-sync). None: the host publishes to the hub's.
+    jetstream_domain: str | None = None
 
 
 _decoder = msgspec.json.Decoder(Registration)
 
 
-async def open_bucket(nc: NATS, ttl_s: float, replicas: int) -> KeyValue:
-    js = nc.jetstream()
+async def open_bucket(nc: NATS, ttl_s: float, replicas: int, domain: str = "") -> KeyValue:
+    """The bucket, made if missing, in JetStream `domain` (empty: the connected server's)."""
+    js = nc.jetstream(domain=domain or None)
     cfg = KeyValueConfig(
         bucket=BUCKET,
         history=1,
@@ -68,9 +74,12 @@ class Registry:
     copied configuration) - `twin` names it until this agent is alone again. An earlier
     process of this host that died does not write any more, so a restart is no twin."""
 
-    def __init__(self, kv: KeyValue, js: JetStreamContext) -> None:
+    def __init__(self, kv: KeyValue, js: JetStreamContext, domain: str = "") -> None:
         self.kv = kv
         self._js = js
+        # Writes go through the domain's API prefix when the bucket is in another JetStream
+        # domain (a leaf node writing into the hub's; nats-py's KeyValue does not do it).
+        self._put_pre = f"$JS.{domain}.API.$KV.{BUCKET}." if domain else f"$KV.{BUCKET}."
         self._revision: int | None = None
         self.twin: Registration | None = None
 
@@ -78,7 +87,7 @@ class Registry:
         data = msgspec.json.encode(msgspec.structs.replace(reg, updated=time.time()))
         if self._revision is not None:
             try:
-                self._revision = await self.kv.update(reg.host, data, last=self._revision)
+                self._revision = await self._write(reg.host, data, last=self._revision)
             except KeyWrongLastSequenceError:
                 pass
             else:
@@ -96,7 +105,22 @@ class Registry:
                 self.twin = other
             else:
                 self._alone()
-        self._revision = await self.kv.put(reg.host, data)
+        self._revision = await self._write(reg.host, data)
+
+    async def _write(
+        self, key: str, data: bytes, last: int | None = None, headers: dict[str, str] | None = None
+    ) -> int:
+        """One KV write (a put; with `last`, only over that revision); its revision."""
+        hdrs = dict(headers or {})
+        if last is not None:
+            hdrs["Nats-Expected-Last-Subject-Sequence"] = str(last)
+        try:
+            ack = await self._js.publish(self._put_pre + key, data, headers=hdrs or None)
+        except APIError as exc:
+            if exc.err_code == WRONG_LAST_SEQUENCE:
+                raise KeyWrongLastSequenceError(description=exc.description) from None
+            raise
+        return int(ack.seq)
 
     def _alone(self) -> None:
         if self.twin is not None:
@@ -105,7 +129,7 @@ class Registry:
 
     async def withdraw(self, host: str) -> None:
         with contextlib.suppress(KeyNotFoundError, NotFoundError):
-            await self.kv.delete(host)
+            await self._write(host, b"", headers={"KV-Operation": "DEL"})
 
     async def resolve(self, host: str) -> Registration:
         try:

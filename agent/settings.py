@@ -80,6 +80,15 @@ class NatsSettings(_Section, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     manage_streams: bool = True
     # Port of the nats-server started by --embedded.
     embedded_port: Annotated[int, Meta(ge=0, le=65535)] = 4222
+    # Leaf-node mode (docs/operations.md): the JetStream domain of the fleet's hub. Set, this
+    # agent's streams are its own (they take only this host's subjects, in the JetStream
+    # domain of the server it connects to, which the hub's streams source from: virt-agent
+    # hub-sync), and its virt_hosts registration is written into the hub's domain.
+    hub_domain: str = ""
+    # The hub's leaf-node URLs (nats-leaf://hub:7422): the bundled server (--embedded) runs
+    # as a leaf node of the hub, with this host's id as its JetStream domain.
+    leaf_remotes: list[str] = msgspec.field(default_factory=list)
+    leaf_creds_file: str = ""  # credentials of the leaf-node connection to the hub
     # Authentication and TLS. Secrets are read from files (never written in this file, never
     # logged); a user and password may also be given in the URLs (nats://user:pass@host).
     tls_ca_file: str = ""  # verify the servers with this CA (tls:// URLs, or any with this)
@@ -369,6 +378,17 @@ def load(
     return LoadedSettings(settings, sources)
 
 
+def _validate_leaf(s: Settings, bad: Callable[[str, Any, str], SettingsError]) -> None:
+    if s.nats.hub_domain and not TOKEN_RE.match(s.nats.hub_domain):
+        raise bad("nats.hub_domain", s.nats.hub_domain, "must be one token [A-Za-z0-9_-]+")
+    if s.nats.leaf_remotes and not s.nats.hub_domain:
+        raise bad("nats.leaf_remotes", s.nats.leaf_remotes,
+                  "leaf-node mode needs nats.hub_domain (the hub's JetStream domain)")  # fmt: skip
+    for url in s.nats.leaf_remotes:
+        if not re.match(r"^(nats-leaf|tls|nats|ws|wss)://\S+:\d+$", url):
+            raise bad("nats.leaf_remotes", url, "expected nats-leaf://host:port")
+
+
 def _validate(s: Settings, sources: Mapping[str, str]) -> None:
     def bad(key: str, value: Any, reason: str) -> SettingsError:
         return SettingsError(key, value, reason, sources.get(key))
@@ -393,6 +413,7 @@ def _validate(s: Settings, sources: Mapping[str, str]) -> None:
     if s.log.level.lower() not in {"debug", "info", "warning", "error", "critical"}:
         raise bad("log.level", s.log.level, "one of debug, info, warning, error, critical")
     _validate_nats_auth(s, bad)
+    _validate_leaf(s, bad)
     _validate_failover(s, bad)
     if not s.state_dir:
         raise bad("state_dir", s.state_dir, "must be a directory path")

@@ -48,6 +48,8 @@ COMPARED = ("subjects", "num_replicas", "max_bytes", "max_age", "duplicate_windo
 
 
 def stream_configs(settings: NatsSettings, subjects: Subjects) -> list[StreamConfig]:
+    """The fleet's streams, or in leaf-node mode (`hub_domain` set) this host's own."""
+    own = bool(settings.hub_domain)
     common = {
         "retention": RetentionPolicy.LIMITS,
         "storage": StorageType.FILE,
@@ -61,13 +63,13 @@ def stream_configs(settings: NatsSettings, subjects: Subjects) -> list[StreamCon
         StreamConfig(
             name=EVENTS_STREAM,
             description="libvirt domain events and agent host events (virt-agent contract v1)",
-            subjects=subjects.events_stream_subjects(),
+            subjects=subjects.events_stream_subjects(own),
             **common,
         ),
         StreamConfig(
             name=OPS_STREAM,
             description="progress and outcome of long operations (virt-agent contract v1)",
-            subjects=subjects.ops_stream_subjects(),
+            subjects=subjects.ops_stream_subjects(own),
             **common,
         ),
     ]

@@ -122,6 +122,7 @@ class Agent:
                                settings.libvirt, self._stop, self._after_connect)  # fmt: skip
         self._stop_deadline: float | None = None
         self.ready = asyncio.Event()
+        self._jetstream_domain = ""  # leaf-node mode: the local server's JetStream domain
         # What grows with the domains a host has seen, read at each scrape.
         entries = self.metrics.domain_entries
         entries.labels("tracked").set_function(lambda: len(self.resyncs.tracker.known))
@@ -197,7 +198,8 @@ class Agent:
             with contextlib.suppress(asyncio.CancelledError):
                 await libvirt_up
             return
-        self.registry = Registry(bucket, nc.jetstream())
+        hub = self.settings.nats.hub_domain
+        self.registry = Registry(bucket, nc.jetstream(domain=hub or None), hub)
         self.ctx.registry = self.registry
         journal = self.journal = Journal(Path(self.settings.state_dir) / "operations.db")
         self.commands.outcomes.store = journal
@@ -255,13 +257,17 @@ class Agent:
             await _cancel_for_sure(tasks)
 
     async def _jetstream(self, nc: NATS) -> KeyValue:
-        """The streams and the virt_hosts bucket, made where missing."""
+        """The streams and the virt_hosts bucket, made where missing (in leaf-node mode: the
+        streams in the local JetStream domain, the bucket in the hub's)."""
         await self.streams.ensure(nc, startup=True)
         ttl = (
             self.settings.agent.heartbeat_interval_s
             * self.settings.agent.registration_ttl_heartbeats
         )
-        return await open_bucket(nc, ttl, self.settings.nats.stream_replicas)
+        hub = self.settings.nats.hub_domain
+        if hub:
+            self._jetstream_domain = (await nc.jetstream().account_info()).domain or ""
+        return await open_bucket(nc, ttl, self.settings.nats.stream_replicas, hub)
 
     async def _shutdown(self, tasks: list[asyncio.Task[Any]]) -> None:
         self.state = AgentState.STOPPING
@@ -373,6 +379,7 @@ class Agent:
                     migration_uri=self.settings.libvirt.migration_uri,
                     capabilities=self.ctx.capabilities,
                     failover_pool=self.reconciler.pool.describe() if self.reconciler else None,
+                    jetstream_domain=self._jetstream_domain or None,
                     updated=0.0,
                 )
             )
