@@ -72,9 +72,10 @@ class Relay:
 
 
 def hub_config(path: Path, leaf_port: int) -> Path:
-    path.write_text(
-        f'server_name: hub\njetstream {{ domain: hub }}\nleafnodes {{ listen: "127.0.0.1:{leaf_port}" }}\n'
-    )
+    """config/nats-hub.conf.example, its leaf-node port made free for this test."""
+    text = (ROOT / "config" / "nats-hub.conf.example").read_text()
+    assert "0.0.0.0:7422" in text
+    path.write_text(text.replace("0.0.0.0:7422", f"127.0.0.1:{leaf_port}"))
     return path
 
 
