@@ -103,12 +103,16 @@ class _Outcomes:
 
 
 class CommandService:
-    def __init__(self, settings: CommandSettings, ctx: Context, verbs: dict[str, Verb]) -> None:
+    def __init__(
+        self, settings: CommandSettings, ctx: Context, verbs: dict[str, Verb],
+        store: Journal | None = None,
+    ) -> None:  # fmt: skip
         self.settings = settings
         self.ctx = ctx
         self.verbs = verbs
         self.prefix = ctx.subjects.cmd("")  # virt.<host>.cmd.
         self.outcomes = _Outcomes(settings.idempotency_window_s)
+        self.outcomes.store = store
         self._slots = asyncio.Semaphore(settings.max_concurrent)
         self._accepting = True
         self.handled = 0

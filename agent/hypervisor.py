@@ -13,7 +13,7 @@ import contextlib
 import enum
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import libvirt
 import structlog
@@ -40,6 +40,9 @@ from agent.events import (
 )
 from agent.metrics import Metrics
 from agent.settings import LibvirtSettings
+
+if TYPE_CHECKING:
+    from agent.capabilities import Capabilities
 
 log = structlog.get_logger("agent.hypervisor")
 T = TypeVar("T")
@@ -107,6 +110,8 @@ class Hypervisor:
         self._callback_ids: list[int] = []
         self._closed = asyncio.Event()
         self.close_reason = ""
+        # What this libvirt offers, probed once per connection (agent/capabilities.py).
+        self.capabilities: Capabilities | None = None
         self._executor = ThreadPoolExecutor(
             max_workers=settings.executor_workers, thread_name_prefix="libvirt"
         )

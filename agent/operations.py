@@ -251,6 +251,23 @@ async def cancel_and_wait(
     return pending
 
 
+async def cancel_for_sure(tasks: list[asyncio.Task[Any]], attempts: int = 10) -> None:
+    """Cancel the tasks, and again those still running a second later: on Python 3.11 a
+    cancellation that arrives just as an awaited reply does is lost inside `asyncio.wait_for`
+    (nats-py's requests use it), and such a task would run on and hold the shutdown (seen:
+    20 s, the stream check loop). Each one still running is named."""
+    pending = [t for t in tasks if not t.done()]
+    for _ in range(attempts):
+        for t in pending:
+            t.cancel()
+        _, slow = await asyncio.wait(pending, timeout=1.0) if pending else (set(), set())
+        if not slow:
+            return
+        log.warning("tasks still running after cancellation; cancelled again",
+                    tasks=sorted(t.get_name() for t in slow))  # fmt: skip
+        pending = list(slow)
+
+
 class Progress:
     """What a runner uses to report: step boundaries (timed) and progress within a step."""
 

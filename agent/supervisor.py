@@ -18,9 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from nats.aio.client import Client as NATS
 from nats.errors import Error as NatsError
-from nats.js.kv import KeyValue
 
 from agent import __version__, statedir
 from agent.backoff import Backoff, until_done
@@ -34,20 +32,17 @@ from agent.envelope import (
     Subjects,
 )
 from agent.errors import AgentError, Unavailable
-from agent.failover import Reconciler
+from agent.fleet import Fleet, open_jetstream
 from agent.http import HttpServer
 from agent.hypervisor import Hypervisor
 from agent.inference import Resyncs
 from agent.metrics import Metrics
-from agent.operations import Journal, OperationManager, cancel_and_wait
-from agent.peers import Peers
-from agent.pool import Pool
+from agent.operations import OperationManager, cancel_and_wait, cancel_for_sure
 from agent.publisher import Publisher
-from agent.registry import Registration, Registry, open_bucket
 from agent.settings import Settings
 from agent.spool import Spool
 from agent.streams import Streams
-from handlers import Context, all_verbs
+from handlers import HostContext, all_verbs
 
 # Tasks that publish without being asked; stopped first at shutdown.
 SELF_PUBLISHING = frozenset({"heartbeat", "overflow-resync", "libvirt-watch", "failover-reconcile"})
@@ -85,7 +80,6 @@ class Agent:
                         settings.publisher.dead_letter_max_bytes),
         )  # fmt: skip
         self.streams = Streams(settings.nats, self.subjects, self.metrics)
-        self.journal: Journal | None = None
         self.hypervisor = Hypervisor(
             settings.libvirt,
             settings.libvirt.uri,
@@ -101,37 +95,29 @@ class Agent:
         self.state = AgentState.STARTING
         self.stop_reason = ""
         self.started_at = time.monotonic()
-        self.ctx = Context(
-            host=self.host,
-            boot_id=self.boot_id,
-            version=__version__,
-            subjects=self.subjects,
-            hypervisor=self.hypervisor,
-            metrics=self.metrics,
-            started_at=self.started_at,
-            devices=settings.devices,
-            failover=settings.failover,
-        )
+        self.host_ctx = HostContext(
+            host=self.host, boot_id=self.boot_id, version=__version__, subjects=self.subjects,
+            hypervisor=self.hypervisor, metrics=self.metrics, started_at=self.started_at,
+            devices=settings.devices, failover=settings.failover,
+        )  # fmt: skip
         self.verbs = all_verbs()
-        self.commands = CommandService(settings.commands, self.ctx, self.verbs)
-        self.registry: Registry | None = None
-        self.operations: OperationManager | None = None
-        self.reconciler: Reconciler | None = None
+        # Once NATS is up (agent/fleet.py): the handlers' whole Context, and the commands.
+        self.fleet: Fleet | None = None
+        self.commands: CommandService | None = None
         self._stop = asyncio.Event()
         self.resyncs = Resyncs(self.host, self.hypervisor, self.publisher, self.metrics,
                                settings.libvirt, self._stop, self._after_connect)  # fmt: skip
         self._stop_deadline: float | None = None
         self.ready = asyncio.Event()
-        self._jetstream_domain = ""  # leaf-node mode: the local server's JetStream domain
         # What grows with the domains a host has seen, read at each scrape.
         entries = self.metrics.domain_entries
         entries.labels("tracked").set_function(lambda: len(self.resyncs.tracker.known))
-        entries.labels("locks").set_function(lambda: len(self.ctx.domain_locks))
+        entries.labels("locks").set_function(lambda: len(self.host_ctx.domain_locks))
         entries.labels("reconciler").set_function(
-            lambda: self.reconciler.entries() if self.reconciler else 0
+            lambda: self.fleet.reconciler.entries() if self.fleet else 0
         )
         entries.labels("operations").set_function(
-            lambda: self.operations.entries() if self.operations else 0
+            lambda: self.fleet.operations.entries() if self.fleet else 0
         )
 
     # ------------------------------------------------------------ control
@@ -152,7 +138,7 @@ class Agent:
             "libvirt": self.hypervisor.connected,
             "nats": self.bus.connected,
             "streams": self.streams.present,
-            "unique_host_id": self.registry is None or self.registry.twin is None,
+            "unique_host_id": self.fleet is None or self.fleet.registry.twin is None,
             **self.publisher.ready(),
         }
         return {"ready": all(checks.values()), "checks": checks}
@@ -189,90 +175,61 @@ class Agent:
             with contextlib.suppress(asyncio.CancelledError):
                 await libvirt_up
             return
-        bucket = await until_done(
-            lambda: self._jetstream(nc), transient=JETSTREAM_UNANSWERED, stop=self._stop,
-            backoff=Backoff(1.0, 10.0), what="JetStream not answering; libvirt's events spooled",
+        js = await until_done(
+            lambda: open_jetstream(nc, self.settings, self.streams),
+            transient=JETSTREAM_UNANSWERED, stop=self._stop, backoff=Backoff(1.0, 10.0),
+            what="JetStream not answering; libvirt's events spooled",
         )  # fmt: skip
-        if bucket is None:  # stopped before JetStream answered
+        if js is None:  # stopped before JetStream answered
             libvirt_up.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await libvirt_up
             return
-        hub = self.settings.nats.hub_domain
-        self.registry = Registry(bucket, nc.jetstream(domain=hub or None), hub)
-        self.ctx.registry = self.registry
-        journal = self.journal = Journal(Path(self.settings.state_dir) / "operations.db")
-        self.commands.outcomes.store = journal
-        self.ctx.operations = self.operations = OperationManager(
-            journal,
-            self.host,
-            self.publisher.submit_op_event,
-            self.settings.commands.max_operations,
-            self.metrics,
-            recoverable=frozenset(v.name for v in self.verbs.values() if v.recover),
-            retention=(self.settings.commands.operations_max,
-                       self.settings.commands.operations_retention_s,
-                       self.settings.commands.idempotency_window_s),
-        )  # fmt: skip
-        self.ctx.peers = Peers(nc, self.settings.subject_prefix, self.host)
-        self.ctx.reconciler = self.reconciler = Reconciler(
-            self.hypervisor,
-            self.host,
-            self.settings.failover,
-            Pool(self.settings.failover, self.settings.devices, journal),
-            self.metrics,
-            self.ctx.lock,
-            self.operations.holder,
-            self.settings.devices.detach_timeout_s,
-        )
+        recoverable = frozenset(v.name for v in self.verbs.values() if v.recover)
+        fleet = self.fleet = Fleet.build(nc, self.settings, self.host_ctx, js,
+                                         self.publisher.submit_op_event, recoverable)  # fmt: skip
+        ctx = fleet.context()
+        commands = self.commands = CommandService(self.settings.commands, ctx, self.verbs,
+                                                  fleet.journal)  # fmt: skip
+        operations = fleet.operations
         await self.publisher.attach(nc, self.streams)
         async with asyncio.TaskGroup() as tg:
             tasks = [
                 tg.create_task(self.publisher.run(), name="publisher"),
                 tg.create_task(self.publisher.watch_acks(), name="ack-watchdog"),
                 tg.create_task(self.streams.watch(nc), name="streams"),
-                tg.create_task(self.commands.run(nc), name="commands"),
-                tg.create_task(self.operations.run(), name="operations"),
+                tg.create_task(commands.run(nc), name="commands"),
+                tg.create_task(operations.run(), name="operations"),
                 tg.create_task(self._measure_loop_lag(), name="loop-lag"),
             ]
             if await libvirt_up:
-                await self.commands.listening.wait()  # ready means commands are heard
-                await self._register()
+                await commands.listening.wait()  # ready means commands are heard
+                await fleet.register()
                 tasks += [
                     tg.create_task(self.resyncs.watch(), name="libvirt-watch"),
                     tg.create_task(self.resyncs.on_overflow(), name="overflow-resync"),
                     tg.create_task(self._heartbeat(), name="heartbeat"),
-                    tg.create_task(self.reconciler.run(), name="failover-reconcile"),
+                    tg.create_task(fleet.reconciler.run(), name="failover-reconcile"),
                 ]
-                await self.operations.started()
-                for op in list(self.operations.orphans):
+                await operations.started()
+                for op in list(operations.orphans):
                     recover = self.verbs[op.verb].recover
                     assert recover is not None  # only such verbs' operations are orphans
-                    self.operations.adopt(op, recover(self.ctx, op))
+                    operations.adopt(op, recover(ctx, op))
                 self.state = AgentState.RUNNING
                 self.ready.set()
                 log.info("agent running", event_types=len(self.hypervisor.registered))
                 await self._stop.wait()
-            await self._shutdown(tasks)
-            await _cancel_for_sure(tasks)
+            await self._shutdown(tasks, commands, operations)
+            await cancel_for_sure(tasks)
 
-    async def _jetstream(self, nc: NATS) -> KeyValue:
-        """The streams and the virt_hosts bucket, made where missing (in leaf-node mode: the
-        streams in the local JetStream domain, the bucket in the hub's)."""
-        await self.streams.ensure(nc, startup=True)
-        ttl = (
-            self.settings.agent.heartbeat_interval_s
-            * self.settings.agent.registration_ttl_heartbeats
-        )
-        hub = self.settings.nats.hub_domain
-        if hub:
-            self._jetstream_domain = (await nc.jetstream().account_info()).domain or ""
-        return await open_bucket(nc, ttl, self.settings.nats.stream_replicas, hub)
-
-    async def _shutdown(self, tasks: list[asyncio.Task[Any]]) -> None:
+    async def _shutdown(
+        self, tasks: list[asyncio.Task[Any]], commands: CommandService,
+        operations: OperationManager,
+    ) -> None:  # fmt: skip
         self.state = AgentState.STOPPING
         # 0. Stop taking commands: new ones are answered `unavailable`.
-        self.commands.stop_accepting()
+        commands.stop_accepting()
         grace = self.settings.agent.shutdown_grace_s
         self._stop_deadline = time.monotonic() + grace
         # Steps 1-4 end early enough to leave the closing steps (5-7) their share of the grace.
@@ -283,8 +240,7 @@ class Agent:
         #    agent_stopping. One still rolling back when the time is up is finished by the
         #    next start (recovery).
         await cancel_and_wait([t for t in tasks if t.get_name() in SELF_PUBLISHING], 1.0)
-        if self.operations is not None:
-            await self.operations.stop(max(0.1, (deadline - time.monotonic()) / 2))
+        await operations.stop(max(0.1, (deadline - time.monotonic()) / 2))
         # 2. Let libvirt dispatch what it already holds (its queue, the socket) until the
         #    callbacks go quiet, then deregister: every event delivered is queued, none after.
         await self._quiesce(min(1.0, grace / 4))
@@ -320,10 +276,10 @@ class Agent:
     async def _close(self) -> None:
         # What is left of the grace (all of the reserve when no ordered shutdown ran before).
         end = self._stop_deadline or time.monotonic() + CLOSE_RESERVE_S
-        if self.registry is not None:
+        if self.fleet is not None:
             with contextlib.suppress(NatsError, TimeoutError):
                 await asyncio.wait_for(
-                    self.registry.withdraw(self.host), max(0.1, (end - time.monotonic()) / 3)
+                    self.fleet.registry.withdraw(self.host), max(0.1, (end - time.monotonic()) / 3)
                 )
         # 5. Drain NATS, 6. close libvirt, 7. stop HTTP. Each step runs even if one before failed.
         try:
@@ -339,8 +295,8 @@ class Agent:
                     # shutdown) what only memory holds goes to the spool for the next start.
                     self.publisher.spill()
                     self.spool.close()
-                if self.journal is not None:
-                    self.journal.close()
+                if self.fleet is not None:
+                    self.fleet.journal.close()
                 statedir.unlock(self._state_lock)
                 self.state = AgentState.STOPPED
                 log.info("agent stopped")
@@ -358,34 +314,14 @@ class Agent:
     async def _after_connect(self) -> None:
         """Once libvirt is (re)connected and its snapshot out: capabilities, registration."""
         try:
-            await self.ctx.probe_capabilities()
+            await self.host_ctx.probe_capabilities()
         except AgentError as exc:
             log.warning("capabilities probe failed", error=exc.message)
-        await self._register()
+        if self.fleet is not None:
+            await self.fleet.register()
 
     async def resync(self, reason: str) -> None:
         await self.resyncs.resync(reason)
-
-    async def _register(self) -> None:
-        if self.registry is None:
-            return
-        try:
-            await self.registry.publish(
-                Registration(
-                    host=self.host,
-                    boot_id=self.boot_id,
-                    version=__version__,
-                    libvirt_uri=self.settings.libvirt.uri,
-                    migration_uri=self.settings.libvirt.migration_uri,
-                    capabilities=self.ctx.capabilities,
-                    failover_pool=self.reconciler.pool.describe() if self.reconciler else None,
-                    jetstream_domain=self._jetstream_domain or None,
-                    updated=0.0,
-                )
-            )
-        except NatsError as exc:
-            log.warning("could not refresh the virt_hosts registration", error=str(exc))
-        self.metrics.duplicate_host_id.set(0 if self.registry.twin is None else 1)
 
     async def _measure_loop_lag(self, period: float = 0.1) -> None:
         loop = asyncio.get_running_loop()
@@ -406,21 +342,5 @@ class Agent:
                     queue_depth=self.publisher.depth,
                 )
             )
-            await self._register()
-
-
-async def _cancel_for_sure(tasks: list[asyncio.Task[Any]], attempts: int = 10) -> None:
-    """Cancel the tasks, and again those still running a second later: on Python 3.11 a
-    cancellation that arrives just as an awaited reply does is lost inside `asyncio.wait_for`
-    (nats-py's requests use it), and such a task would run on and hold the shutdown (seen:
-    20 s, the stream check loop). Each one still running is named."""
-    pending = [t for t in tasks if not t.done()]
-    for _ in range(attempts):
-        for t in pending:
-            t.cancel()
-        _, slow = await asyncio.wait(pending, timeout=1.0) if pending else (set(), set())
-        if not slow:
-            return
-        log.warning("tasks still running after cancellation; cancelled again",
-                    tasks=sorted(t.get_name() for t in slow))  # fmt: skip
-        pending = list(slow)
+            if self.fleet is not None:
+                await self.fleet.register()

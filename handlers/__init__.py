@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from agent.capabilities import Capabilities, probe
@@ -25,9 +25,11 @@ from agent.registry import Registry
 from agent.settings import DeviceSettings, FailoverSettings
 
 
-@dataclass
-class Context:
-    """What handlers may use: libvirt through the hypervisor, identity, metrics, locks."""
+@dataclass(kw_only=True)
+class HostContext:
+    """What a handler that acts on this host alone uses: identity, libvirt through the
+    hypervisor, metrics, the per-domain locks. Exists from the start (libvirt connects
+    before NATS)."""
 
     host: str
     boot_id: str
@@ -36,24 +38,48 @@ class Context:
     hypervisor: Hypervisor
     metrics: Metrics
     started_at: float
-    # Mutating commands on one domain run one at a time.
+    # Mutating commands on one domain run one at a time; shared with the reconciler.
     domain_locks: DomainLocks = field(default_factory=DomainLocks)
-    # Probed once per libvirt connection (agent/capabilities.py).
-    capabilities: Capabilities | None = None
-    # Set once NATS is up: the journal of long operations and the virt_hosts registry.
-    operations: OperationManager | None = None
-    registry: Registry | None = None
     devices: DeviceSettings = field(default_factory=DeviceSettings)
     failover: FailoverSettings = field(default_factory=FailoverSettings)
-    # Set once NATS is up: requests to other hosts' agents; the owed-primary reconciler.
-    peers: Peers | None = None
-    reconciler: Reconciler | None = None
+
+    @property
+    def capabilities(self) -> Capabilities | None:
+        """Probed once per libvirt connection (agent/capabilities.py)."""
+        return self.hypervisor.capabilities
 
     def lock(self, domain_uuid: str) -> contextlib.AbstractAsyncContextManager[None]:
         return self.domain_locks.hold(domain_uuid)
 
+    def conn(self) -> Any:
+        """The libvirt connection, or `unavailable` while libvirt is disconnected."""
+        conn = self.hypervisor.conn
+        if conn is None or not self.hypervisor.connected:
+            raise Unavailable("libvirt is not connected", uri=self.hypervisor.uri)
+        return conn
+
+    async def probe_capabilities(self) -> Capabilities:
+        caps = self.hypervisor.capabilities = await probe(self.hypervisor)
+        return caps
+
+
+@dataclass(kw_only=True)
+class Context(HostContext):
+    """What every handler gets: the host's context and, built once NATS is up (commands are
+    served only from then on), the journal of long operations, the virt_hosts registry, the
+    other hosts' agents and the owed-primary reconciler."""
+
+    operations: OperationManager
+    registry: Registry
+    peers: Peers
+    reconciler: Reconciler
+
+    @classmethod
+    def of(cls, host: HostContext, **fleet: Any) -> Context:
+        return cls(**{f.name: getattr(host, f.name) for f in fields(HostContext)}, **fleet)
+
     def _no_operation(self, domain_uuid: str) -> None:
-        holder = self.operations.holder(domain_uuid) if self.operations else None
+        holder = self.operations.holder(domain_uuid)
         if holder is not None:
             raise Conflict(
                 f"operation {holder} is running on domain {domain_uuid}; wait for it or "
@@ -74,30 +100,8 @@ class Context:
         """Start a long operation on a domain once nothing else changes it: it waits for the
         domain's lock (a command in flight, the reconciler reading the domain's record), as
         mutating commands wait for each other; refused while another operation runs on it."""
-        operations = self.operations
-        if operations is None:
-            raise Unavailable("the journal is not open yet")
         async with self.exclusive(domain_uuid):
-            return operations.start(verb, domain_uuid, runner)
-
-    def fleet(self) -> tuple[OperationManager, Peers, Reconciler]:
-        """What verbs that span hosts need: the journal, the other agents, the reconciler."""
-        if self.operations is None or self.registry is None or self.peers is None:
-            raise Unavailable("the agent is not connected to NATS yet")
-        if self.reconciler is None:
-            raise Unavailable("libvirt is not connected")
-        return self.operations, self.peers, self.reconciler
-
-    def conn(self) -> Any:
-        """The libvirt connection, or `unavailable` while libvirt is disconnected."""
-        conn = self.hypervisor.conn
-        if conn is None or not self.hypervisor.connected:
-            raise Unavailable("libvirt is not connected", uri=self.hypervisor.uri)
-        return conn
-
-    async def probe_capabilities(self) -> Capabilities:
-        self.capabilities = await probe(self.hypervisor)
-        return self.capabilities
+            return self.operations.start(verb, domain_uuid, runner)
 
 
 Handler = Callable[[Context, Any], Awaitable[Any]]

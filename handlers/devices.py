@@ -10,7 +10,7 @@ import msgspec
 from msgspec import Meta
 
 from agent.devices import alias_of, device_xml, plug, template_xml, unplug
-from agent.errors import Conflict, InvalidRequest, NotFound, Unavailable
+from agent.errors import Conflict, InvalidRequest, NotFound
 from handlers import Context, Verb
 from handlers.domain import DomainName, RequestId, find_domain
 
@@ -35,8 +35,6 @@ class AttachRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 async def detach(ctx: Context, req: DetachRequest) -> dict[str, Any]:
     hv = ctx.hypervisor
-    if ctx.operations is None:
-        raise Unavailable("the journal is not open yet")
     dom = await find_domain(ctx, req.domain)
     uuid = dom.UUIDString()
     async with ctx.exclusive(uuid):
@@ -55,8 +53,6 @@ async def attach(ctx: Context, req: AttachRequest) -> dict[str, Any]:
     hv = ctx.hypervisor
     if (req.template is None) == (req.alias is None):
         raise InvalidRequest("give exactly one of template or alias")
-    if ctx.operations is None:
-        raise Unavailable("the journal is not open yet")
     dom = await find_domain(ctx, req.domain)
     uuid = dom.UUIDString()
     if req.template is not None:

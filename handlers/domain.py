@@ -14,7 +14,7 @@ from msgspec import Meta
 from agent.devices import failover_negotiated, interfaces
 from agent.errors import Conflict, InvalidRequest, NotFound
 from agent.events import DomainSnapshot, domain_ref, domain_state_names
-from handlers import Context, Verb
+from handlers import Context, HostContext, Verb
 
 UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
 DomainName = Annotated[str, Meta(min_length=1, max_length=256)]
@@ -81,7 +81,7 @@ def _lookup(conn: Any, name_or_uuid: str) -> Any:  # runs on the executor
     return dom
 
 
-async def find_domain(ctx: Context, name_or_uuid: str) -> Any:
+async def find_domain(ctx: HostContext, name_or_uuid: str) -> Any:
     """The domain named by a request (name or UUID); `not_found` names what was asked for."""
     return await ctx.hypervisor.call(_lookup, ctx.conn(), name_or_uuid)
 

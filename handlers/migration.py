@@ -13,7 +13,7 @@ import msgspec
 from msgspec import Meta
 
 from agent import crashpoints
-from agent.errors import AgentError, Conflict, InvalidRequest, Timeout, Unavailable
+from agent.errors import AgentError, Conflict, InvalidRequest, Timeout
 from agent.events import domain_state_names
 from agent.operations import Operation, Progress, Runner
 from agent.registry import Registration
@@ -174,8 +174,6 @@ async def migrate_and_locate(
 
 async def migrate(ctx: Context, req: MigrateRequest) -> dict[str, Any]:
     ctx.conn()
-    if ctx.registry is None or ctx.operations is None:
-        raise Unavailable("the host registry is not available yet")
     if req.destination == ctx.host:
         raise InvalidRequest(
             f"destination {req.destination!r} is this host", destination=req.destination
@@ -211,8 +209,6 @@ def recovery(ctx: Context, op: Operation) -> Runner:
         p.step("recover", interrupted_at=op.step or "start")
         if destination is None:
             raise AgentError("the agent restarted before the migration began; nothing changed")
-        if ctx.registry is None:
-            raise Unavailable("the host registry is not available yet")
         dest = await ctx.registry.resolve(destination)
         uuid = op.domain
         while await ctx.hypervisor.where_is(uuid, None) == "source":

@@ -7,8 +7,7 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta
 
-from agent.errors import Unavailable
-from agent.operations import Operation, OperationManager
+from agent.operations import Operation
 from handlers import Context, Verb
 
 OpId = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[0-9a-f]+$")]
@@ -26,22 +25,16 @@ class ListRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     request_id: str | None = None
 
 
-def _ops(ctx: Context) -> OperationManager:
-    if ctx.operations is None:
-        raise Unavailable("operations are not available yet")
-    return ctx.operations
-
-
 async def op_get(ctx: Context, req: OpRequest) -> Operation:
-    return _ops(ctx).get(req.operation_id)
+    return ctx.operations.get(req.operation_id)
 
 
 async def op_list(ctx: Context, req: ListRequest) -> list[Operation]:
-    return _ops(ctx).journal.recent(req.limit, req.state, req.domain)
+    return ctx.operations.journal.recent(req.limit, req.state, req.domain)
 
 
 async def op_cancel(ctx: Context, req: OpRequest) -> Operation:
-    return _ops(ctx).cancel(req.operation_id)
+    return ctx.operations.cancel(req.operation_id)
 
 
 VERBS = [

@@ -327,14 +327,13 @@ async def test_an_operation_waits_for_a_domains_lock_instead_of_a_spurious_confl
     `conflict` ("a command is changing domain") - a controller that started a VM and
     migrated it at once met it, and the soak (bench/soak.py) on its first domains."""
     agent = await start_agent()
-    registry = agent.agent.registry
-    assert registry is not None
-    await registry.publish(Registration(host="elsewhere", boot_id="b", version="0",
+    assert agent.agent.fleet is not None
+    await agent.agent.fleet.registry.publish(Registration(host="elsewhere", boot_id="b", version="0",
                                         libvirt_uri="test:///default", migration_uri="",
                                         capabilities=None, updated=0.0))  # fmt: skip
     dom = define(testdrv)
     dom.create()
-    async with agent.agent.ctx.lock(dom.UUIDString()):
+    async with agent.agent.host_ctx.lock(dom.UUIDString()):
         request = asyncio.create_task(
             call(nc, agent.host, "migrate", {"domain": dom.name(), "destination": "elsewhere"})
         )

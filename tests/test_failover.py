@@ -323,8 +323,8 @@ async def test_a_migration_that_does_not_complete_rolls_back_to_the_source(
     await bond_now(serial, 2)
     await pings_flow(serial, offset)
     # The reservation on B was given back.
-    assert agent_b.agent.reconciler is not None
-    assert agent_b.agent.reconciler.pool.active() == []
+    assert agent_b.agent.fleet is not None
+    assert agent_b.agent.fleet.reconciler.pool.active() == []
 
 
 async def test_the_destination_plugs_a_reserved_template_primary(
@@ -373,8 +373,8 @@ async def test_the_destination_plugs_a_reserved_template_primary(
     for xml in (live, config):
         assert xml.count(f"<mac address='{mac}'/>") == 2, xml
         assert "52:54:00:ff:ff:ff" not in xml
-    assert agent_b.agent.reconciler is not None
-    assert agent_b.agent.reconciler.pool.active() == [], "the reservation was consumed"
+    assert agent_b.agent.fleet is not None
+    assert agent_b.agent.fleet.reconciler.pool.active() == [], "the reservation was consumed"
     await bond_now(serial, 2)
     await pings_flow(serial, offset)
 

@@ -29,7 +29,7 @@ from agent.operations import Journal
 from agent.pool import Pool
 from agent.registry import Registration
 from agent.settings import DeviceSettings, FailoverSettings, LibvirtSettings, load
-from handlers import Context
+from handlers import HostContext
 from handlers.failover import find_pair
 from handlers.failover.plan import FailoverRequest, make_plan
 from tests import nic_forms
@@ -131,8 +131,8 @@ async def test_a_reservation_is_released_by_its_operation_when_the_reply_was_los
     assert taken["error"]["code"] == "unavailable", "the only VF is held"
     out = await call(nc, agent.host, "failover.release", {"operation_id": "ab12"})
     assert out == {"ok": True, "result": {"released": True}}
-    assert agent.agent.reconciler is not None
-    assert agent.agent.reconciler.pool.active() == []
+    assert agent.agent.fleet is not None
+    assert agent.agent.fleet.reconciler.pool.active() == []
     again = await call(nc, agent.host, "failover.reserve", body | {"operation_id": "cd34"})
     assert again["ok"] is True, "the VF is free again"
     neither = await call(nc, agent.host, "failover.release", {})
@@ -213,18 +213,19 @@ class DefinedDomain:
 
 
 @pytest.fixture
-async def plan_ctx() -> AsyncIterator[Context]:
-    """A source's handler context whose libvirt calls run on its executor (closed after)."""
+async def plan_ctx() -> AsyncIterator[HostContext]:
+    """A source's host context whose libvirt calls run on its executor (closed after)."""
     hv = Hypervisor(LibvirtSettings(), "test:///default", "src", lambda _e: None, Metrics())
-    yield Context(host="src", boot_id="b", version="0", subjects=Subjects("virt", "src"),
-                  hypervisor=hv, metrics=hv.metrics, started_at=0.0, capabilities=caps(True),
-                  failover=FailoverSettings(guest_check="off"))  # fmt: skip
+    hv.capabilities = caps(True)
+    yield HostContext(host="src", boot_id="b", version="0", subjects=Subjects("virt", "src"),
+                      hypervisor=hv, metrics=hv.metrics, started_at=0.0,
+                      failover=FailoverSettings(guest_check="off"))  # fmt: skip
     await hv.close()
 
 
 @pytest.mark.parametrize("form", nic_forms.FORMS, ids=lambda f: f.name)
 async def test_each_nic_form_is_planned_from_its_definition(
-    form: nic_forms.Form, plan_ctx: Context
+    form: nic_forms.Form, plan_ctx: HostContext
 ) -> None:
     """Every failover NIC form libvirt produces: the primary and its standby are found in the live XML, the definition recorded is the inactive one (a hostdev network port stays a port of its network), and a destination without a pool is refused exactly when the form names a host's VF."""
     ctx = plan_ctx
@@ -258,7 +259,7 @@ async def test_each_nic_form_is_planned_from_its_definition(
     ],
 )
 async def test_auto_chooses_a_mode_that_can_work_and_says_why(
-    form: str, mode: str, why: str, plan_ctx: Context
+    form: str, mode: str, why: str, plan_ctx: HostContext
 ) -> None:
     """`auto` never picks mode qemu for a VF given by PCI address (the destination would start QEMU with the source's address); mode qemu asked for it is refused, naming the reason."""
     f = next(x for x in nic_forms.FORMS if x.name == form)
@@ -442,8 +443,8 @@ async def test_a_detach_libvirt_refuses_at_once_ends_the_unplug(
     assert [s["step"] for s in got["steps"]][-2:] == ["unplug", "rollback"]
     with pytest.raises(libvirt.libvirtError):
         dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, NS, libvirt.VIR_DOMAIN_AFFECT_LIVE)
-    assert destination.agent.reconciler is not None
-    assert destination.agent.reconciler.pool.active() == [], "the reservation was given back"
+    assert destination.agent.fleet is not None
+    assert destination.agent.fleet.reconciler.pool.active() == [], "the reservation was given back"
     again = await call(nc, source.host, "migrate_with_failover", req)
     assert again["ok"] is True, again
 

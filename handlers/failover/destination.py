@@ -56,7 +56,7 @@ class ReplugRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 async def reserve(ctx: Context, req: ReserveRequest) -> dict[str, Any]:
-    _, _, reconciler = ctx.fleet()
+    reconciler = ctx.reconciler
     caller = CALLER.get()
     if caller is not None and req.source != caller:
         raise Forbidden(f"host {caller!r} cannot reserve on behalf of {req.source!r}",
@@ -72,7 +72,7 @@ async def reserve(ctx: Context, req: ReserveRequest) -> dict[str, Any]:
 
 
 async def release(ctx: Context, req: ReleaseRequest) -> dict[str, Any]:
-    pool = ctx.fleet()[2].pool
+    pool = ctx.reconciler.pool
     if (req.reservation_id is None) == (req.operation_id is None):
         raise InvalidRequest("give either reservation_id or operation_id")
     if req.reservation_id is not None:
@@ -87,7 +87,7 @@ async def release(ctx: Context, req: ReleaseRequest) -> dict[str, Any]:
 
 
 async def replug(ctx: Context, req: ReplugRequest) -> dict[str, Any]:
-    _, _, reconciler = ctx.fleet()
+    reconciler = ctx.reconciler
     crashpoints.reached("dest.replug")
     dom = await find_domain(ctx, req.domain)
     caller = CALLER.get()

@@ -13,7 +13,7 @@ from msgspec import Meta
 from agent.devices import USER_ALIAS_PREFIX, Nic, device_xml, failover_negotiated, interfaces
 from agent.errors import Conflict, InvalidRequest, NotFound, Unsupported
 from agent.registry import Registration
-from handlers import Context
+from handlers import HostContext
 from handlers.devices import Alias
 from handlers.domain import DomainName, RequestId
 from handlers.migration import HostId
@@ -100,12 +100,12 @@ def find_pair(nics: list[Nic], primary: str | None) -> tuple[Nic, Nic | None]:
     return p, standby
 
 
-def lease_needed(ctx: Context, req: FailoverRequest) -> float:
+def lease_needed(ctx: HostContext, req: FailoverRequest) -> float:
     """How long the destination must hold the primary: the migration, then the replug."""
     return req.timeout_s + ctx.failover.replug_timeout_s + LEASE_MARGIN_S
 
 
-async def make_plan(ctx: Context, dom: Any, req: FailoverRequest, dest: Registration) -> Plan:
+async def make_plan(ctx: HostContext, dom: Any, req: FailoverRequest, dest: Registration) -> Plan:
     if lease_needed(ctx, req) > MAX_LEASE_S:
         longest = MAX_LEASE_S - ctx.failover.replug_timeout_s - LEASE_MARGIN_S
         raise InvalidRequest(
@@ -154,7 +154,7 @@ async def make_plan(ctx: Context, dom: Any, req: FailoverRequest, dest: Registra
 
 
 def choose_mode(
-    ctx: Context, req: FailoverRequest, dest: Registration, p: Nic, fixed_vf: bool
+    ctx: HostContext, req: FailoverRequest, dest: Registration, p: Nic, fixed_vf: bool
 ) -> tuple[str, str]:
     """The mode and why. `qemu` (QEMU unplugs the primary during the migration and plugs one
     on the destination by itself) needs a transient <teaming> member, virtio-net failover on
@@ -187,7 +187,7 @@ def choose_mode(
     return "sequenced", "auto: mode qemu is not possible: " + "; ".join(missing)
 
 
-async def recorded_definition(ctx: Context, dom: Any, live: str, alias: str) -> str:
+async def recorded_definition(ctx: HostContext, dom: Any, live: str, alias: str) -> str:
     """The primary's definition to record and to plug again: as the domain's definition has
     it (libvirt's inactive XML), so that a port of a hostdev network stays a port of the
     network of that name; the live form only for a device plugged live and never defined."""

@@ -27,8 +27,6 @@ BEFORE_CHANGE = ("plan", "reserve")  # steps after which nothing on the source h
 
 async def migrate_with_failover(ctx: Context, req: FailoverRequest) -> dict[str, Any]:
     ctx.conn()
-    ctx.fleet()
-    assert ctx.registry is not None
     if req.destination == ctx.host:
         raise InvalidRequest(f"destination {req.destination!r} is this host",
                              destination=req.destination)  # fmt: skip
@@ -75,7 +73,7 @@ class Failover:
 
     async def run(self, p: Progress) -> dict[str, Any]:
         ctx, plan, hv = self.ctx, self.plan, self.ctx.hypervisor
-        operations, peers, _ = ctx.fleet()
+        operations, peers = ctx.operations, ctx.peers
         timeout = ctx.failover.peer_timeout_s
         await self.step(p, "plan", mode=plan.mode, mode_reason=plan.mode_reason,
                         primary=plan.primary, standby=plan.standby, mac=plan.mac,
@@ -151,7 +149,7 @@ class Failover:
         """A cancel that came after the migration: the operation ends `succeeded` (the VM
         runs on the destination), saying that the destination still owes the primary; a
         shutdown out of time leaves it to the next start instead."""
-        if self.ctx.operations is not None and self.ctx.operations.abandoned.is_set():
+        if self.ctx.operations.abandoned.is_set():
             raise asyncio.CancelledError
         task = asyncio.current_task()
         if task is not None:
@@ -220,7 +218,6 @@ class Failover:
         if self.unplug_in_flight:
             # The guest may still release the device; the reconcile loop plugs it back if so.
             return
-        assert ctx.reconciler is not None
         out = await ctx.reconciler.settle(self.dom, owner=p.op.id, unplug_done=True)
         if not isinstance(exc, AgentError):
             return
@@ -250,8 +247,6 @@ class Failover:
 async def release_on(ctx: Context, host: str, reservation: str | None, op_id: str) -> None:
     """Best effort: the destination's reservation goes back to its pool (by id, or by the
     operation when the reserve reply never came); its lease ends it otherwise."""
-    if ctx.peers is None:
-        return
     body = {"reservation_id": reservation} if reservation else {"operation_id": op_id}
     with contextlib.suppress(AgentError):
         await ctx.peers.call(host, "failover.release", body, ctx.failover.peer_timeout_s)
@@ -260,7 +255,6 @@ async def release_on(ctx: Context, host: str, reservation: str | None, op_id: st
 async def replug_on(ctx: Context, host: str, uuid: str, alias: str, op_id: str) -> dict[str, Any]:
     """Ask the destination to settle the domain's owed primary; retried with back-off until it
     reports the primary attached or `failover.replug_timeout_s` passes."""
-    assert ctx.peers is not None
     s = ctx.failover
     deadline = time.monotonic() + s.replug_timeout_s
     backoff, last = Backoff(0.2, 5.0), "no answer"
@@ -343,7 +337,6 @@ async def _recover_once(ctx: Context, op: Operation, dest: str, alias: str) -> s
 
     dom = await ctx.hypervisor.call(lookup)
     if dom is not None and await ctx.hypervisor.call(dom.isActive):
-        assert ctx.reconciler is not None
         out = await ctx.reconciler.settle(dom, owner=op.id)
         if out.settled is Settled.WAITING:
             return "waiting"

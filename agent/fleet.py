@@ -1,0 +1,103 @@
+"""What the agent builds once NATS is up, to act beside the other hosts: JetStream (the
+streams, the virt_hosts bucket), this host's entry in the registry, the journal of long
+operations, the other hosts' agents (peers), the owed-primary reconciler with its pool - and
+from them the handlers' Context, whose parts are then all there."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+from nats.aio.client import Client as NATS
+from nats.errors import Error as NatsError
+from nats.js.kv import KeyValue
+
+from agent import __version__
+from agent.failover import Reconciler
+from agent.operations import Journal, OperationManager, Publish
+from agent.peers import Peers
+from agent.pool import Pool
+from agent.registry import Registration, Registry, open_bucket
+from agent.settings import Settings
+from agent.streams import Streams
+from handlers import Context, HostContext
+
+log = structlog.get_logger("agent.fleet")
+
+
+@dataclass(frozen=True)
+class JetStream:
+    bucket: KeyValue
+    # Leaf-node mode: the JetStream domain of the server this agent publishes to.
+    domain: str
+
+
+async def open_jetstream(nc: NATS, settings: Settings, streams: Streams) -> JetStream:
+    """The streams and the virt_hosts bucket, made where missing (in leaf-node mode: the
+    streams in the local JetStream domain, the bucket in the hub's). Raises what JetStream
+    answers, or its silence: the caller asks again."""
+    await streams.ensure(nc, startup=True)
+    agent, hub = settings.agent, settings.nats.hub_domain
+    domain = ((await nc.jetstream().account_info()).domain or "") if hub else ""
+    ttl = agent.heartbeat_interval_s * agent.registration_ttl_heartbeats
+    return JetStream(await open_bucket(nc, ttl, settings.nats.stream_replicas, hub), domain)
+
+
+@dataclass
+class Fleet:
+    settings: Settings
+    host: HostContext
+    registry: Registry
+    journal: Journal
+    operations: OperationManager
+    peers: Peers
+    reconciler: Reconciler
+    jetstream_domain: str
+
+    @classmethod
+    def build(
+        cls, nc: NATS, settings: Settings, host: HostContext, js: JetStream, publish: Publish,
+        recoverable: frozenset[str],
+    ) -> Fleet:  # fmt: skip
+        hub = settings.nats.hub_domain
+        journal = Journal(Path(settings.state_dir) / "operations.db")
+        c = settings.commands
+        operations = OperationManager(
+            journal, host.host, publish, c.max_operations, host.metrics, recoverable,
+            (c.operations_max, c.operations_retention_s, c.idempotency_window_s),
+        )  # fmt: skip
+        reconciler = Reconciler(
+            host.hypervisor, host.host, settings.failover,
+            Pool(settings.failover, settings.devices, journal), host.metrics, host.lock,
+            operations.holder, settings.devices.detach_timeout_s,
+        )  # fmt: skip
+        return cls(
+            settings, host, Registry(js.bucket, nc.jetstream(domain=hub or None), hub), journal,
+            operations, Peers(nc, settings.subject_prefix, host.host), reconciler, js.domain,
+        )  # fmt: skip
+
+    def context(self) -> Context:
+        return Context.of(self.host, operations=self.operations, registry=self.registry,
+                          peers=self.peers, reconciler=self.reconciler)  # fmt: skip
+
+    async def register(self) -> None:
+        """This host's virt_hosts entry, written again (heartbeat, libvirt reconnected)."""
+        h = self.host
+        try:
+            await self.registry.publish(
+                Registration(
+                    host=h.host,
+                    boot_id=h.boot_id,
+                    version=__version__,
+                    libvirt_uri=self.settings.libvirt.uri,
+                    migration_uri=self.settings.libvirt.migration_uri,
+                    capabilities=h.capabilities,
+                    failover_pool=self.reconciler.pool.describe(),
+                    jetstream_domain=self.jetstream_domain or None,
+                    updated=0.0,
+                )
+            )
+        except NatsError as exc:
+            log.warning("could not refresh the virt_hosts registration", error=str(exc))
+        h.metrics.duplicate_host_id.set(0 if self.registry.twin is None else 1)
