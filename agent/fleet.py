@@ -5,6 +5,8 @@ from them the handlers' Context, whose parts are then all there."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,10 +16,12 @@ from nats.errors import Error as NatsError
 from nats.js.kv import KeyValue
 
 from agent import __version__
+from agent.envelope import Heartbeat
 from agent.failover import Reconciler
 from agent.operations import Journal, OperationManager, Publish
 from agent.peers import Peers
 from agent.pool import Pool
+from agent.publisher import Publisher
 from agent.registry import Registration, Registry, open_bucket
 from agent.settings import Settings
 from agent.streams import Streams
@@ -101,3 +105,19 @@ class Fleet:
         except NatsError as exc:
             log.warning("could not refresh the virt_hosts registration", error=str(exc))
         h.metrics.duplicate_host_id.set(0 if self.registry.twin is None else 1)
+
+    async def heartbeat(self, publisher: Publisher) -> None:
+        """Every heartbeat interval: a `heartbeat` host event and the registration again."""
+        h = self.host
+        while True:
+            await asyncio.sleep(self.settings.agent.heartbeat_interval_s)
+            publisher.submit_host_event(
+                Heartbeat(
+                    host=h.host,
+                    boot_id=h.boot_id,
+                    uptime_s=round(time.monotonic() - h.started_at, 3),
+                    counters=publisher.counters(),
+                    queue_depth=publisher.depth,
+                )
+            )
+            await self.register()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -177,3 +178,12 @@ class Metrics:
 
     def render(self) -> bytes:
         return bytes(generate_latest(self.registry))
+
+
+async def measure_loop_lag(metrics: Metrics, period: float = 0.1) -> None:
+    """The event loop's lateness: how late a `period` timer fires, observed until cancelled."""
+    loop = asyncio.get_running_loop()
+    while True:
+        t0 = loop.time()
+        await asyncio.sleep(period)
+        metrics.loop_lag.observe(max(0.0, loop.time() - t0 - period))

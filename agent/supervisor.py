@@ -1,16 +1,17 @@
-"""The agent's lifecycle: one TaskGroup owns every long-lived task; ordered, bounded shutdown.
+"""The agent's lifecycle: one TaskGroup owns every long-lived task.
 
-Start: HTTP, NATS and the streams, the publisher, `agent_started`, libvirt (retried with
-back-off) with `libvirt_connected` and a `resync` snapshot. Stop (SIGTERM/SIGINT or
-`request_stop`): deregister the libvirt callbacks, queue `agent_stopping` last, flush the queue
-and every outstanding ack, drain NATS, close libvirt - all within `shutdown_grace_s`.
+Start: HTTP, `agent_started`, libvirt (retried with back-off; its events are spooled until
+NATS is there) with `libvirt_connected` and a `resync` snapshot; NATS, then JetStream (asked
+again while it does not answer); then what acts beside other hosts (agent/fleet.py: registry,
+journal, peers, reconciler - the handlers' Context), the publisher and the commands; ready once
+commands are heard and the host is registered. Stop: agent/lifecycle.py's ordered, bounded
+shutdown.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import os
 import time
 import uuid
@@ -18,17 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from nats.errors import Error as NatsError
 
-from agent import __version__, statedir
+from agent import __version__, lifecycle, statedir
 from agent.backoff import Backoff, until_done
 from agent.bus import JETSTREAM_UNANSWERED, Bus
 from agent.commands import CommandService
 from agent.deadletter import DeadLetters
 from agent.envelope import (
     AgentStarted,
-    AgentStopping,
-    Heartbeat,
     Subjects,
 )
 from agent.errors import AgentError, Unavailable
@@ -36,28 +34,16 @@ from agent.fleet import Fleet, open_jetstream
 from agent.http import HttpServer
 from agent.hypervisor import Hypervisor
 from agent.inference import Resyncs
-from agent.metrics import Metrics
-from agent.operations import OperationManager, cancel_and_wait, cancel_for_sure
+from agent.lifecycle import AgentState
+from agent.metrics import Metrics, measure_loop_lag
+from agent.operations import cancel_for_sure
 from agent.publisher import Publisher
 from agent.settings import Settings
 from agent.spool import Spool
 from agent.streams import Streams
 from handlers import HostContext, all_verbs
 
-# Tasks that publish without being asked; stopped first at shutdown.
-SELF_PUBLISHING = frozenset({"heartbeat", "overflow-resync", "libvirt-watch", "failover-reconcile"})
-
-# Of shutdown_grace_s, kept for withdrawing the registration and draining NATS.
-CLOSE_RESERVE_S = 3.0
-
 log = structlog.get_logger("agent.supervisor")
-
-
-class AgentState(enum.Enum):
-    STARTING = "starting"
-    RUNNING = "running"
-    STOPPING = "stopping"
-    STOPPED = "stopped"
 
 
 class Agent:
@@ -68,7 +54,7 @@ class Agent:
         self.subjects = Subjects(settings.subject_prefix, settings.host_id)
         self.metrics = Metrics()
         # Before anything in the state directory is opened: one agent per directory.
-        self._state_lock = statedir.lock(settings.state_dir)
+        self.state_lock = statedir.lock(settings.state_dir)
         self.spool = (
             Spool(Path(settings.state_dir) / "spool", settings.publisher.spool_max_bytes)
             if settings.publisher.spool_max_bytes
@@ -107,7 +93,7 @@ class Agent:
         self._stop = asyncio.Event()
         self.resyncs = Resyncs(self.host, self.hypervisor, self.publisher, self.metrics,
                                settings.libvirt, self._stop, self._after_connect)  # fmt: skip
-        self._stop_deadline: float | None = None
+        self.stop_deadline: float | None = None
         self.ready = asyncio.Event()
         # What grows with the domains a host has seen, read at each scrape.
         entries = self.metrics.domain_entries
@@ -150,7 +136,7 @@ class Agent:
             try:
                 await self._run()
             finally:
-                await self._close()
+                await lifecycle.close(self)
 
     async def _run(self) -> None:
         log.info("agent starting", version=__version__, libvirt_uri=self.settings.libvirt.uri)
@@ -200,7 +186,7 @@ class Agent:
                 tg.create_task(self.streams.watch(nc), name="streams"),
                 tg.create_task(commands.run(nc), name="commands"),
                 tg.create_task(operations.run(), name="operations"),
-                tg.create_task(self._measure_loop_lag(), name="loop-lag"),
+                tg.create_task(measure_loop_lag(self.metrics), name="loop-lag"),
             ]
             if await libvirt_up:
                 await commands.listening.wait()  # ready means commands are heard
@@ -208,7 +194,7 @@ class Agent:
                 tasks += [
                     tg.create_task(self.resyncs.watch(), name="libvirt-watch"),
                     tg.create_task(self.resyncs.on_overflow(), name="overflow-resync"),
-                    tg.create_task(self._heartbeat(), name="heartbeat"),
+                    tg.create_task(fleet.heartbeat(self.publisher), name="heartbeat"),
                     tg.create_task(fleet.reconciler.run(), name="failover-reconcile"),
                 ]
                 await operations.started()
@@ -220,86 +206,8 @@ class Agent:
                 self.ready.set()
                 log.info("agent running", event_types=len(self.hypervisor.registered))
                 await self._stop.wait()
-            await self._shutdown(tasks, commands, operations)
+            await lifecycle.shutdown(self, tasks, commands, operations)
             await cancel_for_sure(tasks)
-
-    async def _shutdown(
-        self, tasks: list[asyncio.Task[Any]], commands: CommandService,
-        operations: OperationManager,
-    ) -> None:  # fmt: skip
-        self.state = AgentState.STOPPING
-        # 0. Stop taking commands: new ones are answered `unavailable`.
-        commands.stop_accepting()
-        grace = self.settings.agent.shutdown_grace_s
-        self._stop_deadline = time.monotonic() + grace
-        # Steps 1-4 end early enough to leave the closing steps (5-7) their share of the grace.
-        deadline = self._stop_deadline - min(CLOSE_RESERVE_S, grace / 4)
-        # 1. Nothing else publishes on its own any more (heartbeat, resyncs, reconcile), and
-        #    running operations end - cancelled: a migration is aborted and rolled back, with
-        #    libvirt's events still flowing - so their final states go out before
-        #    agent_stopping. One still rolling back when the time is up is finished by the
-        #    next start (recovery).
-        await cancel_and_wait([t for t in tasks if t.get_name() in SELF_PUBLISHING], 1.0)
-        await operations.stop(max(0.1, (deadline - time.monotonic()) / 2))
-        # 2. Let libvirt dispatch what it already holds (its queue, the socket) until the
-        #    callbacks go quiet, then deregister: every event delivered is queued, none after.
-        await self._quiesce(min(1.0, grace / 4))
-        self.hypervisor.stop_events()
-        # 3. The last word of this boot, after every event.
-        self.publisher.submit_host_event(
-            AgentStopping(
-                host=self.host,
-                boot_id=self.boot_id,
-                reason=self.stop_reason or "requested",
-                counters=self.publisher.counters(),
-            )
-        )
-        # 4. Everything queued reaches JetStream and is acknowledged.
-        flushed = await self.publisher.flush(max(0.1, deadline - time.monotonic() - 1.0))
-        log.info(
-            "agent stopping",
-            reason=self.stop_reason,
-            flushed=flushed,
-            published=self.publisher.published,
-            received=self.publisher.received,
-            dropped=self.publisher.dropped,
-        )
-
-    async def _quiesce(self, limit: float, quiet: float = 0.05) -> None:
-        deadline = time.monotonic() + limit
-        while time.monotonic() < deadline:
-            before = self.publisher.received
-            await asyncio.sleep(quiet)
-            if self.publisher.received == before:
-                return
-
-    async def _close(self) -> None:
-        # What is left of the grace (all of the reserve when no ordered shutdown ran before).
-        end = self._stop_deadline or time.monotonic() + CLOSE_RESERVE_S
-        if self.fleet is not None:
-            with contextlib.suppress(NatsError, TimeoutError):
-                await asyncio.wait_for(
-                    self.fleet.registry.withdraw(self.host), max(0.1, (end - time.monotonic()) / 3)
-                )
-        # 5. Drain NATS, 6. close libvirt, 7. stop HTTP. Each step runs even if one before failed.
-        try:
-            await self.bus.drain(timeout=max(0.2, end - time.monotonic() - 0.2))
-        finally:
-            try:
-                await self.hypervisor.close()
-            finally:
-                if self.http is not None:
-                    await self.http.stop()
-                if self.spool is not None:
-                    # After a clean flush nothing is left; after a task failed (no ordered
-                    # shutdown) what only memory holds goes to the spool for the next start.
-                    self.publisher.spill()
-                    self.spool.close()
-                if self.fleet is not None:
-                    self.fleet.journal.close()
-                statedir.unlock(self._state_lock)
-                self.state = AgentState.STOPPED
-                log.info("agent stopped")
 
     # ------------------------------------------------------------ long-lived tasks
 
@@ -322,25 +230,3 @@ class Agent:
 
     async def resync(self, reason: str) -> None:
         await self.resyncs.resync(reason)
-
-    async def _measure_loop_lag(self, period: float = 0.1) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            t0 = loop.time()
-            await asyncio.sleep(period)
-            self.metrics.loop_lag.observe(max(0.0, loop.time() - t0 - period))
-
-    async def _heartbeat(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.agent.heartbeat_interval_s)
-            self.publisher.submit_host_event(
-                Heartbeat(
-                    host=self.host,
-                    boot_id=self.boot_id,
-                    uptime_s=round(time.monotonic() - self.started_at, 3),
-                    counters=self.publisher.counters(),
-                    queue_depth=self.publisher.depth,
-                )
-            )
-            if self.fleet is not None:
-                await self.fleet.register()
