@@ -16,8 +16,7 @@ from typing import Any
 import msgspec
 
 from agent import __version__, events
-from agent.envelope import HOST_EVENT_TYPES, CloudEvent
-from agent.operations import FINAL, RUNNING, OpEvent
+from agent.envelope import FINAL, HOST_EVENT_TYPES, RUNNING, CloudEvent, OpEvent
 
 REF = "#/components/schemas/{name}"
 OP_STATES = (RUNNING, *sorted(FINAL))

@@ -149,6 +149,37 @@ class DeadLetter(HostData, frozen=True, kw_only=True):
     attempts: int
 
 
+# ---------------------------------------------------------------- operation events (VIRT_OPS)
+
+RUNNING, SUCCEEDED, FAILED, ROLLED_BACK, CANCELLED = (
+    "running", "succeeded", "failed", "rolled_back", "cancelled",
+)  # fmt: skip
+FINAL = {SUCCEEDED, FAILED, ROLLED_BACK, CANCELLED}
+
+
+class Operation(msgspec.Struct, kw_only=True):
+    """A long operation as VIRT_OPS carries it and the journal keeps it."""
+
+    id: str
+    verb: str
+    domain: str
+    state: str
+    step: str
+    created: float
+    updated: float
+    progress: dict[str, Any] = msgspec.field(default_factory=dict)
+    steps: list[dict[str, Any]] = msgspec.field(default_factory=list)
+    result: Any = None
+    error: dict[str, Any] | None = None
+
+
+class OpEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """The `data` of an operation event."""
+
+    host: str
+    operation: Operation
+
+
 HOST_EVENT_TYPES: dict[type[HostData], str] = {
     AgentStarted: "agent_started",
     AgentStopping: "agent_stopping",

@@ -21,31 +21,21 @@ from typing import Any
 import msgspec
 import structlog
 
+from agent.envelope import (  # the wire form of an operation and its states
+    CANCELLED,
+    FAILED,
+    FINAL,
+    RUNNING,
+    SUCCEEDED,
+    Operation,
+    OpEvent,
+)
 from agent.errors import AgentError, Conflict, NotFound, Unavailable
 from agent.metrics import Metrics
 
 log = structlog.get_logger("agent.operations")
 
 PRUNE_INTERVAL_S = 600.0
-
-RUNNING, SUCCEEDED, FAILED, ROLLED_BACK, CANCELLED = (
-    "running", "succeeded", "failed", "rolled_back", "cancelled",
-)  # fmt: skip
-FINAL = {SUCCEEDED, FAILED, ROLLED_BACK, CANCELLED}
-
-
-class Operation(msgspec.Struct, kw_only=True):
-    id: str
-    verb: str
-    domain: str
-    state: str
-    step: str
-    created: float
-    updated: float
-    progress: dict[str, Any] = msgspec.field(default_factory=dict)
-    steps: list[dict[str, Any]] = msgspec.field(default_factory=list)
-    result: Any = None
-    error: dict[str, Any] | None = None
 
 
 class Reservation(msgspec.Struct, frozen=True, kw_only=True):
@@ -59,13 +49,6 @@ class Reservation(msgspec.Struct, frozen=True, kw_only=True):
     expires: float
     # The host that asked for it (contract v1.1); empty: a v1 caller, not authenticated.
     caller: str = ""
-
-
-class OpEvent(msgspec.Struct, frozen=True, kw_only=True):
-    """The `data` of an operation event."""
-
-    host: str
-    operation: Operation
 
 
 Publish = Callable[[str, OpEvent], object]

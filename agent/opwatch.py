@@ -11,8 +11,8 @@ from typing import Any
 import msgspec
 from nats.aio.client import Client as NATS
 
+from agent.envelope import FINAL
 from agent.errors import Timeout
-from agent.operations import FINAL
 
 MIB = 1024 * 1024
 

@@ -43,6 +43,7 @@ from agent.envelope import (
     DeadLetter,
     HostData,
     Missed,
+    OpEvent,
     SpoolOverflow,
     Subjects,
     domain_event_type,
@@ -52,7 +53,6 @@ from agent.envelope import (
 )
 from agent.events import DomainEvent
 from agent.metrics import Metrics
-from agent.operations import OpEvent
 from agent.settings import PublisherSettings
 from agent.spool import Record, Ref, Spool
 from agent.streams import Streams

@@ -32,12 +32,12 @@ import nats
 
 from agent.bus import subscribed
 from agent.embedded import NatsServer, stop_process
+from agent.envelope import FINAL
 from agent.registry import Registration, Registry, open_bucket
 from lab.agents import agent_env, answering
 from lab.daemon import LibvirtDaemon, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-FINAL = {"succeeded", "failed", "rolled_back", "cancelled"}
 DOMAIN_XML = """<domain type='test'><name>{name}</name><memory>65536</memory><vcpu>1</vcpu>
 <os><type>hvm</type></os></domain>"""
 # The journal bounds the agent runs with: small, so that a soak of this size crosses them

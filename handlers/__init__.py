@@ -14,12 +14,12 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from agent.capabilities import Capabilities, probe
-from agent.envelope import Subjects
+from agent.envelope import Operation, Subjects
 from agent.errors import Conflict, Unavailable
 from agent.failover import Reconciler
 from agent.hypervisor import Hypervisor
 from agent.metrics import Metrics
-from agent.operations import DomainLocks, Operation, OperationManager, Runner
+from agent.operations import DomainLocks, OperationManager, Runner
 from agent.peers import Peers
 from agent.registry import Registry
 from agent.settings import DeviceSettings, FailoverSettings

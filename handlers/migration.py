@@ -13,9 +13,10 @@ import msgspec
 from msgspec import Meta
 
 from agent import crashpoints
+from agent.envelope import Operation
 from agent.errors import AgentError, Conflict, InvalidRequest, Timeout
 from agent.events import domain_state_names
-from agent.operations import Operation, Progress, Runner
+from agent.operations import Progress, Runner
 from agent.registry import Registration
 from handlers import Context, Verb
 from handlers.domain import DomainName, RequestId, find_domain

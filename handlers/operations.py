@@ -7,7 +7,7 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta
 
-from agent.operations import Operation
+from agent.envelope import Operation
 from handlers import Context, Verb
 
 OpId = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[0-9a-f]+$")]

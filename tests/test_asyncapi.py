@@ -14,7 +14,7 @@ import referencing
 from referencing.jsonschema import DRAFT202012
 
 from agent.asyncapi import build
-from agent.operations import FINAL
+from agent.envelope import FINAL
 from tests.conftest import ROOT, Collector, RunningAgent, call
 from tests.test_events import define
 

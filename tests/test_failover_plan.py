@@ -470,7 +470,8 @@ async def test_state_stays_bounded_under_many_short_operations_and_domains(tmp_p
     5,000 domains coming and going (`make bench` runs more). The journal keeps at most
     `commands.operations_max` finished operations and none past the retention; the per-domain
     locks are gone once released; the idempotency outcomes past their window are pruned."""
-    from agent.operations import DomainLocks, Operation  # noqa: PLC0415
+    from agent.envelope import Operation  # noqa: PLC0415
+    from agent.operations import DomainLocks  # noqa: PLC0415
 
     journal = Journal(tmp_path / "operations.db")
     locks = DomainLocks()

@@ -13,9 +13,10 @@ import libvirt
 from agent import crashpoints
 from agent.backoff import Backoff
 from agent.devices import device_element, unplug
+from agent.envelope import Operation
 from agent.errors import AgentError, Conflict, InvalidRequest, Timeout
 from agent.failover import NS, OWED, UNPLUGGING, Record, Settled, read_record, write_record
-from agent.operations import Operation, Progress, uninterruptible
+from agent.operations import Progress, uninterruptible
 from agent.registry import Registration
 from handlers import Context
 from handlers.domain import find_domain
