@@ -8,14 +8,75 @@ unplugged, so a mixed pair fails safe."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, TypeVar
 
 import msgspec
+from msgspec import Meta
 from nats.aio.client import Client as NATS
 
 from agent.bus import request
 from agent.envelope import Subjects
-from agent.errors import NotFound, from_reply
+from agent.errors import AgentError, NotFound, from_reply
+from agent.fields import MAX_LEASE_S, Alias, DomainUUID, HostId, OpId, RequestId
+
+# ---------------------------------------------------------------- the agent-to-agent verbs
+
+
+class ReserveRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """failover.reserve: hold a primary NIC here for a domain the caller migrates here."""
+
+    operation_id: OpId
+    domain: DomainUUID
+    alias: Alias
+    source: HostId
+    # How long the source may still need it (its migration timeout and replug window); the
+    # lease is at least this.
+    lease_s: Annotated[float, Meta(ge=0, le=MAX_LEASE_S)] = 0.0
+    request_id: RequestId | None = None
+
+
+class ReserveReply(msgspec.Struct, frozen=True):
+    reservation_id: str
+    resource: str
+    pool: str
+    expires_in_s: float
+
+
+class ReleaseRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """failover.release: give a reservation back - by its id, or by the operation it was made
+    for (when the source never got the reserve reply)."""
+
+    reservation_id: OpId | None = None
+    operation_id: OpId | None = None
+    request_id: RequestId | None = None
+
+
+class ReleaseReply(msgspec.Struct, frozen=True):
+    released: bool
+
+
+class ReplugRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """failover.replug: plug the primary owed to a domain that arrived here."""
+
+    domain: DomainUUID
+    alias: Alias
+    operation_id: OpId | None = None
+    request_id: RequestId | None = None
+
+
+class ReplugReply(msgspec.Struct, frozen=True):
+    settled: str
+    why: str
+    attached: bool
+    plugged_at_ns: int | None = None
+
+
+R = TypeVar("R")
+VERBS: dict[type[Any], tuple[str, type[Any]]] = {
+    ReserveRequest: ("failover.reserve", ReserveReply),
+    ReleaseRequest: ("failover.release", ReleaseReply),
+    ReplugRequest: ("failover.replug", ReplugReply),
+}
 
 
 class Peers:
@@ -24,11 +85,21 @@ class Peers:
         self.prefix = prefix
         self.me = me
 
-    async def call(self, host: str, verb: str, payload: dict[str, Any], timeout: float) -> Any:
+    async def reserve(self, host: str, req: ReserveRequest, timeout: float) -> ReserveReply:
+        return await self._call(host, req, ReserveReply, timeout)
+
+    async def release(self, host: str, req: ReleaseRequest, timeout: float) -> ReleaseReply:
+        return await self._call(host, req, ReleaseReply, timeout)
+
+    async def replug(self, host: str, req: ReplugRequest, timeout: float) -> ReplugReply:
+        return await self._call(host, req, ReplugReply, timeout)
+
+    async def _call(self, host: str, req: Any, reply: type[R], timeout: float) -> R:
+        verb = VERBS[type(req)][0]
         subject = Subjects(self.prefix, host).cmd(f"{verb}.{self.me}")
-        msg = await request(self.nc, host, subject, msgspec.json.encode(payload), timeout)
+        msg = await request(self.nc, host, subject, msgspec.json.encode(req), timeout)
         try:
-            return from_reply(msg.data, host)
+            result = from_reply(msg.data, host)
         except NotFound as exc:
             if exc.details.get("verb") != f"{verb}.{self.me}":
                 raise
@@ -36,3 +107,8 @@ class Peers:
                 f"{host} does not know contract v1.1's agent-to-agent subjects (a previous "
                 f"release?): upgrade it before migrating to it", **exc.details,
             ) from None  # fmt: skip
+        try:
+            return msgspec.convert(result, reply)
+        except msgspec.ValidationError as exc:
+            raise AgentError(f"{host}: a {verb} reply this agent cannot read: {exc}",
+                             peer=host) from None  # fmt: skip

@@ -4,18 +4,15 @@ taken from the bus."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
 import msgspec
-from msgspec import Meta
 
 from agent.devices import alias_of, device_xml, plug, template_xml, unplug
 from agent.errors import Conflict, InvalidRequest, NotFound
+from agent.fields import Alias, DomainName, RequestId, TemplateName
 from handlers import Context, Verb
-from handlers.domain import DomainName, RequestId, find_domain
-
-Alias = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.-]+$", min_length=1, max_length=128)]
-TemplateName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.-]+$", min_length=1, max_length=128)]
+from handlers.domain import find_domain
 
 
 class DetachRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

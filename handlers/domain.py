@@ -3,22 +3,17 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Any
 
 import libvirt
 import msgspec
-from msgspec import Meta
 
 from agent.devices import failover_negotiated, interfaces
 from agent.errors import Conflict, InvalidRequest, NotFound
 from agent.events import DomainSnapshot, domain_ref, domain_state_names
+from agent.fields import UUID_RE, DomainName, RequestId
 from handlers import Context, HostContext, Verb
-
-UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
-DomainName = Annotated[str, Meta(min_length=1, max_length=256)]
-RequestId = Annotated[str, Meta(min_length=1, max_length=128)]
 
 
 class ListRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -16,12 +16,12 @@ from agent import crashpoints
 from agent.envelope import Operation
 from agent.errors import AgentError, Conflict, InvalidRequest, Timeout
 from agent.events import domain_state_names
+from agent.fields import DomainName, HostId, RequestId
 from agent.operations import Progress, Runner
 from agent.registry import Registration
 from handlers import Context, Verb
-from handlers.domain import DomainName, RequestId, find_domain
+from handlers.domain import find_domain
 
-HostId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]+$", max_length=128)]
 MIGRATE_FLAGS = (
     libvirt.VIR_MIGRATE_LIVE
     | libvirt.VIR_MIGRATE_PEER2PEER

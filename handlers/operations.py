@@ -8,9 +8,8 @@ import msgspec
 from msgspec import Meta
 
 from agent.envelope import Operation
+from agent.fields import OpId
 from handlers import Context, Verb
-
-OpId = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[0-9a-f]+$")]
 
 
 class OpRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

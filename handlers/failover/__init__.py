@@ -23,15 +23,9 @@ rollback and its recovery after a restart), destination.py (the verbs a source c
 
 from __future__ import annotations
 
+from agent.peers import ReleaseRequest, ReplugRequest, ReserveRequest
 from handlers import Verb
-from handlers.failover.destination import (
-    ReleaseRequest,
-    ReplugRequest,
-    ReserveRequest,
-    release,
-    replug,
-    reserve,
-)
+from handlers.failover.destination import release, replug, reserve
 from handlers.failover.plan import FailoverRequest, find_pair
 from handlers.failover.source import migrate_with_failover, recovery
 

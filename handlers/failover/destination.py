@@ -10,52 +10,24 @@ during a rolling upgrade) is taken at its word (`source`)."""
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any
-
-import msgspec
-from msgspec import Meta
 
 from agent import crashpoints
 from agent.devices import device_element
 from agent.errors import Forbidden, InvalidRequest
 from agent.failover import read_record
+from agent.peers import (
+    ReleaseReply,
+    ReleaseRequest,
+    ReplugReply,
+    ReplugRequest,
+    ReserveReply,
+    ReserveRequest,
+)
 from handlers import CALLER, Context
-from handlers.devices import Alias
-from handlers.domain import RequestId, find_domain
-from handlers.failover.plan import MAX_LEASE_S
-from handlers.migration import HostId
-
-DomainUUID = Annotated[str, Meta(pattern=r"^[0-9a-fA-F-]{36}$")]
-OpId = Annotated[str, Meta(pattern=r"^[0-9a-f]{1,64}$")]
+from handlers.domain import find_domain
 
 
-class ReserveRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    operation_id: OpId
-    domain: DomainUUID
-    alias: Alias
-    source: HostId
-    # How long the source may still need it (its migration timeout and replug window); the
-    # lease is at least this.
-    lease_s: Annotated[float, Meta(ge=0, le=MAX_LEASE_S)] = 0.0
-    request_id: RequestId | None = None
-
-
-class ReleaseRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    # One of the two: the reservation, or the operation it was made for (when the source
-    # never got the reserve reply).
-    reservation_id: OpId | None = None
-    operation_id: OpId | None = None
-    request_id: RequestId | None = None
-
-
-class ReplugRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    domain: DomainUUID
-    alias: Alias
-    operation_id: OpId | None = None
-    request_id: RequestId | None = None
-
-
-async def reserve(ctx: Context, req: ReserveRequest) -> dict[str, Any]:
+async def reserve(ctx: Context, req: ReserveRequest) -> ReserveReply:
     reconciler = ctx.reconciler
     caller = CALLER.get()
     if caller is not None and req.source != caller:
@@ -67,11 +39,11 @@ async def reserve(ctx: Context, req: ReserveRequest) -> dict[str, Any]:
     r = pool.reserve(req.operation_id, req.domain, await reconciler.pci_in_use(),
                      req.lease_s, caller or "")  # fmt: skip
     crashpoints.reached("dest.reserve")
-    return {"reservation_id": r.id, "resource": r.resource, "pool": pool.kind,
-            "expires_in_s": round(r.expires - time.time(), 1)}  # fmt: skip
+    return ReserveReply(reservation_id=r.id, resource=r.resource, pool=pool.kind,
+                        expires_in_s=round(r.expires - time.time(), 1))  # fmt: skip
 
 
-async def release(ctx: Context, req: ReleaseRequest) -> dict[str, Any]:
+async def release(ctx: Context, req: ReleaseRequest) -> ReleaseReply:
     pool = ctx.reconciler.pool
     if (req.reservation_id is None) == (req.operation_id is None):
         raise InvalidRequest("give either reservation_id or operation_id")
@@ -81,12 +53,12 @@ async def release(ctx: Context, req: ReleaseRequest) -> dict[str, Any]:
         assert req.operation_id is not None
         found = pool.for_operation(req.operation_id)
     if found is None:
-        return {"released": False}
+        return ReleaseReply(released=False)
     pool.check_caller(found, CALLER.get() or "")
-    return {"released": pool.release(found.id)}
+    return ReleaseReply(released=pool.release(found.id))
 
 
-async def replug(ctx: Context, req: ReplugRequest) -> dict[str, Any]:
+async def replug(ctx: Context, req: ReplugRequest) -> ReplugReply:
     reconciler = ctx.reconciler
     crashpoints.reached("dest.replug")
     dom = await find_domain(ctx, req.domain)
@@ -101,6 +73,6 @@ async def replug(ctx: Context, req: ReplugRequest) -> dict[str, Any]:
             )
     out = await reconciler.settle(dom)
     live = await ctx.hypervisor.call(dom.XMLDesc, 0)
-    return {"settled": out.settled.value, "why": out.why,
-            "attached": device_element(live, req.alias) is not None,
-            "plugged_at_ns": reconciler.plugged_at.get(req.operation_id or "")}  # fmt: skip
+    return ReplugReply(settled=out.settled.value, why=out.why,
+                       attached=device_element(live, req.alias) is not None,
+                       plugged_at_ns=reconciler.plugged_at.get(req.operation_id or ""))  # fmt: skip

@@ -12,16 +12,13 @@ from msgspec import Meta
 
 from agent.devices import USER_ALIAS_PREFIX, Nic, device_xml, failover_negotiated, interfaces
 from agent.errors import Conflict, InvalidRequest, NotFound, Unsupported
+from agent.fields import MAX_LEASE_S, Alias, DomainName, HostId, RequestId
 from agent.registry import Registration
 from handlers import HostContext
-from handlers.devices import Alias
-from handlers.domain import DomainName, RequestId
-from handlers.migration import HostId
 
 Mode = Literal["auto", "sequenced", "qemu"]
-# The longest reservation a destination grants (failover.reserve's lease_s), and what a
-# source adds to its migration timeout and replug window when it asks for one.
-MAX_LEASE_S = 86_400
+# What a source adds to its migration timeout and replug window when it asks for a lease
+# (at most agent/fields.py's MAX_LEASE_S).
 LEASE_MARGIN_S = 60
 
 

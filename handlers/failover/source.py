@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import libvirt
+import msgspec
 
 from agent import crashpoints
 from agent.backoff import Backoff
@@ -17,6 +18,7 @@ from agent.envelope import Operation
 from agent.errors import AgentError, Conflict, InvalidRequest, Timeout
 from agent.failover import NS, OWED, UNPLUGGING, Record, Settled, read_record, write_record
 from agent.operations import Progress, uninterruptible
+from agent.peers import ReleaseRequest, ReplugReply, ReplugRequest, ReserveRequest
 from agent.registry import Registration
 from handlers import Context
 from handlers.domain import find_domain
@@ -82,13 +84,12 @@ class Failover:
         try:
             await self.step(p, "reserve", host=plan.destination)
             self.reserve_asked = True
-            res = await peers.call(plan.destination, "failover.reserve", {
-                "operation_id": p.op.id, "domain": self.uuid, "alias": plan.primary,
-                "source": ctx.host,
-                "lease_s": lease_needed(ctx, self.req),
-            }, timeout)  # fmt: skip
-            self.reservation = res["reservation_id"]
-            p.note(reservation=self.reservation, resource=res["resource"])
+            res = await peers.reserve(plan.destination, ReserveRequest(
+                operation_id=p.op.id, domain=self.uuid, alias=plan.primary, source=ctx.host,
+                lease_s=lease_needed(ctx, self.req),
+            ), timeout)  # fmt: skip
+            self.reservation = res.reservation_id
+            p.note(reservation=self.reservation, resource=res.resource)
 
             await self.step(p, "unplug", alias=plan.primary, mode=plan.mode,
                             reservation=self.reservation)  # fmt: skip
@@ -125,7 +126,7 @@ class Failover:
         try:
             await self.step(p, "replug", host=plan.destination)
             replugged = await replug_on(ctx, plan.destination, self.uuid, plan.primary, p.op.id)
-            out["replug"] = replugged
+            out["replug"] = msgspec.to_builtins(replugged)
             await self.step(p, "verify")
             await self._verify()
             out.update(self._outage(replugged))
@@ -136,10 +137,10 @@ class Failover:
                                                      "plugged the primary")}  # fmt: skip
         return out
 
-    def _outage(self, replug: dict[str, Any]) -> dict[str, Any]:
+    def _outage(self, replug: ReplugReply) -> dict[str, Any]:
         """How long the guest had no primary: DEVICE_REMOVED here to DEVICE_ADDED there (two
         hosts' clocks). Mode qemu has neither event: QEMU moves the primary itself."""
-        added = replug.get("plugged_at_ns")
+        added = replug.plugged_at_ns
         if not self.removed_ns or not added:
             return {}
         seconds = round((added - self.removed_ns) / 1e9, 3)
@@ -248,12 +249,13 @@ class Failover:
 async def release_on(ctx: Context, host: str, reservation: str | None, op_id: str) -> None:
     """Best effort: the destination's reservation goes back to its pool (by id, or by the
     operation when the reserve reply never came); its lease ends it otherwise."""
-    body = {"reservation_id": reservation} if reservation else {"operation_id": op_id}
+    body = (ReleaseRequest(reservation_id=reservation) if reservation
+            else ReleaseRequest(operation_id=op_id))  # fmt: skip
     with contextlib.suppress(AgentError):
-        await ctx.peers.call(host, "failover.release", body, ctx.failover.peer_timeout_s)
+        await ctx.peers.release(host, body, ctx.failover.peer_timeout_s)
 
 
-async def replug_on(ctx: Context, host: str, uuid: str, alias: str, op_id: str) -> dict[str, Any]:
+async def replug_on(ctx: Context, host: str, uuid: str, alias: str, op_id: str) -> ReplugReply:
     """Ask the destination to settle the domain's owed primary; retried with back-off until it
     reports the primary attached or `failover.replug_timeout_s` passes."""
     s = ctx.failover
@@ -261,12 +263,14 @@ async def replug_on(ctx: Context, host: str, uuid: str, alias: str, op_id: str) 
     backoff, last = Backoff(0.2, 5.0), "no answer"
     while True:
         try:
-            out: dict[str, Any] = await ctx.peers.call(host, "failover.replug", {
-                "domain": uuid, "alias": alias, "operation_id": op_id,
-            }, s.peer_timeout_s + ctx.devices.detach_timeout_s)  # fmt: skip
-            if out.get("attached"):
+            out = await ctx.peers.replug(
+                host,
+                ReplugRequest(domain=uuid, alias=alias, operation_id=op_id),
+                s.peer_timeout_s + ctx.devices.detach_timeout_s,
+            )
+            if out.attached:
                 return out
-            last = out.get("why") or out.get("settled", "")
+            last = out.why or out.settled
         except InvalidRequest:
             raise
         except AgentError as exc:  # unreachable, busy, libvirt refusing for now: ask again
