@@ -47,7 +47,7 @@ def _envelope(type_const: str, data_ref: str, subject: bool) -> dict[str, Any]:
 
 
 def build() -> dict[str, Any]:
-    from agent.commands import Reply  # noqa: PLC0415
+    from agent.envelope import Reply  # noqa: PLC0415
     from handlers import all_verbs  # noqa: PLC0415 - the verbs import the whole agent
 
     dom_types = domain_event_types()

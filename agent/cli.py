@@ -594,6 +594,8 @@ def json_lines(op: dict[str, Any]) -> None:
 def cmd_migrate(args: argparse.Namespace) -> int:
     """Exit 0 when the migration was accepted (or, with --wait, succeeded), else 1."""
     from agent.bus import request  # noqa: PLC0415
+    from agent.envelope import error_reply  # noqa: PLC0415
+    from agent.errors import from_reply  # noqa: PLC0415
     from agent.opwatch import follow, printer  # noqa: PLC0415
 
     bus = _bus(args)
@@ -613,19 +615,17 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             try:
                 msg = await request(nc, args.source, bus.subjects(args.source).cmd(verb),
                                     msgspec.json.encode(body), 30)  # fmt: skip
-                reply: dict[str, Any] = msgspec.json.decode(msg.data)
-            except AgentError as exc:  # no agent there, no reply: as a reply says it
-                reply = {"ok": False, "error": {"code": exc.code, "message": exc.message,
-                                                "details": exc.details}}  # fmt: skip
-            if args.json:
-                print(msgspec.json.encode(reply).decode(), flush=True)
-            if not reply.get("ok"):
-                err = reply["error"]
-                if not args.json:
-                    print(f"virt-agent migrate: {err['code']}: {err['message']}", file=sys.stderr)
+                result = from_reply(msg.data, args.source)  # the error families, as peers do
+            except AgentError as exc:  # refused, or no agent there: said the same way
+                if args.json:
+                    print(error_reply(exc).decode(), flush=True)
+                else:
+                    print(f"virt-agent migrate: {exc.code}: {exc.message}", file=sys.stderr)
                 return EXIT_FAILED
-            op_id = reply["result"]["operation_id"]
-            mode = reply["result"].get("mode")
+            if args.json:
+                print(msg.data.decode(), flush=True)
+            op_id = result["operation_id"]
+            mode = result.get("mode")
             if not args.json:
                 print(f"{verb} {args.domain} {args.source} → {args.destination}: operation "
                       f"{op_id}" + (f" (mode {mode})" if mode else ""), flush=True)  # fmt: skip

@@ -21,6 +21,7 @@ from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 
 from agent.bus import subscribed
+from agent.envelope import Reply, error_reply
 from agent.errors import (
     AgentError,
     Conflict,
@@ -37,18 +38,6 @@ from handlers import CALLER, Context, Verb
 log = structlog.get_logger("agent.commands")
 
 _encoder = msgspec.json.Encoder()
-
-
-class Reply(msgspec.Struct, omit_defaults=True):
-    ok: bool
-    result: Any = None
-    error: dict[str, Any] | None = None
-
-
-def error_reply(exc: AgentError) -> bytes:
-    return _encoder.encode(
-        Reply(ok=False, error={"code": exc.code, "message": exc.message, "details": exc.details})
-    )
 
 
 Key = tuple[str, str, str]  # (caller or "", verb, request_id)

@@ -8,6 +8,7 @@ from typing import Any
 import msgspec
 from msgspec import Struct
 
+from agent.errors import AgentError
 from agent.events import DomainSnapshot
 
 SPECVERSION = "1.0"
@@ -147,6 +148,23 @@ class DeadLetter(HostData, frozen=True, kw_only=True):
     bytes: int
     reason: str
     attempts: int
+
+
+# ---------------------------------------------------------------- command replies
+
+
+class Reply(msgspec.Struct, omit_defaults=True):
+    """Every command's reply (errors.from_reply reads one back into the error families)."""
+
+    ok: bool
+    result: Any = None
+    error: dict[str, Any] | None = None
+
+
+def error_reply(exc: AgentError) -> bytes:
+    return msgspec.json.encode(
+        Reply(ok=False, error={"code": exc.code, "message": exc.message, "details": exc.details})
+    )
 
 
 # ---------------------------------------------------------------- operation events (VIRT_OPS)

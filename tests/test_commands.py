@@ -245,6 +245,13 @@ async def test_registration_in_virt_hosts_and_the_cli(
     code, out = await cli("call", agent.host, "domain.get", "domain=nope")
     assert code == 1
     assert msgspec.json.decode(out)["error"]["code"] == "not_found"
+    # `migrate` reads the reply as the agents read each other's: a refusal is its error.
+    code, out = await cli("migrate", "test", "--from", agent.host, "--to", "nowhere")
+    assert code == 1
+    assert "not_found" in out and "nowhere" in out, out
+    code, out = await cli("migrate", "test", "--from", agent.host, "--to", "nowhere", "--json")
+    assert code == 1
+    assert msgspec.json.decode(out)["error"]["code"] == "not_found", out
 
     await agent.stop()
     with pytest.raises(nats.js.errors.KeyNotFoundError):
