@@ -5,7 +5,8 @@ python -m bench.eventgen generate URI COUNT [--rate R]
     or paced at R events/s; prints {"events": n, "seconds": t} as JSON.
 python -m bench.eventgen listen URI COUNT
     the baseline: a bare libvirtaio listener counting lifecycle events until COUNT arrive;
-    prints {"events": n, "first_ns": .., "last_ns": .., "rss_kib": ..} as JSON.
+    prints {"events": n, "first_ns": .., "last_ns": .., "rss_kib": .., "cpu_s": ..} as JSON
+    (cpu_s: its CPU time from ready to the last event).
 python -m bench.eventgen natspub NATS_URL SUBJECT COUNT RATE
     the latency baseline: plain NATS messages stamped with their send time.
 """
@@ -75,13 +76,14 @@ async def listen(uri: str, count: int) -> None:
 
     conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, cb, None)
     print("ready", flush=True)
+    cpu0 = time.process_time()
     try:
         await asyncio.wait_for(done.wait(), 600)
     finally:
-        print(
-            json.dumps({"events": seen, "first_ns": first, "last_ns": last, "rss_kib": rss_kib()}),
-            flush=True,
-        )
+        cpu = time.process_time() - cpu0
+        out = {"events": seen, "first_ns": first, "last_ns": last, "rss_kib": rss_kib(),
+               "cpu_s": cpu}  # fmt: skip
+        print(json.dumps(out), flush=True)
         conn.close()
 
 
