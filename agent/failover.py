@@ -43,6 +43,7 @@ log = structlog.get_logger("agent.failover")
 
 NS = "https://virt-agent.dev/xmlns/failover/1"
 PREFIX = "virtagent"
+NOT_RUNNING = "not running"
 MIN_GAP_S = 0.2  # between two reconcile passes, however many domains start or resume
 PLUGGED_KEPT = 1024  # plug times kept for the sources that ask for them (failover.replug)
 UNPLUGGING = "unplugging"  # detach sent; DEVICE_REMOVED not (yet) seen
@@ -160,15 +161,25 @@ class Reconciler:
         # A domain that starts or resumes here (a migration in) is checked at once.
         self.kick = asyncio.Event()
         self._due: set[str] = set()
+        # Domains owed a primary that were paused when looked at: their resume is due.
+        self._paused_owed: set[str] = set()
         hv.listen("lifecycle", self._on_lifecycle)
 
     def entries(self) -> int:
-        """Domains this reconciler holds something for (due, or waiting to retry)."""
-        return len(self._due | self._retry_at.keys())
+        """Domains this reconciler holds something for (due, waiting to retry, or owed a
+        primary while paused)."""
+        return len(self._due | self._retry_at.keys() | self._paused_owed)
 
     def _on_lifecycle(self, event: Any) -> None:
-        if event.data.event in ("started", "resumed"):
-            self._due.add(event.data.domain.uuid)
+        """Look at once at what can bring a domain an owed primary: a start, a resume after
+        a migration (or a snapshot), a resume of a domain found owed while paused. A plain
+        suspend/resume cannot - it costs no libvirt call here (the full pass still runs)."""
+        d = event.data
+        uuid = d.domain.uuid
+        if d.event == "started" or (
+            d.event == "resumed" and (d.detail != "unpaused" or uuid in self._paused_owed)
+        ):
+            self._due.add(uuid)
             self.kick.set()
 
     async def settle(
@@ -226,7 +237,7 @@ class Reconciler:
             return f"operation {holder} holds it"
         state, _ = await self.hv.call(dom.state)
         if state != libvirt.VIR_DOMAIN_RUNNING:
-            return "not running"
+            return NOT_RUNNING
         try:
             job = await self.hv.call(dom.jobInfo)
         except Unsupported:
@@ -288,6 +299,7 @@ class Reconciler:
         when, backoff = self._retry_at.get(uuid, (0.0, None))
         if now < when:
             return True
+        self.metrics.reconcile_checks.inc()
         try:
             out = await self.settle(dom)
         except Exception as exc:  # noqa: BLE001 - one domain's failure must not stop the pass
@@ -300,6 +312,10 @@ class Reconciler:
                         retry_in_s=round(delay, 1))  # fmt: skip
             return True
         self._retry_at.pop(uuid, None)
+        if out.settled is Settled.WAITING and out.why == NOT_RUNNING:
+            self._paused_owed.add(uuid)
+        else:
+            self._paused_owed.discard(uuid)
         return out.settled is Settled.WAITING
 
     async def pass_once(self) -> int:
@@ -313,6 +329,7 @@ class Reconciler:
         running = {d.UUIDString() for d in doms}
         for gone in self._retry_at.keys() - running:
             del self._retry_at[gone]  # stopped or gone: its back-off is over
+        self._paused_owed &= running
         for dom in doms:
             owed += await self._settle_counted(dom, now)
         self.metrics.owed_primaries.set(owed)

@@ -154,6 +154,11 @@ class Metrics:
             "Running domains on this host whose primary NIC is out, at the last reconcile pass",
             registry=r,
         )
+        self.reconcile_checks = Counter(
+            f"{NS}_failover_reconcile_checks",
+            "Domains the reconcile loop looked at (each costs libvirt calls)",
+            registry=r,
+        )
         self.replugs = Counter(
             f"{NS}_failover_replugs",
             "Owed primaries settled by the reconcile loop, by outcome",

@@ -248,7 +248,8 @@ async def test_registration_in_virt_hosts_and_the_cli(
     # `migrate` reads the reply as the agents read each other's: a refusal is its error.
     code, out = await cli("migrate", "test", "--from", agent.host, "--to", "nowhere")
     assert code == 1
-    assert "not_found" in out and "nowhere" in out, out
+    assert "not_found" in out, out
+    assert "nowhere" in out, out
     code, out = await cli("migrate", "test", "--from", agent.host, "--to", "nowhere", "--json")
     assert code == 1
     assert msgspec.json.decode(out)["error"]["code"] == "not_found", out

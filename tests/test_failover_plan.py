@@ -34,6 +34,7 @@ from handlers.failover import find_pair
 from handlers.failover.plan import FailoverRequest, make_plan
 from tests import nic_forms
 from tests.conftest import RunningAgent, call
+from tests.test_events import define
 
 TEST_DOMAIN_UUID = "6695eb01-f6a4-8304-79aa-97f2502e193f"  # libvirt's test:///default domain
 
@@ -493,3 +494,25 @@ async def test_state_stays_bounded_under_many_short_operations_and_domains(tmp_p
     assert pruned["requests"] > 0
     assert len(locks) == 0
     journal.close()
+
+
+async def test_a_plain_suspend_and_resume_costs_the_reconciler_no_libvirt_call(
+    start_agent: Callable[..., Awaitable[RunningAgent]], testdrv: Any
+) -> None:
+    """Only what can bring a domain an owed primary makes the reconciler look at it at once:
+    a start, a resume after a migration, or a resume of a domain it found waiting because it
+    was paused. A plain suspend/resume is not one of them - it used to cost two libvirt calls
+    (lookup, metadata) on the event path for each resume. A paused domain with a record is
+    still looked at as soon as it resumes."""
+    agent = await start_agent(**{"failover.reconcile_interval_s": 3600.0})
+    metric = agent.agent.metrics.registry.get_sample_value
+    dom = define(testdrv)
+    dom.create()
+    await asyncio.sleep(0.5)  # the start is looked at
+    before = metric("virt_agent_failover_reconcile_checks_total") or 0.0
+    for _ in range(50):
+        dom.suspend()
+        dom.resume()
+        await asyncio.sleep(0.25)  # past the reconciler's minimum gap: each resume could count
+    await agent.settled()
+    assert (metric("virt_agent_failover_reconcile_checks_total") or 0.0) == before
