@@ -100,7 +100,9 @@ class LoopSafeEventImpl(libvirtaio.virEventAsyncIOImpl):  # type: ignore[misc]
     def _update_handle(self, watch: int, event: int) -> None:
         def op() -> None:
             callback = self.callbacks.get(watch)
-            if isinstance(callback, libvirtaio.FDCallback):
+            # Unchanged: nothing to do (libvirtaio would register the same mask again, one
+            # epoll_ctl each time; libvirt repeats itself on every message).
+            if isinstance(callback, libvirtaio.FDCallback) and callback.event != event:
                 callback.update(event=event)
 
         self._run(op)
@@ -156,6 +158,8 @@ class LoopSafeEventImpl(libvirtaio.virEventAsyncIOImpl):  # type: ignore[misc]
         return 0
 
     def _arm(self, t: _Timer, timeout: int) -> None:
+        if timeout == t.timeout and (timeout == 0) == (t.handle is not None) and timeout <= 0:
+            return  # already due at once, or already off: libvirt repeats itself per event
         t.timeout = timeout
         if t.handle is not None:
             t.handle.cancel()
