@@ -7,6 +7,9 @@ events meanwhile), and what nats-server spends behind the agent.
   which events reach the consumer (the listener's callback; through the agent, a NATS
   subscriber) - the agent-alone throughput against the listener-alone throughput.
 
+Each consumer has a libvirtd of its own (the agent stays connected to its own while the
+listener runs), three rounds, the ratios the medians of the rounds' ratios.
+
 CPU time is read from /proc/<pid>/stat (user + system) before the generator starts and once
 every event has arrived, so idle time before and after costs nothing.
 
@@ -29,12 +32,14 @@ from nats.aio.msg import Msg
 
 from agent.bus import subscribed
 from agent.embedded import NatsServer, stop_process
+from bench.stats import median
 from lab.daemon import LibvirtDaemon
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 TICK = os.sysconf("SC_CLK_TCK")
 PACED, SATURATED, RATE = 10_000, 20_000, 1000
+KINDS = ("listener_paced", "agent_paced", "listener_saturated", "agent_saturated")
 
 
 def cpu_s(pid: int) -> float:
@@ -116,44 +121,71 @@ async def agent_alone(
             "events_per_s": seen.count / max(1e-9, (seen.last - seen.first) / 1e9)}  # fmt: skip
 
 
-async def cost(work: Path) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    with LibvirtDaemon(work, "cost") as daemon, NatsServer(work / "nats") as server:
-        uri = daemon.test_uri
-        out["listener_paced"] = await listener_alone(uri, PACED, RATE)
-        out["listener_saturated"] = await listener_alone(uri, SATURATED, None)
+async def cost(work: Path, rounds: int = 3) -> dict[str, Any]:
+    """`rounds` rounds, each: the listener alone (on a libvirtd of its own) and the agent alone
+    (on another), paced and saturated, one after the other; ratios are the medians of each
+    round's ratios (the machine's state varies between rounds more than within one)."""
+    runs: dict[str, list[dict[str, float]]] = {k: [] for k in KINDS}
+    with (LibvirtDaemon(work, "listener") as quiet, LibvirtDaemon(work, "agent") as busy,
+          NatsServer(work / "nats") as server):  # fmt: skip
         env = {k: v for k, v in os.environ.items() if not k.startswith("VIRT_AGENT_")}
         env |= {"VIRT_AGENT_LOG_FORMAT": "json", "VIRT_AGENT_LOG_LEVEL": "warning"}
         with open(work / "agent.log", "wb") as log:
             agent = subprocess.Popen(
-                [PY, "-m", "agent", "run", "--libvirt-uri", uri, "--nats-url", server.url,
-                 "--host-id", "cost", "--http-addr", "", "--state-dir", str(work / "agent")],
+                [PY, "-m", "agent", "run", "--libvirt-uri", busy.test_uri, "--nats-url",
+                 server.url, "--host-id", "cost", "--http-addr", "", "--state-dir",
+                 str(work / "agent")],
                 env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
             )  # fmt: skip
         try:
-            nc = await nats.connect(server.url)
-            try:  # ready: its streams exist and it answers
-                for _ in range(300):
-                    try:
-                        await nc.request("virt.cost.cmd.ping", b"{}", timeout=1)
-                        break
-                    except Exception:  # not up yet
-                        await asyncio.sleep(0.1)
-            finally:
-                await nc.close()
-            out["agent_paced"] = await agent_alone(uri, server, agent, PACED, RATE)
-            out["agent_saturated"] = await agent_alone(uri, server, agent, SATURATED, None)
+            await until_answering(server, "cost")
+            for _ in range(rounds):
+                runs["listener_paced"].append(await listener_alone(quiet.test_uri, PACED, RATE))
+                runs["agent_paced"].append(
+                    await agent_alone(busy.test_uri, server, agent, PACED, RATE)
+                )
+                runs["listener_saturated"].append(
+                    await listener_alone(quiet.test_uri, SATURATED, None)
+                )
+                runs["agent_saturated"].append(
+                    await agent_alone(busy.test_uri, server, agent, SATURATED, None)
+                )
         finally:
             stop_process(agent)
-    lp, ls, ap, as_ = (out[k] for k in ("listener_paced", "listener_saturated", "agent_paced",
-                                        "agent_saturated"))  # fmt: skip
-    out["ratios"] = {
-        "agent_cpu_per_event_paced": round(ap["cpu_us_per_event"] / lp["cpu_us_per_event"], 2),
-        "agent_cpu_per_event_saturated": round(as_["cpu_us_per_event"] / ls["cpu_us_per_event"], 2),
-        "nats_cpu_per_event_paced": round(ap["nats_cpu_us_per_event"] / lp["cpu_us_per_event"], 2),
-        "throughput_alone": round(as_["events_per_s"] / ls["events_per_s"], 3),
+    out: dict[str, Any] = {
+        k: {m: round(median([r[m] for r in v]), 1) for m in v[0]} for k, v in runs.items()
     }
+
+    def ratio(a: str, am: str, b: str, bm: str) -> float:
+        return round(median([x[am] / y[bm] for x, y in zip(runs[a], runs[b], strict=True)]), 2)
+
+    out["ratios"] = {
+        "agent_cpu_per_event_paced": ratio("agent_paced", "cpu_us_per_event",
+                                           "listener_paced", "cpu_us_per_event"),
+        "agent_cpu_per_event_saturated": ratio("agent_saturated", "cpu_us_per_event",
+                                               "listener_saturated", "cpu_us_per_event"),
+        "nats_cpu_per_event_paced": ratio("agent_paced", "nats_cpu_us_per_event",
+                                          "listener_paced", "cpu_us_per_event"),
+        "throughput_alone": ratio("agent_saturated", "events_per_s",
+                                  "listener_saturated", "events_per_s"),
+    }  # fmt: skip
+    out["rounds"] = rounds
     return out
+
+
+async def until_answering(server: NatsServer, host: str) -> None:
+    nc = await nats.connect(server.url)
+    try:
+        for _ in range(300):
+            try:
+                await nc.request(f"virt.{host}.cmd.ping", b"{}", timeout=1)
+            except Exception:  # not up yet
+                await asyncio.sleep(0.1)
+            else:
+                return
+        raise RuntimeError(f"agent {host} never answered")
+    finally:
+        await nc.close()
 
 
 if __name__ == "__main__":

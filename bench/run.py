@@ -28,6 +28,7 @@ from nats.aio.msg import Msg
 
 from agent.bus import subscribed
 from agent.embedded import NatsServer
+from bench.cost import cost
 from bench.eventgen import rss_kib
 from bench.fleet import run_fleet
 from bench.lab_bench import lab_baselines
@@ -323,6 +324,8 @@ def render_table(res: dict[str, Any]) -> str:
         lines += campaign_table(res["campaign"])
     if res.get("soak"):
         lines += soak_table(res["soak"])
+    if res.get("cost"):
+        lines += cost_table(res["cost"])
     return "\n".join(lines)
 
 
@@ -382,6 +385,30 @@ def campaign_table(rows: list[dict[str, Any]]) -> list[str]:
         for r in rows
     ]
     return lines
+
+
+# What an event cost before the cuts of bench/cost.py's first profile (median of three runs of
+# `python -m bench.cost` on the commit that added it, this machine): shown beside each run's.
+COST_BEFORE = {"agent_paced_us": 256.0, "listener_paced_us": 113.0, "agent_paced_ratio": 2.21,
+               "agent_saturated_ratio": 1.17, "nats_paced_ratio": 1.08, "throughput_alone": 1.01}  # fmt: skip
+
+
+def cost_table(c: dict[str, Any]) -> list[str]:
+    r, b = c["ratios"], COST_BEFORE
+    lp, ls, ap, as_ = (c[k] for k in ("listener_paced", "listener_saturated", "agent_paced",
+                                      "agent_saturated"))  # fmt: skip
+    return [
+        "",
+        "What an event costs (bench/cost.py: each consumer alone on the generator; CPU time "
+        "of the process per event; before: the median of three runs before the cuts):",
+        "",
+        "| measure | agent | baseline (same run) | ratio | before | goal |",
+        "|---|---|---|---|---|---|",
+        f"| CPU per event at a paced 1,000 events/s (µs) | {ap['cpu_us_per_event']:.1f} | bare listener {lp['cpu_us_per_event']:.1f} | **{r['agent_cpu_per_event_paced']}** | {b['agent_paced_ratio']} ({b['agent_paced_us']:.0f} vs {b['listener_paced_us']:.0f}) | ≤ 1.4 |",
+        f"| CPU per event, saturated (µs) | {as_['cpu_us_per_event']:.1f} | bare listener {ls['cpu_us_per_event']:.1f} | **{r['agent_cpu_per_event_saturated']}** | {b['agent_saturated_ratio']} | - |",
+        f"| nats-server CPU per event behind the agent, paced (µs) | {ap['nats_cpu_us_per_event']:.1f} | bare listener {lp['cpu_us_per_event']:.1f} | {r['nats_cpu_per_event_paced']} | {b['nats_paced_ratio']} | - |",
+        f"| Throughput alone, saturated (events/s reaching the consumer) | {as_['events_per_s']:,.0f} | bare listener alone {ls['events_per_s']:,.0f} | **{r['throughput_alone']}** | {b['throughput_alone']} | - |",
+    ]
 
 
 def soak_table(k: dict[str, Any]) -> list[str]:
@@ -478,6 +505,8 @@ async def main() -> None:
         work = Path(tmp)
         with LibvirtDaemon(work, "bench") as daemon, NatsServer(work / "nats") as server:
             res["event_bridge"] = await event_bridge(daemon, server, work, n)
+    with tempfile.TemporaryDirectory(prefix="virt-agent-cost-") as tmp:
+        res["cost"] = await cost(Path(tmp))
     if os.environ.get("BENCH_FLEET", "1") != "0":
         with tempfile.TemporaryDirectory(prefix="virt-agent-fleet-") as tmp:
             n_agents = int(os.environ.get("BENCH_FLEET_AGENTS", "24"))
