@@ -49,6 +49,7 @@ def cpu_s(pid: int) -> float:
 
 
 def helper(*args: str) -> subprocess.Popen[str]:
+    """A bench/eventgen.py process (generator, listener, plain publisher), once it is ready."""
     p = subprocess.Popen([PY, "-m", "bench.eventgen", *args], stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, text=True, cwd=ROOT)  # fmt: skip
     assert p.stdout is not None
@@ -58,13 +59,15 @@ def helper(*args: str) -> subprocess.Popen[str]:
 
 
 def go(p: subprocess.Popen[str]) -> None:
+    """Tell a ready helper to start."""
     assert p.stdin is not None
     p.stdin.write("go\n")
     p.stdin.flush()
 
 
-def output(p: subprocess.Popen[str]) -> dict[str, Any]:
-    out, _ = p.communicate(timeout=600)
+def result(p: subprocess.Popen[str], timeout: float = 900) -> dict[str, Any]:
+    """A helper's last line of output: its JSON result."""
+    out, _ = p.communicate(timeout=timeout)
     return dict(msgspec.json.decode(out.strip().splitlines()[-1]))
 
 
@@ -73,7 +76,7 @@ async def listener_alone(uri: str, n: int, rate: int | None) -> dict[str, float]
     listener = helper("listen", uri, str(n))
     gen = helper("generate", uri, str(n), *(["--rate", str(rate)] if rate else []))
     go(gen)
-    await asyncio.to_thread(output, gen)
+    await asyncio.to_thread(result, gen)
     # The listener prints once the last event arrived, with its CPU time since ready.
     assert listener.stdout is not None
     line = await asyncio.to_thread(listener.stdout.readline)
@@ -110,7 +113,7 @@ async def agent_alone(
     gen = helper("generate", uri, str(n), *(["--rate", str(rate)] if rate else []))
     a0, s0 = cpu_s(agent.pid), cpu_s(server.proc.pid)
     go(gen)
-    await asyncio.to_thread(output, gen)
+    await asyncio.to_thread(result, gen)
     deadline = time.monotonic() + 120
     while seen.count < n and time.monotonic() < deadline:
         await asyncio.sleep(0.01)

@@ -28,7 +28,7 @@ from nats.aio.msg import Msg
 
 from agent.bus import subscribed
 from agent.embedded import NatsServer
-from bench.cost import cost
+from bench.cost import cost, go, helper, result
 from bench.eventgen import rss_kib
 from bench.fleet import run_fleet
 from bench.lab_bench import lab_baselines
@@ -42,32 +42,6 @@ from lab.lab import Lab
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PY = sys.executable
-
-
-def helper(*args: str) -> subprocess.Popen[str]:
-    p = subprocess.Popen(
-        [PY, "-m", "bench.eventgen", *args],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
-    assert p.stdout is not None
-    line = p.stdout.readline().strip()
-    if line != "ready":
-        raise RuntimeError(f"helper {args[0]} did not start: {line!r}")
-    return p
-
-
-def go(p: subprocess.Popen[str]) -> None:
-    assert p.stdin is not None
-    p.stdin.write("go\n")
-    p.stdin.flush()
-
-
-def result(p: subprocess.Popen[str], timeout: float = 900) -> dict[str, Any]:
-    out, _ = p.communicate(timeout=timeout)
-    return dict(json.loads(out.strip().splitlines()[-1]))
 
 
 class Subscriber:
