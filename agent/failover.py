@@ -33,7 +33,7 @@ import structlog
 
 from agent.backoff import Backoff
 from agent.devices import device_element, pci_sources, plug
-from agent.errors import AgentError, Unsupported
+from agent.errors import AgentError, NotFound, Unsupported
 from agent.hypervisor import Hypervisor
 from agent.metrics import Metrics
 from agent.pool import Pool
@@ -170,6 +170,10 @@ class Reconciler:
         primary while paused)."""
         return len(self._due | self._retry_at.keys() | self._paused_owed)
 
+    def _forget(self, uuid: str) -> None:
+        self._retry_at.pop(uuid, None)
+        self._paused_owed.discard(uuid)
+
     def _on_lifecycle(self, event: Any) -> None:
         """Look at once at what can bring a domain an owed primary: a start, a resume after
         a migration (or a snapshot), a resume of a domain found owed while paused. A plain
@@ -302,6 +306,9 @@ class Reconciler:
         self.metrics.reconcile_checks.inc()
         try:
             out = await self.settle(dom)
+        except NotFound:
+            self._forget(uuid)  # gone meanwhile: nothing is owed here any more
+            return False
         except Exception as exc:  # noqa: BLE001 - one domain's failure must not stop the pass
             backoff = backoff or Backoff(1.0, 60.0)
             delay = backoff.next()
@@ -347,6 +354,7 @@ class Reconciler:
             try:
                 dom = await hv.call(hv.conn.lookupByUUIDString, uuid)
             except AgentError:
+                self._forget(uuid)
                 continue  # gone again
             await self._settle_counted(dom, now)
 

@@ -11,11 +11,10 @@ Nats-Msg-Id, so JetStream stores it once.
 nats-py's own `publish_async` is not used: its futures never time out, and a send that fails
 while the client reconnects keeps its in-flight slot forever.
 
-With a spool (agent/spool.py), nothing is dropped while NATS is unreachable or slow: once NATS
-is disconnected or the memory queue reaches `spool_after`, new messages are rendered and
-appended to the spool, and sent from there, in order, after the memory queue; the spool's
-bound (`spool_max_bytes`) is the only place where old messages are given up, and a
-`spool_overflow` host event says how many.
+With a spool (agent/spool.py), nothing is dropped while NATS is unreachable or slow: where a
+message waits - the memory queue, or the spool once NATS is disconnected or the queue reaches
+`spool_after` - is agent/delivery.py's decision; the spool's bound (`spool_max_bytes`) is the
+only place where old messages are given up, and a `spool_overflow` host event says how many.
 """
 
 from __future__ import annotations
@@ -36,6 +35,7 @@ from nats.errors import Error as NatsError
 from nats.errors import MaxPayloadError
 
 from agent.deadletter import DeadLetters
+from agent.delivery import Delivery, DomainItem, OtherItem, Queued
 from agent.envelope import (
     HOST_EVENT_TYPES,
     CloudEvent,
@@ -65,30 +65,6 @@ class PubAck(msgspec.Struct):
     seq: int | None = None
     duplicate: bool = False
     error: dict[str, object] | None = None
-
-
-@dataclass(slots=True)
-class _DomainItem:
-    """A libvirt domain event waiting to be rendered (dropped, counted, when the queue is
-    full)."""
-
-    sequence: int
-    event: DomainEvent
-    time_ns: int
-
-
-@dataclass(slots=True)
-class _OtherItem:
-    """A host or operation event: never dropped; its data, subject and CloudEvents type."""
-
-    sequence: int
-    data: Any
-    time_ns: int
-    subject: str
-    ce_type: str
-
-
-_Queued = _DomainItem | _OtherItem
 
 
 @dataclass(slots=True)
@@ -128,16 +104,13 @@ class Publisher:
         self.settings = settings
         self.spool = spool
         self.dead_letters = dead_letters
-        # Appending to the spool instead of the memory queue (also at start, if a previous
-        # process left messages there: they go first).
-        self._spooling = spool is not None and not spool.empty()
-        self._spool_after = min(settings.spool_after, settings.queue_size // 2)
-        self.spooled = 0
         self.subjects = subjects
         self.boot_id = boot_id
         self.source = f"/virt/{subjects.host}"
         self.metrics = metrics
-        self._queue: deque[_Queued] = deque()
+        self.delivery = Delivery(settings, spool, metrics, self._connected,
+                                 lambda item: self._render(item).record())  # fmt: skip
+        self._queue = self.delivery.queue
         self._wakeup = asyncio.Event()
         self._progress = asyncio.Event()  # a message left flight (flush waits on it)
         self._sequence = 0
@@ -145,10 +118,6 @@ class Publisher:
         self.published = 0
         self.dropped = 0
         self._missed: Missed | None = None
-        self._spool_error = False  # the last spool write failed (logged once per streak)
-        # Messages the spool could not take (disk full): newer than everything spooled, sent
-        # once the spool has nothing unread; while any wait here, new ones queue behind them.
-        self._held: deque[_Queued] = deque()
         # Set once an overflow has happened and the queue has drained below the low watermark.
         self.resync_needed = asyncio.Event()
         # Why the next of those resyncs: after dropped events, or one too large to send.
@@ -162,11 +131,7 @@ class Publisher:
         self._received_by_type: dict[str, Any] = {}
         metrics.queue_capacity.set(settings.queue_size)
         metrics.inflight_capacity.set(settings.max_inflight)
-        metrics.track(metrics.queue_depth, lambda: len(self._queue) + len(self._held))
         metrics.track(metrics.inflight, lambda: len(self._inflight))
-        if spool is not None:
-            metrics.track(metrics.spool_depth, lambda: spool.depth)
-            metrics.track(metrics.spool_bytes, lambda: spool.bytes)
 
     # ------------------------------------------------------------ producers (loop thread)
 
@@ -178,7 +143,11 @@ class Publisher:
 
     @property
     def depth(self) -> int:
-        return len(self._queue) + len(self._held)
+        return self.delivery.depth
+
+    @property
+    def spooled(self) -> int:
+        return self.delivery.spooled
 
     def counters(self) -> Counters:
         return Counters(
@@ -197,8 +166,8 @@ class Publisher:
                 self.metrics.events_received.labels(event.event_type)
             )
         counter.inc()
-        item = _DomainItem(self._sequence, event, event.time_ns)
-        if self._spool_now():
+        item = DomainItem(self._sequence, event, event.time_ns)
+        if self.delivery.to_spool_now():
             self._to_spool(item)
             return
         if len(self._queue) >= self.settings.queue_size:
@@ -207,59 +176,24 @@ class Publisher:
         self._queue.append(item)
         self._wakeup.set()
 
-    def _spool_now(self) -> bool:
-        if self.spool is None:
-            return False
-        if not self._spooling:
-            # Before NATS is attached (the agent starts with libvirt), to the spool too.
-            connected = self._nc is not None and self._nc.is_connected
-            if len(self._queue) >= self._spool_after or not connected:
-                self._spooling = True
-                log.warning("spooling to disk", queued=len(self._queue),
-                            nats_connected=connected)  # fmt: skip
-        return self._spooling
-
-    def _to_spool(self, item: _Queued) -> None:
-        assert self.spool is not None
-        if self._held:
-            self._hold(item)
+    def _to_spool(self, item: Queued) -> None:
+        kept, dropped = self.delivery.to_spool(item)
+        if not kept:
+            assert isinstance(item, DomainItem)
+            self._drop(item.sequence, item.event)
             return
-        try:
-            dropped = self.spool.append(self._render(item).record())
-        except OSError as exc:
-            self.metrics.spool_write_errors.inc()
-            if not self._spool_error:
-                self._spool_error = True
-                log.error("spool write failed; messages wait in memory behind it",  # noqa: TRY400
-                          error=str(exc), directory=str(self.spool.dir))  # fmt: skip
-            self._hold(item)
-            return
-        self._spool_error = False
-        self.spooled += 1
-        self.metrics.spooled.inc()
         if dropped is not None:
-            self.metrics.spool_dropped.inc(dropped.count)
             # Rare, and it says what was given up: spooled like everything else, never dropped
             # before it (the bound drops whole old segments, this goes at the end).
             self._sequence += 1
-            overflow = _OtherItem(
+            self._to_spool(OtherItem(
                 self._sequence,
                 SpoolOverflow(host=self.subjects.host, boot_id=self.boot_id,
                               count=dropped.count, first_sequence=dropped.first_sequence,
                               last_sequence=dropped.last_sequence),
                 time.time_ns(), self.subjects.host_event("spool_overflow"),
                 host_event_type("spool_overflow"),
-            )  # fmt: skip
-            self._to_spool(overflow)
-        self._wakeup.set()
-
-    def _hold(self, item: _Queued) -> None:
-        """Keep in memory what the spool could not take; a domain event beyond the queue's
-        bound is dropped and named by the next resync, host and operation events are kept."""
-        if isinstance(item, _DomainItem) and len(self._held) >= self.settings.queue_size:
-            self._drop(item.sequence, item.event)
-            return
-        self._held.append(item)
+            ))  # fmt: skip
         self._wakeup.set()
 
     def submit_host_event(self, data: HostData) -> int:
@@ -274,8 +208,8 @@ class Publisher:
 
     def _submit_other(self, data: Any, subject: str, ce_type: str) -> int:
         self._sequence += 1
-        item = _OtherItem(self._sequence, data, time.time_ns(), subject, ce_type)
-        if self._spool_now():
+        item = OtherItem(self._sequence, data, time.time_ns(), subject, ce_type)
+        if self.delivery.to_spool_now():
             self._to_spool(item)
         else:
             self._queue.append(item)
@@ -325,9 +259,9 @@ class Publisher:
 
     # ------------------------------------------------------------ rendering
 
-    def _render(self, item: _Queued) -> _Outgoing:
+    def _render(self, item: Queued) -> _Outgoing:
         msg_id = f"{self.subjects.host}:{self.boot_id}:{item.sequence}"
-        if isinstance(item, _DomainItem):
+        if isinstance(item, DomainItem):
             ev = item.event
             uuid = ev.data.domain.uuid
             subject = self.subjects.event(uuid, ev.event_type)
@@ -382,7 +316,7 @@ class Publisher:
             while await self._send_next(self._queue):
                 if self._missed is not None and len(self._queue) <= low:
                     self.resync_needed.set()
-            if self._spooling:
+            if self.delivery.spooling:
                 await self._send_spooled()
             last_write = time.monotonic()
             if self._missed is not None:
@@ -407,22 +341,19 @@ class Publisher:
                 if self._queue:
                     return  # cannot happen while spooling; kept for safety: memory first
                 continue
-            if not self._held:
+            if not self.delivery.held:
                 break  # nothing unread, nothing held: no await between here and the switch
             if not self._connected():
                 return  # held until NATS is back (watch_acks wakes the loop then)
-            while await self._send_next(self._held):
+            while await self._send_next(self.delivery.held):
                 pass
             # Meanwhile new messages may have gone to the spool again: read it once more.
-        if not self._queue and self._connected():
-            # Once per outage: while NATS is away, new messages keep going to the spool.
-            self._spooling = False
-            log.info("spool drained; back to the memory queue", spooled=self.spooled)
+        self.delivery.back_to_memory()
 
     def _connected(self) -> bool:
         return self._nc is not None and self._nc.is_connected
 
-    async def _send_next(self, source: deque[_Queued]) -> bool:
+    async def _send_next(self, source: deque[Queued]) -> bool:
         """Send the first message of `source` once a slot is free; it stays in `source` (where
         a spill finds it) until then. False when `source` is empty."""
         if not source:
@@ -568,7 +499,7 @@ class Publisher:
                 self.spool.save_progress()
             if not self._connected():
                 continue  # re-sending into nats-py's reconnect buffer would only pile up copies
-            if self._held or self._spooling:
+            if self.delivery.held or self.delivery.spooling:
                 self._wakeup.set()  # connected again: what waited on disk or in memory goes out
             deadline = time.monotonic() - timeout
             expired = []
@@ -604,12 +535,7 @@ class Publisher:
         }
 
     def idle(self) -> bool:
-        return (
-            not self._queue
-            and not self._held
-            and not self._inflight
-            and (self.spool is None or self.spool.empty())
-        )
+        return not self._inflight and self.delivery.empty()
 
     async def flush(self, timeout: float) -> bool:
         """Wait until every queued message is acknowledged; False if the timeout ran out.
@@ -634,20 +560,9 @@ class Publisher:
         the queue, what the disk refused) goes to the spool so the next process sends it,
         each message where its sequence number puts it among the spooled ones. Kept once: a
         second spill adds nothing, and acknowledgements arriving after it are ignored."""
-        spool = self.spool
-        if spool is None:
+        if self.spool is None:
             return
-        memory = [o.record() for o in self._inflight.values() if o.spool_ref is None]
-        memory += [self._render(item).record() for item in (*self._queue, *self._held)]
-        self._queue.clear()
-        self._held.clear()
+        in_flight = [o.record() for o in self._inflight.values() if o.spool_ref is None]
         # What was read from the spool is still there: the next process sends it.
         self._inflight.clear()
-        try:
-            spool.merge(memory)
-        except OSError as exc:
-            log.error("could not keep unsent messages for the next start; they are lost",  # noqa: TRY400
-                      messages=len(memory), error=str(exc))  # fmt: skip
-            return
-        if memory:
-            log.warning("kept in the spool for the next start", messages=len(memory))
+        self.delivery.spill(in_flight)

@@ -176,8 +176,14 @@ async def soak(
                             "rss_mb": round(rss_mb(proc.pid), 1),
                             **await asyncio.to_thread(journal_rows, db)})  # fmt: skip
             alive = proc.poll() is None
-            await asyncio.sleep(2)  # the last domains' events reach the agent's tables
-            entries = await asyncio.to_thread(domain_entries, http)
+            # The last domains' events reach the agent's tables, a back-off of one that
+            # vanished mid-look ends by the next full reconcile pass: given 30 s.
+            deadline = time.monotonic() + 30
+            while True:
+                entries = await asyncio.to_thread(domain_entries, http)
+                if entries == entries_start or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.5)
         finally:
             if beating is not None:
                 beating.cancel()

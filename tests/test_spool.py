@@ -148,12 +148,12 @@ def test_a_shutdown_spill_keeps_sequence_order(tmp_path: Path) -> None:
             pub.submit_host_event(LibvirtDisconnected(host="h", uri="test:///default", reason="x"))
 
     pub._nc = SimpleNamespace(is_connected=True)  # type: ignore[assignment] - no messages sent
-    pub._spooling = True
+    pub.delivery.spooling = True
     submit(30)
     assert [r.sequence for _, r in spool.read(30)] == list(range(1, 31))  # in flight
-    pub._spooling = False  # the spool drained: back to the memory queue
+    pub.delivery.spooling = False  # the spool drained: back to the memory queue
     submit(10)
-    pub._spooling = True  # NATS went away again
+    pub.delivery.spooling = True  # NATS went away again
     submit(10)
     pub.spill()
     spool.close()
