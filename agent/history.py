@@ -12,8 +12,9 @@ from typing import Any, TextIO
 import msgspec
 
 from agent.bus import BusTarget
+from agent.fields import UUID_RE
 from agent.streams import EVENTS_STREAM, OPS_STREAM, read_stream
-from agent.tail import UUID_RE, render
+from agent.tail import render
 
 
 async def stored(nc: Any, stream: str, subject: str, since: datetime | None) -> list[Any]:

@@ -76,10 +76,6 @@ class DomainLocks:
             else:
                 self._locks[domain_uuid] = (lock, users - 1)
 
-    def locked(self, domain_uuid: str) -> bool:
-        entry = self._locks.get(domain_uuid)
-        return entry is not None and entry[0].locked()
-
     def __len__(self) -> int:
         return len(self._locks)
 

@@ -72,10 +72,11 @@ class ReplugReply(msgspec.Struct, frozen=True):
 
 
 R = TypeVar("R")
-VERBS: dict[type[Any], tuple[str, type[Any]]] = {
-    ReserveRequest: ("failover.reserve", ReserveReply),
-    ReleaseRequest: ("failover.release", ReleaseReply),
-    ReplugRequest: ("failover.replug", ReplugReply),
+# The verb each request is sent as (and served under: handlers/failover/__init__.py).
+VERBS: dict[type[Any], str] = {
+    ReserveRequest: "failover.reserve",
+    ReleaseRequest: "failover.release",
+    ReplugRequest: "failover.replug",
 }
 
 
@@ -95,7 +96,7 @@ class Peers:
         return await self._call(host, req, ReplugReply, timeout)
 
     async def _call(self, host: str, req: Any, reply: type[R], timeout: float) -> R:
-        verb = VERBS[type(req)][0]
+        verb = VERBS[type(req)]
         subject = Subjects(self.prefix, host).cmd(f"{verb}.{self.me}")
         msg = await request(self.nc, host, subject, msgspec.json.encode(req), timeout)
         try:

@@ -157,16 +157,14 @@ class Agent:
         try:
             nc = await self.bus.connect(self._stop)
         except Unavailable:
-            libvirt_up.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await libvirt_up
-            return
-        js = await until_done(
-            lambda: open_jetstream(nc, self.settings, self.streams),
-            transient=JETSTREAM_UNANSWERED, stop=self._stop, backoff=Backoff(1.0, 10.0),
-            what="JetStream not answering; libvirt's events spooled",
-        )  # fmt: skip
-        if js is None:  # stopped before JetStream answered
+            js = None
+        else:
+            js = await until_done(
+                lambda: open_jetstream(nc, self.settings, self.streams),
+                transient=JETSTREAM_UNANSWERED, stop=self._stop, backoff=Backoff(1.0, 10.0),
+                what="JetStream not answering; libvirt's events spooled",
+            )  # fmt: skip
+        if js is None:  # stopped before NATS, or JetStream, answered
             libvirt_up.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await libvirt_up

@@ -17,8 +17,7 @@ from nats.aio.msg import Msg
 
 from agent.bus import BusTarget, subscribed
 from agent.envelope import Subjects
-
-UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
+from agent.fields import UUID_RE
 
 
 def subjects_for(prefix: str, host: str | None, domain: str | None, etype: str | None) -> list[str]:

@@ -23,6 +23,7 @@ rollback and its recovery after a restart), destination.py (the verbs a source c
 
 from __future__ import annotations
 
+from agent.peers import VERBS as PEER_VERBS
 from agent.peers import ReleaseRequest, ReplugRequest, ReserveRequest
 from handlers import Verb
 from handlers.failover.destination import release, replug, reserve
@@ -39,7 +40,7 @@ VERBS = [
         mutating=True,
         recover=recovery,
     ),
-    Verb("failover.reserve", ReserveRequest, reserve, mutating=True, peer=True),
-    Verb("failover.release", ReleaseRequest, release, mutating=True, peer=True),
-    Verb("failover.replug", ReplugRequest, replug, mutating=True, peer=True),
+    Verb(PEER_VERBS[ReserveRequest], ReserveRequest, reserve, mutating=True, peer=True),
+    Verb(PEER_VERBS[ReleaseRequest], ReleaseRequest, release, mutating=True, peer=True),
+    Verb(PEER_VERBS[ReplugRequest], ReplugRequest, replug, mutating=True, peer=True),
 ]
