@@ -18,6 +18,7 @@ import libvirt_qemu
 from agent.errors import AgentError, InvalidRequest, LibvirtFailure, NotFound, Timeout
 from agent.events import DomainEvent
 from agent.hypervisor import Hypervisor
+from agent.nicxml import pci_address
 from agent.settings import DeviceSettings
 
 
@@ -136,11 +137,7 @@ def pci_sources(domain_xml: str) -> set[str]:
         *root.iterfind("devices/interface[@type='hostdev']/source/address[@type='pci']"),
         *root.iterfind("devices/hostdev[@type='pci']/source/address"),
     ]
-    out = set()
-    for a in found:
-        parts = [int(a.get(k, "0"), 16) for k in ("domain", "bus", "slot", "function")]
-        out.add("{:04x}:{:02x}:{:02x}.{:x}".format(*parts))
-    return out
+    return {pci_address(a) for a in found}
 
 
 async def failover_negotiated(hv: Hypervisor, dom: Any, standby: str) -> tuple[bool | None, str]:
@@ -171,6 +168,28 @@ async def failover_negotiated(hv: Hypervisor, dom: Any, standby: str) -> tuple[b
     driver_ok = "DRIVER_OK" in json.dumps(status.get("status") or [])
     why = "its virtio driver runs without it" if driver_ok else "its virtio driver never bound"
     return False, f"QEMU: the guest did not negotiate VIRTIO_NET_F_STANDBY on {standby!r} ({why})"
+
+
+async def qemu_has_device(hv: Hypervisor, dom: Any, alias: str) -> tuple[bool | None, str]:
+    """Whether QEMU itself has the device `alias` (libvirt's live XML keeps a failover
+    primary whatever QEMU did with it: libvirt 9.0 handles neither UNPLUG_PRIMARY nor
+    FAILOVER_NEGOTIATED). Asked through the QEMU monitor passthrough, as the guest check is
+    (the domain is marked tainted `custom-monitor`); None when it cannot be told."""
+
+    def query() -> str:
+        cmd = {"execute": "qom-list", "arguments": {"path": "/machine/peripheral"}}
+        return str(libvirt_qemu.qemuMonitorCommand(dom, json.dumps(cmd), 0))
+
+    try:
+        reply = json.loads(await hv.call(query))
+    except AgentError as exc:
+        return None, f"QEMU could not be asked: {exc.message}"
+    except ValueError:
+        return None, "QEMU's answer was not JSON"
+    names = {p.get("name") for p in reply.get("return") or [] if isinstance(p, dict)}
+    if alias in names:
+        return True, f"QEMU has {alias!r}"
+    return False, f"QEMU has no device {alias!r} (libvirt still lists it)"
 
 
 class RemovalFailed(LibvirtFailure):

@@ -32,10 +32,11 @@ import msgspec
 import structlog
 
 from agent.backoff import Backoff
-from agent.devices import device_element, pci_sources, plug
+from agent.devices import device_element, plug, qemu_has_device
 from agent.errors import AgentError, NotFound, Unsupported
 from agent.hypervisor import Hypervisor
 from agent.metrics import Metrics
+from agent.operations import Reservation
 from agent.pool import Pool
 from agent.settings import FailoverSettings
 
@@ -60,6 +61,9 @@ class Record(msgspec.Struct, frozen=True, kw_only=True):
     state: str
     since: float
     device: str  # the primary's definition, as recorded at unplug
+    # What the source's live definition had from its hostdev network (<carry managed=...>
+    # with <vlan>/<virtualport>), for a destination that plugs another kind of port.
+    carry: str = ""
 
 
 def record_to_xml(r: Record) -> str:
@@ -68,6 +72,8 @@ def record_to_xml(r: Record) -> str:
         el.set(k, getattr(r, k))
     el.set("since", repr(r.since))
     ET.SubElement(el, "device").text = r.device
+    if r.carry:
+        ET.SubElement(el, "carry").text = r.carry
     return ET.tostring(el, encoding="unicode")
 
 
@@ -78,6 +84,7 @@ def record_from_xml(xml: str) -> Record:
                                       "mode", "state")},
         since=float(el.get("since", "0")),
         device=el.findtext("device", ""),
+        carry=el.findtext("carry", ""),
     )  # fmt: skip
 
 
@@ -121,14 +128,18 @@ class Outcome(msgspec.Struct, frozen=True):
 
 
 def _same_nic(a: str, b: str) -> bool:
-    """Same kind of NIC on the same host resource (type, source, model)."""
+    """Same kind of NIC on the same host resource (element, type, source, model), however
+    the two documents are indented."""
 
     def key(xml: str) -> tuple[str, ...]:
         el = ET.fromstring(xml)  # noqa: S314 - libvirt's or the agent's own XML
-        parts = [el.get("type", "")]
+        parts = [el.tag, el.get("type", "")]
         for tag in ("source", "model"):
             sub = el.find(tag)
-            parts.append(ET.tostring(sub, encoding="unicode").strip() if sub is not None else "")
+            parts.append(
+                ET.canonicalize(ET.tostring(sub, encoding="unicode"), strip_text=True)
+                if sub is not None else ""
+            )  # fmt: skip
         return tuple(parts)
 
     return key(a) == key(b)
@@ -205,35 +216,45 @@ class Reconciler:
                 return Outcome(Settled.WAITING, rec.alias, why)
             live = await hv.call(dom.XMLDesc, 0)
             attached = device_element(live, rec.alias)
+            moved_in = rec.source != self.host
             if attached is not None:
                 young = time.time() - rec.since < self.settings.unplug_grace_s
                 if rec.state == UNPLUGGING and not unplug_done and young:
                     return Outcome(Settled.WAITING, rec.alias, "an unplug may still be in flight")
+                if moved_in and rec.mode == "qemu":
+                    # libvirt lists the primary whatever QEMU did with it: QEMU is asked.
+                    present, how = await qemu_has_device(hv, dom, rec.alias)
+                    if not present:
+                        return Outcome(Settled.WAITING, rec.alias,
+                                       f"QEMU has not plugged the primary back: {how}")  # fmt: skip
                 res = self.pool.for_operation(rec.operation)
-                if rec.source != self.host and res is not None:
+                if moved_in and res is not None:
                     # Plugged here by an earlier attempt whose DEVICE_ADDED came late.
-                    await self._sync_config(dom, self.pool.definition(res.resource, rec.device),
-                                            rec.alias)  # fmt: skip
+                    await self._sync_config(dom, self._definition(res, rec), rec.alias)
                 await clear_record(hv, dom)
-                self._consume(rec)
+                if res is not None:
+                    await self.pool.release(res.id)
                 return Outcome(Settled.ATTACHED, rec.alias)
-            xml = rec.device
-            if rec.source != self.host:
-                res = self.pool.for_operation(rec.operation) or self.pool.reserve(
-                    rec.operation, uuid, await self.pci_in_use()
-                )
-                xml = self.pool.definition(res.resource, rec.device)
             log.info("plugging owed primary", domain=uuid, alias=rec.alias,
                      operation=rec.operation, source=rec.source)  # fmt: skip
-            added = await plug(hv, dom, xml, rec.alias, self.plug_timeout_s)
+            if not moved_in:
+                added = await plug(hv, dom, rec.device, rec.alias, self.plug_timeout_s)
+                xml = rec.device
+            else:
+                res = await self.pool.take(rec.operation, uuid, rec.device)
+                xml = self._definition(res, rec)
+                async with self.pool.plugging(res):
+                    added = await plug(hv, dom, xml, rec.alias, self.plug_timeout_s)
             self.plugged_at[rec.operation] = added.time_ns
             while len(self.plugged_at) > PLUGGED_KEPT:
                 self.plugged_at.popitem(last=False)
             await self._sync_config(dom, xml, rec.alias)
             await clear_record(hv, dom)
-            self._consume(rec)
             self.metrics.replugs.labels("plugged").inc()
             return Outcome(Settled.PLUGGED, rec.alias)
+
+    def _definition(self, res: Reservation, rec: Record) -> str:
+        return self.pool.definition(res.resource, rec.device, rec.mac, rec.carry)
 
     async def _not_now(self, dom: Any, uuid: str, owner: str | None) -> str:
         holder = self.busy(uuid)
@@ -244,16 +265,15 @@ class Reconciler:
             return NOT_RUNNING
         try:
             job = await self.hv.call(dom.jobInfo)
-        except Unsupported:
+        except Unsupported as exc:
+            if exc.details.get("libvirt_code") == libvirt.VIR_ERR_OPERATION_UNSUPPORTED:
+                # libvirt's qemu driver on an incoming migration: "statistics are available
+                # only on the source host" - a job runs.
+                return "an incoming migration is running"
             return ""  # a driver without jobs (libvirt's test driver) runs no migration either
         if job[0] != libvirt.VIR_DOMAIN_JOB_NONE:
             return "a job is active"
         return ""
-
-    def _consume(self, rec: Record) -> None:
-        res = self.pool.for_operation(rec.operation)
-        if res is not None:
-            self.pool.release(res.id)
 
     async def _sync_config(self, dom: Any, xml: str, alias: str) -> None:
         """The persistent definition keeps the primary all along (the live unplug leaves it);
@@ -264,6 +284,9 @@ class Reconciler:
         inactive = await hv.call(dom.XMLDesc, libvirt.VIR_DOMAIN_XML_INACTIVE)
         cur = device_element(inactive, alias)
         if cur is None:
+            # Migrated here with the primary left out of its definition (the source did not
+            # know what this host would plug): the plugged one is defined now.
+            await hv.call(dom.attachDeviceFlags, xml, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
             return
         cur_xml = ET.tostring(cur, encoding="unicode")
         if _same_nic(cur_xml, xml):
@@ -281,22 +304,6 @@ class Reconciler:
 
         await hv.call(replace)
 
-    async def pci_in_use(self) -> set[str]:
-        """PCI addresses of host devices that any domain holds: running ones (live XML) and
-        every persistent definition (a stopped domain takes its VF back when it starts)."""
-
-        def scan(conn: Any) -> set[str]:
-            out: set[str] = set()
-            for d in conn.listAllDomains(0):
-                with contextlib.suppress(libvirt.libvirtError):  # gone meanwhile
-                    if d.isActive():
-                        out |= pci_sources(d.XMLDesc(0))
-                    if d.isPersistent():
-                        out |= pci_sources(d.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
-            return out
-
-        return await self.hv.call(scan, self.hv.conn)
-
     async def _settle_counted(self, dom: Any, now: float) -> bool:
         """Settle one domain with per-domain back-off; whether it is still owed a primary."""
         uuid = dom.UUIDString()
@@ -306,24 +313,30 @@ class Reconciler:
         self.metrics.reconcile_checks.inc()
         try:
             out = await self.settle(dom)
-        except NotFound:
-            self._forget(uuid)  # gone meanwhile: nothing is owed here any more
-            return False
+        except NotFound as exc:
+            if exc.details.get("libvirt_code") == libvirt.VIR_ERR_NO_DOMAIN:
+                self._forget(uuid)  # gone meanwhile: nothing is owed here any more
+                return False
+            return self._failed(uuid, backoff, now, exc)  # a network, a template...: owed
         except Exception as exc:  # noqa: BLE001 - one domain's failure must not stop the pass
-            backoff = backoff or Backoff(1.0, 60.0)
-            delay = backoff.next()
-            self._retry_at[uuid] = (now + delay, backoff)
-            self.metrics.replugs.labels("failed").inc()
-            log.warning("could not settle owed primary", domain=uuid,
-                        error=getattr(exc, "message", None) or repr(exc),
-                        retry_in_s=round(delay, 1))  # fmt: skip
-            return True
+            return self._failed(uuid, backoff, now, exc)
         self._retry_at.pop(uuid, None)
         if out.settled is Settled.WAITING and out.why == NOT_RUNNING:
             self._paused_owed.add(uuid)
         else:
             self._paused_owed.discard(uuid)
         return out.settled is Settled.WAITING
+
+    def _failed(self, uuid: str, backoff: Backoff | None, now: float, exc: Exception) -> bool:
+        """A settle that failed: counted, logged, tried again after a back-off; still owed."""
+        backoff = backoff or Backoff(1.0, 60.0)
+        delay = backoff.next()
+        self._retry_at[uuid] = (now + delay, backoff)
+        self.metrics.replugs.labels("failed").inc()
+        log.warning("could not settle owed primary", domain=uuid,
+                    error=getattr(exc, "message", None) or repr(exc),
+                    retry_in_s=round(delay, 1))  # fmt: skip
+        return True
 
     async def pass_once(self) -> int:
         """Settle every running domain; the number still owed a primary."""

@@ -22,3 +22,7 @@ TemplateName = Alias
 # The longest lease a source may ask a destination to hold a primary for (a day); the
 # destination caps it further (failover.max_lease_s).
 MAX_LEASE_S = 86_400
+Mac = Annotated[str, Meta(pattern=r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")]
+# A device definition one agent recorded and another reads (never plugged as it is on
+# another host: agent/pool.py keeps only what is not the source host's).
+DeviceXml = Annotated[str, Meta(min_length=1, max_length=65_536)]

@@ -73,7 +73,8 @@ class Fleet:
         )  # fmt: skip
         reconciler = Reconciler(
             host.hypervisor, host.host, settings.failover,
-            Pool(settings.failover, settings.devices, journal), host.metrics, host.lock,
+            Pool(settings.failover, settings.devices, journal, host.hypervisor, host.metrics),
+            host.metrics, host.lock,
             operations.holder, settings.devices.detach_timeout_s,
         )  # fmt: skip
         return cls(

@@ -175,6 +175,12 @@ class Metrics:
         self.reservations = Gauge(
             f"{NS}_failover_reservations", "Unexpired primary-NIC reservations", registry=r
         )
+        self.vfs = Gauge(
+            f"{NS}_failover_vfs",
+            "VFs of this host's primary pool, by state (in use as of the last scan)",
+            ["state"],
+            registry=r,
+        )
 
     @staticmethod
     def track(gauge: Gauge, fn: Callable[[], float]) -> None:

@@ -49,6 +49,10 @@ class Reservation(msgspec.Struct, frozen=True, kw_only=True):
     expires: float
     # The host that asked for it (contract v1.1); empty: a v1 caller, not authenticated.
     caller: str = ""
+    # "reserved" (the lease runs) or "plugging" (libvirt is attaching it: no expiry).
+    state: str = "reserved"
+    vf: str = ""  # the VF it holds (PCI address), if it holds one
+    network: str = ""  # the hostdev network it takes a port of, if any
 
 
 Publish = Callable[[str, OpEvent], object]
@@ -104,9 +108,19 @@ class Journal:
             "CREATE TABLE IF NOT EXISTS requests (caller TEXT, verb TEXT, request_id TEXT,"
             " digest TEXT, reply BLOB, at REAL, PRIMARY KEY (caller, verb, request_id))"
         )
+        self.db.execute(
+            "CREATE TABLE IF NOT EXISTS quarantine (vf TEXT PRIMARY KEY, reason TEXT, since REAL)"
+        )
         columns = {r[1] for r in self.db.execute("PRAGMA table_info(reservations)")}
-        if "caller" not in columns:  # a journal of a release before callers were known
-            self.db.execute("ALTER TABLE reservations ADD COLUMN caller TEXT NOT NULL DEFAULT ''")
+        # Journals of earlier releases lack the newer columns.
+        for column, default in (("caller", "''"), ("state", "'reserved'"), ("vf", "''"),
+                                ("network", "''")):  # fmt: skip
+            if column not in columns:
+                self.db.execute(f"ALTER TABLE reservations ADD COLUMN {column} TEXT NOT NULL"
+                                f" DEFAULT {default}")  # fmt: skip
+        if "vf" not in columns:  # a pci: reservation of an earlier release holds its address
+            self.db.execute("UPDATE reservations SET vf = substr(resource, 5)"
+                            " WHERE resource LIKE 'pci:%'")  # fmt: skip
 
     def request_outcome(self, key: tuple[str, str, str], since: float) -> tuple[str, bytes] | None:
         """(digest, reply) of a request answered at or after `since`."""
@@ -129,20 +143,53 @@ class Journal:
     # Reservations of primary NICs for migrated-in domains (agent/pool.py), with a lease.
     def add_reservation(self, r: Reservation) -> None:
         self.db.execute(
-            "INSERT OR REPLACE INTO reservations (id, operation, domain, resource, expires, caller)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (r.id, r.operation, r.domain, r.resource, r.expires, r.caller),
-        )
+            "INSERT OR REPLACE INTO reservations (id, operation, domain, resource, expires, caller,"
+            " state, vf, network) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (r.id, r.operation, r.domain, r.resource, r.expires, r.caller, r.state, r.vf,
+             r.network),
+        )  # fmt: skip
 
     def reservations(self, now: float) -> list[Reservation]:
-        """Every unexpired reservation (expired ones are deleted on the way)."""
-        self.db.execute("DELETE FROM reservations WHERE expires < ?", (now,))
+        """Every live reservation: plugging ones, and reserved ones whose lease has not ended
+        (those are deleted on the way)."""
+        self.db.execute("DELETE FROM reservations WHERE expires < ? AND state = 'reserved'", (now,))
         rows = self.db.execute(
-            "SELECT id, operation, domain, resource, expires, caller FROM reservations"
-            " ORDER BY expires"
+            "SELECT id, operation, domain, resource, expires, caller, state, vf, network"
+            " FROM reservations ORDER BY expires"
         ).fetchall()
         return [Reservation(id=r[0], operation=r[1], domain=r[2], resource=r[3], expires=r[4],
-                            caller=r[5]) for r in rows]  # fmt: skip
+                            caller=r[5], state=r[6], vf=r[7], network=r[8])
+                for r in rows]  # fmt: skip
+
+    def set_reservation_state(
+        self, reservation_id: str, state: str, expires: float | None = None
+    ) -> Reservation | None:
+        """Move a live reservation to `state` (and a new lease end); None if it is gone."""
+        if not any(r.id == reservation_id for r in self.reservations(time.time())):
+            return None
+        self.db.execute(
+            "UPDATE reservations SET state = ?, expires = coalesce(?, expires) WHERE id = ?",
+            (state, expires, reservation_id),
+        )
+        return next(r for r in self.reservations(time.time()) if r.id == reservation_id)
+
+    def requeue_plugging(self, expires: float) -> None:
+        """At start: plugs the previous process did not finish hold their reservation again."""
+        self.db.execute(
+            "UPDATE reservations SET state = 'reserved', expires = max(expires, ?)"
+            " WHERE state = 'plugging'",
+            (expires,),
+        )
+
+    def quarantine(self, vf: str, reason: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO quarantine VALUES (?, ?, ?)",
+                        (vf, reason, time.time()))  # fmt: skip
+
+    def quarantined(self) -> dict[str, str]:
+        return dict(self.db.execute("SELECT vf, reason FROM quarantine").fetchall())
+
+    def unquarantine(self, vf: str) -> bool:
+        return self.db.execute("DELETE FROM quarantine WHERE vf = ?", (vf,)).rowcount > 0
 
     def drop_reservation(self, reservation_id: str) -> bool:
         cur = self.db.execute("DELETE FROM reservations WHERE id = ?", (reservation_id,))
@@ -210,7 +257,7 @@ class Journal:
     def sizes(self) -> dict[str, int]:
         return {
             t: self.db.execute(f"SELECT count(*) FROM {t}").fetchone()[0]  # noqa: S608 - fixed names
-            for t in ("operations", "devices", "reservations", "requests")
+            for t in ("operations", "devices", "reservations", "requests", "quarantine")
         }
 
     def close(self) -> None:
@@ -275,6 +322,18 @@ class Progress:
     def note(self, **detail: Any) -> None:
         """Add to the current step's record (what the step found out)."""
         self.op.steps[-1].update(detail)
+        self._m.record(self.op)
+
+    def record(self, step: dict[str, Any]) -> None:
+        """Begin a step given as its whole record (`{"step": name, ...}`: a typed step's
+        form)."""
+        detail = dict(step)
+        self.step(detail.pop("step"), **detail)
+
+    def amend(self, step: dict[str, Any]) -> None:
+        """Replace the current step's record (same step; its duration is kept)."""
+        duration = self.op.steps[-1].get("duration_s")
+        self.op.steps[-1] = {**step, **({"duration_s": duration} if duration is not None else {})}
         self._m.record(self.op)
 
     def update(self, **progress: Any) -> None:

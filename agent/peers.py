@@ -17,7 +17,7 @@ from nats.aio.client import Client as NATS
 from agent.bus import request
 from agent.envelope import Subjects
 from agent.errors import AgentError, NotFound, from_reply
-from agent.fields import MAX_LEASE_S, Alias, DomainUUID, HostId, OpId, RequestId
+from agent.fields import MAX_LEASE_S, Alias, DeviceXml, DomainUUID, HostId, Mac, OpId, RequestId
 
 # ---------------------------------------------------------------- the agent-to-agent verbs
 
@@ -33,6 +33,13 @@ class ReserveRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # lease is at least this.
     lease_s: Annotated[float, Meta(ge=0, le=MAX_LEASE_S)] = 0.0
     request_id: RequestId | None = None
+    # The primary as the source recorded it, the MAC it must carry (a plain <hostdev> has
+    # none: the standby's) and what its hostdev network gave it (agent/failover.py Record):
+    # with them the reply says what this host will plug, for the definition the domain
+    # arrives with.
+    device: DeviceXml | None = None
+    mac: Mac | None = None
+    carry: DeviceXml | None = None
 
 
 class ReserveReply(msgspec.Struct, frozen=True):
@@ -40,6 +47,8 @@ class ReserveReply(msgspec.Struct, frozen=True):
     resource: str
     pool: str
     expires_in_s: float
+    # The device this host will plug (when the request gave the recorded one).
+    definition: str | None = None
 
 
 class ReleaseRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

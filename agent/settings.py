@@ -10,6 +10,7 @@ import os
 import re
 import socket
 import tomllib
+import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -18,6 +19,7 @@ import msgspec
 from msgspec import Meta, Struct
 
 from agent.errors import SettingsError
+from agent.nicxml import check_template
 
 ENV_PREFIX = "VIRT_AGENT_"
 # Environment variables that are about finding the settings, not settings themselves.
@@ -186,6 +188,13 @@ class FailoverSettings(_Section, frozen=True, kw_only=True, forbid_unknown_field
     # standby, and refuse if it did not (unless forced): `monitor` uses libvirt's QEMU monitor
     # passthrough, which marks the domain tainted `custom-monitor`; `off` does not look.
     guest_check: Literal["monitor", "off"] = "monitor"
+
+    def __post_init__(self) -> None:
+        # One spelling of a VF address everywhere (libvirt's definitions are read lower case):
+        # 0000:3B:02.1 and 0000:3b:02.1 are one VF, listed once.
+        msgspec.structs.force_setattr(
+            self, "pool_pci", list(dict.fromkeys(a.strip().lower() for a in self.pool_pci))
+        )
 
 
 class HttpSettings(_Section, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -446,3 +455,11 @@ def _validate_failover(s: Settings, bad: Callable[[str, Any, str], SettingsError
     for addr in s.failover.pool_pci:
         if not PCI_RE.match(addr):
             raise bad("failover.pool_pci", addr, "expected a PCI address like 0000:3b:02.0")
+    if s.failover.pool_template:
+        path = s.devices.templates[s.failover.pool_template]
+        try:
+            why = check_template(Path(path).read_text())
+        except (OSError, ET.ParseError) as exc:
+            why = f"its file {path} cannot be read as XML ({exc})"
+        if why:
+            raise bad("failover.pool_template", s.failover.pool_template, why)

@@ -126,10 +126,10 @@ class Verb:
 
 
 def all_verbs() -> dict[str, Verb]:
-    from handlers import devices, domain, failover, migration, operations, system  # noqa: PLC0415
+    from handlers import devices, domain, failover, migration, operations, pool, system  # noqa: PLC0415
 
     verbs: list[Verb] = [
         *system.VERBS, *domain.VERBS, *devices.VERBS, *migration.VERBS, *failover.VERBS,
-        *operations.VERBS,
+        *pool.VERBS, *operations.VERBS,
     ]  # fmt: skip
     return {v.name: v for v in verbs}

@@ -22,12 +22,8 @@ from agent.registry import Registration
 from handlers import Context, Verb
 from handlers.domain import find_domain
 
-MIGRATE_FLAGS = (
-    libvirt.VIR_MIGRATE_LIVE
-    | libvirt.VIR_MIGRATE_PEER2PEER
-    | libvirt.VIR_MIGRATE_PERSIST_DEST
-    | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
-)
+MIGRATE_FLAGS = libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER
+PERSISTENT_FLAGS = libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
 POLL_S = 0.5
 # Iterations without progress in data_remaining before post-copy (when allowed) is started.
 STALL_ITERATIONS = 5
@@ -100,16 +96,32 @@ def _stats(dom: Any) -> dict[str, Any]:
     }
 
 
-async def run_migration(ctx: Context, p: Progress, dom: Any, dest_uri: str, req: MigrateRequest,
-                        migration_uri: str = "") -> dict[str, Any]:  # fmt: skip
-    """The migration itself, reporting progress; aborts the job on timeout or cancellation."""
-    hv = ctx.hypervisor
+def migration_call(
+    req: MigrateRequest, migration_uri: str, persistent: bool, persist_xml: str | None
+) -> tuple[dict[str, Any], int]:
+    """migrateToURI3's parameters and flags."""
     params: dict[str, Any] = {}
     if req.bandwidth_mib_s:
         params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = req.bandwidth_mib_s
     if migration_uri:
         params[libvirt.VIR_MIGRATE_PARAM_URI] = migration_uri
     flags = MIGRATE_FLAGS | (libvirt.VIR_MIGRATE_POSTCOPY if req.postcopy else 0)
+    if persistent:
+        flags |= PERSISTENT_FLAGS
+        if persist_xml is not None:
+            params[libvirt.VIR_MIGRATE_PARAM_PERSIST_XML] = persist_xml
+    return params, flags
+
+
+async def run_migration(ctx: Context, p: Progress, dom: Any, dest_uri: str, req: MigrateRequest,
+                        migration_uri: str = "", persist_xml: str | None = None,
+                        ) -> dict[str, Any]:  # fmt: skip
+    """The migration itself, reporting progress; aborts the job on timeout or cancellation.
+    A persistent domain arrives persistent (with `persist_xml` as its definition when given)
+    and leaves no definition here; a transient one stays transient."""
+    hv = ctx.hypervisor
+    params, flags = migration_call(req, migration_uri, await hv.call(dom.isPersistent),
+                                   persist_xml)  # fmt: skip
     downtime = await hv.call(dom.migrateGetMaxDowntime, 0)
     if req.max_downtime_ms and req.max_downtime_ms < downtime:
         downtime = req.max_downtime_ms
@@ -160,12 +172,14 @@ async def run_migration(ctx: Context, p: Progress, dom: Any, dest_uri: str, req:
 
 
 async def migrate_and_locate(
-    ctx: Context, p: Progress, dom: Any, dest: Registration, req: MigrateRequest
-) -> dict[str, Any]:
+    ctx: Context, p: Progress, dom: Any, dest: Registration, req: MigrateRequest,
+    persist_xml: str | None = None,
+) -> dict[str, Any]:  # fmt: skip
     """The migration, judged by where the domain runs afterwards (both libvirts), not by what
     the call said: an error after which the domain runs on the destination is a migration."""
     try:
-        return await run_migration(ctx, p, dom, dest.libvirt_uri, req, dest.migration_uri)
+        return await run_migration(ctx, p, dom, dest.libvirt_uri, req, dest.migration_uri,
+                                   persist_xml)  # fmt: skip
     except AgentError as exc:
         if await ctx.hypervisor.where_is(dom.UUIDString(), dest.libvirt_uri) != "destination":
             raise

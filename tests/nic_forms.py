@@ -39,13 +39,17 @@ E1000E_PRIMARY = f"""<interface type='bridge'>
 </interface>"""
 
 # What a real fleet configures beside the VF and the agent must carry to the destination:
-# the VLAN, the port profile, the VFIO driver, no option ROM, the link state.
-_CARRIED = """
-  <vlan><tag id='42'/></vlan>
-  <virtualport type='802.1Qbh'><parameters profileid='finance'/></virtualport>
+# the VLAN (or, instead, an 802.1Qbh port profile: libvirt refuses the two together on a
+# hostdev interface), the VFIO driver, no option ROM, the link state.
+_CARRIED_TAIL = """
   <driver name='vfio'/>
   <rom bar='off'/>
   <link state='up'/>"""
+_CARRIED = "\n  <vlan><tag id='42'/></vlan>" + _CARRIED_TAIL
+_CARRIED_QBH = (
+    "\n  <virtualport type='802.1Qbh'><parameters profileid='finance'/></virtualport>"
+    + _CARRIED_TAIL
+)
 
 _TEAMING = f"<teaming type='transient' persistent='{STANDBY_ALIAS}'/>"
 _PCI = "domain='{}' bus='{}' slot='{}' function='{}'".format(*VF)
@@ -67,6 +71,9 @@ HOSTDEV_INTERFACE = f"""<interface type='hostdev' managed='yes'>
   {_TEAMING}
   <alias name='{PRIMARY_ALIAS}'/>
 </interface>"""
+
+# Form A with a port profile (net-hostdev-vfio.xml's 802.1Qbh virtualport) instead of a VLAN.
+HOSTDEV_INTERFACE_QBH = HOSTDEV_INTERFACE.replace(_CARRIED, _CARRIED_QBH)
 
 # Form B (net-virtio-teaming-network.xml): a port of a libvirt network with
 # <forward mode='hostdev'>; the destination's libvirt picks a VF from its network of that name.
@@ -103,6 +110,8 @@ PLAIN_HOSTDEV = f"""<hostdev mode='subsystem' type='pci' managed='yes'>
 FORMS = [
     Form("hostdev-interface", "<interface type='hostdev'> with <teaming type='transient'>",
          HOSTDEV_INTERFACE, HOSTDEV_INTERFACE, needs_pool=True),
+    Form("hostdev-interface-qbh", "<interface type='hostdev'> with an 802.1Qbh port profile",
+         HOSTDEV_INTERFACE_QBH, HOSTDEV_INTERFACE_QBH, needs_pool=True),
     Form("hostdev-network", "<interface type='network'> on a <forward mode='hostdev'> network",
          NETWORK_INACTIVE, NETWORK_LIVE, needs_pool=False),
     Form("plain-hostdev", "<hostdev mode='subsystem' type='pci'> with <teaming>",

@@ -10,11 +10,12 @@ during a rolling upgrade) is taken at its word (`source`)."""
 from __future__ import annotations
 
 import time
+import xml.etree.ElementTree as ET
 
 from agent import crashpoints
 from agent.devices import device_element
 from agent.errors import Forbidden, InvalidRequest
-from agent.failover import read_record
+from agent.failover import Settled, read_record
 from agent.peers import (
     ReleaseReply,
     ReleaseRequest,
@@ -28,19 +29,30 @@ from handlers.domain import find_domain
 
 
 async def reserve(ctx: Context, req: ReserveRequest) -> ReserveReply:
-    reconciler = ctx.reconciler
     caller = CALLER.get()
     if caller is not None and req.source != caller:
         raise Forbidden(f"host {caller!r} cannot reserve on behalf of {req.source!r}",
                         source=req.source)  # fmt: skip
     if req.source == ctx.host:
         raise InvalidRequest("a host cannot reserve a primary for itself", source=req.source)
-    pool = reconciler.pool
-    r = pool.reserve(req.operation_id, req.domain, await reconciler.pci_in_use(),
-                     req.lease_s, caller or "")  # fmt: skip
+    pool = ctx.reconciler.pool
+    definition = None
+    if req.device is not None:
+        try:
+            ET.fromstring(req.device)  # noqa: S314 - only parsed; see agent/pool.py
+            if req.carry:
+                ET.fromstring(req.carry)  # noqa: S314
+        except ET.ParseError as exc:
+            raise InvalidRequest(f"device is not XML: {exc}") from None
+        if pool.kind == "recorded":
+            pool.definition("recorded", req.device)  # refused if it names the source's VF
+    r = await pool.reserve(req.operation_id, req.domain, req.lease_s, caller or "", req.device)
+    if req.device is not None:
+        definition = pool.definition(r.resource, req.device, req.mac or "", req.carry or "")
     crashpoints.reached("dest.reserve")
     return ReserveReply(reservation_id=r.id, resource=r.resource, pool=pool.kind,
-                        expires_in_s=round(r.expires - time.time(), 1))  # fmt: skip
+                        expires_in_s=round(r.expires - time.time(), 1),
+                        definition=definition)  # fmt: skip
 
 
 async def release(ctx: Context, req: ReleaseRequest) -> ReleaseReply:
@@ -49,13 +61,16 @@ async def release(ctx: Context, req: ReleaseRequest) -> ReleaseReply:
         raise InvalidRequest("give either reservation_id or operation_id")
     if req.reservation_id is not None:
         found = pool.get(req.reservation_id)
-    else:
-        assert req.operation_id is not None
-        found = pool.for_operation(req.operation_id)
-    if found is None:
-        return ReleaseReply(released=False)
-    pool.check_caller(found, CALLER.get() or "")
-    return ReleaseReply(released=pool.release(found.id))
+        if found is None:
+            return ReleaseReply(released=False)
+        pool.check_caller(found, CALLER.get() or "")
+        return ReleaseReply(released=await pool.release(found.id))
+    assert req.operation_id is not None
+    found = pool.for_operation(req.operation_id)
+    if found is not None:
+        pool.check_caller(found, CALLER.get() or "")
+    # Also when its reserve is still running or has not arrived: it is refused then.
+    return ReleaseReply(released=await pool.release_operation(req.operation_id))
 
 
 async def replug(ctx: Context, req: ReplugRequest) -> ReplugReply:
@@ -73,6 +88,8 @@ async def replug(ctx: Context, req: ReplugRequest) -> ReplugReply:
             )
     out = await reconciler.settle(dom)
     live = await ctx.hypervisor.call(dom.XMLDesc, 0)
-    return ReplugReply(settled=out.settled.value, why=out.why,
-                       attached=device_element(live, req.alias) is not None,
+    # Attached: libvirt lists it and nothing is owed any more (in mode qemu libvirt lists it
+    # whatever QEMU did; the settle asked QEMU).
+    attached = out.settled is not Settled.WAITING and device_element(live, req.alias) is not None
+    return ReplugReply(settled=out.settled.value, why=out.why, attached=attached,
                        plugged_at_ns=reconciler.plugged_at.get(req.operation_id or ""))  # fmt: skip

@@ -10,7 +10,14 @@ import libvirt
 import msgspec
 from msgspec import Meta
 
-from agent.devices import USER_ALIAS_PREFIX, Nic, device_xml, failover_negotiated, interfaces
+from agent.devices import (
+    USER_ALIAS_PREFIX,
+    Nic,
+    device_element,
+    device_xml,
+    failover_negotiated,
+    interfaces,
+)
 from agent.errors import Conflict, InvalidRequest, NotFound, Unsupported
 from agent.fields import MAX_LEASE_S, Alias, DomainName, HostId, RequestId
 from agent.registry import Registration
@@ -41,11 +48,13 @@ class Plan(msgspec.Struct, frozen=True, kw_only=True):
     mode: str
     primary: str
     standby: str | None
-    mac: str
+    mac: str  # the primary's MAC; for a plain <hostdev> (none of its own) the standby's
     destination: str
     device: str  # the primary's definition (inactive form): what is recorded and plugged again
     mode_reason: str = ""
     guest: str = ""  # what is known of the guest's failover bond, and how
+    # What its hostdev network gave the primary in the live definition (agent/failover.py).
+    carry: str = ""
 
 
 def find_pair(nics: list[Nic], primary: str | None) -> tuple[Nic, Nic | None]:
@@ -81,6 +90,16 @@ def find_pair(nics: list[Nic], primary: str | None) -> tuple[Nic, Nic | None]:
             f"<alias name='{USER_ALIAS_PREFIX}primary0'/> in its <{p.element}>), then retry",
             primary=p.alias,
         )
+    others = [n.alias or n.mac or n.type for n in nics if n is not p and (
+        n.teaming == "transient" or n.qemu_pair or n.type == "hostdev")]  # fmt: skip
+    if others:
+        # libvirt would migrate them with this host's VF addresses, past every pool.
+        raise Unsupported(
+            f"the domain has more passthrough NICs than the primary {p.alias!r}: "
+            f"{', '.join(others)}; migrate-with-failover moves one failover pair - detach the "
+            "others first (device.detach), or migrate with them unplugged",
+            primary=p.alias, others=others,
+        )  # fmt: skip
     standby = None
     if p.teaming_peer or p.qemu_pair:
         peer = p.teaming_peer or p.qemu_pair
@@ -98,13 +117,15 @@ def find_pair(nics: list[Nic], primary: str | None) -> tuple[Nic, Nic | None]:
 
 
 def lease_needed(ctx: HostContext, req: FailoverRequest) -> float:
-    """How long the destination must hold the primary: the migration, then the replug."""
-    return req.timeout_s + ctx.failover.replug_timeout_s + LEASE_MARGIN_S
+    """How long the destination must hold the primary: the unplug, the migration, then the
+    replug."""
+    return (ctx.devices.detach_timeout_s + req.timeout_s + ctx.failover.replug_timeout_s
+            + LEASE_MARGIN_S)  # fmt: skip
 
 
 async def make_plan(ctx: HostContext, dom: Any, req: FailoverRequest, dest: Registration) -> Plan:
     if lease_needed(ctx, req) > MAX_LEASE_S:
-        longest = MAX_LEASE_S - ctx.failover.replug_timeout_s - LEASE_MARGIN_S
+        longest = MAX_LEASE_S - (lease_needed(ctx, req) - req.timeout_s)
         raise InvalidRequest(
             f"timeout_s {req.timeout_s} with failover.replug_timeout_s "
             f"{ctx.failover.replug_timeout_s} needs a reservation longer than a destination "
@@ -145,9 +166,27 @@ async def make_plan(ctx: HostContext, dom: Any, req: FailoverRequest, dest: Regi
             primary=p.alias, destination=dest.host,
         )  # fmt: skip
     mode, reason = choose_mode(ctx, req, dest, p, fixed_vf)
+    mac = p.mac or (standby.mac if standby is not None else "")
     return Plan(mode=mode, mode_reason=reason, primary=p.alias,
-                standby=standby.alias if standby else None, mac=p.mac, destination=dest.host,
-                device=device, guest=guest)  # fmt: skip
+                standby=standby.alias if standby else None, mac=mac, destination=dest.host,
+                device=device, guest=guest, carry=network_carry(live, device, p.alias))  # fmt: skip
+
+
+def network_carry(live: str, device: str, alias: str) -> str:
+    """For a port of a hostdev network: what the network gave it, as the live definition
+    shows it (`managed`, `<vlan>`, `<virtualport>`; they live in the network's definition,
+    bridge_driver.c), so that a destination plugging a VF by address keeps them."""
+    if ET.fromstring(device).get("type") != "network":  # noqa: S314 - libvirt's own XML
+        return ""
+    el = device_element(live, alias)
+    if el is None or el.get("type") != "hostdev":
+        return ""
+    carry = ET.Element("carry")
+    if el.get("managed"):
+        carry.set("managed", str(el.get("managed")))
+    for tag in ("vlan", "virtualport"):
+        carry.extend(el.findall(tag))
+    return ET.tostring(carry, encoding="unicode")
 
 
 def choose_mode(

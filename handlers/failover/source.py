@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import xml.etree.ElementTree as ET
 from typing import Any
 
 import libvirt
 import msgspec
+import structlog
 
 from agent import crashpoints
 from agent.backoff import Backoff
@@ -17,14 +19,29 @@ from agent.devices import device_element, unplug
 from agent.envelope import Operation
 from agent.errors import AgentError, Conflict, InvalidRequest, Timeout
 from agent.failover import NS, OWED, UNPLUGGING, Record, Settled, read_record, write_record
+from agent.nicxml import names_vf
 from agent.operations import Progress, uninterruptible
 from agent.peers import ReleaseRequest, ReplugReply, ReplugRequest, ReserveRequest
 from agent.registry import Registration
 from handlers import Context
 from handlers.domain import find_domain
 from handlers.failover.plan import FailoverRequest, Plan, lease_needed, make_plan
+from handlers.failover.steps import (
+    MigrateStep,
+    PlanStep,
+    RecoverStep,
+    ReplugStep,
+    ReserveStep,
+    RollbackStep,
+    Step,
+    UnplugStep,
+    VerifyStep,
+    as_record,
+    read_steps,
+)
 from handlers.migration import MigrateRequest, migrate_and_locate
 
+log = structlog.get_logger("agent.failover.source")
 BEFORE_CHANGE = ("plan", "reserve")  # steps after which nothing on the source has changed yet
 
 
@@ -69,30 +86,53 @@ class Failover:
         self.removed_ns = 0  # when (the event's time on this host)
         self.migrating = False
         self.migrated = False
+        self.current: Step = Step()  # the step under way, as journalled
 
-    async def step(self, p: Progress, name: str, **detail: Any) -> None:
-        crashpoints.reached(name)
-        p.step(name, **detail)
+    async def step(self, p: Progress, step: Step) -> None:
+        crashpoints.reached(as_record(step)["step"])
+        self.current = step
+        p.record(as_record(step))
+
+    def note(self, p: Progress, **detail: Any) -> None:
+        """Add what the current step found out (its typed fields only)."""
+        self.current = msgspec.structs.replace(self.current, **detail)
+        p.amend(as_record(self.current))
 
     async def run(self, p: Progress) -> dict[str, Any]:
         ctx, plan, hv = self.ctx, self.plan, self.ctx.hypervisor
         operations, peers = ctx.operations, ctx.peers
         timeout = ctx.failover.peer_timeout_s
-        await self.step(p, "plan", mode=plan.mode, mode_reason=plan.mode_reason,
-                        primary=plan.primary, standby=plan.standby, mac=plan.mac,
-                        destination=plan.destination, guest=plan.guest)  # fmt: skip
+        await self.step(p, PlanStep(mode=plan.mode, mode_reason=plan.mode_reason,
+                                    primary=plan.primary, standby=plan.standby, mac=plan.mac,
+                                    destination=plan.destination, guest=plan.guest))  # fmt: skip
         try:
-            await self.step(p, "reserve", host=plan.destination)
-            self.reserve_asked = True
-            res = await peers.reserve(plan.destination, ReserveRequest(
-                operation_id=p.op.id, domain=self.uuid, alias=plan.primary, source=ctx.host,
-                lease_s=lease_needed(ctx, self.req),
-            ), timeout)  # fmt: skip
-            self.reservation = res.reservation_id
-            p.note(reservation=self.reservation, resource=res.resource)
+            definition = None
+            if plan.mode == "qemu":
+                # QEMU plugs the primary on the destination itself, from the network of the
+                # same name there: nothing to reserve, and the definition stays.
+                await self.step(
+                    p,
+                    ReserveStep(
+                        host=plan.destination,
+                        skipped="mode qemu: the destination's libvirt gives QEMU a VF of its "
+                        "own network",
+                    ),
+                )
+            else:
+                await self.step(p, ReserveStep(host=plan.destination))
+                self.reserve_asked = True
+                res = await peers.reserve(plan.destination, ReserveRequest(
+                    operation_id=p.op.id, domain=self.uuid, alias=plan.primary, source=ctx.host,
+                    lease_s=lease_needed(ctx, self.req), device=plan.device,
+                    mac=plan.mac or None, carry=plan.carry or None,
+                ), timeout)  # fmt: skip
+                self.reservation = res.reservation_id
+                definition = res.definition
+                self.note(p, reservation=self.reservation, resource=res.resource)
+            persist_xml, listed = await self._destination_definition(definition)
 
-            await self.step(p, "unplug", alias=plan.primary, mode=plan.mode,
-                            reservation=self.reservation)  # fmt: skip
+            await self.step(p, UnplugStep(alias=plan.primary, mode=plan.mode,
+                                          reservation=self.reservation))  # fmt: skip
             await write_record(
                 hv,
                 self.dom,
@@ -103,11 +143,12 @@ class Failover:
                 await self._unplug()
                 await write_record(hv, self.dom, self._record(OWED, p.op.id))
 
-            await self.step(p, "migrate", destination=plan.destination)
+            await self.step(p, MigrateStep(destination=plan.destination,
+                                           persistent_primary=listed))  # fmt: skip
             self.migrating = True
             if plan.mode == "qemu":
                 self.unplugged = True  # QEMU takes the primary out as the migration starts
-            result = await self._migrate(p)
+            result = await self._migrate(p, persist_xml)
             self.migrated = True
         except BaseException as exc:
             # Whatever interrupted it (an error, a cancel, the agent stopping), the domain must
@@ -124,10 +165,10 @@ class Failover:
         out: dict[str, Any] = {"mode": plan.mode, "destination": plan.destination,
                                "primary": plan.primary, "migration": result}  # fmt: skip
         try:
-            await self.step(p, "replug", host=plan.destination)
+            await self.step(p, ReplugStep(host=plan.destination))
             replugged = await replug_on(ctx, plan.destination, self.uuid, plan.primary, p.op.id)
             out["replug"] = msgspec.to_builtins(replugged)
-            await self.step(p, "verify")
+            await self.step(p, VerifyStep())
             await self._verify()
             out.update(self._outage(replugged))
         except asyncio.CancelledError:
@@ -135,7 +176,42 @@ class Failover:
             # primary, which the destination's reconcile loop plugs in any case.
             return {**out, **self._moved_but_owed(p, "cancelled while the destination "
                                                      "plugged the primary")}  # fmt: skip
+        except AgentError as exc:
+            # The VM runs on the destination (contract: `succeeded`), without its primary
+            # for now: the operation says so; the destination's reconcile loop owes it.
+            log.warning("migrated, but the primary is not back on the destination",
+                        destination=plan.destination, error=exc.message)  # fmt: skip
+            return {**out, "primary_owed": True,
+                    "primary_owed_reason": f"{exc.message}; {plan.destination}'s reconcile "
+                                           "loop plugs it"}  # fmt: skip
         return out
+
+    async def _destination_definition(self, definition: str | None) -> tuple[str | None, str]:
+        """The persistent definition the domain arrives with on the destination (libvirt
+        would otherwise copy this host's, with this host's VF address): its primary is the
+        device the destination reserved; without one that names a VF of this host it is left
+        out, and the destination defines what it plugs. None: libvirt's own copy is right (a
+        transient domain, mode qemu, a primary that names no host resource). Also what the
+        definition lists as the primary, for the step's record."""
+        plan, hv = self.plan, self.ctx.hypervisor
+        if self.plan.mode == "qemu" or not await hv.call(self.dom.isPersistent):
+            return None, "as defined here"
+        if definition is None and not names_vf(plan.device):
+            return None, "as defined here"
+        flags = (libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE
+                 | libvirt.VIR_DOMAIN_XML_MIGRATABLE)  # fmt: skip
+        root = ET.fromstring(await hv.call(self.dom.XMLDesc, flags))  # noqa: S314 - libvirt's
+        devices = root.find("devices")
+        assert devices is not None
+        for i, dev in enumerate(list(devices)):
+            alias = dev.find("alias")
+            if alias is not None and alias.get("name") == plan.primary:
+                devices.remove(dev)
+                if definition is not None:
+                    devices.insert(i, ET.fromstring(definition))  # noqa: S314 - an agent's
+                break
+        listed = "the destination's reserved device" if definition else "none: owed"
+        return ET.tostring(root, encoding="unicode"), listed
 
     def _outage(self, replug: ReplugReply) -> dict[str, Any]:
         """How long the guest had no primary: DEVICE_REMOVED here to DEVICE_ADDED there (two
@@ -156,12 +232,16 @@ class Failover:
         task = asyncio.current_task()
         if task is not None:
             task.uncancel()
-        p.note(cancel_ignored=why)
+        if isinstance(self.current, (ReplugStep, VerifyStep)):
+            self.note(p, cancel_ignored=why)
+        else:
+            self.note(p, note=f"cancel ignored: {why}")
         return {"destination": self.plan.destination, "primary": self.plan.primary,
-                "primary_owed": f"{self.plan.destination}'s reconcile loop plugs it",
+                "primary_owed": True,
+                "primary_owed_reason": f"{self.plan.destination}'s reconcile loop plugs it",
                 "cancel_ignored": why}  # fmt: skip
 
-    async def _migrate(self, p: Progress) -> dict[str, Any]:
+    async def _migrate(self, p: Progress, persist_xml: str | None) -> dict[str, Any]:
         """The migration; success means the domain runs on the destination, whatever the
         call or the lifecycle events said."""
         mreq = MigrateRequest(
@@ -169,7 +249,7 @@ class Failover:
             max_downtime_ms=self.req.max_downtime_ms, bandwidth_mib_s=self.req.bandwidth_mib_s,
             postcopy=self.req.postcopy, timeout_s=self.req.timeout_s,
         )  # fmt: skip
-        result = await migrate_and_locate(self.ctx, p, self.dom, self.dest, mreq)
+        result = await migrate_and_locate(self.ctx, p, self.dom, self.dest, mreq, persist_xml)
         where = await self._where()
         if where != "destination":
             raise AgentError(f"after the migration the domain runs on: {where}", where=where)
@@ -178,7 +258,8 @@ class Failover:
     def _record(self, state: str, op_id: str) -> Record:
         return Record(operation=op_id, source=self.ctx.host, destination=self.plan.destination,
                       alias=self.plan.primary, mac=self.plan.mac, mode=self.plan.mode,
-                      state=state, since=time.time(), device=self.plan.device)  # fmt: skip
+                      state=state, since=time.time(), device=self.plan.device,
+                      carry=self.plan.carry)  # fmt: skip
 
     async def _unplug(self) -> None:
         # In flight from the moment the detach may have been sent until libvirt reports the
@@ -204,23 +285,39 @@ class Failover:
             # The migration completed before the error or cancel took effect: the record went
             # with the domain and the destination plugs the primary from its reservation.
             self.migrated = True
-            p.note(migrated_anyway=True, note="the migration completed before it was "
-                   "interrupted; the destination plugs the primary")  # fmt: skip
+            self.note(p, migrated_anyway=True, note="the migration completed before it was "
+                      "interrupted; the destination plugs the primary")  # fmt: skip
             return
         await self._rollback(p, exc)
 
     async def _rollback(self, p: Progress, exc: BaseException) -> None:
         """Before the migration completed: the domain stays here; its primary comes back."""
         ctx = self.ctx
-        p.step("rollback", reason=getattr(exc, "message", type(exc).__name__))
+        await self.step(p, RollbackStep(reason=getattr(exc, "message", type(exc).__name__)))
         if self.reserve_asked:
             await release_on(ctx, self.plan.destination, self.reservation, p.op.id)
         if not self.recorded:
             return
         if self.unplug_in_flight:
             # The guest may still release the device; the reconcile loop plugs it back if so.
+            if isinstance(exc, AgentError):
+                exc.details["final_state"] = "rolled_back"
+                exc.details["primary_owed"] = True
+                exc.details["primary_owed_reason"] = (
+                    "the guest may still release it; the reconcile loop plugs it back if so"
+                )
             return
-        out = await ctx.reconciler.settle(self.dom, owner=p.op.id, unplug_done=True)
+        try:
+            out = await ctx.reconciler.settle(self.dom, owner=p.op.id, unplug_done=True)
+        except AgentError as failed:
+            # The domain stays here; its primary is not back yet: the reconcile loop owes it.
+            if isinstance(exc, AgentError):
+                exc.details["final_state"] = "rolled_back"
+                exc.details["primary_owed"] = True
+                exc.details["primary_owed_reason"] = (
+                    f"{failed.message}; this host's reconcile loop plugs it"
+                )
+            return
         if not isinstance(exc, AgentError):
             return
         if out.settled is Settled.ATTACHED and not self.unplugged:
@@ -228,8 +325,10 @@ class Failover:
         elif out.settled in (Settled.ATTACHED, Settled.PLUGGED, Settled.NO_RECORD):
             exc.details["final_state"] = "rolled_back"
         else:
-            exc.details["primary_owed"] = (f"{out.alias} not back yet ({out.why}); the "
-                                           "reconcile loop plugs it")  # fmt: skip
+            exc.details["final_state"] = "rolled_back"
+            exc.details["primary_owed"] = True
+            exc.details["primary_owed_reason"] = (f"{out.alias} not back yet ({out.why}); the "
+                                                  "reconcile loop plugs it")  # fmt: skip
 
     async def _verify(self) -> None:
         ctx, plan = self.ctx, self.plan
@@ -289,16 +388,19 @@ def recovery(ctx: Context, op: Operation) -> Any:
     """The runner that finishes an operation this agent was running when it died."""
 
     async def recover(p: Progress) -> dict[str, Any]:
-        plan = next((s for s in op.steps if s["step"] == "plan"), None)
+        steps = read_steps(op.steps)
+        plan = next((s for s in steps if isinstance(s, PlanStep)), None)
         # The step the first process was in (a crash during an earlier recovery keeps it).
-        earlier = [s["step"] for s in op.steps if s["step"] not in ("recover", "rollback")]
-        interrupted = earlier[-1] if earlier else "plan"
-        p.step("recover", interrupted_at=interrupted)
+        earlier = [s for s in steps if not isinstance(s, (RecoverStep, RollbackStep))]
+        interrupted = as_record(earlier[-1])["step"] if earlier else "plan"
+        p.record(as_record(RecoverStep(interrupted_at=interrupted)))
         if plan is None:
             raise AgentError("the agent restarted before the plan was recorded; nothing changed",
                              final_state="failed")  # fmt: skip
-        dest, alias = plan["destination"], plan["primary"]
-        reservation = next((s.get("reservation") for s in op.steps if s.get("reservation")), None)
+        dest, alias = plan.destination, plan.primary
+        reservation = next((s.reservation for s in steps
+                            if isinstance(s, (ReserveStep, UnplugStep)) and s.reservation),
+                           None)  # fmt: skip
         # An unplug the crash interrupted may still complete in the guest: the record says
         # so until unplug_grace_s has passed.
         wait = ctx.failover.replug_timeout_s
@@ -306,13 +408,11 @@ def recovery(ctx: Context, op: Operation) -> Any:
             wait += ctx.failover.unplug_grace_s
         deadline = time.monotonic() + wait
         last = ""
-        while time.monotonic() < deadline:
+        while True:
             try:
                 out = await _recover_once(ctx, op, dest, alias)
             except AgentError as exc:
-                last = exc.message
-                await asyncio.sleep(1.0)
-                continue
+                out, last = "waiting", exc.message
             if out == "destination":
                 return {"recovered": True, "destination": dest, "primary": alias,
                         "interrupted_at": interrupted}  # fmt: skip
@@ -325,10 +425,31 @@ def recovery(ctx: Context, op: Operation) -> Any:
                     f"{ctx.host} with its primary {alias!r}",
                     final_state="rolled_back" if changed else "failed",
                 )
+            # libvirtd may still be migrating it: no deadline while a job runs here.
+            if time.monotonic() >= deadline and not await _job_running(ctx, op.domain):
+                break
             await asyncio.sleep(1.0)
-        raise Timeout(f"could not settle the interrupted operation ({last or 'still waiting'})")
+        if interrupted != "plan":
+            await release_on(ctx, dest, reservation, op.id)
+        raise Timeout(f"could not settle the interrupted operation ({last or 'still waiting'}); "
+                      "the reconcile loop of the host that runs the domain owes its primary",
+                      primary_owed=True)  # fmt: skip
 
     return recover
+
+
+async def _job_running(ctx: Context, uuid: str) -> bool:
+    def look() -> bool:
+        try:
+            dom = ctx.conn().lookupByUUIDString(uuid)
+            return bool(dom.jobInfo()[0] != libvirt.VIR_DOMAIN_JOB_NONE)
+        except libvirt.libvirtError:
+            return False
+
+    try:
+        return await ctx.hypervisor.call(look)
+    except AgentError:
+        return True  # libvirt unreachable: it may still be migrating
 
 
 async def _recover_once(ctx: Context, op: Operation, dest: str, alias: str) -> str:
