@@ -385,8 +385,6 @@ class Pool:
         template = kind == "template"
         have = {el.tag for el in dev}
         for el in rec:
-            if el.tag == "driver" and rec.tag == "hostdev" and dev.get("type") == "network":
-                continue  # a hostdev's <driver name='vfio'/> is the network's to choose
             if el.tag in IDENTITY or not (template or el.tag in HOST_SPECIFIC or el.tag in
                                           have):  # fmt: skip
                 dev.append(el)

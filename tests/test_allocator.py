@@ -90,11 +90,13 @@ async def test_a_template_naming_a_vf_is_one_vf(
     first = await reserve(nc, agent.host, "bb01")
     assert first["ok"] is True, first
     second = await reserve(nc, agent.host, "bb02")
-    assert second["ok"] is False and second["error"]["code"] == "unavailable", second
+    assert second["ok"] is False, second
+    assert second["error"]["code"] == "unavailable", second
     await call(nc, agent.host, "failover.release.hv-src", {"operation_id": "bb01"})
     testdrv.defineXML(holder("t-tplvf", vf_xml("0000:5e:00.4")))
     third = await reserve(nc, agent.host, "bb03")
-    assert third["ok"] is False and third["error"]["code"] == "unavailable", "a domain holds it"
+    assert third["ok"] is False, "a domain holds it"
+    assert third["error"]["code"] == "unavailable", third
 
 
 @pytest.mark.parametrize(
@@ -252,7 +254,8 @@ async def test_a_hostdev_networks_vfs_and_its_capacity_are_respected(
         assert (await reserve(nc, netpool.host, "ac02"))["ok"] is True
         assert (await reserve(nc, netpool.host, "ac03"))["ok"] is True
         full = await reserve(nc, netpool.host, "ac04")
-        assert full["ok"] is False and full["error"]["code"] == "unavailable", full
+        assert full["ok"] is False, full
+        assert full["error"]["code"] == "unavailable", full
     finally:
         net.destroy()
 
@@ -282,14 +285,17 @@ def test_a_network_port_becoming_a_vf_keeps_what_its_network_gave_it(tmp_path: P
     from handlers.failover.plan import network_carry  # noqa: PLC0415
 
     pool = Pool(FailoverSettings(pool_pci=VFS), DeviceSettings(), Journal(tmp_path / "j.db"))
-    recorded = nic_forms.NETWORK_INACTIVE.replace("<vlan><tag id='42'/></vlan>", "<mtu size='9000'/>")
+    recorded = nic_forms.NETWORK_INACTIVE.replace(
+        "<vlan><tag id='42'/></vlan>", "<mtu size='9000'/>"
+    )
     live = nic_forms.domain_xml(nic_forms.NETWORK_LIVE.replace(
         "<vlan><tag id='42'/></vlan>", "<vlan><tag id='77'/></vlan>"))  # fmt: skip
     carry = network_carry(live, recorded, nic_forms.PRIMARY_ALIAS)
     out = ET.fromstring(pool.definition(f"pci:{VFS[0]}", recorded, nic_forms.MAC, carry))
     assert (out.get("type"), out.get("managed")) == ("hostdev", "yes")
     vlan = out.find("vlan/tag")
-    assert vlan is not None and vlan.get("id") == "77", ET.tostring(out)
+    assert vlan is not None, ET.tostring(out)
+    assert vlan.get("id") == "77", ET.tostring(out)
     assert out.find("mtu") is None
 
 

@@ -21,7 +21,7 @@ from agent.bus import subscribed
 from agent.capabilities import Capabilities
 from agent.devices import interfaces
 from agent.envelope import Subjects
-from agent.errors import InvalidRequest, NotFound, Unavailable, Unsupported
+from agent.errors import Forbidden, InvalidRequest, NotFound, Unavailable, Unsupported
 from agent.failover import NS, Record, record_from_xml, record_to_xml
 from agent.hypervisor import Hypervisor
 from agent.metrics import Metrics
@@ -78,7 +78,7 @@ def test_no_primary_or_an_unknown_alias_is_not_found() -> None:
         find_pair(interfaces(domain(OTHER, STANDBY, E1000E)), "ua-nope")
 
 
-def pool(tmp_path: Path, **settings: object) -> Pool:
+def pool(tmp_path: Path, hv: Hypervisor | None = None, **settings: object) -> Pool:
     tpl = tmp_path / "vf.xml"
     tpl.write_text("<interface type='bridge'><mac address='52:54:00:ff:ff:ff'/>"
                    "<source bridge='br1'/><model type='e1000e'/><alias name='ua-x'/></interface>")  # fmt: skip
@@ -86,36 +86,68 @@ def pool(tmp_path: Path, **settings: object) -> Pool:
         FailoverSettings(**settings),  # type: ignore[arg-type]
         DeviceSettings(templates={"vf": str(tpl)}),
         Journal(tmp_path / "ops.db"),
+        hv,
     )
 
 
-def test_a_pci_pool_hands_out_each_free_vf_once(tmp_path: Path) -> None:
-    p = pool(tmp_path, pool_pci=["0000:3b:02.0", "0000:3b:02.1", "0000:3b:02.2"])
-    first = p.reserve("op1", "dom1", pci_in_use={"0000:3b:02.0"})
+@pytest.fixture
+async def testhv() -> AsyncIterator[Hypervisor]:
+    """This process's test:///default through the agent's Hypervisor (what the pool scans)."""
+    hv = Hypervisor(LibvirtSettings(), "test:///default", "dst", lambda _e: None, Metrics())
+    await hv.connect()
+    yield hv
+    await hv.close()
+
+
+async def test_a_pci_pool_hands_out_each_free_vf_once(
+    tmp_path: Path, testhv: Hypervisor, testdrv: Any
+) -> None:
+    testdrv.defineXML(domain_with_vf("t-holds0", "0x0"))
+    p = pool(tmp_path, testhv, pool_pci=["0000:3b:02.0", "0000:3b:02.1", "0000:3b:02.2"])
+    first = await p.reserve("op1", "dom1")
     assert first.resource == "pci:0000:3b:02.1"
-    assert p.reserve("op1", "dom1", set()) == first, "the same operation gets the same VF"
-    assert p.reserve("op2", "dom2", set()).resource == "pci:0000:3b:02.0"
-    assert p.reserve("op3", "dom3", set()).resource == "pci:0000:3b:02.2"
+    assert await p.reserve("op1", "dom1") == first, "the same operation gets the same VF"
+    testdrv.lookupByName("t-holds0").undefine()
+    assert (await p.reserve("op2", "dom2")).resource == "pci:0000:3b:02.0"
+    assert (await p.reserve("op3", "dom3")).resource == "pci:0000:3b:02.2"
     with pytest.raises(Unavailable, match="no free VF"):
-        p.reserve("op4", "dom4", set())
-    assert p.release(first.id)
-    assert p.reserve("op4", "dom4", set()).resource == "pci:0000:3b:02.1"
+        await p.reserve("op4", "dom4")
+    assert await p.release(first.id)
+    assert (await p.reserve("op4", "dom4")).resource == "pci:0000:3b:02.1"
     # Reservations outlive the process: a new Pool on the same journal sees them.
     again = Pool(p.settings, p.devices, Journal(tmp_path / "ops.db"))
     assert {r.operation for r in again.active()} == {"op2", "op3", "op4"}
 
 
-def test_an_expired_lease_frees_its_vf(tmp_path: Path) -> None:
-    p = pool(tmp_path, pool_pci=["0000:3b:02.0"], lease_s=0.001)
-    p.reserve("op1", "dom1", set())
-    time.sleep(0.01)
+def domain_with_vf(name: str, function: str) -> str:
+    vf = (f"<interface type='hostdev' managed='yes'><mac address='{MAC}'/><source><address "
+          f"type='pci' domain='0x0000' bus='0x3b' slot='0x02' function='{function}'/></source>"
+          "<alias name='ua-vf'/></interface>")  # fmt: skip
+    return nic_forms.domain_xml(vf, name=name, kind="test")
+
+
+async def test_an_expired_lease_frees_its_vf_but_never_while_it_is_plugged(
+    tmp_path: Path, testhv: Hypervisor
+) -> None:
+    """A reserved VF whose lease ends is free again; one whose plug is under way (libvirt preparing it for the domain) does not expire, however long the plug takes."""
+    p = pool(tmp_path, testhv, pool_pci=["0000:3b:02.0"], lease_s=0.05)
+    await p.reserve("op1", "dom1")
+    await asyncio.sleep(0.1)
     assert p.active() == []
-    assert p.reserve("op2", "dom2", set()).resource == "pci:0000:3b:02.0"
+    r = await p.reserve("op2", "dom2")
+    assert r.resource == "pci:0000:3b:02.0"
+    async with p.plugging(r):
+        await asyncio.sleep(0.1)  # the lease ends meanwhile
+        with pytest.raises(Unavailable, match="no free VF"):
+            await p.reserve("op3", "dom3")
+    assert p.active() == [], "consumed by its plug"
 
 
-def test_a_lease_covers_what_the_source_says_it_may_need(tmp_path: Path) -> None:
-    p = pool(tmp_path, pool_pci=["0000:3b:02.0"], lease_s=300)
-    r = p.reserve("op1", "dom1", set(), lease_s=900)
+async def test_a_lease_covers_what_the_source_says_it_may_need(
+    tmp_path: Path, testhv: Hypervisor
+) -> None:
+    p = pool(tmp_path, testhv, pool_pci=["0000:3b:02.0"], lease_s=300)
+    r = await p.reserve("op1", "dom1", lease_s=900)
     assert 890 < r.expires - time.time() <= 900
 
 
@@ -160,7 +192,9 @@ def test_the_plugged_definition_keeps_mac_alias_and_teaming(
     teaming = el.find("teaming")
     assert teaming is not None
     assert teaming.get("persistent") == "ua-standby"
-    assert pool(tmp_path).definition("recorded", HOSTDEV) == HOSTDEV
+    assert pool(tmp_path).definition("recorded", E1000E) == E1000E
+    with pytest.raises(Forbidden, match="VF of the source host"):
+        pool(tmp_path).definition("recorded", HOSTDEV)
 
 
 def test_the_failover_record_round_trips_through_its_xml() -> None:
@@ -251,6 +285,17 @@ async def test_each_nic_form_is_planned_from_its_definition(
         assert recorded.find("source/address") is None, "no VF of this host in the record"
 
 
+async def test_a_plain_hostdev_primary_is_planned_with_the_standbys_mac(
+    plan_ctx: HostContext,
+) -> None:
+    """A plain <hostdev> has no MAC; the destination's VF must get the standby's, or the guest never pairs it: the plan (and the record) carry the standby's MAC."""
+    xml = nic_forms.domain_xml(nic_forms.PLAIN_HOSTDEV)
+    plan = await make_plan(plan_ctx, DefinedDomain(xml, xml),
+                           FailoverRequest(domain="d", destination="dst"),
+                           registration("dst", "pci"))  # fmt: skip
+    assert plan.mac == nic_forms.MAC
+
+
 @pytest.mark.parametrize(
     ("form", "mode", "why"),
     [
@@ -302,7 +347,9 @@ def test_the_destination_definition_carries_everything_but_the_source_hosts_reso
     if resource.startswith("pci:"):
         (addr,) = out.findall("source/address")
         assert (addr.get("bus"), addr.get("slot"), addr.get("function")) == ("0x5e", "0x10", "0x3")
-        assert out.tag == rec.tag, "a plain hostdev stays one, an interface stays one"
+        assert (out.tag, out.get("type")) == ("interface", "hostdev"), (
+            "a plain hostdev becomes an interface (libvirt sets the MAC only of those)"
+        )
     else:
         assert out.get("type") == "network"
         assert out.find("source").get("network") == "sriov-b"

@@ -1,0 +1,128 @@
+"""migrate-with-failover on every form and failure path that needs no QEMU: a domain with two
+pairs, the MAC a plain <hostdev> primary gets, a `not found` that is not the domain, an
+incoming migration's job, definitions compared whatever their indentation, and the typed
+journal its recovery reads."""
+
+from __future__ import annotations
+
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import libvirt
+import msgspec
+import pytest
+from nats.aio.client import Client as NATS
+
+from agent.devices import interfaces
+from agent.errors import NotFound, Unsupported
+from agent.failover import Record, _same_nic, write_record
+from handlers.failover import find_pair
+from handlers.failover.steps import PlanStep, ReserveStep, RollbackStep, read_steps
+from tests import nic_forms
+from tests.conftest import RunningAgent, call
+from tests.test_failover_plan import ended, running_pair
+
+Start = Callable[..., Awaitable[RunningAgent]]
+
+SECOND_VF = (nic_forms.HOSTDEV_INTERFACE.replace("ua-vf0", "ua-vf1")
+             .replace("slot='0x02'", "slot='0x03'").replace(nic_forms.MAC, "52:54:00:6e:69:64")
+             .replace("persistent='ua-standby0'", "persistent='ua-standby1'"))  # fmt: skip
+SECOND_STANDBY = (nic_forms.STANDBY.replace("ua-standby0", "ua-standby1")
+                  .replace(nic_forms.MAC, "52:54:00:6e:69:64"))  # fmt: skip
+
+
+def test_a_domain_with_two_failover_pairs_is_refused_naming_the_other() -> None:
+    """libvirt would migrate the second pair's VF with this host's PCI address, past every pool: refused with the list of the other passthrough NICs, whichever primary is named."""
+    xml = nic_forms.domain_xml(nic_forms.HOSTDEV_INTERFACE + SECOND_STANDBY + SECOND_VF)
+    with pytest.raises(Unsupported, match="ua-vf1") as err:
+        find_pair(interfaces(xml), None)
+    assert err.value.details["others"] == ["ua-vf1"]
+    with pytest.raises(Unsupported, match="ua-vf0"):
+        find_pair(interfaces(xml), "ua-vf1")
+
+
+def test_the_same_nic_is_the_same_however_it_is_indented() -> None:
+    """The persistent definition is replaced only when the plugged NIC differs: not for a whitespace difference in libvirt's formatting (it was detached and attached again on every settle)."""
+    compact = nic_forms.HOSTDEV_INTERFACE.replace("\n  ", "")
+    assert compact != nic_forms.HOSTDEV_INTERFACE
+    assert _same_nic(compact, nic_forms.HOSTDEV_INTERFACE)
+    other = nic_forms.HOSTDEV_INTERFACE.replace("slot='0x02'", "slot='0x04'")
+    assert not _same_nic(other, nic_forms.HOSTDEV_INTERFACE)
+
+
+class IncomingMigration:
+    """A running test-driver domain whose jobInfo answers as libvirt's qemu driver does on
+    the destination of a migration (VIR_ERR_OPERATION_UNSUPPORTED, "migration statistics are
+    available only on the source host"); the test driver has no jobs to show it."""
+
+    def __init__(self, dom: Any) -> None:
+        self.dom = dom
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.dom, name)
+
+    def jobInfo(self) -> Any:  # noqa: N802 - libvirt's name
+        err = libvirt.libvirtError("migration statistics are available only on the source host")
+        err.err = (libvirt.VIR_ERR_OPERATION_UNSUPPORTED, 0, str(err), 2, "", None, None, 0, 0)
+        raise err
+
+
+async def test_an_incoming_migration_is_a_job_the_reconciler_waits_for(
+    start_agent: Start, testdrv: Any
+) -> None:
+    agent = await start_agent()
+    assert agent.agent.fleet is not None
+    reconciler = agent.agent.fleet.reconciler
+    dom = running_pair(testdrv, "t-incoming")
+    await write_record(reconciler.hv, dom, Record(
+        operation="ab01", source="hv-src", destination=agent.host, alias="ua-primary0",
+        mac=nic_forms.MAC, mode="sequenced", state="owed", since=time.time(),
+        device=nic_forms.E1000E_PRIMARY))  # fmt: skip
+    out = await reconciler.settle(IncomingMigration(dom))
+    assert out.settled.value == "waiting", out
+    assert "incoming migration" in out.why
+
+
+async def test_a_not_found_that_is_not_the_domain_keeps_the_primary_owed(
+    start_agent: Start, testdrv: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plug that libvirt answers `not found` for a network (VIR_ERR_NO_NETWORK: the hostdev network is missing here) is a failure of the plug, not a domain that vanished: counted, backed off, and the domain still counts as owed a primary (the alert's gauge). The settle is made to fail so because the test driver refuses every attach before it looks for a network."""
+    agent = await start_agent()
+    assert agent.agent.fleet is not None
+    reconciler = agent.agent.fleet.reconciler
+    dom = running_pair(testdrv, "t-nonet")
+
+    async def no_network(*_a: Any, **_k: Any) -> Any:
+        raise NotFound("Network not found: no network with matching name 'sriov'",
+                       libvirt_code=libvirt.VIR_ERR_NO_NETWORK)  # fmt: skip
+
+    monkeypatch.setattr(reconciler, "settle", no_network)
+    failed_before = reconciler.metrics.replugs.labels("failed")._value.get()
+    owed = await reconciler._settle_counted(dom, time.monotonic())
+    assert owed is True, "still owed a primary"
+    assert reconciler.metrics.replugs.labels("failed")._value.get() == failed_before + 1
+    assert dom.UUIDString() in reconciler._retry_at, "backed off"
+
+
+async def test_the_failover_journal_is_typed_on_both_sides(
+    start_agent: Start, nc: NATS, testdrv: Any
+) -> None:
+    """What the operation journals (plan, reserve, unplug, rollback here: the test driver refuses the detach) reads back as the typed steps its recovery uses; a step with a field the types do not know under a known name fails loudly instead of being read as absent."""
+    source = await start_agent()
+    destination = await start_agent()
+    dom = running_pair(testdrv, "t-typed")
+    started = await call(nc, source.host, "migrate_with_failover",
+                         {"domain": dom.name(), "destination": destination.host})  # fmt: skip
+    got = await ended(nc, source.host, started["result"]["operation_id"])
+    steps = read_steps(got["steps"])
+    assert isinstance(steps[0], PlanStep)
+    assert steps[0].destination == destination.host
+    reserve = next(s for s in steps if isinstance(s, ReserveStep))
+    assert reserve.reservation and reserve.resource == "recorded"
+    assert isinstance(steps[-1], RollbackStep)
+    broken = [dict(got["steps"][0], destination=42)]
+    with pytest.raises(msgspec.ValidationError):
+        read_steps(broken)
+    assert ET.fromstring(nic_forms.E1000E_PRIMARY).tag == "interface"
