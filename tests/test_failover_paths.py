@@ -120,7 +120,8 @@ async def test_the_failover_journal_is_typed_on_both_sides(
     assert isinstance(steps[0], PlanStep)
     assert steps[0].destination == destination.host
     reserve = next(s for s in steps if isinstance(s, ReserveStep))
-    assert reserve.reservation and reserve.resource == "recorded"
+    assert reserve.reservation
+    assert reserve.resource == "recorded"
     assert isinstance(steps[-1], RollbackStep)
     broken = [dict(got["steps"][0], destination=42)]
     with pytest.raises(msgspec.ValidationError):
