@@ -1,0 +1,141 @@
+"""One VF, one VM in the two-host lab: what the destination's persistent definition lists
+before its agent plugs anything, what the operation says when the primary cannot be plugged,
+and two failover guests migrated into one destination at the same time. The lab's primary is
+an emulated e1000e from a template (no machine here has VFs), so the allocator's proof is the
+seeded test in tests/test_allocator.py; this is what libvirt and the guests show."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import libvirt
+import pytest
+
+from agent.devices import device_element
+from lab.lab import guest_mac, primary_interface_xml
+from tests.conftest import Collector, RunningAgent, call, where
+from tests.test_failover import FINAL, PRIMARY, bond_now, final_of
+
+pytestmark = [pytest.mark.lab, pytest.mark.timeout(600)]
+
+
+def template(tmp_path: Path) -> Path:
+    """B's pool: an e1000 (the recorded primary is an e1000e), so the two can be told apart."""
+    tpl = tmp_path / "vf.xml"
+    tpl.write_text(primary_interface_xml(guest_mac(0)).replace("e1000e", "e1000"))
+    return tpl
+
+
+def models(host: Any, uuid: str) -> tuple[str | None, str | None]:
+    """The primary's model in the live and in the persistent definition on `host`."""
+    conn = host.connect()
+    try:
+        d = conn.lookupByUUIDString(uuid)
+        out = []
+        for flags in (0, libvirt.VIR_DOMAIN_XML_INACTIVE):
+            el = device_element(d.XMLDesc(flags), PRIMARY)
+            model = el.find("model") if el is not None else None
+            out.append(model.get("type") if model is not None else None)
+        return out[0], out[1]
+    finally:
+        conn.close()
+
+
+async def test_the_domain_arrives_defined_with_the_destinations_primary_and_an_unplugged_one_is_owed(
+    lab: Any,
+    host_a: Any,
+    host_b: Any,
+    guest: Callable[..., Any],
+    start_agent: Callable[..., Awaitable[RunningAgent]],
+    collect: Callable[[str], Awaitable[Collector]],
+    nc: Any,
+    tmp_path: Path,
+) -> None:
+    """B's agent reserves, then stops before the migration. libvirt's copy of A's persistent definition would list A's primary (with a VF, A's address: the next start on B would take whatever sits there); the domain must arrive defined with B's reserved device. No agent on B plugs it: the operation ends `succeeded` (the VM runs on B) with `primary_owed` - not `failed`, which says the VM stayed on A. B's agent, started again, plugs it and the guest's bond is whole."""
+    tpl = template(tmp_path)
+    b_settings = {"libvirt.uri": host_b.uri, "devices.templates": {"vf": str(tpl)},
+                  "failover.pool_template": "vf"}  # fmt: skip
+    agent_a = await start_agent(**{"libvirt.uri": host_a.uri, "failover.replug_timeout_s": 5})
+    agent_b = await start_agent(**b_settings)
+    dom = await asyncio.to_thread(guest, "a", "failover")
+    u = dom.UUIDString()
+    ops = await collect(f"virt.{agent_a.host}.op.>")
+    reply = await call(nc, agent_a.host, "migrate_with_failover",
+                       {"domain": dom.name(), "destination": agent_b.host})  # fmt: skip
+    assert reply["ok"] is True, reply
+    await ops.wait_for(lambda e: e["data"]["operation"]["step"] == "unplug", 60)
+    await agent_b.stop()
+    op = await final_of(ops)
+    assert op["state"] == "succeeded", op
+    assert op["result"]["primary_owed"] is True, op["result"]
+    assert (await asyncio.to_thread(where, host_b, u))["record"] is True, "owed on B"
+    live, config = await asyncio.to_thread(models, host_b, u)
+    assert live is None, "nothing plugged it on B yet"
+    assert config == "e1000", "B's definition lists B's reserved device, not A's primary"
+    await start_agent(**b_settings)
+    for _ in range(150):
+        state = await asyncio.to_thread(where, host_b, u)
+        if state.get("primary") and not state.get("record"):
+            break
+        await asyncio.sleep(0.2)
+    assert await asyncio.to_thread(where, host_b, u) == {
+        "running": True, "primary": True, "record": False}  # fmt: skip
+    assert await asyncio.to_thread(models, host_b, u) == ("e1000", "e1000")
+    await bond_now(lab.serial_path(dom.name()), 2)
+
+
+async def test_two_failover_guests_migrated_into_one_destination_at_once_get_two_primaries(
+    lab: Any,
+    host_a: Any,
+    host_b: Any,
+    guest: Callable[..., Any],
+    start_agent: Callable[..., Awaitable[RunningAgent]],
+    collect: Callable[[str], Awaitable[Collector]],
+    nc: Any,
+    tmp_path: Path,
+) -> None:
+    """Two migrate_with_failover into B at the same time: both succeed, each guest runs on B with a primary of its own (its own MAC and alias, each once in B's definitions), two reservations made and both consumed, and each guest's bond is whole."""
+    agent_a = await start_agent(**{"libvirt.uri": host_a.uri})
+    agent_b = await start_agent(**{"libvirt.uri": host_b.uri,
+                                   "devices.templates": {"vf": str(template(tmp_path))},
+                                   "failover.pool_template": "vf"})  # fmt: skip
+    doms = await asyncio.gather(*(asyncio.to_thread(guest, "a", "failover") for _ in range(2)))
+    ops = await collect(f"virt.{agent_a.host}.op.>")
+    replies = await asyncio.gather(*(
+        call(nc, agent_a.host, "migrate_with_failover",
+             {"domain": d.name(), "destination": agent_b.host}) for d in doms))  # fmt: skip
+    ids = {r["result"]["operation_id"] for r in replies}
+    assert len(ids) == 2, replies
+    finals: dict[str, dict[str, Any]] = {}
+    for op_id in ids:
+        ev = await ops.wait_for(lambda e, i=op_id: e["data"]["operation"]["id"] == i
+                                and e["data"]["operation"]["state"] in FINAL, 240)  # fmt: skip
+        finals[op_id] = ev["data"]["operation"]
+    assert {o["state"] for o in finals.values()} == {"succeeded"}, finals
+    resources = [next(s for s in o["steps"] if s["step"] == "reserve")["reservation"]
+                 for o in finals.values()]  # fmt: skip
+    assert len(set(resources)) == 2, "one reservation each"
+    conn = host_b.connect()
+    try:
+        macs = []
+        for d in doms:
+            b = conn.lookupByUUIDString(d.UUIDString())
+            for flags in (0, libvirt.VIR_DOMAIN_XML_INACTIVE):
+                el = device_element(b.XMLDesc(flags), PRIMARY)
+                assert el is not None, d.name()
+                mac = el.find("mac")
+                assert mac is not None
+                macs.append(mac.get("address"))
+                model = el.find("model")
+                assert model is not None
+                assert model.get("type") == "e1000", "B's template, in each"
+    finally:
+        conn.close()
+    assert len(set(macs)) == 2, f"two primaries, each in its own domain: {macs}"
+    assert agent_b.agent.fleet is not None
+    assert agent_b.agent.fleet.reconciler.pool.active() == [], "both reservations consumed"
+    for d in doms:
+        await bond_now(lab.serial_path(d.name()), 2)
