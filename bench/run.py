@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from nats.aio.msg import Msg
 
 from agent.bus import subscribed
 from agent.embedded import NatsServer
+from bench.allocator import allocator, allocator_table
 from bench.cost import cost, go, helper, result
 from bench.eventgen import rss_kib
 from bench.fleet import run_fleet
@@ -290,16 +292,13 @@ def render_table(res: dict[str, Any]) -> str:
             lines.append(
                 f"| Lost probes, migrate_with_failover, guest net_failover with the standby-rx rule | {fx['lost_probes']} | plain migration {plain['lost_probes']} | - |"
             )
-    if res.get("fleet"):
-        lines += fleet_table(res["fleet"])
-    if res.get("faults"):
-        lines += fault_table(res["faults"])
-    if res.get("campaign"):
-        lines += campaign_table(res["campaign"])
-    if res.get("soak"):
-        lines += soak_table(res["soak"])
-    if res.get("cost"):
-        lines += cost_table(res["cost"])
+    tables: dict[str, Callable[[Any], list[str]]] = {
+        "fleet": fleet_table, "faults": fault_table, "campaign": campaign_table,
+        "soak": soak_table, "cost": cost_table, "allocator": allocator_table,
+    }  # fmt: skip
+    for key, table in tables.items():
+        if res.get(key):
+            lines += table(res[key])
     return "\n".join(lines)
 
 
@@ -481,6 +480,8 @@ async def main() -> None:
             res["event_bridge"] = await event_bridge(daemon, server, work, n)
     with tempfile.TemporaryDirectory(prefix="virt-agent-cost-") as tmp:
         res["cost"] = await cost(Path(tmp))
+    with tempfile.TemporaryDirectory(prefix="virt-agent-alloc-") as tmp:
+        res["allocator"] = await allocator(Path(tmp))
     if os.environ.get("BENCH_FLEET", "1") != "0":
         with tempfile.TemporaryDirectory(prefix="virt-agent-fleet-") as tmp:
             n_agents = int(os.environ.get("BENCH_FLEET_AGENTS", "24"))
