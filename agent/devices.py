@@ -43,6 +43,18 @@ def device_xml(domain_xml: str, alias: str) -> str | None:
     return ET.tostring(dev, encoding="unicode")
 
 
+async def defined_form(hv: Hypervisor, dom: Any, live: str, alias: str) -> str:
+    """A device's definition to record and to plug again: as the domain's definition has it
+    (libvirt's inactive XML), so that a port of a hostdev network stays a port of the network
+    of that name (its live form names this host's VF); the live form only for a device plugged
+    live and never defined."""
+    inactive = await hv.call(dom.XMLDesc, libvirt.VIR_DOMAIN_XML_INACTIVE)
+    device = device_xml(inactive, alias) or device_xml(live, alias)
+    if device is None:
+        raise NotFound(f"the domain has no device with alias {alias!r}", alias=alias)
+    return device
+
+
 def alias_of(xml: str) -> str:
     a = ET.fromstring(xml).find("alias")  # noqa: S314 - from the agent's own config or records
     if a is None or not a.get("name"):

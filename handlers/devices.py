@@ -8,7 +8,7 @@ from typing import Any
 
 import msgspec
 
-from agent.devices import alias_of, device_xml, plug, template_xml, unplug
+from agent.devices import alias_of, defined_form, device_xml, plug, template_xml, unplug
 from agent.errors import Conflict, InvalidRequest, NotFound
 from agent.fields import Alias, DomainName, RequestId, TemplateName
 from handlers import Context, Verb
@@ -36,11 +36,13 @@ async def detach(ctx: Context, req: DetachRequest) -> dict[str, Any]:
     uuid = dom.UUIDString()
     async with ctx.exclusive(uuid):
         live = await hv.call(dom.XMLDesc, 0)
-        xml = device_xml(live, req.alias)
-        if xml is None:
+        if device_xml(live, req.alias) is None:
             raise NotFound(
                 f"domain {req.domain!r} has no device with alias {req.alias!r}", alias=req.alias
             )
+        # As defined: a port of a hostdev network is recorded as the port, not as the VF its
+        # network gave it (device.attach would plug that VF by address behind its back).
+        xml = await defined_form(hv, dom, live, req.alias)
         ctx.operations.journal.record_device(uuid, req.alias, xml)
         await unplug(hv, dom, req.alias, ctx.devices.detach_timeout_s)
     return {"alias": req.alias, "removed": True, "recorded": True}

@@ -127,3 +127,23 @@ async def test_the_failover_journal_is_typed_on_both_sides(
     with pytest.raises(msgspec.ValidationError):
         read_steps(broken)
     assert ET.fromstring(nic_forms.E1000E_PRIMARY).tag == "interface"
+
+
+async def test_device_detach_of_a_network_port_records_the_port_not_its_vf(
+    start_agent: Start, nc: NATS, testdrv: Any
+) -> None:
+    """A port of a hostdev network runs as `<interface type='hostdev'>` with this host's VF; `device.detach` records what the definition says (the network's port), so `device.attach` asks the network again instead of plugging that VF by address behind its back. The running domain shows the VF and its definition the port, as libvirt shows a hostdev network's port (the test driver cannot detach: the record is written before the unplug)."""
+    agent = await start_agent()
+    xml = nic_forms.domain_xml(nic_forms.NETWORK_LIVE, name="t-port", kind="test",
+                               uuid="0f0e0d0c-0b0a-4908-8706-050403020100")  # fmt: skip
+    dom = testdrv.defineXML(xml)
+    dom.create()
+    testdrv.defineXML(xml.replace(nic_forms.NETWORK_LIVE, nic_forms.NETWORK_INACTIVE))
+    await call(nc, agent.host, "device.detach",
+               {"domain": "t-port", "alias": nic_forms.PRIMARY_ALIAS})  # fmt: skip
+    assert agent.agent.fleet is not None
+    recorded = agent.agent.fleet.journal.recorded_device(dom.UUIDString(), nic_forms.PRIMARY_ALIAS)
+    assert recorded is not None
+    el = ET.fromstring(recorded)
+    assert el.get("type") == "network", recorded
+    assert el.find("source/address") is None, "no VF address of this host recorded"

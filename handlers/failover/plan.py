@@ -6,15 +6,14 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from typing import Annotated, Any, Literal
 
-import libvirt
 import msgspec
 from msgspec import Meta
 
 from agent.devices import (
     USER_ALIAS_PREFIX,
     Nic,
+    defined_form,
     device_element,
-    device_xml,
     failover_negotiated,
     interfaces,
 )
@@ -152,7 +151,7 @@ async def make_plan(ctx: HostContext, dom: Any, req: FailoverRequest, dest: Regi
             )  # fmt: skip
     elif standby is not None:
         guest = "not checked (failover.guest_check = off)"
-    device = await recorded_definition(ctx, dom, live, p.alias)
+    device = await defined_form(ctx.hypervisor, dom, live, p.alias)
     # What the definition says, not what runs: a port of a hostdev network runs as
     # <interface type='hostdev'> with this host's VF, and is defined on the network's name.
     kind = ET.fromstring(device)  # noqa: S314 - libvirt's own XML
@@ -221,13 +220,3 @@ def choose_mode(
     if not missing:
         return "qemu", "auto: every condition of mode qemu holds"
     return "sequenced", "auto: mode qemu is not possible: " + "; ".join(missing)
-
-
-async def recorded_definition(ctx: HostContext, dom: Any, live: str, alias: str) -> str:
-    """The primary's definition to record and to plug again: as the domain's definition has
-    it (libvirt's inactive XML), so that a port of a hostdev network stays a port of the
-    network of that name; the live form only for a device plugged live and never defined."""
-    inactive = await ctx.hypervisor.call(dom.XMLDesc, libvirt.VIR_DOMAIN_XML_INACTIVE)
-    device = device_xml(inactive, alias) or device_xml(live, alias)
-    assert device is not None  # find_pair found it in the live XML
-    return device
