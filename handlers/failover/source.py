@@ -21,7 +21,13 @@ from agent.errors import AgentError, Conflict, InvalidRequest, Timeout
 from agent.failover import NS, OWED, UNPLUGGING, Record, Settled, read_record, write_record
 from agent.nicxml import names_vf
 from agent.operations import Progress, uninterruptible
-from agent.peers import ReleaseRequest, ReplugReply, ReplugRequest, ReserveRequest
+from agent.peers import (
+    ReleaseRequest,
+    ReplugReply,
+    ReplugRequest,
+    ReserveReply,
+    ReserveRequest,
+)
 from agent.registry import Registration
 from handlers import Context
 from handlers.domain import find_domain
@@ -100,7 +106,7 @@ class Failover:
 
     async def run(self, p: Progress) -> dict[str, Any]:
         ctx, plan, hv = self.ctx, self.plan, self.ctx.hypervisor
-        operations, peers = ctx.operations, ctx.peers
+        operations = ctx.operations
         timeout = ctx.failover.peer_timeout_s
         await self.step(p, PlanStep(mode=plan.mode, mode_reason=plan.mode_reason,
                                     primary=plan.primary, standby=plan.standby, mac=plan.mac,
@@ -121,11 +127,7 @@ class Failover:
             else:
                 await self.step(p, ReserveStep(host=plan.destination))
                 self.reserve_asked = True
-                res = await peers.reserve(plan.destination, ReserveRequest(
-                    operation_id=p.op.id, domain=self.uuid, alias=plan.primary, source=ctx.host,
-                    lease_s=lease_needed(ctx, self.req), device=plan.device,
-                    mac=plan.mac or None, carry=plan.carry or None,
-                ), timeout)  # fmt: skip
+                res = await self._reserve(p.op.id, timeout)
                 self.reservation = res.reservation_id
                 definition = res.definition
                 self.note(p, reservation=self.reservation, resource=res.resource)
@@ -185,6 +187,22 @@ class Failover:
                     "primary_owed_reason": f"{exc.message}; {plan.destination}'s reconcile "
                                            "loop plugs it"}  # fmt: skip
         return out
+
+    async def _reserve(self, op_id: str, timeout: float) -> ReserveReply:
+        """failover.reserve, saying what the primary is so the reply says what the destination
+        will plug; a destination of the previous release refuses those fields (unknown
+        fields are refused): it is asked again without them."""
+        ctx, plan = self.ctx, self.plan
+        plain = ReserveRequest(operation_id=op_id, domain=self.uuid, alias=plan.primary,
+                               source=ctx.host, lease_s=lease_needed(ctx, self.req))  # fmt: skip
+        full = msgspec.structs.replace(plain, device=plan.device, mac=plan.mac or None,
+                                       carry=plan.carry or None)  # fmt: skip
+        try:
+            return await ctx.peers.reserve(plan.destination, full, timeout)
+        except InvalidRequest as exc:
+            if "unknown field" not in exc.message.lower():
+                raise
+            return await ctx.peers.reserve(plan.destination, plain, timeout)
 
     async def _destination_definition(self, definition: str | None) -> tuple[str | None, str]:
         """The persistent definition the domain arrives with on the destination (libvirt
