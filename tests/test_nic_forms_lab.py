@@ -15,6 +15,8 @@ import libvirt
 import pytest
 
 from agent.devices import device_xml
+from agent.errors import Forbidden
+from agent.nicxml import names_vf
 from agent.operations import Journal
 from agent.pool import Pool
 from agent.settings import DeviceSettings, FailoverSettings
@@ -56,7 +58,12 @@ async def test_libvirt_defines_every_form_and_every_definition_generated_from_it
     """libvirt defines the form; from the inactive XML it gives back, the pool builds the destination's definition, which libvirt defines too, keeping alias, teaming and (where there is one) the MAC."""
     recorded = await asyncio.to_thread(define_and_read, host_a.uri, form.inactive, "nf-src")
     pool = Pool(FailoverSettings(), DeviceSettings(), Journal(tmp_path / "ops.db"))
-    generated = pool.definition(resource, recorded)
+    if resource == "recorded" and names_vf(recorded):
+        # The source's VF by address: never plugged on another host without a pool.
+        with pytest.raises(Forbidden, match="VF of the source host"):
+            pool.definition(resource, recorded)
+        return
+    generated = pool.definition(resource, recorded, nic_forms.MAC)
     back = ET.fromstring(await asyncio.to_thread(define_and_read, host_a.uri, generated, "nf-dst"))
     src = ET.fromstring(recorded)
     teaming = back.find("teaming")
