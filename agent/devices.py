@@ -152,6 +152,24 @@ def pci_sources(domain_xml: str) -> set[str]:
     return {pci_address(a) for a in found}
 
 
+async def qemu_monitor(hv: Hypervisor, dom: Any, execute: str, **arguments: Any
+                       ) -> tuple[dict[str, Any] | None, str]:  # fmt: skip
+    """One QMP command through libvirt's QEMU monitor passthrough (the domain is marked
+    tainted `custom-monitor`): QEMU's reply, or None and why it could not be had."""
+
+    def query() -> str:
+        cmd = {"execute": execute, "arguments": arguments}
+        return str(libvirt_qemu.qemuMonitorCommand(dom, json.dumps(cmd), 0))
+
+    try:
+        reply = json.loads(await hv.call(query))
+    except AgentError as exc:
+        return None, exc.message
+    except ValueError:
+        return None, "QEMU's answer was not JSON"
+    return (reply, "") if isinstance(reply, dict) else (None, "QEMU's answer was not an object")
+
+
 async def failover_negotiated(hv: Hypervisor, dom: Any, standby: str) -> tuple[bool | None, str]:
     """Whether the guest's virtio driver negotiated the failover feature (VIRTIO_NET_F_STANDBY)
     on the standby `standby`, and how that was found. Only a guest that did has a bond that
@@ -162,17 +180,10 @@ async def failover_negotiated(hv: Hypervisor, dom: Any, standby: str) -> tuple[b
     the setting failover.guest_check. None when it cannot be told (another hypervisor, an older
     QEMU, the check off)."""
 
-    def query() -> str:
-        cmd = {"execute": "x-query-virtio-status",
-               "arguments": {"path": f"/machine/peripheral/{standby}/virtio-backend"}}  # fmt: skip
-        return str(libvirt_qemu.qemuMonitorCommand(dom, json.dumps(cmd), 0))
-
-    try:
-        reply = json.loads(await hv.call(query))
-    except AgentError as exc:
-        return None, f"QEMU's virtio status could not be read: {exc.message}"
-    except ValueError:
-        return None, "QEMU's virtio status was not JSON"
+    backend = f"/machine/peripheral/{standby}/virtio-backend"
+    reply, why = await qemu_monitor(hv, dom, "x-query-virtio-status", path=backend)
+    if reply is None:
+        return None, f"QEMU's virtio status could not be read: {why}"
     status = reply.get("return") or {}
     features = json.dumps(status.get("guest-features") or {})
     if "VIRTIO_NET_F_STANDBY" in features:
@@ -188,16 +199,9 @@ async def qemu_has_device(hv: Hypervisor, dom: Any, alias: str) -> tuple[bool | 
     FAILOVER_NEGOTIATED). Asked through the QEMU monitor passthrough, as the guest check is
     (the domain is marked tainted `custom-monitor`); None when it cannot be told."""
 
-    def query() -> str:
-        cmd = {"execute": "qom-list", "arguments": {"path": "/machine/peripheral"}}
-        return str(libvirt_qemu.qemuMonitorCommand(dom, json.dumps(cmd), 0))
-
-    try:
-        reply = json.loads(await hv.call(query))
-    except AgentError as exc:
-        return None, f"QEMU could not be asked: {exc.message}"
-    except ValueError:
-        return None, "QEMU's answer was not JSON"
+    reply, why = await qemu_monitor(hv, dom, "qom-list", path="/machine/peripheral")
+    if reply is None:
+        return None, f"QEMU could not be asked: {why}"
     names = {p.get("name") for p in reply.get("return") or [] if isinstance(p, dict)}
     if alias in names:
         return True, f"QEMU has {alias!r}"

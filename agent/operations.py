@@ -163,15 +163,17 @@ class Journal:
 
     def set_reservation_state(
         self, reservation_id: str, state: str, expires: float | None = None
-    ) -> Reservation | None:
-        """Move a live reservation to `state` (and a new lease end); None if it is gone."""
-        if not any(r.id == reservation_id for r in self.reservations(time.time())):
-            return None
-        self.db.execute(
-            "UPDATE reservations SET state = ?, expires = coalesce(?, expires) WHERE id = ?",
-            (state, expires, reservation_id),
+    ) -> bool:
+        """Move a live reservation (plugging, or reserved with its lease running) to `state`,
+        with a new lease end if given; False if it is gone."""
+        return (
+            self.db.execute(
+                "UPDATE reservations SET state = ?, expires = coalesce(?, expires) WHERE id = ?"
+                " AND (state != 'reserved' OR expires >= ?)",
+                (state, expires, reservation_id, time.time()),
+            ).rowcount
+            > 0
         )
-        return next(r for r in self.reservations(time.time()) if r.id == reservation_id)
 
     def requeue_plugging(self, expires: float) -> None:
         """At start: plugs the previous process did not finish hold their reservation again."""

@@ -34,6 +34,7 @@ import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import libvirt
 import structlog
@@ -85,18 +86,16 @@ class Pool:
         self.devices = devices
         self.journal = journal
         self.hv = hv
-        self.metrics = metrics
         self.sysfs = sysfs or SYSFS
         self._lock = asyncio.Lock()
         # A VF a template names by address: the pool is that one VF.
-        self.template_vf = (
+        template_vf = (
             names_vf(template_xml(devices, settings.pool_template))
             if settings.pool_template else None
         )  # fmt: skip
-        self.vfs: list[str] = list(settings.pool_pci) or (
-            [self.template_vf] if self.template_vf else []
-        )
-        self._released: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self.vfs: list[str] = list(settings.pool_pci) or ([template_vf] if template_vf else [])
+        # Operations whose reservation was released, oldest first (an ordered set).
+        self._released: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._last_in_use: dict[str, str] = {}
         # A plug that a crash interrupted: its reservation is held again, with a new lease
         # (the domain's record decides whether the VF ends in it).
@@ -174,16 +173,21 @@ class Pool:
 
     # ------------------------------------------------------------ the scan
 
-    async def scan(self) -> InUse:
-        """What every domain (live and persistent definitions) and network holds."""
+    def _conn(self) -> tuple[Hypervisor, Any]:
         hv = self.hv
         if hv is None or hv.conn is None or not hv.connected:
             raise Unavailable("libvirt is not connected; no primary can be reserved yet")
-        conn, sysfs = hv.conn, self.sysfs
+        return hv, hv.conn
+
+    async def scan(self, domains: bool = True) -> InUse:
+        """What every domain (live and persistent definitions; unless `domains` is false) and
+        network holds."""
+        hv, conn = self._conn()
+        sysfs = self.sysfs
 
         def look() -> InUse:
             out = InUse()
-            for d in conn.listAllDomains(0):
+            for d in conn.listAllDomains(0) if domains else []:
                 with contextlib.suppress(libvirt.libvirtError):  # gone meanwhile
                     xmls = []
                     if d.isActive():
@@ -200,7 +204,8 @@ class Pool:
             return out
 
         found = await hv.call(look)
-        self._last_in_use = found.pci
+        if domains:
+            self._last_in_use = found.pci
         return found
 
     def _neighbours(self, vf: str) -> set[str]:
@@ -255,7 +260,12 @@ class Pool:
                     "here (failover.max_reservations_per_caller)",
                     caller=caller, limit=s.max_reservations_per_caller,
                 )  # fmt: skip
-            found = await self.scan()
+            self._conn()  # a destination without libvirt takes no migration: `unavailable`
+            network = self._network_taken(device)
+            # Only what the decision needs is read: every domain for a VF, networks for a port.
+            found = await self.scan(domains=bool(self.vfs)) if self.vfs or network else InUse()
+            if network:
+                self._check_network(network, found, active)
             vf = ""
             if self.vfs:
                 free = self._free_vfs({r.vf for r in active if r.vf}, found)
@@ -272,19 +282,24 @@ class Pool:
                 resource = f"template:{s.pool_template}"
             elif s.pool_network:
                 resource = f"network:{s.pool_network}"
-                self._check_network(s.pool_network, found, active)
             else:
                 resource = "recorded"
-                net = network_of(device) if device else None
-                if net:
-                    self._check_network(net, found, active)
             r = Reservation(
                 id=uuid.uuid4().hex, operation=operation, domain=domain, resource=resource,
                 expires=time.time() + max(s.lease_s, lease_s), caller=caller, vf=vf,
-                network=(s.pool_network or (network_of(device) if device else None) or ""),
+                network=network,
             )  # fmt: skip
             self.journal.add_reservation(r)
             return r
+
+    def _network_taken(self, device: str | None) -> str:
+        """The libvirt network a reservation here takes a port of: the pool's, or for the
+        recorded kind the network the recorded primary names; "" for a VF or a template."""
+        if self.kind == "network":
+            return self.settings.pool_network
+        if self.kind == "recorded" and device:
+            return network_of(device) or ""
+        return ""
 
     def _check_network(self, name: str, found: InUse, active: list[Reservation]) -> None:
         """A hostdev network has a VF for one more reservation (others are not counted)."""
@@ -314,7 +329,7 @@ class Pool:
             return r is not None and self.journal.drop_reservation(r.id)
 
     def _remember_released(self, operation: str) -> None:
-        self._released[operation] = time.time()
+        self._released[operation] = None
         while len(self._released) > RELEASED_KEPT:
             self._released.popitem(last=False)
 
@@ -334,7 +349,7 @@ class Pool:
         """Around the attach of a reservation's device: no expiry meanwhile; consumed once the
         device is attached; a VF whose plug failed is quarantined."""
         async with self._lock:
-            if self.journal.set_reservation_state(r.id, "plugging") is None:
+            if not self.journal.set_reservation_state(r.id, "plugging"):
                 raise Conflict(f"reservation {r.id} is gone (expired or released)",
                                reservation_id=r.id)  # fmt: skip
         try:

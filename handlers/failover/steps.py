@@ -63,7 +63,6 @@ class RecoverStep(Step, tag="recover"):
 
 AnyStep = (PlanStep | ReserveStep | UnplugStep | MigrateStep | ReplugStep | VerifyStep
            | RollbackStep | RecoverStep)  # fmt: skip
-SAGA = ("plan", "reserve", "unplug", "migrate", "replug", "verify")
 
 
 def read_steps(steps: list[dict[str, Any]]) -> list[AnyStep]:
