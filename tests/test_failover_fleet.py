@@ -14,8 +14,17 @@ from typing import Any
 import libvirt
 import pytest
 
-from agent.devices import device_element
-from lab.lab import guest_mac, primary_interface_xml
+from agent.devices import device_element, device_xml
+from agent.failover import NS, PREFIX, Record, record_to_xml
+from lab.lab import (
+    QEMU_PAIRED,
+    READY_LINE,
+    guest_mac,
+    primary_interface_xml,
+    remove_domain,
+    standby_interface_xml,
+    wait_for_serial,
+)
 from tests.conftest import Collector, RunningAgent, call, where
 from tests.test_failover import FINAL, PRIMARY, bond_now, final_of
 
@@ -138,3 +147,76 @@ async def test_two_failover_guests_migrated_into_one_destination_at_once_get_two
     assert agent_b.agent.fleet.reconciler.pool.active() == [], "both reservations consumed"
     for d in doms:
         await bond_now(lab.serial_path(d.name()), 2)
+
+
+async def test_in_mode_qemu_a_primary_libvirt_lists_but_qemu_lacks_stays_owed(
+    lab: Any,
+    host_a: Any,
+    guest: Callable[..., Any],
+    start_agent: Callable[..., Awaitable[RunningAgent]],
+    nc: Any,
+) -> None:
+    """libvirt 9.0 keeps a QEMU-paired primary in its live XML whatever QEMU did with it. A guest whose virtio driver never bound (`nobond`) never gets its primary from QEMU: libvirt lists `ua-primary0`, QEMU has no such device. A domain arriving with a mode-qemu record in that state is not settled: the replug says not attached (QEMU was asked), and the record stays - the operation cannot report success."""
+    agent = await start_agent(**{"libvirt.uri": host_a.uri, "failover.reconcile_interval_s": 0.5})
+    dom = await asyncio.to_thread(guest, "a", "qemu-failover", "nobond")
+    u = dom.UUIDString()
+    assert f"<alias name='{PRIMARY}'/>" in dom.XMLDesc(0), "libvirt lists the primary"
+    device = device_xml(dom.XMLDesc(0), PRIMARY)
+    assert device is not None
+    rec = Record(operation="ab" * 16, source="elsewhere", destination=agent.host, alias=PRIMARY,
+                 mac=guest_mac(1), mode="qemu", state="owed", since=0.0, device=device)  # fmt: skip
+    await asyncio.to_thread(dom.setMetadata, libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+                            record_to_xml(rec), PREFIX, NS, libvirt.VIR_DOMAIN_AFFECT_LIVE)  # fmt: skip
+    reply = await call(nc, agent.host, "failover.replug.elsewhere",
+                       {"domain": u, "alias": PRIMARY, "operation_id": "ab" * 16})  # fmt: skip
+    assert reply["ok"] is True, reply
+    assert reply["result"]["attached"] is False, reply
+    assert "QEMU" in reply["result"]["why"], reply
+    await asyncio.sleep(2)  # a few reconcile passes
+    assert (await asyncio.to_thread(where, host_a, u))["record"] is True, "still owed"
+
+
+def two_pair_domain(lab: Any, name: str, index: int) -> str:
+    """The lab's QEMU-paired guest with a second pair beside the first (its own MAC)."""
+    xml = str(lab.domain_xml(name, "qemu-failover", index))
+    mac2 = guest_mac(index + 1)
+    second = (standby_interface_xml(mac2).replace("ua-backup0", "ua-backup1")
+              + primary_interface_xml(mac2, rom=False).replace("ua-primary0", "ua-primary1"))  # fmt: skip
+    override = QEMU_PAIRED.split("<qemu:override>")[1].split("</qemu:override>")[0]
+    override2 = override.replace("ua-primary0", "ua-primary1").replace("ua-backup0", "ua-backup1")
+    return xml.replace("<serial type='file'>", f"{second}\n    <serial type='file'>").replace(
+        "</qemu:override>", f"{override2}</qemu:override>")  # fmt: skip
+
+
+async def test_a_domain_with_two_failover_pairs_is_refused_and_keeps_both(
+    lab: Any,
+    host_a: Any,
+    host_b: Any,
+    start_agent: Callable[..., Awaitable[RunningAgent]],
+    nc: Any,
+) -> None:
+    """A running guest with two QEMU-paired failover pairs: migrate-with-failover moves one pair, and libvirt would carry the other past every pool, so it is refused before anything happens, naming the other primary; the guest keeps running on A with both primaries, and no operation was started."""
+    agent_a = await start_agent(**{"libvirt.uri": host_a.uri})
+    agent_b = await start_agent(**{"libvirt.uri": host_b.uri})
+    name = "gtwopair"
+    conn = host_a.connect()
+    dom = None
+    try:
+        dom = conn.defineXML(two_pair_domain(lab, name, 6))
+        dom.create()
+        await asyncio.to_thread(wait_for_serial, lab.serial_path(name), READY_LINE, 90)
+        reply = await call(nc, agent_a.host, "migrate_with_failover",
+                           {"domain": name, "destination": agent_b.host})  # fmt: skip
+        assert reply["ok"] is False, reply
+        assert reply["error"]["code"] == "unsupported", reply
+        assert reply["error"]["details"]["others"] == ["ua-primary1"], reply
+        live = dom.XMLDesc(0)
+        assert dom.isActive()
+        assert "<alias name='ua-primary0'/>" in live
+        assert "<alias name='ua-primary1'/>" in live
+        ops = await call(nc, agent_a.host, "operation.list")
+        assert ops["result"] == [], "nothing was started"
+    finally:
+        if dom is not None:
+            remove_domain(dom)
+        conn.close()

@@ -16,7 +16,7 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from agent.devices import interfaces
-from agent.errors import NotFound, Unsupported
+from agent.errors import LibvirtFailure, NotFound, Unsupported
 from agent.failover import Record, _same_nic, write_record
 from handlers.failover import find_pair
 from handlers.failover.steps import PlanStep, ReserveStep, RollbackStep, read_steps
@@ -147,3 +147,25 @@ async def test_device_detach_of_a_network_port_records_the_port_not_its_vf(
     el = ET.fromstring(recorded)
     assert el.get("type") == "network", recorded
     assert el.find("source/address") is None, "no VF address of this host recorded"
+
+
+async def test_a_rollback_that_cannot_plug_the_primary_back_says_it_is_owed(
+    start_agent: Start, nc: NATS, testdrv: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The unplug ends (here libvirt refuses the detach), the rollback asks the reconciler to settle the primary, and that fails: the domain stays on the source without its primary for now. The operation must say so - `rolled_back` with `primary_owed` and the reason - and not `failed`, which says the primary never left. The settle is made to fail by a stand-in, since on the test driver the primary never leaves."""
+    source = await start_agent()
+    destination = await start_agent()
+    assert source.agent.fleet is not None
+    reconciler = source.agent.fleet.reconciler
+
+    async def cannot(*_a: Any, **_k: Any) -> Any:
+        raise LibvirtFailure("internal error: No more available PCI slots")
+
+    monkeypatch.setattr(reconciler, "settle", cannot)
+    dom = running_pair(testdrv, "t-owedback")
+    started = await call(nc, source.host, "migrate_with_failover",
+                         {"domain": dom.name(), "destination": destination.host})  # fmt: skip
+    got = await ended(nc, source.host, started["result"]["operation_id"])
+    assert got["state"] == "rolled_back", got
+    assert got["error"]["details"]["primary_owed"] is True, got
+    assert "PCI slots" in got["error"]["details"]["primary_owed_reason"], got
