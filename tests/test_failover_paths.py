@@ -17,7 +17,7 @@ from nats.aio.client import Client as NATS
 
 from agent.devices import interfaces
 from agent.errors import LibvirtFailure, NotFound, Unsupported
-from agent.failover import Record, _same_nic, write_record
+from agent.failover import NS, PREFIX, Record, _same_nic, record_to_xml, write_record
 from handlers.failover import find_pair
 from handlers.failover.steps import PlanStep, ReserveStep, RollbackStep, read_steps
 from tests import nic_forms
@@ -171,3 +171,44 @@ async def test_a_rollback_that_cannot_plug_the_primary_back_says_it_is_owed(
     assert got["state"] == "rolled_back", got
     assert got["error"]["details"]["primary_owed"] is True, got
     assert "PCI slots" in got["error"]["details"]["primary_owed_reason"], got
+
+
+async def test_recovery_does_not_give_up_while_libvirt_still_migrates_the_domain(
+    start_agent: Start, nc: NATS, testdrv: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent died during `migrate`; after its restart libvirtd still runs the migration job (here for 3 s, past the 1 s replug window). Recovery must wait for the job's outcome, not give up and report a failure while the domain may still land on the destination; once the job ends with the domain here, the operation ends `rolled_back`. libvirt's test driver has no jobs: jobInfo is answered by a stand-in for this domain only."""
+    from agent.envelope import Operation  # noqa: PLC0415
+    from agent.operations import Journal  # noqa: PLC0415
+
+    dom = running_pair(testdrv, "t-stilljob")
+    u = dom.UUIDString()
+    rec = Record(operation="cd" * 16, source="here", destination="hv-gone", alias="ua-primary0",
+                 mac=nic_forms.MAC, mode="sequenced", state="owed", since=time.time(),
+                 device=nic_forms.E1000E_PRIMARY)  # fmt: skip
+    dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, record_to_xml(rec), PREFIX, NS,
+                    libvirt.VIR_DOMAIN_AFFECT_LIVE)  # fmt: skip
+    job_ends = time.monotonic() + 3.0
+    real_job_info = libvirt.virDomain.jobInfo
+
+    def job_info(self: Any) -> Any:
+        if self.UUIDString() == u and time.monotonic() < job_ends:
+            return [libvirt.VIR_DOMAIN_JOB_UNBOUNDED, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+        return real_job_info(self)
+
+    monkeypatch.setattr(libvirt.virDomain, "jobInfo", job_info)
+    steps = [
+        {"step": "plan", "mode": "sequenced", "mode_reason": "asked for", "primary": "ua-primary0",
+         "standby": "ua-standby0", "mac": nic_forms.MAC, "destination": "hv-gone", "guest": ""},
+        {"step": "reserve", "host": "hv-gone", "reservation": "ab01", "resource": "recorded"},
+        {"step": "unplug", "alias": "ua-primary0", "mode": "sequenced", "reservation": "ab01"},
+        {"step": "migrate", "destination": "hv-gone"},
+    ]  # fmt: skip
+    op = Operation(id="cd" * 16, verb="migrate_with_failover", domain=u, state="running",
+                   step="migrate", created=time.time(), updated=time.time(), steps=steps)  # fmt: skip
+    journal = Journal(tmp_path / "a0" / "state" / "operations.db")  # the first agent's
+    journal.save(op)
+    journal.close()
+    agent = await start_agent(**{"failover.replug_timeout_s": 1.0})
+    got = await ended(nc, agent.host, op.id, timeout=60)
+    assert time.monotonic() >= job_ends, "it did not end while the job ran"
+    assert got["state"] == "rolled_back", got
