@@ -563,3 +563,14 @@ async def test_a_plain_suspend_and_resume_costs_the_reconciler_no_libvirt_call(
         await asyncio.sleep(0.25)  # past the reconciler's minimum gap: each resume could count
     await agent.settled()
     assert (metric("virt_agent_failover_reconcile_checks_total") or 0.0) == before
+
+
+def test_the_lease_asked_for_covers_the_unplug_too(plan_ctx: HostContext) -> None:
+    """The destination holds the primary from the reserve until the replug: the unplug (up to devices.detach_timeout_s, while the guest releases the device), the migration and the replug window - a lease without the unplug can end while the guest is still letting go."""
+    from agent.settings import DeviceSettings  # noqa: PLC0415
+    from handlers.failover.plan import LEASE_MARGIN_S, lease_needed  # noqa: PLC0415
+
+    plan_ctx.devices = DeviceSettings(detach_timeout_s=240)
+    req = FailoverRequest(domain="d", destination="dst", timeout_s=600)
+    expected = 240 + 600 + plan_ctx.failover.replug_timeout_s + LEASE_MARGIN_S
+    assert lease_needed(plan_ctx, req) == expected
