@@ -7,6 +7,7 @@ seeded test in tests/test_allocator.py; this is what libvirt and the guests show
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -219,4 +220,45 @@ async def test_a_domain_with_two_failover_pairs_is_refused_and_keeps_both(
     finally:
         if dom is not None:
             remove_domain(dom)
+        conn.close()
+
+
+async def test_a_transient_domain_stays_transient_and_is_defined_nowhere(
+    lab: Any,
+    host_a: Any,
+    host_b: Any,
+    start_agent: Callable[..., Awaitable[RunningAgent]],
+    collect: Callable[[str], Awaitable[Collector]],
+    nc: Any,
+) -> None:
+    """A transient guest (created, never defined) migrated with failover runs on B with its primary and is still transient there: no definition of it exists on either host, so no VF address is defined anywhere (it used to arrive persistent, its definition copied from the live one)."""
+    agent_a = await start_agent(**{"libvirt.uri": host_a.uri})
+    agent_b = await start_agent(**{"libvirt.uri": host_b.uri})
+    name = "gtransient"
+    conn = host_a.connect()
+    try:
+        dom = conn.createXML(lab.domain_xml(name, "failover", 7), 0)
+        await asyncio.to_thread(wait_for_serial, lab.serial_path(name), READY_LINE, 90)
+        ops = await collect(f"virt.{agent_a.host}.op.>")
+        reply = await call(nc, agent_a.host, "migrate_with_failover",
+                           {"domain": name, "destination": agent_b.host})  # fmt: skip
+        assert reply["ok"] is True, reply
+        op = await final_of(ops)
+        assert op["state"] == "succeeded", op
+        assert await asyncio.to_thread(where, host_b, dom.UUIDString()) == {
+            "running": True, "primary": True, "record": False}  # fmt: skip
+        b = host_b.connect()
+        try:
+            assert not b.lookupByName(name).isPersistent(), "still transient on B"
+        finally:
+            b.close()
+        assert name not in conn.listDefinedDomains(), "nothing left defined on A"
+    finally:
+        for h in (host_a, host_b):
+            c = h.connect()
+            try:
+                with contextlib.suppress(libvirt.libvirtError):
+                    remove_domain(c.lookupByName(name))
+            finally:
+                c.close()
         conn.close()
