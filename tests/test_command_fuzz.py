@@ -58,6 +58,22 @@ FIELD_VALUES: dict[str, st.SearchStrategy[Any]] = {
     "bandwidth_mib_s": numbers,
     "max_downtime_ms": numbers,
     "lease_s": numbers,
+    "vf": st.sampled_from(["0000:3b:02.0", "0000:3B:02.1", "3b:02.0", "0000:3b:02.8", ""]),
+    "mac": st.sampled_from(["52:54:00:aa:bb:cc", "52:54:00:AA:BB:CC", "52:54:00:aa:bb", ""]),
+    "device": st.sampled_from(
+        [
+            "<interface type='bridge'><source bridge='br0'/><model type='e1000e'/>"
+            "<alias name='ua-primary0'/></interface>",
+            "<interface type='hostdev'><source><address type='pci' domain='0' bus='0x3b' "
+            "slot='2' function='1'/></source><alias name='ua-primary0'/></interface>",
+            "<interface type='network'><source network='sriov'/></interface>",
+            "<interface",
+            "",
+        ]
+    ),
+    "carry": st.sampled_from(
+        ["<carry managed='yes'><vlan><tag id='42'/></vlan></carry>", "<carry/>", "<", ""]
+    ),
 }
 
 
