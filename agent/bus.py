@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
-from nats.errors import NoRespondersError
+from nats.errors import NoRespondersError, SlowConsumerError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import ServiceUnavailableError
 
@@ -108,6 +109,7 @@ class Bus:
         self.metrics = metrics
         self.nc: NATS | None = None
         self._draining = False
+        self._slow_logged = 0.0
 
     @property
     def connected(self) -> bool:
@@ -166,6 +168,13 @@ class Bus:
             return nc
 
     async def _on_error(self, exc: Exception) -> None:
+        if isinstance(exc, SlowConsumerError):
+            # One per message dropped: counted, logged once per burst.
+            self.metrics.slow_consumer_drops.inc()
+            now = time.monotonic()
+            if now - self._slow_logged < 10:
+                return
+            self._slow_logged = now
         log.warning("NATS error", error=str(exc) or type(exc).__name__)
 
     async def _on_disconnected(self) -> None:

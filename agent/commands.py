@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -41,6 +42,18 @@ _encoder = msgspec.json.Encoder()
 
 
 Key = tuple[str, str, str]  # (caller or "", verb, request_id)
+# The command subscription's client-side buffer: the intake never waits, so it stays short;
+# generous against a burst. Beyond it nats-py drops (a slow consumer, counted by agent/bus.py).
+SUB_PENDING_MSGS = 65_536
+SUB_PENDING_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class _Request:
+    msg: Msg
+    verb: str
+    caller: str | None  # the calling host of an agent-to-agent verb
+    who: str  # whose turn it is: the calling host, or the reply prefix of an operator
 
 
 class _Outcomes:
@@ -102,7 +115,11 @@ class CommandService:
         self.prefix = ctx.subjects.cmd("")  # virt.<host>.cmd.
         self.outcomes = _Outcomes(settings.idempotency_window_s)
         self.outcomes.store = store
-        self._slots = asyncio.Semaphore(settings.max_concurrent)
+        self._running = 0
+        self._waiting: dict[str, deque[_Request]] = {}
+        self._queued = 0
+        self._tg: asyncio.TaskGroup | None = None
+        self.refused: dict[str, int] = {}
         self._accepting = True
         self.handled = 0
         self.listening = asyncio.Event()
@@ -111,8 +128,15 @@ class CommandService:
         self._accepting = False
 
     async def run(self, nc: NATS) -> None:
-        """Serve requests until cancelled; in-flight ones finish or are cancelled with it."""
-        sub = await nc.subscribe(self.prefix + ">", pending_msgs_limit=self.settings.max_pending)
+        """Serve requests until cancelled; in-flight ones finish or are cancelled with it.
+
+        The intake never waits: a request is started when a slot is free, else it waits in its
+        caller's queue (served round-robin, so one host's flood cannot starve the controller),
+        else - that queue full - it is answered `unavailable` at once. Every request taken in
+        is answered exactly once; one with a reply subject its caller may not use is answered
+        never, and counted (contract v1.2, "Contained hosts")."""
+        sub = await nc.subscribe(self.prefix + ">", pending_msgs_limit=SUB_PENDING_MSGS,
+                                 pending_bytes_limit=SUB_PENDING_BYTES)  # fmt: skip
         try:
             await subscribed(nc)  # the server has it: commands sent from now on reach this agent
         except (NatsError, TimeoutError) as exc:
@@ -121,16 +145,71 @@ class CommandService:
         self.listening.set()
         try:
             async with asyncio.TaskGroup() as tg:
+                self._tg = tg
                 async for msg in sub.messages:
-                    if not msg.reply:
-                        continue  # a command without a reply inbox cannot be answered
+                    request = self._intake(msg)
+                    if request is None:
+                        continue
                     if not self._accepting:
                         await self._respond(msg, error_reply(Unavailable("agent is stopping")))
                         continue
-                    await self._slots.acquire()
-                    tg.create_task(self._serve(msg))
+                    if self._running < self.settings.max_concurrent:
+                        self._start(request)
+                        continue
+                    waiting = self._waiting.setdefault(request.who, deque())
+                    if (len(waiting) >= self.settings.max_pending_per_caller
+                            or self._queued >= self.settings.max_pending):  # fmt: skip
+                        self._refused("busy")
+                        await self._respond(msg, error_reply(Unavailable(
+                            "busy: too many requests waiting; try again later",
+                            waiting=len(waiting), retry_after_s=1.0,
+                        )))  # fmt: skip
+                        continue
+                    waiting.append(request)
+                    self._queued += 1
         finally:
+            self._tg = None
             await sub.unsubscribe()
+
+    def _intake(self, msg: Msg) -> _Request | None:
+        """The request in `msg`, or None (counted) when it is not one this agent answers: a
+        subject outside this host's command prefix (a push consumer's delivery carries the
+        stored subject), or a reply subject its caller may not receive on."""
+        if not msg.subject.startswith(self.prefix):
+            self._refused("subject")
+            return None
+        if not msg.reply:
+            self._refused("no_reply")
+            return None  # a command without a reply inbox cannot be answered
+        verb, caller = self._verb_and_caller(msg.subject[len(self.prefix) :])
+        allowed = (f"_INBOX_{caller}.",) if caller else self.settings.reply_prefixes
+        if not msg.reply.startswith(tuple(allowed)):
+            self._refused("reply_subject")
+            log.warning("request refused: reply subject not allowed for its caller",
+                        verb=verb[:80], caller=caller, reply=msg.reply[:120])  # fmt: skip
+            return None
+        who = caller or next(p for p in allowed if msg.reply.startswith(p))
+        return _Request(msg, verb, caller, who)
+
+    def _refused(self, reason: str) -> None:
+        self.refused[reason] = self.refused.get(reason, 0) + 1
+        self.ctx.metrics.commands_refused.labels(reason).inc()
+
+    def _start(self, request: _Request) -> None:
+        assert self._tg is not None
+        self._running += 1
+        self._tg.create_task(self._serve(request))
+
+    def _next(self) -> None:
+        """A slot is free: the next waiting request, taking callers in turn."""
+        while self._waiting and self._running < self.settings.max_concurrent:
+            who, waiting = next(iter(self._waiting.items()))
+            request = waiting.popleft()
+            self._queued -= 1
+            del self._waiting[who]
+            if waiting:
+                self._waiting[who] = waiting  # to the back of the line
+            self._start(request)
 
     def _verb_and_caller(self, name: str) -> tuple[str, str | None]:
         """`failover.reserve.hv01` -> (`failover.reserve`, `hv01`) for an agent-to-agent verb."""
@@ -140,8 +219,8 @@ class CommandService:
             return head, caller
         return name, None
 
-    async def _serve(self, msg: Msg) -> None:
-        verb, caller = self._verb_and_caller(msg.subject[len(self.prefix) :])
+    async def _serve(self, request: _Request) -> None:
+        msg, verb, caller = request.msg, request.verb, request.caller
         CALLER.set(caller)
         started = time.monotonic()
         outcome = "error"
@@ -152,7 +231,8 @@ class CommandService:
             log.exception("command handler failed", verb=verb)
             reply = error_reply(AgentError("internal error; see the agent's log", verb=verb))
         finally:
-            self._slots.release()
+            self._running -= 1
+            self._next()
         self.handled += 1
         self.ctx.metrics.commands.labels(verb if verb in self.verbs else "unknown", outcome).inc()
         ms = round((time.monotonic() - started) * 1000, 2)

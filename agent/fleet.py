@@ -13,6 +13,7 @@ from pathlib import Path
 import structlog
 from nats.aio.client import Client as NATS
 from nats.errors import Error as NatsError
+from nats.js.errors import BucketNotFoundError, NoStreamResponseError, NotFoundError
 from nats.js.kv import KeyValue
 
 from agent import __version__
@@ -22,7 +23,7 @@ from agent.operations import Journal, OperationManager, Publish
 from agent.peers import Peers
 from agent.pool import Pool
 from agent.publisher import Publisher
-from agent.registry import Registration, Registry, open_bucket
+from agent.registry import STREAM, Registration, Registry, UriPolicy, open_bucket
 from agent.settings import Settings
 from agent.streams import Streams
 from handlers import Context, HostContext
@@ -45,7 +46,9 @@ async def open_jetstream(nc: NATS, settings: Settings, streams: Streams) -> JetS
     agent, hub = settings.agent, settings.nats.hub_domain
     domain = ((await nc.jetstream().account_info()).domain or "") if hub else ""
     ttl = agent.heartbeat_interval_s * agent.registration_ttl_heartbeats
-    return JetStream(await open_bucket(nc, ttl, settings.nats.stream_replicas, hub), domain)
+    bucket = await open_bucket(nc, ttl, settings.nats.stream_replicas, hub)
+    await streams.ensure(nc)  # now with the bucket, which may have been there already
+    return JetStream(bucket, domain)
 
 
 @dataclass
@@ -58,6 +61,7 @@ class Fleet:
     peers: Peers
     reconciler: Reconciler
     jetstream_domain: str
+    nc: NATS | None = None
 
     @classmethod
     def build(
@@ -78,8 +82,9 @@ class Fleet:
             operations.holder, settings.devices.detach_timeout_s,
         )  # fmt: skip
         return cls(
-            settings, host, Registry(js.bucket, nc.jetstream(domain=hub or None), hub), journal,
-            operations, Peers(nc, settings.subject_prefix, host.host), reconciler, js.domain,
+            settings, host, Registry(js.bucket, nc.jetstream(domain=hub or None), hub,
+                               UriPolicy.of(settings.libvirt)), journal,
+            operations, Peers(nc, settings.subject_prefix, host.host), reconciler, js.domain, nc,
         )  # fmt: skip
 
     def context(self) -> Context:
@@ -103,9 +108,31 @@ class Fleet:
                     updated=0.0,
                 )
             )
-        except NatsError as exc:
+        except (NoStreamResponseError, BucketNotFoundError, NotFoundError):
+            await self._bucket_again()
+        except (NatsError, OSError) as exc:
             log.warning("could not refresh the virt_hosts registration", error=str(exc))
         h.metrics.duplicate_host_id.set(0 if self.registry.twin is None else 1)
+
+    async def _bucket_again(self) -> None:
+        """virt_hosts is gone (deleted, or NATS lost its store): made again, loudly, with this
+        host's registration; asked again at the next heartbeat if that fails too."""
+        s, nc = self.settings, self.nc
+        assert nc is not None
+        ttl = s.agent.heartbeat_interval_s * s.agent.registration_ttl_heartbeats
+        try:
+            self.registry.kv = await open_bucket(nc, ttl, s.nats.stream_replicas, s.nats.hub_domain)
+            log.error("the virt_hosts bucket was missing (deleted, or NATS lost its store); "
+                      "created again")  # fmt: skip
+            self.host.metrics.streams_recreated.labels(STREAM).inc()
+            self.registry.forget_revision()
+            try:
+                await self.register()
+            except Exception:
+                # The registration is refreshed at the next heartbeat; the agent runs on.
+                log.exception("heartbeat: the registration failed")
+        except (NatsError, OSError) as exc:
+            log.warning("could not create the virt_hosts bucket again", error=str(exc))
 
     async def heartbeat(self, publisher: Publisher) -> None:
         """Every heartbeat interval: a `heartbeat` host event and the registration again."""
@@ -121,4 +148,8 @@ class Fleet:
                     queue_depth=publisher.depth,
                 )
             )
-            await self.register()
+            try:
+                await self.register()
+            except Exception:
+                # The registration is refreshed at the next heartbeat; the agent runs on.
+                log.exception("heartbeat: the registration failed")

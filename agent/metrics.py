@@ -68,6 +68,12 @@ class Metrics:
             ["stream"],
             registry=r,
         )
+        self.stream_captures_own_subjects = Gauge(
+            f"{NS}_stream_captures_own_subjects",
+            "1 while a stream takes this host's command or inbox subjects (none should)",
+            ["stream"],
+            registry=r,
+        )
         self.duplicate_host_id = Gauge(
             f"{NS}_duplicate_host_id",
             "1 while another live agent writes this host id's registration",
@@ -118,6 +124,18 @@ class Metrics:
         )
         self.executor_capacity = Gauge(
             f"{NS}_executor_capacity", "Bound of libvirt calls running or queued", registry=r
+        )
+        self.commands_refused = Counter(
+            f"{NS}_commands_refused",
+            "Requests not served: reply_subject, subject, no_reply (never answered); busy "
+            "(answered unavailable)",
+            ["reason"],
+            registry=r,
+        )
+        self.slow_consumer_drops = Counter(
+            f"{NS}_slow_consumer_drops",
+            "Messages the NATS client dropped because a subscription's buffer was full",
+            registry=r,
         )
         self.commands = Counter(
             f"{NS}_commands",

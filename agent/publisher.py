@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import secrets
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -58,6 +59,11 @@ from agent.spool import Record, Ref, Spool
 from agent.streams import Streams
 
 log = structlog.get_logger("agent.publisher")
+
+
+def public_id(msg_id: str) -> str:
+    """A Nats-Msg-Id without its secret: the envelope's id (host:boot:sequence)."""
+    return msg_id if msg_id.count(":") < 3 else msg_id.rsplit(":", 1)[0]
 
 
 class PubAck(msgspec.Struct):
@@ -106,6 +112,7 @@ class Publisher:
         self.dead_letters = dead_letters
         self.subjects = subjects
         self.boot_id = boot_id
+        self._secret = secrets.token_hex(8)  # never published, never logged
         self.source = f"/virt/{subjects.host}"
         self.metrics = metrics
         self.delivery = Delivery(settings, spool, metrics, self._connected,
@@ -261,6 +268,8 @@ class Publisher:
 
     def _render(self, item: Queued) -> _Outgoing:
         msg_id = f"{self.subjects.host}:{self.boot_id}:{item.sequence}"
+        # The header's id adds a secret of this process's (contract v1.2, "Contained hosts"):
+        # another host, knowing the boot id, cannot claim this host's ids ahead of it.
         if isinstance(item, DomainItem):
             ev = item.event
             uuid = ev.data.domain.uuid
@@ -284,7 +293,8 @@ class Publisher:
                 sequence=item.sequence,
                 data=item.data,
             )
-        return _Outgoing(subject, encode(envelope), msg_id, item.time_ns, item.sequence)
+        return _Outgoing(subject, encode(envelope), f"{msg_id}:{self._secret}", item.time_ns,
+                         item.sequence)  # fmt: skip
 
     # ------------------------------------------------------------ sending
 
@@ -390,7 +400,7 @@ class Publisher:
         except NatsError as exc:
             # Stays in flight; the ack watchdog sends it again after ack_timeout_s.
             self.metrics.publish_errors.labels(type(exc).__name__).inc()
-            log.warning("publish failed, will retry", error=str(exc), msg_id=out.msg_id)
+            log.warning("publish failed, will retry", error=str(exc), msg_id=public_id(out.msg_id))
 
     async def _on_ack(self, msg: Msg) -> None:
         token = msg.subject[len(self._inbox) :]
@@ -410,11 +420,26 @@ class Publisher:
             self.metrics.publish_errors.labels("api_error").inc()
             self._rejected(token, out, f"JetStream: {ack.error.get('description', ack.error)}")
             return
+        if ack.duplicate and self._first_send(out):
+            # Not stored: another message holds this id. Never counted as published; sent
+            # again under a fresh id by the ack watchdog.
+            self.metrics.publish_errors.labels("duplicate_first_send").inc()
+            log.error("JetStream called a first send a duplicate: another message holds its "
+                      "id; sent again under a new one", msg_id=public_id(out.msg_id),
+                      subject=out.subject)  # fmt: skip
+            out.msg_id = f"{public_id(out.msg_id)}:{secrets.token_hex(8)}"
+            out.sent_at = 0.0
+            return
         del self._inflight[token]
         self._done(out)
         self.published += 1
         self.metrics.events_published.inc()
         self.metrics.publish_latency.observe((time.time_ns() - out.time_ns) / 1e9)
+
+    def _first_send(self, out: _Outgoing) -> bool:
+        """Sent once, by this process, never before (a spooled message may have been sent by
+        an earlier process: its duplicate is a message stored)."""
+        return out.attempts == 1 and out.spool_ref is None and out.msg_id.endswith(self._secret)
 
     def _done(self, out: _Outgoing) -> None:
         """Out of flight for good (stored, or set aside): its slot and spool place are free."""
@@ -464,24 +489,24 @@ class Publisher:
         out.rejections += 1
         if out.rejections < self.settings.max_rejections:
             log.warning("JetStream refused a message, will retry", reason=reason,
-                        msg_id=out.msg_id, refusals=out.rejections)  # fmt: skip
+                        msg_id=public_id(out.msg_id), refusals=out.rejections)  # fmt: skip
             return
         if self._inflight.pop(token, None) is None:
             return
         self._done(out)
         self.metrics.dead_letters.inc()
         log.error("message JetStream will not accept set aside in the dead-letter file",
-                  msg_id=out.msg_id, subject=out.subject, reason=reason,
+                  msg_id=public_id(out.msg_id), subject=out.subject, reason=reason,
                   bytes=len(out.payload), attempts=out.attempts)  # fmt: skip
         if self.dead_letters is not None:
-            self.dead_letters.add(out.msg_id, out.subject, out.sequence, out.payload, reason,
-                                  out.attempts)  # fmt: skip
+            self.dead_letters.add(public_id(out.msg_id), out.subject, out.sequence, out.payload,
+                                  reason, out.attempts)  # fmt: skip
         if out.subject != self.subjects.host_event("dead_letter"):  # never one about itself
             self.submit_host_event(
                 DeadLetter(
                     host=self.subjects.host,
                     boot_id=self.boot_id,
-                    msg_id=out.msg_id,
+                    msg_id=public_id(out.msg_id),
                     subject=out.subject,
                     sequence=out.sequence,
                     bytes=len(out.payload),

@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import dataclass
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 import msgspec
 import structlog
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, StorageType
+from nats.js.api import DiscardPolicy, StorageType, StreamConfig
 from nats.js.errors import (
     APIError,
     BadRequestError,
@@ -24,10 +26,13 @@ from nats.js.kv import KeyValue
 
 from agent.capabilities import Capabilities
 from agent.errors import NotFound
+from agent.settings import LibvirtSettings
 
 log = structlog.get_logger("agent.registry")
 
 BUCKET = "virt_hosts"
+STREAM = f"KV_{BUCKET}"
+STREAM_NAME_IN_USE = 10058  # JetStream: "stream name already in use with a different configuration"
 WRONG_LAST_SEQUENCE = 10071  # JetStream's error code for a write over another revision
 
 
@@ -50,22 +55,75 @@ class Registration(msgspec.Struct, frozen=True, kw_only=True):
 _decoder = msgspec.json.Decoder(Registration)
 
 
-async def open_bucket(nc: NATS, ttl_s: float, replicas: int, domain: str = "") -> KeyValue:
-    """The bucket, made if missing, in JetStream `domain` (empty: the connected server's)."""
-    js = nc.jetstream(domain=domain or None)
-    cfg = KeyValueConfig(
-        bucket=BUCKET,
-        history=1,
-        ttl=ttl_s,
-        storage=StorageType.FILE,
-        replicas=replicas,
+@dataclass(frozen=True)
+class UriPolicy:
+    """Which libvirt and migration URIs of another host's registration this agent will open:
+    a registration is data from another host, and some libvirt URIs run programs
+    (`qemu+ext://...?command=`, `qemu+ssh://...?command=`)."""
+
+    transports: frozenset[str]
+    params: frozenset[str]
+    migration_schemes: frozenset[str]
+
+    @classmethod
+    def of(cls, s: LibvirtSettings) -> UriPolicy:
+        return cls(frozenset(s.peer_uri_transports), frozenset(s.peer_uri_params),
+                   frozenset(s.peer_migration_schemes))  # fmt: skip
+
+    def refuses(self, reg: Registration) -> str:
+        """Why `reg`'s URIs are not accepted; empty when they are."""
+        uri = urlsplit(reg.libvirt_uri)
+        _, _, transport = uri.scheme.partition("+")
+        if not uri.scheme or any(c.isspace() for c in reg.libvirt_uri):
+            return f"libvirt_uri {reg.libvirt_uri!r} is not a libvirt URI"
+        if transport not in self.transports:
+            return f"libvirt_uri transport {transport!r} is not in libvirt.peer_uri_transports"
+        for name, _ in parse_qsl(uri.query, keep_blank_values=True):
+            if name not in self.params:
+                return f"libvirt_uri parameter {name!r} is not in libvirt.peer_uri_params"
+        if reg.migration_uri:
+            mig = urlsplit(reg.migration_uri)
+            if mig.scheme not in self.migration_schemes or mig.query:
+                return (f"migration_uri {reg.migration_uri!r}: scheme not in "
+                        "libvirt.peer_migration_schemes, or parameters")  # fmt: skip
+        return ""
+
+
+def bucket_config(ttl_s: float, replicas: int) -> StreamConfig:
+    """The bucket's stream as a key-value bucket of history 1, without what lets one writer
+    erase others' keys: no rollup headers (`Nats-Rollup: all` on one key wipes every key)
+    and no purge."""
+    return StreamConfig(
+        name=STREAM,
         description="virt-agent host registrations (contract v1)",
+        subjects=[f"$KV.{BUCKET}.>"],
+        max_msgs_per_subject=1,
+        max_age=ttl_s,
+        storage=StorageType.FILE,
+        num_replicas=replicas,
+        discard=DiscardPolicy.NEW,
+        allow_direct=True,
+        allow_rollup_hdrs=False,
+        deny_delete=True,
+        deny_purge=True,
+        duplicate_window=min(120.0, ttl_s),
     )
+
+
+async def open_bucket(nc: NATS, ttl_s: float, replicas: int, domain: str = "") -> KeyValue:
+    """The bucket, made if missing, in JetStream `domain` (empty: the connected server's).
+    An existing one is used as it is: agents/streams.py reports how it differs."""
+    js = nc.jetstream(domain=domain or None)
     try:
-        return await js.create_key_value(cfg)
-    except BadRequestError:
-        # Exists (another host made it, perhaps with another TTL): use it as it is.
-        return await js.key_value(BUCKET)
+        info = await js.add_stream(bucket_config(ttl_s, replicas))
+    except BadRequestError as exc:
+        if exc.err_code != STREAM_NAME_IN_USE:
+            raise
+        info = await js.stream_info(STREAM)
+    # Not js.key_value(): that refuses a stream unlike a bucket, and the agent must run on
+    # (and say so) when someone made KV_virt_hosts otherwise.
+    return KeyValue(name=BUCKET, stream=STREAM, pre=f"$KV.{BUCKET}.", js=js,
+                    direct=bool(info.config.allow_direct))  # fmt: skip
 
 
 class Registry:
@@ -74,8 +132,11 @@ class Registry:
     copied configuration) - `twin` names it until this agent is alone again. An earlier
     process of this host that died does not write any more, so a restart is no twin."""
 
-    def __init__(self, kv: KeyValue, js: JetStreamContext, domain: str = "") -> None:
+    def __init__(
+        self, kv: KeyValue, js: JetStreamContext, domain: str = "", policy: UriPolicy | None = None
+    ) -> None:
         self.kv = kv
+        self.policy = policy
         self._js = js
         # Writes go through the domain's API prefix when the bucket is in another JetStream
         # domain (a leaf node writing into the hub's; nats-py's KeyValue does not do it).
@@ -94,7 +155,7 @@ class Registry:
                 self._alone()
                 return
             try:
-                other = await self.resolve(reg.host)
+                other = await self._read(reg.host, uris=False)
             except NotFound:
                 other = None  # expired or withdrawn meanwhile: nobody else writes
             if other is not None and other.boot_id != reg.boot_id:
@@ -122,6 +183,10 @@ class Registry:
             raise
         return int(ack.seq)
 
+    def forget_revision(self) -> None:
+        """The bucket was made again: the next write names no earlier revision."""
+        self._revision = None
+
     def _alone(self) -> None:
         if self.twin is not None:
             log.info("no other agent uses this host id any more", other_boot_id=self.twin.boot_id)
@@ -132,13 +197,30 @@ class Registry:
             await self._write(host, b"", headers={"KV-Operation": "DEL"})
 
     async def resolve(self, host: str) -> Registration:
+        """`host`'s registration, if it is one this agent accepts: well-formed, under its own
+        key, with URIs this agent's settings allow (contract v1.2, "Contained hosts")."""
+        return await self._read(host, uris=True)
+
+    async def _read(self, host: str, uris: bool) -> Registration:
         try:
             entry = await self.kv.get(host)
         except (KeyNotFoundError, NotFoundError):
             raise NotFound(f"host {host!r} is not registered in {BUCKET}", host=host) from None
         if entry.value is None:
             raise NotFound(f"host {host!r} is not registered in {BUCKET}", host=host)
-        return _decoder.decode(entry.value)
+        try:
+            reg = _decoder.decode(entry.value)
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+            reason = f"its entry is malformed ({str(exc)[:200]})"
+        else:
+            reason = "" if reg.host == host else f"its entry names another host ({reg.host[:64]!r})"
+            if not reason and uris and self.policy is not None:
+                reason = self.policy.refuses(reg)
+            if not reason:
+                return reg
+        log.warning("registry entry not accepted", host=host, reason=reason)
+        raise NotFound(f"host {host!r} is not registered in {BUCKET}: {reason}", host=host,
+                       reason=reason)  # fmt: skip
 
     async def hosts(self) -> list[Registration]:
         """Every registered host. The keys come from the bucket stream's subject counts, not
@@ -146,7 +228,7 @@ class Registry:
         overtake the consumer's first message, and leaves a consumer on the server for five
         minutes per listing."""
         try:
-            info = await self._js.stream_info(f"KV_{BUCKET}", subjects_filter=f"$KV.{BUCKET}.>")
+            info = await self._js.stream_info(STREAM, subjects_filter=f"$KV.{BUCKET}.>")
         except NotFoundError:
             return []
         out = []

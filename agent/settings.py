@@ -33,6 +33,7 @@ PCI_RE = re.compile(r"^[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]$")
 
 TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 SUBJECT_PREFIX_RE = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
+REPLY_PREFIX_RE = re.compile(r"^([A-Za-z0-9_$-]+\.)+$")
 NATS_URL_RE = re.compile(r"^(nats|tls|ws|wss)://[^\s/]+(:\d+)?/?$")
 
 PosInt = Annotated[int, Meta(ge=1)]
@@ -55,6 +56,19 @@ class LibvirtSettings(_Section, frozen=True, kw_only=True, forbid_unknown_fields
     executor_queue: NonNegInt = 256
     # Advertised in virt_hosts for migrations to this host; empty: libvirt peer-to-peer via uri.
     migration_uri: str = ""
+    # Another host's registration names its libvirt URI and migration URI, which this agent
+    # opens and migrates to. Only these libvirt transports ("" - none - is a local driver
+    # such as test:///default) and URI parameters are accepted; `ext` (runs the URI's
+    # `command=`) and parameters naming local programs (`command`, `netcat`) are not by
+    # default. The migration URI's scheme must be one of `peer_migration_schemes`.
+    peer_uri_transports: list[str] = msgspec.field(
+        default_factory=lambda: ["", "tls", "tcp", "ssh", "libssh", "libssh2"]
+    )
+    peer_uri_params: list[str] = msgspec.field(
+        default_factory=lambda: ["no_verify", "pkipath", "keyfile", "known_hosts",
+                                 "known_hosts_verify", "sshauth", "no_tty", "mode", "name"]
+    )  # fmt: skip
+    peer_migration_schemes: list[str] = msgspec.field(default_factory=lambda: ["tcp", "rdma"])
     reconnect_min_s: PosFloat = 0.5
     reconnect_max_s: PosFloat = 30.0
 
@@ -138,6 +152,15 @@ class CommandSettings(_Section, frozen=True, kw_only=True, forbid_unknown_fields
     # Commands executing at once; more wait (bounded by max_pending) for a slot.
     max_concurrent: PosInt = 64
     max_pending: PosInt = 1024
+    # Of those, one caller (a host, or an operator prefix below) at most this many; waiting
+    # requests are served callers in turn, and one more is answered `unavailable` (busy).
+    max_pending_per_caller: PosInt = 256
+    # Replies to operator verbs go only to subjects under these prefixes (agent-to-agent verbs
+    # only to `_INBOX_<caller>.`); a request with another reply subject is not answered, and
+    # counted (`virt_agent_commands_refused_total{reason="reply_subject"}`).
+    reply_prefixes: list[str] = msgspec.field(
+        default_factory=lambda: ["_INBOX.", "_INBOX_controller.", "_INBOX_monitor."]
+    )
     # A repeated request_id within this window gets the first reply, without acting again.
     idempotency_window_s: PosFloat = 600.0
     # The journal keeps finished operations (operation.get/list) and devices recorded at
@@ -317,7 +340,7 @@ def _from_file(path: Path, tree: dict[str, Any], sources: dict[str, str]) -> Non
         raw = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise SettingsError("config", str(path), "file not found") from None
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise SettingsError("config", str(path), f"unreadable: {exc}") from None
     for key, value in _flatten(raw).items():
         if key not in LEAVES:
@@ -424,8 +447,30 @@ def _validate(s: Settings, sources: Mapping[str, str]) -> None:
     _validate_nats_auth(s, bad)
     _validate_leaf(s, bad)
     _validate_failover(s, bad)
+    _validate_commands(s, bad)
     if not s.state_dir:
         raise bad("state_dir", s.state_dir, "must be a directory path")
+
+
+def _validate_commands(s: Settings, bad: Callable[[str, Any, str], SettingsError]) -> None:
+    """A verb named in allowed_verbs/denied_verbs must exist: a typo in a deny list would
+    leave the verb it meant allowed."""
+    from handlers import all_verbs  # noqa: PLC0415 - handlers import the settings
+
+    if s.nats.inbox_prefix and not SUBJECT_PREFIX_RE.match(s.nats.inbox_prefix):
+        raise bad("nats.inbox_prefix", s.nats.inbox_prefix,
+                  "must be dot-separated tokens [A-Za-z0-9_-]+ (no wildcards)")  # fmt: skip
+    for prefix in s.commands.reply_prefixes:
+        if not REPLY_PREFIX_RE.match(prefix):
+            raise bad("commands.reply_prefixes", prefix, "expected tokens ending in '.', such "
+                      "as _INBOX_controller. (no wildcards)")  # fmt: skip
+    known = all_verbs()
+    for key in ("allowed_verbs", "denied_verbs"):
+        for name in getattr(s.commands, key):
+            if name not in known:
+                raise bad(
+                    f"commands.{key}", name, f"unknown verb; known: {', '.join(sorted(known))}"
+                )
 
 
 def _validate_nats_auth(s: Settings, bad: Callable[[str, Any, str], SettingsError]) -> None:

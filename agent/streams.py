@@ -17,6 +17,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
+import msgspec
 import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -34,6 +35,7 @@ from nats.js.errors import BadRequestError, NotFoundError
 
 from agent.envelope import Subjects
 from agent.metrics import Metrics
+from agent.registry import STREAM, bucket_config
 from agent.settings import NatsSettings
 
 log = structlog.get_logger("agent.streams")
@@ -75,10 +77,12 @@ def stream_configs(settings: NatsSettings, subjects: Subjects) -> list[StreamCon
     ]
 
 
-def differences(have: StreamConfig, want: StreamConfig) -> dict[str, dict[str, Any]]:
+def differences(
+    have: StreamConfig, want: StreamConfig, compared: tuple[str, ...] = COMPARED
+) -> dict[str, dict[str, Any]]:
     """Field -> {"stream": what the fleet's stream has, "settings": what this agent's say}."""
     out: dict[str, dict[str, Any]] = {}
-    for name in COMPARED:
+    for name in compared:
         a, b = getattr(have, name), getattr(want, name)
         if name == "subjects":
             a, b = sorted(a or []), sorted(b or [])
@@ -91,9 +95,28 @@ def differences(have: StreamConfig, want: StreamConfig) -> dict[str, dict[str, A
     return out
 
 
+# Differences that let one host read or erase what is another's: the fleet object is not used
+# as trustworthy (readiness false) until an operator puts it right.
+UNSAFE = frozenset({"subjects", "allow_rollup_hdrs", "deny_purge", "deny_delete"})
+BUCKET_COMPARED = ("subjects", "max_msgs_per_subject", "allow_rollup_hdrs", "deny_purge",
+                   "deny_delete", "storage", "num_replicas")  # fmt: skip
+
+
 class Streams:
-    def __init__(self, settings: NatsSettings, subjects: Subjects, metrics: Metrics) -> None:
+    def __init__(
+        self, settings: NatsSettings, subjects: Subjects, metrics: Metrics, bucket_ttl_s: float
+    ) -> None:
         self.configs = stream_configs(settings, subjects)
+        self.bucket = bucket_config(bucket_ttl_s, settings.stream_replicas)
+        self.hub_domain = settings.hub_domain
+        # Subjects only this host's agent may receive on: no stream may take them.
+        self.own_subjects = [
+            subjects.cmd(">"),
+            f"{settings.inbox_prefix or '_INBOX_' + subjects.host}.>",
+        ]
+        # Fleet object -> what makes it untrustworthy (an unsafe difference, or capturing
+        # this host's own subjects); empty while all is well.
+        self.unsafe: dict[str, list[str]] = {}
         self.manage = settings.manage_streams
         self.metrics = metrics
         self.present = False  # every stream exists (as of the last check)
@@ -134,6 +157,8 @@ class Streams:
                     self.metrics.streams_recreated.labels(cfg.name).inc()
                 continue
             self._compare(cfg.name, info.config, cfg)
+        await self._check_bucket(nc)
+        await self._check_captures(nc)
         self.present = not missing
         if missing:
             self.check_requested.set()  # the watch task looks again until they exist
@@ -163,8 +188,48 @@ class Streams:
         while len(self.unbound) > 1024:
             del self.unbound[next(iter(self.unbound))]
 
-    def _compare(self, name: str, have: StreamConfig, want: StreamConfig) -> None:
-        diff = differences(have, want)
+    async def _check_bucket(self, nc: NATS) -> None:
+        """The registry bucket's stream, compared like the others (it is made by
+        agent/registry.py, in the hub's JetStream domain in leaf-node mode)."""
+        try:
+            info = await nc.jetstream(domain=self.hub_domain or None).stream_info(STREAM)
+        except NotFoundError:
+            return  # made at the registration
+        self._compare(STREAM, info.config, self.bucket, BUCKET_COMPARED)
+
+    async def _check_captures(self, nc: NATS) -> None:
+        """Which streams take this host's command subjects or inbox: none should. One that
+        does reads this host's commands and replies, and answers them with PubAcks."""
+        names: set[str] = set()
+        for subject in self.own_subjects:
+            body = msgspec.json.encode({"subject": subject})
+            msg = await nc.request("$JS.API.STREAM.NAMES", body, timeout=5)
+            names.update(msgspec.json.decode(msg.data).get("streams") or [])
+        for name in sorted(names | {n for n in self.unsafe if n.startswith("capture:")}):
+            captures = name in names
+            self.metrics.stream_captures_own_subjects.labels(name).set(1 if captures else 0)
+            key = f"capture:{name}"
+            if captures and key not in self.unsafe:
+                log.error("a stream takes this host's command or inbox subjects: it reads them "
+                          "and answers commands; an operator must delete it", stream=name,
+                          subjects=self.own_subjects)  # fmt: skip
+                self.unsafe[key] = ["captures " + " ".join(self.own_subjects)]
+            elif not captures:
+                self.unsafe.pop(key, None)
+
+    def _compare(
+        self,
+        name: str,
+        have: StreamConfig,
+        want: StreamConfig,
+        compared: tuple[str, ...] = COMPARED,
+    ) -> None:
+        diff = differences(have, want, compared)
+        unsafe = sorted(UNSAFE & diff.keys())
+        if unsafe:
+            self.unsafe[name] = unsafe
+        else:
+            self.unsafe.pop(name, None)
         if diff != self._mismatch.get(name, {}):
             if diff:
                 log.warning("the fleet's stream differs from this agent's settings; left as it "

@@ -65,7 +65,9 @@ class Agent:
             DeadLetters(Path(settings.state_dir) / "dead-letters.jsonl",
                         settings.publisher.dead_letter_max_bytes),
         )  # fmt: skip
-        self.streams = Streams(settings.nats, self.subjects, self.metrics)
+        self.streams = Streams(settings.nats, self.subjects, self.metrics,
+                               settings.agent.heartbeat_interval_s
+                               * settings.agent.registration_ttl_heartbeats)  # fmt: skip
         self.hypervisor = Hypervisor(
             settings.libvirt,
             settings.libvirt.uri,
@@ -125,9 +127,13 @@ class Agent:
             "nats": self.bus.connected,
             "streams": self.streams.present,
             "unique_host_id": self.fleet is None or self.fleet.registry.twin is None,
+            "fleet_objects": not self.streams.unsafe,
             **self.publisher.ready(),
         }
-        return {"ready": all(checks.values()), "checks": checks}
+        out: dict[str, Any] = {"ready": all(checks.values()), "checks": checks}
+        if self.streams.unsafe:
+            out["fleet_objects"] = self.streams.unsafe
+        return out
 
     # ------------------------------------------------------------ run
 

@@ -178,7 +178,7 @@ async def test_the_monitoring_identity_reads_the_streams_and_sends_no_command(
         started = await stream_messages(monitor, "VIRT_EVENTS", "virt.hv01.host.agent_started")
         assert [ev["data"]["boot_id"] for _, ev, _ in started] == [agent.agent.boot_id]
         js = monitor.jetstream()
-        sub = await js.pull_subscribe("virt.*.host.>", durable="noc", stream="VIRT_EVENTS")
+        sub = await js.pull_subscribe("virt.*.host.>", durable="monitor", stream="VIRT_EVENTS")
         msgs = await sub.fetch(1, timeout=10)
         await msgs[0].ack()
         assert msgspec.json.decode(msgs[0].data)["source"] == "/virt/hv01"

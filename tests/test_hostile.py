@@ -1,0 +1,291 @@
+"""A hostile host stays contained (docs/operations.md, "Threat model"): on a real nats-server
+with config/nats-server.conf.example, one host's credentials - and the controller's and the
+monitor's - cannot crash, silence, impersonate or run code on another host's agent through
+reply subjects, message ids, the registry bucket, streams of their own, forged envelopes,
+registry URIs, floods or malformed input."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+import pytest
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.api import StreamConfig
+
+from agent.bus import subscribed
+from agent.embedded import NatsServer
+from agent.registry import Registration
+from tests.conftest import RunningAgent, connect_as, secured_url, stream_messages
+
+Start = Callable[..., Awaitable[RunningAgent]]
+
+
+async def host_agent(
+    start_agent: Start, secured: NatsServer, host: str, **more: Any
+) -> RunningAgent:
+    return await start_agent(**{"host_id": host, "nats.urls": [secured_url(secured, host)], **more})
+
+
+def metric(agent: RunningAgent, name: str, **labels: str) -> float:
+    value = agent.agent.metrics.registry.get_sample_value(name, labels or None)
+    return 0.0 if value is None else value
+
+
+def readyz(agent: RunningAgent) -> dict[str, Any]:
+    return agent.agent.readiness()
+
+
+async def registration(nc: Any, host: str) -> Registration:
+    kv = await nc.jetstream().key_value("virt_hosts")
+    return msgspec.json.decode((await kv.get(host)).value, type=Registration)
+
+
+async def test_replies_go_only_to_the_callers_own_inbox(
+    secured: NatsServer, start_agent: Start
+) -> None:
+    """Item 1: hv02 may call hv01's failover verbs, but a crafted reply subject - hv03's
+    registry key, hv03's event subject, a command subject hv01 itself may not publish on - gets
+    no reply: nothing is written there, hv03's agent keeps running, and the refusals are
+    counted. The caller's own inbox still gets its answer."""
+    hv01 = await host_agent(start_agent, secured, "hv01")
+    hv03 = await host_agent(start_agent, secured, "hv03", **{"agent.heartbeat_interval_s": 0.3})
+    hv02, _ = await connect_as(secured, "hv02")
+    controller, _ = await connect_as(secured, "controller")
+    try:
+        seen: list[str] = []
+
+        async def on_msg(msg: Any) -> None:
+            seen.append(msg.subject)
+
+        await controller.subscribe("virt.hv03.>", cb=on_msg)
+        await controller.subscribe("$KV.virt_hosts.hv03", cb=on_msg)
+        await subscribed(controller)
+        body = b'{"reservation_id": "ab12"}'
+        crafted = ["$KV.virt_hosts.hv03", "virt.hv03.event.6695eb01-f6a4-8304-79aa-97f2502e193f"
+                   ".lifecycle", "virt.hv01.cmd.domain.destroy", "_INBOX_hv03.abc", "_INBOX.x"]  # fmt: skip
+        for reply in crafted:
+            await hv02.publish("virt.hv01.cmd.failover.release.hv02", body, reply=reply)
+        await hv02.flush()
+        # A controller verb answered only to the configured operator prefixes.
+        await controller.publish("virt.hv01.cmd.ping", b"{}", reply="virt.hv03.host.forged")
+        # The caller's own inbox is answered (and shows the others were seen first).
+        out = await hv02.request("virt.hv01.cmd.failover.release.hv02", body, timeout=10)
+        assert msgspec.json.decode(out.data)["ok"] is True
+        assert (await controller.request("virt.hv01.cmd.ping", b"{}", timeout=10)).data
+        await asyncio.sleep(1.5)  # several of hv03's heartbeats
+        assert [s for s in seen if not s.startswith("virt.hv03.host.heartbeat")] == [
+            s for s in seen if s == "$KV.virt_hosts.hv03"
+        ]
+        assert not hv03.task.done(), "hv03's agent ended"
+        reg = await registration(controller, "hv03")
+        assert reg.host == "hv03"
+        events = await stream_messages(controller, "VIRT_EVENTS", "virt.hv03.event.>")
+        assert events == []
+        refused = metric(hv01, "virt_agent_commands_refused_total", reason="reply_subject")
+        assert refused == len(crafted) + 1
+        assert hv01.agent.commands.handled == 2  # the refused ones did not run
+    finally:
+        for nc in (hv02, controller):
+            with contextlib.suppress(Exception):
+                await nc.close()
+
+
+async def test_a_malformed_registry_entry_never_ends_an_agent(
+    secured: NatsServer, start_agent: Start
+) -> None:
+    """Item 1: a host writes garbage into its own registry key. Another agent resolving it
+    answers not_found; its own agent, meeting it at its next heartbeat, keeps running and
+    writes its registration again."""
+    hv01 = await host_agent(start_agent, secured, "hv01", **{"agent.heartbeat_interval_s": 0.3})
+    hv02_agent = await host_agent(start_agent, secured, "hv02")
+    hv01_creds, _ = await connect_as(secured, "hv01")
+    controller, _ = await connect_as(secured, "controller")
+    try:
+        for garbage in (b'{"ok": true, "result": {"released": false}}', b"\xff\x00", b"[]"):
+            await hv01_creds.jetstream().publish("$KV.virt_hosts.hv01", garbage)
+            with pytest.raises(Exception, match=r"not registered|malformed|not a valid"):
+                await hv02_agent.agent.fleet.registry.resolve("hv01")  # type: ignore[union-attr]
+            await asyncio.sleep(1.0)
+            assert not hv01.task.done(), "hv01's agent ended"
+            assert (await registration(controller, "hv01")).boot_id == hv01.agent.boot_id
+        assert not hv02_agent.task.done()
+    finally:
+        for nc in (hv01_creds, controller):
+            with contextlib.suppress(Exception):
+                await nc.close()
+
+
+async def test_message_ids_of_a_host_cannot_be_claimed_by_another(
+    secured: NatsServer, start_agent: Start
+) -> None:
+    """Item 2: hv02 reads hv01's boot_id from virt_hosts and publishes on its own subject with
+    the message ids hv01's next events would have had. hv01's events are all stored."""
+    hv01 = await host_agent(start_agent, secured, "hv01")
+    await hv01.settled()
+    hv02, _ = await connect_as(secured, "hv02")
+    controller, _ = await connect_as(secured, "controller")
+    try:
+        boot = (await registration(controller, "hv01")).boot_id
+        js = hv02.jetstream()
+        first = hv01.agent.publisher._sequence + 1
+        acks = await asyncio.gather(*(
+            js.publish("virt.hv02.event.x.lifecycle", b"{}",
+                       headers={"Nats-Msg-Id": f"hv01:{boot}:{n}"})
+            for n in range(first, first + 400)
+        ))  # fmt: skip
+        assert all(not a.duplicate for a in acks)
+        for _ in range(10):
+            for verb in ("domain.suspend", "domain.resume"):
+                r = await controller.request(
+                    f"virt.hv01.cmd.{verb}", b'{"domain": "test"}', timeout=10
+                )
+                assert msgspec.json.decode(r.data)["ok"] is True, r.data
+        await hv01.settled()
+        stored = await stream_messages(controller, "VIRT_EVENTS", "virt.hv01.event.>")
+        lifecycle = [e for _, e, _ in stored if e["type"].endswith("lifecycle")]
+        assert len(lifecycle) >= 20, len(lifecycle)
+        # What hv01 counts as published was stored.
+        every = await stream_messages(controller, "VIRT_EVENTS", "virt.hv01.>")
+        assert hv01.agent.publisher.published <= len(every)
+        assert metric(hv01, "virt_agent_publish_errors_total", kind="duplicate_first_send") == 0
+        # The envelope's id is unchanged for consumers; the header's is not guessable.
+        _, env, headers = stored[-1]
+        assert env["id"].startswith(f"hv01:{hv01.agent.boot_id}:")
+        assert headers["Nats-Msg-Id"].startswith(env["id"] + ":")
+        assert len(headers["Nats-Msg-Id"]) >= len(env["id"]) + 17
+    finally:
+        for nc in (hv02, controller):
+            with contextlib.suppress(Exception):
+                await nc.close()
+
+
+async def test_one_header_cannot_wipe_the_registry(secured: NatsServer, start_agent: Start) -> None:
+    """Item 3: `Nats-Rollup: all` (or a purge) on a host's own key leaves every other host's
+    registration where it is."""
+    await host_agent(start_agent, secured, "hv01")
+    await host_agent(start_agent, secured, "hv03")
+    hv02, _ = await connect_as(secured, "hv02")
+    controller, _ = await connect_as(secured, "controller")
+    try:
+        js = hv02.jetstream()
+        for headers in ({"Nats-Rollup": "all"}, {"KV-Operation": "PURGE", "Nats-Rollup": "sub"}):
+            with contextlib.suppress(Exception):
+                await js.publish("$KV.virt_hosts.hv02", b"{}", headers=headers)
+        assert (await registration(controller, "hv01")).host == "hv01"
+        assert (await registration(controller, "hv03")).host == "hv03"
+        cfg = (await controller.jetstream().stream_info("KV_virt_hosts")).config
+        assert cfg.allow_rollup_hdrs is False
+        assert cfg.deny_purge is True
+    finally:
+        for nc in (hv02, controller):
+            with contextlib.suppress(Exception):
+                await nc.close()
+
+
+async def test_a_rogue_fleet_stream_is_seen_and_not_trusted(
+    secured: NatsServer, start_agent: Start
+) -> None:
+    """Item 4: hv02 creates KV_virt_hosts first, capturing hv01's inbox and commands. hv01's
+    agent reports it: /readyz false with the reason, the mismatch gauge, and it says which
+    stream takes its command subjects."""
+    hv02, _ = await connect_as(secured, "hv02")
+    try:
+        await hv02.jetstream().add_stream(StreamConfig(
+            name="KV_virt_hosts",
+            subjects=["$KV.virt_hosts.>", "_INBOX_hv01.>", "_INBOX_controller.>", "virt.hv01.cmd.>"],
+        ))  # fmt: skip
+    finally:
+        await hv02.close()
+    hv01 = await host_agent(start_agent, secured, "hv01")
+    ready = readyz(hv01)
+    assert ready["ready"] is False
+    assert ready["checks"]["fleet_objects"] is False
+    assert "KV_virt_hosts" in json.dumps(ready.get("fleet_objects", {}))
+    assert metric(hv01, "virt_agent_stream_config_mismatch", stream="KV_virt_hosts") == 1
+    assert metric(hv01, "virt_agent_stream_captures_own_subjects", stream="KV_virt_hosts") == 1
+
+
+async def test_the_registry_bucket_is_made_again_while_running(
+    nats_server: NatsServer, start_agent: Start, nc: Any
+) -> None:
+    """Item 4: virt_hosts deleted under a running agent is created again at its next
+    heartbeat, with its registration, and counted."""
+    agent = await start_agent(**{"agent.heartbeat_interval_s": 0.3})
+    js = nc.jetstream()
+    await js.delete_stream("KV_virt_hosts")
+    for _ in range(50):
+        await asyncio.sleep(0.2)
+        with contextlib.suppress(Exception):
+            if (await registration(nc, agent.host)).boot_id == agent.agent.boot_id:
+                break
+    assert (await registration(nc, agent.host)).boot_id == agent.agent.boot_id
+    assert metric(agent, "virt_agent_streams_recreated_total", stream="KV_virt_hosts") == 1
+    cfg = (await js.stream_info("KV_virt_hosts")).config
+    assert cfg.allow_rollup_hdrs is False
+
+
+async def test_a_push_consumer_cannot_smuggle_a_command(
+    secured: NatsServer, start_agent: Start
+) -> None:
+    """Item 6: the controller may make consumers, but a push consumer delivering into hv01's
+    command subjects calls nothing there (the subject's prefix and the reply subject are
+    checked), and it cannot make or change a stream to capture a host's inbox or rewrite a
+    registration."""
+    hv01 = await host_agent(start_agent, secured, "hv01")
+    controller, _ = await connect_as(secured, "controller")
+    try:
+        js = controller.jetstream(timeout=2)
+        # A permissions violation: the request is dropped, no reply.
+        with pytest.raises(NatsTimeoutError):
+            await js.add_stream(StreamConfig(name="CAPTURE", subjects=["_INBOX_hv02.>"]))
+        with pytest.raises(NatsTimeoutError):
+            await js.update_stream(StreamConfig(name="KV_virt_hosts", subjects=["$KV.virt_hosts.>"],
+                                                sources=[]))  # fmt: skip
+        with pytest.raises(NatsTimeoutError):
+            await js.purge_stream("KV_virt_hosts")
+        with pytest.raises(NatsTimeoutError):
+            await js.delete_stream("VIRT_EVENTS")
+        # A push consumer on the events stream delivering into hv01's command subjects.
+        handled = hv01.agent.commands.handled
+        with contextlib.suppress(Exception):
+            await js.add_consumer("VIRT_EVENTS", deliver_subject="virt.hv01.cmd.zzz", timeout=2)
+        await asyncio.sleep(1.5)
+        assert hv01.agent.commands.handled == handled
+        assert not hv01.task.done()
+    finally:
+        await controller.close()
+
+
+async def test_the_monitor_owns_only_its_own_consumers(
+    secured: NatsServer, start_agent: Start
+) -> None:
+    """Item 6: the monitor reads the streams through consumers of its own; it can neither
+    delete another consumer nor pull from someone else's durable."""
+    await host_agent(start_agent, secured, "hv01")
+    controller, _ = await connect_as(secured, "controller")
+    monitor, _ = await connect_as(secured, "monitor")
+    try:
+        theirs = await controller.jetstream().pull_subscribe("virt.>", durable="controller",
+                                                             stream="VIRT_EVENTS")  # fmt: skip
+        mine = await monitor.jetstream().pull_subscribe("virt.>", durable="monitor",
+                                                        stream="VIRT_EVENTS")  # fmt: skip
+        assert len(await mine.fetch(1, timeout=10)) == 1
+        mjs = monitor.jetstream(timeout=2)
+        with pytest.raises(NatsTimeoutError):
+            await mjs.delete_consumer("VIRT_EVENTS", "controller")
+        stolen = await mjs.pull_subscribe_bind("controller", stream="VIRT_EVENTS")
+        with pytest.raises(NatsTimeoutError):
+            await stolen.fetch(1, timeout=2)
+        # Nor take over its name through the ephemeral path.
+        with pytest.raises(Exception, match=r"durable|ephemeral|permission|timeout"):
+            await mjs.add_consumer("VIRT_EVENTS", durable_name="controller", deliver_subject="x.y")
+        assert len(await theirs.fetch(1, timeout=10)) == 1
+    finally:
+        for nc in (controller, monitor):
+            with contextlib.suppress(Exception):
+                await nc.close()
