@@ -269,3 +269,23 @@ def domain_event_type(event_type: str) -> str:
 
 def host_event_type(event_type: str) -> str:
     return f"virt.host.{event_type}"
+
+
+def impersonation(subject: str, event: dict[str, Any], prefix: str = "virt") -> str:
+    """Why `event`, received on `subject`, is not the event of the host its subject names
+    (contract v1.2, "Contained hosts"): the host is the subject's token - the server lets a
+    host publish only under its own - and an envelope whose `source`, `data.host` or `id`
+    names another host is forged. Empty when it agrees."""
+    tokens = subject.split(".")
+    n = len(prefix.split("."))
+    if len(tokens) <= n:
+        return f"subject {subject!r} names no host"
+    host = tokens[n]
+    data = event.get("data")
+    if event.get("source") != f"/virt/{host}":
+        return f"source {str(event.get('source'))[:80]!r} is not /virt/{host}"
+    if isinstance(data, dict) and "host" in data and data["host"] != host:
+        return f"data.host {str(data['host'])[:80]!r} is not {host!r}"
+    if not str(event.get("id", "")).startswith(f"{host}:"):
+        return f"id {str(event.get('id'))[:80]!r} is not one of {host!r}'s"
+    return ""

@@ -12,13 +12,31 @@ from typing import Any, TextIO
 import msgspec
 
 from agent.bus import BusTarget
+from agent.envelope import impersonation
 from agent.fields import UUID_RE
 from agent.streams import EVENTS_STREAM, OPS_STREAM, read_stream
 from agent.tail import render
 
 
-async def stored(nc: Any, stream: str, subject: str, since: datetime | None) -> list[Any]:
-    return [msgspec.json.decode(m.data) for m in await read_stream(nc, stream, subject, since)]
+async def stored(
+    nc: Any, stream: str, subject: str, since: datetime | None, prefix: str = "virt"
+) -> list[Any]:
+    """What `stream` holds on `subject`, decoded; an envelope that names another host than
+    its subject is left out, and said on stderr."""
+    out = []
+    for m in await read_stream(nc, stream, subject, since):
+        try:
+            event = msgspec.json.decode(m.data)
+        except msgspec.DecodeError:
+            print(f"# not shown: undecodable message on {m.subject}", file=sys.stderr)
+            continue
+        forged = impersonation(m.subject, event, prefix) if isinstance(event, dict) else "?"
+        if forged:
+            print(f"# not shown: an envelope on {m.subject} names another host ({forged})",
+                  file=sys.stderr)  # fmt: skip
+            continue
+        out.append(event)
+    return out
 
 
 def _field(event: dict[str, Any], outer: str, inner: str) -> Any:
@@ -52,10 +70,10 @@ async def history(
         by_uuid = bool(UUID_RE.match(domain))
         every_host = bus.subjects("*")
         subject = every_host.event(domain if by_uuid else "*", ">")
-        events = [e for e in await stored(nc, EVENTS_STREAM, subject, since)
+        events = [e for e in await stored(nc, EVENTS_STREAM, subject, since, bus.prefix)
                   if by_uuid or _field(e, "domain", "name") == domain]  # fmt: skip
         uuids = {domain} if by_uuid else {e["subject"] for e in events if e.get("subject")}
-        ops = [e for e in await stored(nc, OPS_STREAM, every_host.op(">"), since)
+        ops = [e for e in await stored(nc, OPS_STREAM, every_host.op(">"), since, bus.prefix)
                if _field(e, "operation", "domain") in uuids]  # fmt: skip
     finally:
         await nc.close()

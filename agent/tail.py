@@ -16,6 +16,7 @@ import msgspec
 from nats.aio.msg import Msg
 
 from agent.bus import BusTarget, subscribed
+from agent.envelope import impersonation
 from agent.envelope import Subjects
 from agent.fields import UUID_RE
 
@@ -183,6 +184,11 @@ async def tail(
             print(f"undecodable message on {msg.subject}: {msg.data[:200]!r}", file=sys.stderr)
             return
         if not isinstance(event, dict) or not matches_domain(event, domain):
+            return
+        forged = impersonation(msg.subject, event, prefix)
+        if forged:
+            print(f"# not shown: an envelope on {msg.subject} names another host ({forged})",
+                  file=sys.stderr, flush=True)  # fmt: skip
             return
         order.push(event, msg.data, loop.time())
         if reorder_s <= 0:

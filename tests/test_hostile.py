@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -20,7 +21,8 @@ from nats.js.api import StreamConfig
 from agent.bus import subscribed
 from agent.embedded import NatsServer
 from agent.registry import Registration
-from tests.conftest import RunningAgent, connect_as, secured_url, stream_messages
+from tests.conftest import ROOT, RunningAgent, connect_as, secured_url, stream_messages
+from tests.test_bus_security import cli
 
 Start = Callable[..., Awaitable[RunningAgent]]
 
@@ -287,5 +289,107 @@ async def test_the_monitor_owns_only_its_own_consumers(
         assert len(await theirs.fetch(1, timeout=10)) == 1
     finally:
         for nc in (controller, monitor):
+            with contextlib.suppress(Exception):
+                await nc.close()
+
+
+async def test_a_forged_envelope_is_not_shown_as_anothers(secured: NatsServer, start_agent: Start) -> None:
+    """Item 5: hv02 publishes, on its own subject, an envelope naming hv01 (source, data.host)
+    with the id hv01's next event gets. `events` and `history` (as the controller) and the
+    documented consumer (as the monitor) show hv01's real event, never the forged one."""
+    hv01 = await host_agent(start_agent, secured, "hv01")
+    await hv01.settled()
+    hv02, _ = await connect_as(secured, "hv02")
+    controller, _ = await connect_as(secured, "controller")
+    try:
+        uuid = next(d["uuid"] for d in await call_json(controller, "hv01", "domain.list")
+                    if d["name"] == "test")  # fmt: skip
+        forged_id = f"hv01:{hv01.agent.boot_id}:{hv01.agent.publisher._sequence + 1}"
+        forged = {"specversion": "1.0", "id": forged_id, "source": "/virt/hv01",
+                  "type": "virt.domain.lifecycle", "subject": uuid, "time": "2026-12-04T00:00:00Z",
+                  "sequence": hv01.agent.publisher._sequence + 1,
+                  "data": {"host": "hv01", "domain": {"uuid": uuid, "name": "test"},
+                           "event": "stopped", "detail": "forged"}}  # fmt: skip
+        await hv02.jetstream().publish(f"virt.hv02.event.{uuid}.lifecycle", msgspec.json.encode(forged))
+        await call_json(controller, "hv01", "domain.suspend", {"domain": "test"})
+        await call_json(controller, "hv01", "domain.resume", {"domain": "test"})
+        await hv01.settled()
+        total = (await controller.jetstream().stream_info("VIRT_EVENTS")).state.messages
+    finally:
+        for nc in (hv02, controller):
+            with contextlib.suppress(Exception):
+                await nc.close()
+    url = ["--nats-url", secured_url(secured, "controller"), "--inbox-prefix", "_INBOX_controller"]
+    for args in (["events", "--since", "1h", "--json", "--count", str(total - 1), "--reorder-s", "0"],
+                 ["history", uuid, "--json"]):  # fmt: skip
+        code, out = await asyncio.to_thread(cli, *args, *url, timeout=15)
+        shown = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        assert shown, out
+        assert not [e for e in shown if e["data"].get("detail") == "forged"], out
+        assert [e["source"] for e in shown if e["id"] == forged_id] == ["/virt/hv01"], out
+        assert "names another host" in out
+    example = load_example()
+    said = await asyncio.wait_for(example.consume(secured_url(secured, "monitor"), limit=total,
+                                                  inbox="_INBOX_monitor"), 30)  # fmt: skip
+    assert any("forged" in s and "virt.hv02" in s for s in said), said
+
+
+async def call_json(nc: Any, host: str, verb: str, body: dict[str, Any] | None = None) -> Any:
+    msg = await nc.request(f"virt.{host}.cmd.{verb}", msgspec.json.encode(body or {}), timeout=10)
+    reply = msgspec.json.decode(msg.data)
+    assert reply["ok"] is True, reply
+    return reply["result"]
+
+
+def load_example() -> Any:
+    spec = importlib.util.spec_from_file_location(
+        "ordered_consumer", ROOT / "docs" / "examples" / "ordered_consumer.py"
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    return example
+
+
+async def test_registry_uris_and_keys_are_not_trusted(
+    secured: NatsServer, start_agent: Start, tmp_path: Any
+) -> None:
+    """Item 7: hv02 registers a libvirt URI that runs a program (`test+ext://...?command=`),
+    and under its own key an entry naming hv03. hv01 refuses a migration to hv02 before
+    opening anything - the program never runs - and lists neither entry as a host."""
+    hv01 = await host_agent(start_agent, secured, "hv01")
+    hv02, _ = await connect_as(secured, "hv02")
+    controller, _ = await connect_as(secured, "controller")
+    marker = tmp_path / "ran"
+    script = tmp_path / "evil.sh"
+    script.write_text(f"#!/bin/sh\ntouch {marker}\n")
+    script.chmod(0o755)
+    try:
+        own = await registration(controller, "hv01")
+        for uri, mig in ((f"test+ext:///default?command={script}", ""),
+                         (f"test+ssh://x/default?command={script}", ""),
+                         ("test:///default", "exec:/bin/sh -c id")):  # fmt: skip
+            evil = msgspec.structs.replace(own, host="hv02", libvirt_uri=uri, migration_uri=mig)
+            await hv02.jetstream().publish("$KV.virt_hosts.hv02", msgspec.json.encode(evil))
+            msg = await controller.request("virt.hv01.cmd.migrate", msgspec.json.encode(
+                {"domain": "test", "destination": "hv02"}), timeout=20)  # fmt: skip
+            reply = msgspec.json.decode(msg.data)
+            assert reply["ok"] is False, reply
+            assert reply["error"]["code"] == "not_found", reply
+            assert "peer_" in reply["error"]["message"], reply
+            assert not marker.exists()
+        impostor = msgspec.structs.replace(own, host="hv03")
+        await hv02.jetstream().publish("$KV.virt_hosts.hv02", msgspec.json.encode(impostor))
+        hosts = await hv01.agent.fleet.registry.hosts()  # type: ignore[union-attr]
+        assert [r.host for r in hosts] == ["hv01"]
+        code, out = await asyncio.to_thread(cli, "hosts", "--json", "--nats-url",
+                                            secured_url(secured, "controller"), "--inbox-prefix",
+                                            "_INBOX_controller")  # fmt: skip
+        assert code == 0, out
+        assert "names another host ('hv03')" in out
+        assert [r["host"] for r in json.loads(out[out.index("\n[") :])] == ["hv01"], out
+    finally:
+        for nc in (hv02, controller):
             with contextlib.suppress(Exception):
                 await nc.close()
