@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import gc
 import json
+import math
 import os
 import signal
 import sys
@@ -26,7 +27,7 @@ from agent import __version__, statedir
 from agent import logging as agent_logging
 from agent.embedded import NatsServer
 from agent.errors import AgentError, SettingsError
-from agent.settings import FLAGS, LoadedSettings, Settings, load
+from agent.settings import FLAGS, TOKEN_RE, LoadedSettings, Settings, load
 
 if TYPE_CHECKING:
     from agent.bus import BusTarget
@@ -98,27 +99,54 @@ def _agent_parsers(sub: Any) -> None:
     hl.add_argument("--json", action="store_true", help="one JSON document: url, status, body")
 
 
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: at least 1")
+    return n
+
+
+def _seconds(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(x) or x < 0 or x > 86_400:
+        raise argparse.ArgumentTypeError(f"{text!r}: seconds from 0 to 86400")
+    return x
+
+
+def _host_id(text: str) -> str:
+    """One subject token: a wildcard or a dot would address other hosts, or none."""
+    if not TOKEN_RE.match(text) or len(text) > 128:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a host id (one token [A-Za-z0-9_-]+)")
+    return text
+
+
 def _bus_parsers(sub: Any) -> None:
     """The operator's read and call subcommands: events, history, call, hosts."""
     ev = sub.add_parser("events", help="tail events from the bus")
     _bus_args(ev)
-    ev.add_argument("--host", help="only this host id")
+    ev.add_argument("--host", type=_host_id, help="only this host id")
     ev.add_argument("--domain", help="only this domain (name or UUID)")
     ev.add_argument("--type", dest="etype", help="only this event type, e.g. lifecycle")
     ev.add_argument("--json", action="store_true", help="print each CloudEvent as raw JSON")
-    ev.add_argument("--count", type=int, help="exit after this many events")
+    ev.add_argument("--count", type=_positive_int, help="exit after this many events")
     ev.add_argument(
         "--since",
         help="replay stored events from then: 90s, 30m, 2h, 7d ago or an "
         "ISO 8601 time (2026-11-30T10:00Z)",
     )
-    ev.add_argument("--last", type=int, help="replay the last N stored events")
+    ev.add_argument("--last", type=_positive_int, help="replay the last N stored events")
     ev.add_argument(
         "--follow",
         action="store_true",
         help="with --since/--last: then go on with live events (no gap, no repeat)",
     )
-    ev.add_argument("--reorder-s", type=float, default=1.0,
+    ev.add_argument("--reorder-s", type=_seconds, default=1.0,
                     help="hold each event this long for earlier ones of its boot still on their "
                          "way, so output is in sequence order (0: print as received)")  # fmt: skip
 
@@ -129,11 +157,13 @@ def _bus_parsers(sub: Any) -> None:
     _bus_args(hi)
 
     call = sub.add_parser("call", help="send a command to a host's agent and print the reply")
-    call.add_argument("host", help="host id")
+    call.add_argument("host", type=_host_id, help="host id")
     call.add_argument("verb", help="e.g. ping, capabilities, domain.list, domain.start")
     call.add_argument("args", nargs="*", help="one JSON object, or key=value pairs")
     _bus_args(call)
-    call.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the reply")
+    call.add_argument(
+        "--timeout", type=_seconds, default=30.0, help="seconds to wait for the reply"
+    )
     call.add_argument("--json", action="store_true", help="the reply as one line of JSON")
 
     hosts = sub.add_parser("hosts", help="list the hosts registered in virt_hosts")
@@ -151,8 +181,10 @@ def _bus_parsers(sub: Any) -> None:
 def _migrate_parser(sub: Any) -> None:
     mig = sub.add_parser("migrate", help="live-migrate a domain between two hosts' agents")
     mig.add_argument("domain", help="domain name or UUID")
-    mig.add_argument("--from", dest="source", required=True, help="the source host id")
-    mig.add_argument("--to", dest="destination", required=True, help="the destination host id")
+    mig.add_argument("--from", dest="source", type=_host_id, required=True,
+                     help="the source host id")  # fmt: skip
+    mig.add_argument("--to", dest="destination", type=_host_id, required=True,
+                     help="the destination host id")  # fmt: skip
     mig.add_argument(
         "--failover",
         action="store_true",

@@ -21,6 +21,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 
+from agent import crashpoints
 from agent.bus import subscribed
 from agent.envelope import Reply, error_reply
 from agent.errors import (
@@ -41,7 +42,10 @@ log = structlog.get_logger("agent.commands")
 _encoder = msgspec.json.Encoder()
 
 
-Key = tuple[str, str, str]  # (caller or "", verb, request_id)
+Key = tuple[str, str, str]  # (caller or "", "", request_id); the middle once held the verb
+# The outcome a journal row holds from the intent until the reply: found by a later process,
+# the earlier one stopped while acting.
+INTERRUPTED = b""
 # The command subscription's client-side buffer: the intake never waits, so it stays short;
 # generous against a burst. Beyond it nats-py drops (a slow consumer, counted by agent/bus.py).
 SUB_PENDING_MSGS = 65_536
@@ -78,7 +82,7 @@ class _Outcomes:
         now = time.time()
         if self.store is not None and now - self._pruned > 60:
             self._pruned = now
-            self.store.prune_outcomes(now - self.window_s)
+            self.store.prune_outcomes(now - self.window_s, self.limit)
 
     def get(self, key: Key) -> tuple[str, bytes | asyncio.Future[bytes]] | None:
         self._expire()
@@ -94,6 +98,8 @@ class _Outcomes:
 
     def start(self, key: Key, digest: str) -> None:
         self._running[key] = (digest, asyncio.get_running_loop().create_future())
+        if self.store is not None:
+            self.store.record_outcome(key, digest, INTERRUPTED)
 
     def finish(self, key: Key, digest: str, reply: bytes) -> None:
         _, fut = self._running.pop(key, ("", None))
@@ -258,6 +264,8 @@ class CommandService:
                 raw = msgspec.json.decode(data)
             except (msgspec.DecodeError, UnicodeDecodeError) as exc:
                 raise InvalidRequest(f"request is not valid JSON (UTF-8): {exc}") from None
+            except RecursionError:
+                raise InvalidRequest("request is nested too deeply") from None
             if not isinstance(raw, dict):
                 raise InvalidRequest(
                     f"request must be a JSON object, got {type(raw).__name__}",
@@ -275,23 +283,37 @@ class CommandService:
         request_id = getattr(request, "request_id", None)
         if request_id is None:
             return await self._call(verb, request)
-        key = (caller or "", verb_name, request_id)
+        # Keyed by caller and id: the same id with another verb is another request, a conflict
+        # (contract: "the same id with a different request is conflict").
+        key = (caller or "", "", request_id)
         digest = hashlib.sha256(msgspec.json.encode(
-            {k: v for k, v in raw.items() if k != "request_id"}, order="sorted"
+            {"verb": verb_name, **{k: v for k, v in raw.items() if k != "request_id"}},
+            order="sorted",
         )).hexdigest()  # fmt: skip
         seen = self.outcomes.get(key)
         if seen is not None:
             first, outcome = seen
             if first != digest:
                 return error_reply(Conflict(
-                    f"request_id {request_id!r} was used for another {verb_name} request",
+                    f"request_id {request_id!r} was used for another request",
                     request_id=request_id,
                 ))  # fmt: skip
+            if outcome == INTERRUPTED:
+                return error_reply(Conflict(
+                    f"request_id {request_id!r}: an earlier attempt was cut off (the agent "
+                    "stopped) while it acted; its outcome is unknown and it is not acted on "
+                    "again - look at the domain's state, and send a new request_id to act",
+                    request_id=request_id, outcome="unknown",
+                ))  # fmt: skip
             return outcome if isinstance(outcome, bytes) else await asyncio.shield(outcome)
+        # The intent is written before acting: a kill -9 between the act and its outcome
+        # leaves it, and a repeat is answered `conflict` (outcome unknown), never acted twice.
         self.outcomes.start(key, digest)
+        crashpoints.reached("command.intent")
         reply = b""
         try:
             reply = await self._call(verb, request)
+            crashpoints.reached("command.acted")
         finally:
             self.outcomes.finish(key, digest, reply or error_reply(AgentError("cancelled")))
         return reply

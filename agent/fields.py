@@ -11,7 +11,8 @@ from msgspec import Meta
 UUID_PATTERN = r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$"
 UUID_RE = re.compile(UUID_PATTERN)
 
-DomainName = Annotated[str, Meta(min_length=1, max_length=256)]
+# No control characters: libvirt's names cannot hold a NUL, and none is a name in a log line.
+DomainName = Annotated[str, Meta(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")]
 DomainUUID = Annotated[str, Meta(pattern=UUID_PATTERN)]
 RequestId = Annotated[str, Meta(min_length=1, max_length=128)]
 HostId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]+$", max_length=128)]

@@ -70,6 +70,7 @@ class Fleet:
     ) -> Fleet:  # fmt: skip
         hub = settings.nats.hub_domain
         journal = Journal(Path(settings.state_dir) / "operations.db")
+        host.metrics.journal_bytes.set_function(journal.size_bytes)
         c = settings.commands
         operations = OperationManager(
             journal, host.host, publish, c.max_operations, host.metrics, recoverable,

@@ -85,6 +85,9 @@ class Metrics:
             ["table"],
             registry=r,
         )
+        self.journal_bytes = Gauge(
+            f"{NS}_journal_bytes", "Disk use of the operations journal (with its WAL)", registry=r
+        )
         self.domain_entries = Gauge(
             f"{NS}_domain_entries",
             "Per-domain entries the agent holds, by table (tracked: the domains libvirt has; "

@@ -89,6 +89,7 @@ class Journal:
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
         self.db = sqlite3.connect(path, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute(
@@ -122,6 +123,14 @@ class Journal:
             self.db.execute("UPDATE reservations SET vf = substr(resource, 5)"
                             " WHERE resource LIKE 'pci:%'")  # fmt: skip
 
+    def size_bytes(self) -> int:
+        """The journal's disk use: the database and its write-ahead log."""
+        total = 0
+        for p in (self.path, self.path.with_name(self.path.name + "-wal")):
+            with contextlib.suppress(OSError):
+                total += p.stat().st_size
+        return total
+
     def request_outcome(self, key: tuple[str, str, str], since: float) -> tuple[str, bytes] | None:
         """(digest, reply) of a request answered at or after `since`."""
         row = self.db.execute(
@@ -137,8 +146,18 @@ class Journal:
             "INSERT OR REPLACE INTO requests VALUES (?, ?, ?, ?, ?, ?)", (*key, digest, reply, now)
         )
 
-    def prune_outcomes(self, before: float) -> int:
-        return self.db.execute("DELETE FROM requests WHERE at < ?", (before,)).rowcount
+    def prune_outcomes(self, before: float, keep: int = 100_000) -> int:
+        """Outcomes older than `before`, and beyond the newest `keep` (a flood of request ids
+        within one window stays bounded)."""
+        n = self.db.execute("DELETE FROM requests WHERE at < ?", (before,)).rowcount
+        return (
+            n
+            + self.db.execute(
+                "DELETE FROM requests WHERE rowid IN (SELECT rowid FROM requests ORDER BY at DESC"
+                " LIMIT -1 OFFSET ?)",
+                (keep,),
+            ).rowcount
+        )
 
     # Reservations of primary NICs for migrated-in domains (agent/pool.py), with a lease.
     def add_reservation(self, r: Reservation) -> None:

@@ -16,8 +16,7 @@ import msgspec
 from nats.aio.msg import Msg
 
 from agent.bus import BusTarget, subscribed
-from agent.envelope import impersonation
-from agent.envelope import Subjects
+from agent.envelope import Subjects, impersonation
 from agent.fields import UUID_RE
 
 
@@ -118,7 +117,10 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
     m = _DURATION.match(text.strip())
     if m:
         seconds = float(m[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m[2]]
-        return now - timedelta(seconds=seconds)
+        try:
+            return now - timedelta(seconds=seconds)
+        except OverflowError:
+            raise ValueError(f"--since {text!r}: too far back") from None
     try:
         t = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:

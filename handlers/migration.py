@@ -14,7 +14,7 @@ from msgspec import Meta
 
 from agent import crashpoints
 from agent.envelope import Operation
-from agent.errors import AgentError, Conflict, InvalidRequest, Timeout
+from agent.errors import AgentError, Conflict, InvalidRequest, LibvirtFailure, Timeout
 from agent.events import domain_state_names
 from agent.fields import DomainName, HostId, RequestId
 from agent.operations import Progress, Runner
@@ -113,6 +113,19 @@ def migration_call(
     return params, flags
 
 
+DEFAULT_DOWNTIME_MS = 300  # QEMU's default downtime limit
+
+
+async def max_downtime(hv: Any, dom: Any) -> int:
+    """The domain's downtime limit; QEMU's default where the driver cannot say (libvirt-python
+    answers None, not an error, when the driver lacks the call)."""
+    try:
+        downtime = await hv.call(dom.migrateGetMaxDowntime, 0)
+    except LibvirtFailure:
+        return DEFAULT_DOWNTIME_MS
+    return downtime if isinstance(downtime, int) and downtime > 0 else DEFAULT_DOWNTIME_MS
+
+
 async def run_migration(ctx: Context, p: Progress, dom: Any, dest_uri: str, req: MigrateRequest,
                         migration_uri: str = "", persist_xml: str | None = None,
                         ) -> dict[str, Any]:  # fmt: skip
@@ -122,7 +135,7 @@ async def run_migration(ctx: Context, p: Progress, dom: Any, dest_uri: str, req:
     hv = ctx.hypervisor
     params, flags = migration_call(req, migration_uri, await hv.call(dom.isPersistent),
                                    persist_xml)  # fmt: skip
-    downtime = await hv.call(dom.migrateGetMaxDowntime, 0)
+    downtime = await max_downtime(hv, dom)
     if req.max_downtime_ms and req.max_downtime_ms < downtime:
         downtime = req.max_downtime_ms
         await hv.call(dom.migrateSetMaxDowntime, downtime, 0)

@@ -8,20 +8,20 @@ import msgspec
 from msgspec import Meta
 
 from agent.envelope import Operation
-from agent.fields import OpId
+from agent.fields import DomainName, OpId, RequestId
 from handlers import Context, Verb
 
 
 class OpRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     operation_id: OpId
-    request_id: str | None = None
+    request_id: RequestId | None = None
 
 
 class ListRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    state: str | None = None
-    domain: str | None = None
+    state: Annotated[str, Meta(max_length=32)] | None = None
+    domain: DomainName | None = None
     limit: Annotated[int, Meta(ge=1, le=1000)] = 100
-    request_id: str | None = None
+    request_id: RequestId | None = None
 
 
 async def op_get(ctx: Context, req: OpRequest) -> Operation:

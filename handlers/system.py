@@ -8,11 +8,12 @@ import time
 import msgspec
 
 from agent.capabilities import Capabilities
+from agent.fields import RequestId
 from handlers import Context, Verb
 
 
 class PingRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    request_id: str | None = None
+    request_id: RequestId | None = None
 
 
 class Pong(msgspec.Struct, frozen=True):
@@ -36,7 +37,7 @@ async def ping(ctx: Context, _: PingRequest) -> Pong:
 class CapabilitiesRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Probe again instead of answering from this connection's cached probe.
     refresh: bool = False
-    request_id: str | None = None
+    request_id: RequestId | None = None
 
 
 async def capabilities(ctx: Context, req: CapabilitiesRequest) -> Capabilities:

@@ -23,8 +23,11 @@ async def consume(
             msg = await sub.next_msg(timeout=None)
             ev = json.loads(msg.data)
             host = msg.subject.split(".")[1]  # virt.<host>.event... : the server checked it
-            if (ev.get("source") != f"/virt/{host}" or ev["data"].get("host", host) != host
-                    or not ev["id"].startswith(host + ":")):
+            if (
+                ev.get("source") != f"/virt/{host}"
+                or ev["data"].get("host", host) != host
+                or not ev["id"].startswith(host + ":")
+            ):
                 said.append(f"forged: {msg.subject} carries {ev.get('source')} {ev.get('id')}")
                 print(said[-1], flush=True)
             else:
