@@ -67,12 +67,15 @@ async def _streams(s: Settings) -> str:
     from nats.js.errors import NotFoundError  # noqa: PLC0415
 
     from agent.envelope import Subjects  # noqa: PLC0415
-    from agent.streams import differences, stream_configs  # noqa: PLC0415
+    from agent.metrics import Metrics  # noqa: PLC0415
+    from agent.streams import Streams, differences, stream_configs  # noqa: PLC0415
 
     nc = await _connect(s.nats, s.host_id)
     try:
         js = nc.jetstream()
         said, bad = [], []
+        ttl = s.agent.heartbeat_interval_s * s.agent.registration_ttl_heartbeats
+        fleet = Streams(s.nats, Subjects(s.subject_prefix, s.host_id), Metrics(), ttl)
         for cfg in stream_configs(s.nats, Subjects(s.subject_prefix, s.host_id)):
             assert cfg.name is not None
             try:
@@ -83,6 +86,7 @@ async def _streams(s: Settings) -> str:
                 else:
                     bad.append(f"{cfg.name} missing (nats.manage_streams is false)")
                 continue
+            fleet.compare(cfg.name, have, cfg)
             diff = differences(have, cfg)
             if not diff:
                 said.append(f"{cfg.name} as these settings")
@@ -91,6 +95,16 @@ async def _streams(s: Settings) -> str:
                 f"{k} {v['stream']} (settings {v['settings']})" for k, v in diff.items()
             )
             (said if not s.nats.manage_streams else bad).append(f"{cfg.name} differs: {text}")
+        # The registry bucket, and streams that take this host's command or inbox subjects:
+        # what the agent reports in /readyz (`fleet_objects`).
+        await fleet.check_bucket(nc)
+        await fleet.check_captures(nc)
+        for name, diff in fleet.mismatch.items():
+            if diff and name not in [c.name for c in fleet.configs]:
+                said.append(f"{name} differs: " + ", ".join(
+                    f"{k} {v['stream']} (settings {v['settings']})" for k, v in diff.items()))  # fmt: skip
+        bad += [f"{name.removeprefix('capture:')} is unsafe: {', '.join(why)}"
+                for name, why in fleet.unsafe.items()]  # fmt: skip
         if bad:
             raise ValueError("; ".join(bad + said))
         return "; ".join(said)

@@ -126,7 +126,7 @@ class Streams:
         self.unbound: dict[str, float] = {}
         self._asked: set[str] = set()
         self.check_requested = asyncio.Event()
-        self._mismatch: dict[str, dict[str, dict[str, Any]]] = {}
+        self.mismatch: dict[str, dict[str, dict[str, Any]]] = {}
 
     async def ensure(self, nc: NATS, *, startup: bool = False) -> bool:
         """Create what is missing (when managed), compare what exists; True if all exist."""
@@ -156,9 +156,9 @@ class Streams:
                     )
                     self.metrics.streams_recreated.labels(cfg.name).inc()
                 continue
-            self._compare(cfg.name, info.config, cfg)
-        await self._check_bucket(nc)
-        await self._check_captures(nc)
+            self.compare(cfg.name, info.config, cfg)
+        await self.check_bucket(nc)
+        await self.check_captures(nc)
         self.present = not missing
         if missing:
             self.check_requested.set()  # the watch task looks again until they exist
@@ -188,16 +188,16 @@ class Streams:
         while len(self.unbound) > 1024:
             del self.unbound[next(iter(self.unbound))]
 
-    async def _check_bucket(self, nc: NATS) -> None:
+    async def check_bucket(self, nc: NATS) -> None:
         """The registry bucket's stream, compared like the others (it is made by
         agent/registry.py, in the hub's JetStream domain in leaf-node mode)."""
         try:
             info = await nc.jetstream(domain=self.hub_domain or None).stream_info(STREAM)
         except NotFoundError:
             return  # made at the registration
-        self._compare(STREAM, info.config, self.bucket, BUCKET_COMPARED)
+        self.compare(STREAM, info.config, self.bucket, BUCKET_COMPARED)
 
-    async def _check_captures(self, nc: NATS) -> None:
+    async def check_captures(self, nc: NATS) -> None:
         """Which streams take this host's command subjects or inbox: none should. One that
         does reads this host's commands and replies, and answers them with PubAcks."""
         names: set[str] = set()
@@ -217,7 +217,7 @@ class Streams:
             elif not captures:
                 self.unsafe.pop(key, None)
 
-    def _compare(
+    def compare(
         self,
         name: str,
         have: StreamConfig,
@@ -230,11 +230,11 @@ class Streams:
             self.unsafe[name] = unsafe
         else:
             self.unsafe.pop(name, None)
-        if diff != self._mismatch.get(name, {}):
+        if diff != self.mismatch.get(name, {}):
             if diff:
                 log.warning("the fleet's stream differs from this agent's settings; left as it "
                             "is", stream=name, differences=diff)  # fmt: skip
-            self._mismatch[name] = diff
+            self.mismatch[name] = diff
         self.metrics.stream_config_mismatch.labels(name).set(1 if diff else 0)
 
     async def watch(self, nc: NATS) -> None:
