@@ -101,8 +101,9 @@ async def _streams(s: Settings) -> str:
         await fleet.check_captures(nc)
         for name, diff in fleet.mismatch.items():
             if diff and name not in [c.name for c in fleet.configs]:
-                said.append(f"{name} differs: " + ", ".join(
-                    f"{k} {v['stream']} (settings {v['settings']})" for k, v in diff.items()))  # fmt: skip
+                text = ", ".join(f"{k} {v['stream']} (settings {v['settings']})"
+                                 for k, v in diff.items())  # fmt: skip
+                said.append(f"{name} differs: {text}")
         bad += [f"{name.removeprefix('capture:')} is unsafe: {', '.join(why)}"
                 for name, why in fleet.unsafe.items()]  # fmt: skip
         if bad:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,9 +123,13 @@ class CommandService:
         self.outcomes.store = store
         self._running = 0
         self._waiting: dict[str, deque[_Request]] = {}
+        self._running_by: Counter[str] = Counter()
         self._queued = 0
         self._tg: asyncio.TaskGroup | None = None
         self.refused: dict[str, int] = {}
+        # Requests taken in, and replies sent: equal whenever nothing is in flight.
+        self.taken = 0
+        self.replied = 0
         self._accepting = True
         self.handled = 0
         self.listening = asyncio.Event()
@@ -141,41 +145,49 @@ class CommandService:
         else - that queue full - it is answered `unavailable` at once. Every request taken in
         is answered exactly once; one with a reply subject its caller may not use is answered
         never, and counted (contract v1.2, "Contained hosts")."""
-        sub = await nc.subscribe(self.prefix + ">", pending_msgs_limit=SUB_PENDING_MSGS,
-                                 pending_bytes_limit=SUB_PENDING_BYTES)  # fmt: skip
-        try:
-            await subscribed(nc)  # the server has it: commands sent from now on reach this agent
-        except (NatsError, TimeoutError) as exc:
-            # NATS went away meanwhile: the client sends the subscription again on reconnect.
-            log.warning("command subscription not confirmed yet", error=str(exc))
-        self.listening.set()
-        try:
-            async with asyncio.TaskGroup() as tg:
-                self._tg = tg
-                async for msg in sub.messages:
-                    request = self._intake(msg)
-                    if request is None:
-                        continue
-                    if not self._accepting:
-                        await self._respond(msg, error_reply(Unavailable("agent is stopping")))
-                        continue
-                    if self._running < self.settings.max_concurrent:
-                        self._start(request)
-                        continue
-                    waiting = self._waiting.setdefault(request.who, deque())
-                    if (len(waiting) >= self.settings.max_pending_per_caller
-                            or self._queued >= self.settings.max_pending):  # fmt: skip
-                        self._refused("busy")
-                        await self._respond(msg, error_reply(Unavailable(
-                            "busy: too many requests waiting; try again later",
-                            waiting=len(waiting), retry_after_s=1.0,
-                        )))  # fmt: skip
-                        continue
-                    waiting.append(request)
-                    self._queued += 1
-        finally:
-            self._tg = None
-            await sub.unsubscribe()
+        async with asyncio.TaskGroup() as tg:
+            self._tg = tg
+            # A callback, not an iterator: nats-py hands it every buffered message without a
+            # pass of the event loop between them, so the intake runs ahead of the handlers and
+            # a request waits in its caller's queue - not behind another caller's in NATS's.
+            sub = await nc.subscribe(self.prefix + ">", cb=self._on_msg,
+                                     pending_msgs_limit=SUB_PENDING_MSGS,
+                                     pending_bytes_limit=SUB_PENDING_BYTES)  # fmt: skip
+            try:
+                try:
+                    await subscribed(nc)  # the server has it: commands from now on reach us
+                except (NatsError, TimeoutError) as exc:
+                    # NATS went away meanwhile: the client subscribes again on reconnect.
+                    log.warning("command subscription not confirmed yet", error=str(exc))
+                self.listening.set()
+                await asyncio.get_running_loop().create_future()  # until cancelled
+            finally:
+                self._tg = None
+                await sub.unsubscribe()
+
+    async def _on_msg(self, msg: Msg) -> None:
+        request = self._intake(msg)
+        if request is None:
+            return
+        self.taken += 1
+        if not self._accepting or self._tg is None:
+            await self._respond(msg, error_reply(Unavailable("agent is stopping")))
+            return
+        waiting = self._waiting.setdefault(request.who, deque())
+        if not waiting and self._may_start(request.who):
+            del self._waiting[request.who]
+            self._start(request)
+            return
+        if (len(waiting) >= self.settings.max_pending_per_caller
+                or self._queued >= self.settings.max_pending):  # fmt: skip
+            self._refused("busy")
+            await self._respond(msg, error_reply(Unavailable(
+                "busy: too many requests waiting; try again later",
+                waiting=len(waiting), retry_after_s=1.0,
+            )))  # fmt: skip
+            return
+        waiting.append(request)
+        self._queued += 1
 
     def _intake(self, msg: Msg) -> _Request | None:
         """The request in `msg`, or None (counted) when it is not one this agent answers: a
@@ -201,18 +213,27 @@ class CommandService:
         self.refused[reason] = self.refused.get(reason, 0) + 1
         self.ctx.metrics.commands_refused.labels(reason).inc()
 
+    def _may_start(self, who: str) -> bool:
+        return (self._running < self.settings.max_concurrent
+                and self._running_by[who] < self.settings.max_concurrent_per_caller)  # fmt: skip
+
     def _start(self, request: _Request) -> None:
         assert self._tg is not None
         self._running += 1
+        self._running_by[request.who] += 1
         self._tg.create_task(self._serve(request))
 
     def _next(self) -> None:
-        """A slot is free: the next waiting request, taking callers in turn."""
-        while self._waiting and self._running < self.settings.max_concurrent:
-            who, waiting = next(iter(self._waiting.items()))
+        """A slot is free: the next waiting request, taking callers in turn (a caller at its
+        own limit is passed over)."""
+        for who in list(self._waiting):
+            if self._running >= self.settings.max_concurrent:
+                return
+            if not self._may_start(who):
+                continue
+            waiting = self._waiting.pop(who)
             request = waiting.popleft()
             self._queued -= 1
-            del self._waiting[who]
             if waiting:
                 self._waiting[who] = waiting  # to the back of the line
             self._start(request)
@@ -238,6 +259,9 @@ class CommandService:
             reply = error_reply(AgentError("internal error; see the agent's log", verb=verb))
         finally:
             self._running -= 1
+            self._running_by[request.who] -= 1
+            if not self._running_by[request.who]:
+                del self._running_by[request.who]
             self._next()
         self.handled += 1
         self.ctx.metrics.commands.labels(verb if verb in self.verbs else "unknown", outcome).inc()
@@ -246,6 +270,7 @@ class CommandService:
         await self._respond(msg, reply)
 
     async def _respond(self, msg: Msg, reply: bytes) -> None:
+        self.replied += 1
         try:
             await msg.respond(reply)
         except NatsError as exc:

@@ -155,6 +155,9 @@ class CommandSettings(_Section, frozen=True, kw_only=True, forbid_unknown_fields
     # Of those, one caller (a host, or an operator prefix below) at most this many; waiting
     # requests are served callers in turn, and one more is answered `unavailable` (busy).
     max_pending_per_caller: PosInt = 256
+    # Commands of one caller executing at once: a flood from one host leaves the other slots,
+    # and the event loop's turns, to the others.
+    max_concurrent_per_caller: PosInt = 16
     # Replies to operator verbs go only to subjects under these prefixes (agent-to-agent verbs
     # only to `_INBOX_<caller>.`); a request with another reply subject is not answered, and
     # counted (`virt_agent_commands_refused_total{reason="reply_subject"}`).

@@ -33,6 +33,7 @@ from bench.allocator import allocator, allocator_table
 from bench.cost import cost, go, helper, result
 from bench.eventgen import rss_kib
 from bench.fleet import run_fleet
+from bench.flood import flood, flood_table
 from bench.lab_bench import lab_baselines
 from bench.soak import soak
 from bench.stats import median, pct
@@ -295,6 +296,7 @@ def render_table(res: dict[str, Any]) -> str:
     tables: dict[str, Callable[[Any], list[str]]] = {
         "fleet": fleet_table, "faults": fault_table, "campaign": campaign_table,
         "soak": soak_table, "cost": cost_table, "allocator": allocator_table,
+        "flood": flood_table,
     }  # fmt: skip
     for key, table in tables.items():
         if res.get(key):
@@ -482,6 +484,8 @@ async def main() -> None:
         res["cost"] = await cost(Path(tmp))
     with tempfile.TemporaryDirectory(prefix="virt-agent-alloc-") as tmp:
         res["allocator"] = await allocator(Path(tmp))
+    with tempfile.TemporaryDirectory(prefix="virt-agent-flood-") as tmp:
+        res["flood"] = await flood(Path(tmp))
     if os.environ.get("BENCH_FLEET", "1") != "0":
         with tempfile.TemporaryDirectory(prefix="virt-agent-fleet-") as tmp:
             n_agents = int(os.environ.get("BENCH_FLEET_AGENTS", "24"))
