@@ -237,6 +237,21 @@ def test_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LibvirtDae
     daemon.stop()
 
 
+PEER_VERBS = frozenset({"failover.reserve", "failover.release", "failover.replug"})
+
+
+async def request_as(nc: NATS, caller: str, subject: str, data: bytes, timeout: float) -> Msg:
+    """A request whose reply comes to `_INBOX_<caller>.`, as a host's agent sends it."""
+    inbox = f"_INBOX_{caller}.{uuid.uuid4().hex}"
+    sub = await nc.subscribe(inbox, max_msgs=1)
+    try:
+        await nc.publish(subject, data, reply=inbox)
+        return await sub.next_msg(timeout=timeout)
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+
+
 async def call(
     nc: NATS,
     host: str,
@@ -247,7 +262,13 @@ async def call(
 ) -> dict[str, Any]:
     """One command over NATS request/reply; the reply, checked to be a contract reply."""
     data = raw if raw is not None else msgspec.json.encode(payload if payload is not None else {})
-    msg = await nc.request(f"virt.{host}.cmd.{verb}", data, timeout=timeout)
+    subject = f"virt.{host}.cmd.{verb}"
+    head, _, caller = verb.rpartition(".")
+    if head in PEER_VERBS:
+        # An agent-to-agent verb is answered only on the caller's own inbox prefix.
+        msg = await request_as(nc, caller, subject, data, timeout)
+    else:
+        msg = await nc.request(subject, data, timeout=timeout)
     reply = msgspec.json.decode(msg.data)
     assert isinstance(reply, dict)
     assert isinstance(reply["ok"], bool)
