@@ -154,7 +154,7 @@ def flood_table(r: dict[str, Any]) -> list[str]:
         "against one agent, the controller pinging it meanwhile, one ping at a time; against the "
         f"same agent in the same run: the controller alone answered {r['alone_per_s']}/s (a burst "
         f"of {BURST} `domain.get`), its idle ping p99 {r['ping_p99_idle_ms']} ms (bench/flood.py). "
-        f"Answered per second while the ping p99 stays within 2× idle: "
+        f"Answered per second while the ping p99 stays within 2x idle: "
         f"**{r['answered_per_s_within_2x']}**.",
         "",
         "| flood rate (/s) | answered /s (served, busy) | over the controller alone | "
