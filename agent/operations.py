@@ -56,6 +56,7 @@ class Reservation(msgspec.Struct, frozen=True, kw_only=True):
 
 
 Publish = Callable[[str, OpEvent], object]
+_operation = msgspec.json.Decoder(Operation)
 
 
 class DomainLocks:
@@ -229,11 +230,14 @@ class Journal:
         ).fetchone()
         return str(row[0]) if row else None
 
-    def save(self, op: Operation) -> None:
+    def save(self, op: Operation) -> bytes:
+        """Write `op` as it is now; its encoded form (what was written)."""
+        body = msgspec.json.encode(op)
         self.db.execute(
             "INSERT OR REPLACE INTO operations VALUES (?, ?, ?, ?, ?)",
-            (op.id, op.domain, op.state, op.created, msgspec.json.encode(op).decode()),
+            (op.id, op.domain, op.state, op.created, body.decode()),
         )
+        return body
 
     def get(self, op_id: str) -> Operation | None:
         row = self.db.execute("SELECT body FROM operations WHERE id = ?", (op_id,)).fetchone()
@@ -410,9 +414,11 @@ class OperationManager:
             journal.save(op)
 
     def record(self, op: Operation) -> None:
+        """Journal `op` and publish it as it is now: the event carries a copy (the runner goes
+        on changing `op` before the publisher sends it)."""
         op.updated = time.time()
-        self.journal.save(op)
-        self._publish(op.state, OpEvent(host=self.host, operation=op))
+        snapshot = _operation.decode(self.journal.save(op))
+        self._publish(op.state, OpEvent(host=self.host, operation=snapshot))
         if op.state in FINAL:
             self._finished_since_prune += 1
             if self._finished_since_prune >= self._prune_every:
