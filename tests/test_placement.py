@@ -60,7 +60,9 @@ def check(vms: list[Vm], hosts: list[Destination], placements: list[Placement]) 
             continue
         d = by_host[p.destination]
         assert p.destination != "hv0000", "never the source"
-        assert d.admission and not d.maintenance and d.arch == p.vm.arch
+        assert d.admission
+        assert not d.maintenance
+        assert d.arch == p.vm.arch
         assert not p.vm.unmovable
         if p.vm.needs_primary:
             assert d.failover
