@@ -17,6 +17,7 @@ from nats.js.errors import BucketNotFoundError, NoStreamResponseError, NotFoundE
 from nats.js.kv import KeyValue
 
 from agent import __version__
+from agent.admission import Admissions
 from agent.envelope import Heartbeat
 from agent.failover import Reconciler
 from agent.operations import Journal, OperationManager, Publish
@@ -61,6 +62,7 @@ class Fleet:
     peers: Peers
     reconciler: Reconciler
     jetstream_domain: str
+    admissions: Admissions
     nc: NATS | None = None
 
     @classmethod
@@ -85,12 +87,14 @@ class Fleet:
         return cls(
             settings, host, Registry(js.bucket, nc.jetstream(domain=hub or None), hub,
                                UriPolicy.of(settings.libvirt)), journal,
-            operations, Peers(nc, settings.subject_prefix, host.host), reconciler, js.domain, nc,
+            operations, Peers(nc, settings.subject_prefix, host.host), reconciler, js.domain,
+            Admissions(settings.failover, journal, host.hypervisor, host.metrics), nc,
         )  # fmt: skip
 
     def context(self) -> Context:
         return Context.of(self.host, operations=self.operations, registry=self.registry,
-                          peers=self.peers, reconciler=self.reconciler)  # fmt: skip
+                          peers=self.peers, reconciler=self.reconciler,
+                          admissions=self.admissions)  # fmt: skip
 
     async def register(self) -> None:
         """This host's virt_hosts entry, written again (heartbeat, libvirt reconnected)."""
@@ -106,6 +110,7 @@ class Fleet:
                     capabilities=h.capabilities,
                     failover_pool=self.reconciler.pool.describe(),
                     jetstream_domain=self.jetstream_domain or None,
+                    admission=True,
                     updated=0.0,
                 )
             )

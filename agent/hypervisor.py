@@ -13,6 +13,7 @@ import contextlib
 import enum
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import libvirt
@@ -348,6 +349,12 @@ class Hypervisor:
                 return "destination"
         return "nowhere"
 
+    async def host_load(self) -> HostLoad:
+        conn = self.conn
+        if conn is None:
+            raise Unavailable("libvirt is not connected", uri=self.uri)
+        return await self.call(_host_load, conn)
+
     async def snapshot(self) -> list[DomainSnapshot]:
         """uuid, name, state and reason of every domain, defined or running."""
         conn = self.conn
@@ -377,6 +384,40 @@ class Hypervisor:
             return out
 
         return await self.call(_take)
+
+
+@dataclass(frozen=True, slots=True)
+class DomainLoad:
+    uuid: str
+    max_memory_kib: int
+    incoming: bool  # an incoming migration: libvirt runs it, it has not arrived
+
+
+@dataclass(frozen=True, slots=True)
+class HostLoad:
+    """What admission reads from libvirt: the host's memory and its active domains."""
+
+    memory_kib: int
+    domains: list[DomainLoad]
+
+
+def _host_load(conn: Any) -> HostLoad:
+    memory_kib = int(conn.getInfo()[1]) * 1024  # MiB
+    domains = []
+    for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+        try:
+            uuid, max_memory = dom.UUIDString(), int(dom.maxMemory())
+        except libvirt.libvirtError:
+            continue  # gone between the listing and the query
+        incoming = False
+        try:
+            dom.jobInfo()
+        except libvirt.libvirtError as exc:
+            # libvirt's qemu driver on an incoming migration: "statistics are available only
+            # on the source host" (a driver without jobs answers no-support instead).
+            incoming = exc.get_error_code() == libvirt.VIR_ERR_OPERATION_UNSUPPORTED
+        domains.append(DomainLoad(uuid, max_memory, incoming))
+    return HostLoad(memory_kib, domains)
 
 
 def _version_str(v: int) -> str:

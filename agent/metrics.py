@@ -85,6 +85,15 @@ class Metrics:
             ["table"],
             registry=r,
         )
+        self.admissions = Gauge(
+            f"{NS}_admissions", "Incoming migrations admitted here whose lease runs", registry=r
+        )
+        self.admissions_refused = Counter(
+            f"{NS}_admissions_refused",
+            "Incoming migrations refused at admission, by reason",
+            ["reason"],
+            registry=r,
+        )
         self.journal_bytes = Gauge(
             f"{NS}_journal_bytes", "Disk use of the operations journal (with its WAL)", registry=r
         )

@@ -38,6 +38,22 @@ log = structlog.get_logger("agent.operations")
 PRUNE_INTERVAL_S = 600.0
 
 
+class Admission(msgspec.Struct, frozen=True, kw_only=True):
+    """An incoming migration this host admitted (agent/admission.py), with a lease."""
+
+    id: str
+    operation: str
+    domain: str
+    name: str
+    caller: str
+    memory_kib: int
+    expires: float
+    reservation: str = ""  # the VF reservation it holds, if the domain has a primary
+
+
+_admission = msgspec.json.Decoder(Admission)
+
+
 class Reservation(msgspec.Struct, frozen=True, kw_only=True):
     """A primary NIC held on this host for a domain an operation migrates here."""
 
@@ -113,6 +129,10 @@ class Journal:
         self.db.execute(
             "CREATE TABLE IF NOT EXISTS quarantine (vf TEXT PRIMARY KEY, reason TEXT, since REAL)"
         )
+        self.db.execute(
+            "CREATE TABLE IF NOT EXISTS admissions (id TEXT PRIMARY KEY, operation TEXT,"
+            " expires REAL, body TEXT)"
+        )
         columns = {r[1] for r in self.db.execute("PRAGMA table_info(reservations)")}
         # Journals of earlier releases lack the newer columns.
         for column, default in (("caller", "''"), ("state", "'reserved'"), ("vf", "''"),
@@ -159,6 +179,21 @@ class Journal:
                 (keep,),
             ).rowcount
         )
+
+    # Incoming migrations admitted here (agent/admission.py), with a lease.
+    def add_admission(self, a: Admission) -> None:
+        body = msgspec.json.encode(a).decode()
+        self.db.execute("INSERT OR REPLACE INTO admissions VALUES (?, ?, ?, ?)",
+                        (a.id, a.operation, a.expires, body))  # fmt: skip
+
+    def admissions(self, now: float) -> list[Admission]:
+        """Every admission whose lease has not ended (the others are deleted on the way)."""
+        self.db.execute("DELETE FROM admissions WHERE expires < ?", (now,))
+        rows = self.db.execute("SELECT body FROM admissions ORDER BY expires").fetchall()
+        return [_admission.decode(r[0]) for r in rows]
+
+    def delete_admission(self, admission_id: str) -> bool:
+        return self.db.execute("DELETE FROM admissions WHERE id = ?", (admission_id,)).rowcount > 0
 
     # Reservations of primary NICs for migrated-in domains (agent/pool.py), with a lease.
     def add_reservation(self, r: Reservation) -> None:

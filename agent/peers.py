@@ -17,7 +17,17 @@ from nats.aio.client import Client as NATS
 from agent.bus import request
 from agent.envelope import Subjects
 from agent.errors import AgentError, NotFound, from_reply
-from agent.fields import MAX_LEASE_S, Alias, DeviceXml, DomainUUID, HostId, Mac, OpId, RequestId
+from agent.fields import (
+    MAX_LEASE_S,
+    Alias,
+    DeviceXml,
+    DomainName,
+    DomainUUID,
+    HostId,
+    Mac,
+    OpId,
+    RequestId,
+)
 
 # ---------------------------------------------------------------- the agent-to-agent verbs
 
@@ -51,13 +61,48 @@ class ReserveReply(msgspec.Struct, frozen=True):
     definition: str | None = None
 
 
+class PrimaryAsk(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The primary an admission reserves: what failover.reserve takes (the caller is the
+    source)."""
+
+    alias: Alias
+    device: DeviceXml | None = None
+    mac: Mac | None = None
+    carry: DeviceXml | None = None
+
+
+class AdmitRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """failover.admit (contract v1.2): admit one incoming migration - an inbound slot, the
+    domain's memory and, with `primary`, the VF reservation, under one lease."""
+
+    operation_id: OpId
+    domain: DomainUUID
+    name: DomainName
+    memory_kib: Annotated[int, Meta(ge=1, le=1 << 42)]
+    vcpus: Annotated[int, Meta(ge=1, le=16384)]
+    primary: PrimaryAsk | None = None
+    lease_s: Annotated[float, Meta(ge=0, le=MAX_LEASE_S)] = 0.0
+    request_id: RequestId | None = None
+
+
+class AdmitReply(msgspec.Struct, frozen=True):
+    admission_id: str
+    expires_in_s: float
+    reservation_id: str | None = None
+    # With a primary: what failover.reserve answers (resource, pool, the device to plug).
+    resource: str | None = None
+    pool: str | None = None
+    definition: str | None = None
+
+
 class ReleaseRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """failover.release: give a reservation back - by its id, or by the operation it was made
-    for (when the source never got the reserve reply)."""
+    """failover.release: give a reservation or an admission back - by its id, or by the
+    operation it was made for (when the source never got the reply)."""
 
     reservation_id: OpId | None = None
     operation_id: OpId | None = None
     request_id: RequestId | None = None
+    admission_id: OpId | None = None
 
 
 class ReleaseReply(msgspec.Struct, frozen=True):
@@ -86,6 +131,7 @@ VERBS: dict[type[Any], str] = {
     ReserveRequest: "failover.reserve",
     ReleaseRequest: "failover.release",
     ReplugRequest: "failover.replug",
+    AdmitRequest: "failover.admit",
 }
 
 
@@ -97,6 +143,9 @@ class Peers:
 
     async def reserve(self, host: str, req: ReserveRequest, timeout: float) -> ReserveReply:
         return await self._call(host, req, ReserveReply, timeout)
+
+    async def admit(self, host: str, req: AdmitRequest, timeout: float) -> AdmitReply:
+        return await self._call(host, req, AdmitReply, timeout)
 
     async def release(self, host: str, req: ReleaseRequest, timeout: float) -> ReleaseReply:
         return await self._call(host, req, ReleaseReply, timeout)

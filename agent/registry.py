@@ -50,6 +50,8 @@ class Registration(msgspec.Struct, frozen=True, kw_only=True):
     # Leaf-node mode: the JetStream domain of this host's own streams, which the hub's
     # streams source from (virt-agent hub-sync). None: the host publishes to the hub's.
     jetstream_domain: str | None = None
+    # Contract v1.2: this host admits incoming migrations (failover.admit).
+    admission: bool = False
 
 
 _decoder = msgspec.json.Decoder(Registration)

@@ -206,6 +206,11 @@ class FailoverSettings(_Section, frozen=True, kw_only=True, forbid_unknown_field
     # The longest lease a caller may ask for in failover.reserve (its migration timeout and
     # replug window), and how many reservations one calling host may hold here at once.
     max_lease_s: Annotated[float, Meta(gt=0, le=86400)] = 3600.0
+    # Admission of incoming migrations (failover.admit, contract v1.2): at most this many at
+    # once (libvirt's own incoming migrations that nobody admitted count too), and at most
+    # this much memory for domains here (KiB; 0: what libvirt says the host has).
+    max_inbound_migrations: Annotated[int, Meta(ge=1, le=64)] = 2
+    admit_memory_kib: Annotated[int, Meta(ge=0)] = 0
     max_reservations_per_caller: Annotated[int, Meta(ge=1, le=1000)] = 8
     # An unplug the guest never finished: the record is dropped after this long if the primary
     # is still attached (until then it is kept, in case the guest releases the device late).

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from agent.admission import Admissions
 from agent.capabilities import Capabilities, probe
 from agent.envelope import Operation, Subjects
 from agent.errors import Conflict, Unavailable
@@ -73,6 +74,7 @@ class Context(HostContext):
     registry: Registry
     peers: Peers
     reconciler: Reconciler
+    admissions: Admissions
 
     @classmethod
     def of(cls, host: HostContext, **fleet: Any) -> Context:

@@ -237,7 +237,9 @@ def test_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LibvirtDae
     daemon.stop()
 
 
-PEER_VERBS = frozenset({"failover.reserve", "failover.release", "failover.replug"})
+PEER_VERBS = frozenset(
+    {"failover.reserve", "failover.release", "failover.replug", "failover.admit"}
+)
 
 
 async def request_as(nc: NATS, caller: str, subject: str, data: bytes, timeout: float) -> Msg:

@@ -24,9 +24,9 @@ rollback and its recovery after a restart), destination.py (the verbs a source c
 from __future__ import annotations
 
 from agent.peers import VERBS as PEER_VERBS
-from agent.peers import ReleaseRequest, ReplugRequest, ReserveRequest
+from agent.peers import AdmitRequest, ReleaseRequest, ReplugRequest, ReserveRequest
 from handlers import Verb
-from handlers.failover.destination import release, replug, reserve
+from handlers.failover.destination import admit, release, replug, reserve
 from handlers.failover.plan import FailoverRequest, find_pair
 from handlers.failover.source import migrate_with_failover, recovery
 
@@ -41,6 +41,7 @@ VERBS = [
         recover=recovery,
     ),
     Verb(PEER_VERBS[ReserveRequest], ReserveRequest, reserve, mutating=True, peer=True),
+    Verb(PEER_VERBS[AdmitRequest], AdmitRequest, admit, mutating=True, peer=True),
     Verb(PEER_VERBS[ReleaseRequest], ReleaseRequest, release, mutating=True, peer=True),
     Verb(PEER_VERBS[ReplugRequest], ReplugRequest, replug, mutating=True, peer=True),
 ]

@@ -16,7 +16,10 @@ from agent import crashpoints
 from agent.devices import device_element
 from agent.errors import Forbidden, InvalidRequest
 from agent.failover import Settled, read_record
+from agent.operations import Reservation
 from agent.peers import (
+    AdmitReply,
+    AdmitRequest,
     ReleaseReply,
     ReleaseRequest,
     ReplugReply,
@@ -35,6 +38,10 @@ async def reserve(ctx: Context, req: ReserveRequest) -> ReserveReply:
                         source=req.source)  # fmt: skip
     if req.source == ctx.host:
         raise InvalidRequest("a host cannot reserve a primary for itself", source=req.source)
+    return await _reserve(ctx, req, caller)
+
+
+async def _reserve(ctx: Context, req: ReserveRequest, caller: str | None) -> ReserveReply:
     pool = ctx.reconciler.pool
     definition = None
     if req.device is not None:
@@ -55,10 +62,59 @@ async def reserve(ctx: Context, req: ReserveRequest) -> ReserveReply:
                         definition=definition)  # fmt: skip
 
 
+async def admit(ctx: Context, req: AdmitRequest) -> AdmitReply:
+    """Admit an incoming migration (agent/admission.py), with its primary's reservation."""
+    caller = CALLER.get()
+    if caller is None:
+        raise Forbidden("failover.admit needs the calling host's id as the subject's last token")
+    if caller == ctx.host:
+        raise InvalidRequest("a host cannot admit a migration from itself")
+    ctx.conn()
+    reserved: list[ReserveReply] = []
+
+    async def reserve_primary() -> Reservation:
+        assert req.primary is not None
+        p = req.primary
+        reply = await _reserve(ctx, ReserveRequest(
+            operation_id=req.operation_id, domain=req.domain, alias=p.alias, source=caller,
+            lease_s=req.lease_s, device=p.device, mac=p.mac, carry=p.carry,
+        ), caller)  # fmt: skip
+        reserved.append(reply)
+        found = ctx.reconciler.pool.get(reply.reservation_id)
+        assert found is not None
+        return found
+
+    a, _ = await ctx.admissions.admit(
+        operation=req.operation_id, domain=req.domain, name=req.name, memory_kib=req.memory_kib,
+        caller=caller, lease_s=req.lease_s,
+        reserve=reserve_primary if req.primary is not None else None,
+    )  # fmt: skip
+    r = reserved[0] if reserved else None
+    return AdmitReply(
+        admission_id=a.id, expires_in_s=round(a.expires - time.time(), 1),
+        reservation_id=r.reservation_id if r else None, resource=r.resource if r else None,
+        pool=r.pool if r else None, definition=r.definition if r else None,
+    )  # fmt: skip
+
+
 async def release(ctx: Context, req: ReleaseRequest) -> ReleaseReply:
     pool = ctx.reconciler.pool
-    if (req.reservation_id is None) == (req.operation_id is None):
-        raise InvalidRequest("give either reservation_id or operation_id")
+    caller = CALLER.get() or ""
+    given = [x is not None for x in (req.reservation_id, req.operation_id, req.admission_id)]
+    if sum(given) != 1:
+        raise InvalidRequest("give one of reservation_id, operation_id, admission_id")
+    if req.admission_id is not None:
+        a = ctx.admissions.get(req.admission_id)
+        if a is None:
+            return ReleaseReply(released=False)
+        released = ctx.admissions.release(a, caller)
+        if a.reservation and pool.get(a.reservation) is not None:
+            released = await pool.release(a.reservation) or released
+        return ReleaseReply(released=released)
+    if req.operation_id is not None:
+        a = ctx.admissions.for_operation(req.operation_id)
+        if a is not None:
+            ctx.admissions.release(a, caller)
     if req.reservation_id is not None:
         found = pool.get(req.reservation_id)
         if found is None:
@@ -70,7 +126,8 @@ async def release(ctx: Context, req: ReleaseRequest) -> ReleaseReply:
     if found is not None:
         pool.check_caller(found, CALLER.get() or "")
     # Also when its reserve is still running or has not arrived: it is refused then.
-    return ReleaseReply(released=await pool.release_operation(req.operation_id))
+    released = await pool.release_operation(req.operation_id)
+    return ReleaseReply(released=released or a is not None)
 
 
 async def replug(ctx: Context, req: ReplugRequest) -> ReplugReply:
