@@ -40,7 +40,9 @@ async def test_admission_holds_slots_memory_and_the_primary(
     one = await call(nc, "dest", "failover.admit.hv-a", admit(1, primary=True))
     assert one["ok"] is True, one
     reservation = one["result"]["reservation_id"]
-    assert reservation and dest.agent.fleet.reconciler.pool.get(reservation) is not None  # type: ignore[union-attr]
+    pool = dest.agent.fleet.reconciler.pool  # type: ignore[union-attr]
+    assert reservation
+    assert pool.get(reservation) is not None
     # The same operation again: the same admission.
     assert (await call(nc, "dest", "failover.admit.hv-a", admit(1, primary=True))) == one
     assert (await call(nc, "dest", "failover.admit.hv-b", admit(2)))["ok"] is True
@@ -56,7 +58,7 @@ async def test_admission_holds_slots_memory_and_the_primary(
     out = await call(nc, "dest", "failover.release.hv-a",
                      {"admission_id": one["result"]["admission_id"]})  # fmt: skip
     assert out == {"ok": True, "result": {"released": True}}
-    assert dest.agent.fleet.reconciler.pool.get(reservation) is None  # type: ignore[union-attr]
+    assert pool.get(reservation) is None
     assert (await call(nc, "dest", "failover.admit.hv-b", admit(3)))["ok"] is True
     # Memory: 3 GiB on the test host, 2 GiB admitted; releasing one (by operation) leaves 2.
     assert (await call(nc, "dest", "failover.release.hv-b", {"operation_id": "a002"}))["ok"]
