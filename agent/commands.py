@@ -251,11 +251,14 @@ class CommandService:
         CALLER.set(caller)
         started = time.monotonic()
         outcome = "error"
+        # Every log line of the command says which command, and whose (a task of its own:
+        # the binding ends with it).
+        structlog.contextvars.bind_contextvars(verb=verb[:80], caller=caller or request.who)
         try:
             reply = await self._dispatch(verb, msg.data, caller)
             outcome = "ok" if reply.startswith(b'{"ok":true') else "error"
         except Exception:
-            log.exception("command handler failed", verb=verb)
+            log.exception("command handler failed")
             reply = error_reply(AgentError("internal error; see the agent's log", verb=verb))
         finally:
             self._running -= 1
@@ -266,7 +269,7 @@ class CommandService:
         self.handled += 1
         self.ctx.metrics.commands.labels(verb if verb in self.verbs else "unknown", outcome).inc()
         ms = round((time.monotonic() - started) * 1000, 2)
-        log.debug("command", verb=verb, outcome=outcome, ms=ms)
+        log.debug("command", outcome=outcome, ms=ms)
         await self._respond(msg, reply)
 
     async def _respond(self, msg: Msg, reply: bytes) -> None:
@@ -308,6 +311,7 @@ class CommandService:
         request_id = getattr(request, "request_id", None)
         if request_id is None:
             return await self._call(verb, request)
+        structlog.contextvars.bind_contextvars(request_id=request_id)
         # Keyed by caller and id: the same id with another verb is another request, a conflict
         # (contract: "the same id with a different request is conflict").
         key = (caller or "", "", request_id)

@@ -656,3 +656,32 @@ async def test_no_identity_no_connection(secured: NatsServer) -> None:
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
+
+
+async def test_a_refused_reply_subject_is_logged_with_who_asked(
+    secured: NatsServer, start_agent: Start
+) -> None:
+    """The refusal is logged loudly (a warning naming the verb, the caller and the reply
+    subject), and a served command's log lines carry its verb, caller and request_id."""
+    import structlog  # noqa: PLC0415
+    from structlog.testing import capture_logs  # noqa: PLC0415
+
+    await host_agent(start_agent, secured, "hv01", **{"log.level": "debug"})
+    hv02, _ = await connect_as(secured, "hv02")
+    try:
+        with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
+            await hv02.publish("virt.hv01.cmd.failover.release.hv02", b'{"reservation_id": "ab12"}',
+                               reply="$KV.virt_hosts.hv03")  # fmt: skip
+            body = b'{"reservation_id": "ab12", "request_id": "r-1"}'
+            await hv02.request("virt.hv01.cmd.failover.release.hv02", body, timeout=10)
+        refused = [e for e in logs if e["event"].startswith("request refused")]
+        assert refused, logs
+        assert refused[0]["log_level"] == "warning"
+        assert (refused[0]["verb"], refused[0]["caller"]) == ("failover.release", "hv02")
+        assert refused[0]["reply"] == "$KV.virt_hosts.hv03"
+        served = [e for e in logs if e["event"] == "command"]
+        assert served, logs
+        assert (served[0]["verb"], served[0]["caller"], served[0]["request_id"]) == (
+            "failover.release", "hv02", "r-1")  # fmt: skip
+    finally:
+        await hv02.close()
