@@ -370,6 +370,14 @@ def _from_env(env: Mapping[str, str], tree: dict[str, Any], sources: dict[str, s
         parsed: Any = value
         if LEAVES[key] == list[str]:
             parsed = [u.strip() for u in value.split(",") if u.strip()]
+        elif getattr(LEAVES[key], "__origin__", None) is dict:
+            try:
+                parsed = msgspec.json.decode(value)
+            except msgspec.DecodeError:
+                parsed = None
+            if not isinstance(parsed, dict):
+                raise SettingsError(key, value, 'expected a JSON object, e.g. {"name": "value"}',
+                                    name)  # fmt: skip
         _set(tree, key, parsed)
         sources[key] = name
 
@@ -387,6 +395,13 @@ def _from_flags(
 
 
 def _convert(tree: dict[str, Any], sources: Mapping[str, str]) -> Settings:
+    # Each key against its own type first: the error names that key, whatever the section.
+    for key, value in _flatten(tree).items():
+        try:
+            msgspec.convert(value, LEAVES[key], strict=False)
+        except msgspec.ValidationError as exc:
+            reason = str(exc).split(" - at `$", 1)[0]
+            raise SettingsError(key, value, reason, sources.get(key)) from None
     try:
         return msgspec.convert(tree, Settings, strict=False)
     except msgspec.ValidationError as exc:

@@ -114,3 +114,26 @@ def test_http_port_in_use_exits_1_with_the_reason(
     assert "agent failed" in out
     assert "address already in use" in out.lower()
     assert "Traceback" not in out
+
+
+def test_each_key_is_validated_against_its_own_type() -> None:
+    """A bad value inside a section is named by its own key, whatever msgspec's wording (the
+    key once came from a regex over msgspec's message text)."""
+    for key, value in (("commands.reply_prefixes", [1]), ("failover.pool_pci", "x"),
+                       ("devices.templates", {"nic": 3}), ("agent.heartbeat_interval_s", -1)):  # fmt: skip
+        with pytest.raises(SettingsError) as info:
+            load(None, env={}, overrides={key: value})
+        assert info.value.key == key, info.value.message
+
+
+def test_dict_settings_come_from_the_environment_as_json(tmp_path: Path) -> None:
+    """devices.templates (a table in the file) can be set from the environment as a JSON
+    object; anything else is refused naming the variable."""
+    nic = tmp_path / "nic.xml"
+    nic.write_text("<interface type='network'><source network='default'/></interface>")
+    s = load(None, env={"VIRT_AGENT_DEVICES_TEMPLATES": f'{{"nic": "{nic}"}}'}).settings
+    assert s.devices.templates == {"nic": str(nic)}
+    with pytest.raises(SettingsError) as info:
+        load(None, env={"VIRT_AGENT_DEVICES_TEMPLATES": "nic=/x"})
+    assert info.value.key == "devices.templates"
+    assert "JSON object" in info.value.message
