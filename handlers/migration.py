@@ -16,8 +16,9 @@ from agent import crashpoints
 from agent.envelope import Operation
 from agent.errors import AgentError, Conflict, InvalidRequest, LibvirtFailure, Timeout
 from agent.events import domain_state_names
-from agent.fields import DomainName, HostId, RequestId
+from agent.fields import MAX_LEASE_S, DomainName, HostId, RequestId
 from agent.operations import Progress, Runner
+from agent.peers import AdmitReply, AdmitRequest, PrimaryAsk, ReleaseRequest
 from agent.registry import Registration
 from handlers import Context, Verb
 from handlers.domain import find_domain
@@ -114,6 +115,8 @@ def migration_call(
 
 
 DEFAULT_DOWNTIME_MS = 300  # QEMU's default downtime limit
+ADMIT_SLACK_S = 120.0  # an admission's lease beyond the migration's own timeout
+PEER_TIMEOUT_S = 30.0
 
 
 async def max_downtime(hv: Any, dom: Any) -> int:
@@ -200,6 +203,31 @@ async def migrate_and_locate(
                         f"{req.destination}"}  # fmt: skip
 
 
+async def admit(
+    ctx: Context, p: Progress, dom: Any, dest: Registration, timeout_s: float,
+    primary: PrimaryAsk | None = None,
+) -> AdmitReply | None:  # fmt: skip
+    """Ask the destination to admit this migration (contract v1.2), when it admits: refused
+    (`unavailable`, with the reason), nothing has changed yet. None: a destination of an
+    earlier release, which admits nothing."""
+    if not dest.admission:
+        return None
+    p.step("admit", destination=dest.host)
+    info = await ctx.hypervisor.call(dom.info)  # state, max memory (KiB), memory, vcpus, cpu time
+    return await ctx.peers.admit(dest.host, AdmitRequest(
+        operation_id=p.op.id, domain=dom.UUIDString(), name=dom.name(), memory_kib=int(info[1]),
+        vcpus=int(info[3]), primary=primary, lease_s=min(timeout_s + ADMIT_SLACK_S, MAX_LEASE_S),
+    ), PEER_TIMEOUT_S)  # fmt: skip
+
+
+async def release_admission(ctx: Context, host: str, admitted: AdmitReply) -> None:
+    """Best effort: the destination also ends an admission when the domain arrives, or when
+    its lease runs out."""
+    with contextlib.suppress(AgentError):
+        await ctx.peers.release(host, ReleaseRequest(admission_id=admitted.admission_id),
+                                PEER_TIMEOUT_S)  # fmt: skip
+
+
 async def migrate(ctx: Context, req: MigrateRequest) -> dict[str, Any]:
     ctx.conn()
     if req.destination == ctx.host:
@@ -216,12 +244,17 @@ async def migrate(ctx: Context, req: MigrateRequest) -> dict[str, Any]:
         )
 
     async def runner(p: Progress) -> dict[str, Any]:
-        p.step("migrate", destination=req.destination)
-        result = await migrate_and_locate(ctx, p, dom, dest, req)
-        crashpoints.reached("migrate.done")
-        p.step("verify")
-        if await ctx.hypervisor.where_is(dom.UUIDString(), dest.libvirt_uri) != "destination":
-            raise AgentError(f"domain is not running on {req.destination} after the migration")
+        admitted = await admit(ctx, p, dom, dest, req.timeout_s)
+        try:
+            p.step("migrate", destination=req.destination)
+            result = await migrate_and_locate(ctx, p, dom, dest, req)
+            crashpoints.reached("migrate.done")
+            p.step("verify")
+            if await ctx.hypervisor.where_is(dom.UUIDString(), dest.libvirt_uri) != "destination":
+                raise AgentError(f"domain is not running on {req.destination} after the migration")
+        finally:
+            if admitted is not None:
+                await release_admission(ctx, dest.host, admitted)
         return {**result, "destination": req.destination}
 
     op = await ctx.start_operation("migrate", dom.UUIDString(), runner)
@@ -246,6 +279,10 @@ def recovery(ctx: Context, op: Operation) -> Runner:
                 break
             await asyncio.sleep(POLL_S)  # libvirtd still migrates it: wait for the outcome
         where = await ctx.hypervisor.where_is(uuid, dest.libvirt_uri)
+        if dest.admission:  # what the destination admitted for it is over either way
+            with contextlib.suppress(AgentError):
+                await ctx.peers.release(dest.host, ReleaseRequest(operation_id=op.id),
+                                        PEER_TIMEOUT_S)  # fmt: skip
         if where != "destination":
             place = "this host" if where == "source" else where
             raise AgentError(f"the agent restarted during the migration; the domain runs on "

@@ -172,7 +172,11 @@ async def test_migrate_verb_moves_the_domain_and_reports_the_operation(
         lambda e: e["type"] in ("virt.operation.succeeded", "virt.operation.failed"), 120
     )
     assert final["type"] == "virt.operation.succeeded", final
-    assert [s["step"] for s in final["data"]["operation"]["steps"]] == ["migrate", "verify"]
+    assert [s["step"] for s in final["data"]["operation"]["steps"]] == [
+        "admit",
+        "migrate",
+        "verify",
+    ]
     assert all("duration_s" in s for s in final["data"]["operation"]["steps"])
     assert (await asyncio.to_thread(where, host_b, u))["running"]
     assert not (await asyncio.to_thread(where, host_a, u))["running"]
