@@ -111,7 +111,7 @@ async def test_migrate_asks_the_destination_first(
     """`migrate` to a destination that admits: at its inbound limit (another host holds its
     one slot) the migration ends `failed` with `unavailable` / `inbound_limit` at the `admit`
     step - nothing was migrated - and the domain still runs here."""
-    source = await start_agent(**{"host_id": "src"})
+    source = await start_agent(host_id="src")
     await start_agent(**{"host_id": "full", "failover.max_inbound_migrations": 1,
                          "libvirt.uri": node_uri(tmp_path)})  # fmt: skip
     assert (await call(nc, "full", "failover.admit.hv-x", admit(1)))["ok"] is True
