@@ -119,7 +119,8 @@ class Admissions:
 
     def _check_memory(self, live: list[Admission], load: HostLoad, memory_kib: int) -> None:
         cap = self.settings.admit_memory_kib
-        capacity = min(load.memory_kib, cap) if cap else load.memory_kib
+        capacity = int((min(load.memory_kib, cap) if cap else load.memory_kib)
+                       * self.settings.memory_overcommit)  # fmt: skip
         here = {d.uuid for d in load.domains}
         running = sum(d.max_memory_kib for d in load.domains)
         admitted = sum(a.memory_kib for a in live if a.domain not in here)

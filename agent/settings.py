@@ -211,6 +211,9 @@ class FailoverSettings(_Section, frozen=True, kw_only=True, forbid_unknown_field
     # this much memory for domains here (KiB; 0: what libvirt says the host has).
     max_inbound_migrations: Annotated[int, Meta(ge=1, le=64)] = 2
     admit_memory_kib: Annotated[int, Meta(ge=0)] = 0
+    # The memory admission counts: the host's (or admit_memory_kib) times this - above 1 on
+    # a host whose domains' maximum memory may exceed its RAM (ballooning, KSM).
+    memory_overcommit: Annotated[float, Meta(ge=0.1, le=100)] = 1.0
     max_reservations_per_caller: Annotated[int, Meta(ge=1, le=1000)] = 8
     # An unplug the guest never finished: the record is dropped after this long if the primary
     # is still attached (until then it is kept, in case the guest releases the device late).

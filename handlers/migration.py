@@ -213,11 +213,20 @@ async def admit(
     if not dest.admission:
         return None
     p.step("admit", destination=dest.host)
+    req = await admission_request(ctx, dom, p.op.id, timeout_s, primary)
+    return await ctx.peers.admit(dest.host, req, PEER_TIMEOUT_S)
+
+
+async def admission_request(
+    ctx: Context, dom: Any, op_id: str, timeout_s: float, primary: PrimaryAsk | None
+) -> AdmitRequest:
+    """What the destination admits: the domain's maximum memory and vCPUs, for as long as the
+    migration may take."""
     info = await ctx.hypervisor.call(dom.info)  # state, max memory (KiB), memory, vcpus, cpu time
-    return await ctx.peers.admit(dest.host, AdmitRequest(
-        operation_id=p.op.id, domain=dom.UUIDString(), name=dom.name(), memory_kib=int(info[1]),
+    return AdmitRequest(
+        operation_id=op_id, domain=dom.UUIDString(), name=dom.name(), memory_kib=int(info[1]),
         vcpus=int(info[3]), primary=primary, lease_s=min(timeout_s + ADMIT_SLACK_S, MAX_LEASE_S),
-    ), PEER_TIMEOUT_S)  # fmt: skip
+    )  # fmt: skip
 
 
 async def release_admission(ctx: Context, host: str, admitted: AdmitReply) -> None:

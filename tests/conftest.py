@@ -162,6 +162,9 @@ def agent_settings(tmp_path: Path, nats_url: str, **overrides: Any) -> Settings:
         "libvirt.uri": "test:///default",
         "http.listen": "127.0.0.1:0",
         "agent.heartbeat_interval_s": 3600.0,
+        # test:///default's host has 3 GiB and its `test` domain 8: admission (failover.admit)
+        # would refuse every migration there for memory (tests/test_admission.py sets its own).
+        "failover.memory_overcommit": 16.0,
     }
     base.update(overrides)
     return load(None, env={}, overrides=base).settings

@@ -45,7 +45,7 @@ async def test_admission_holds_slots_memory_and_the_primary(
 ) -> None:
     state = str(tmp_path / "dest-state")
     settings = {"host_id": "dest", "state_dir": state, "failover.max_inbound_migrations": 2,
-                "libvirt.uri": node_uri(tmp_path)}  # fmt: skip
+                "libvirt.uri": node_uri(tmp_path), "failover.memory_overcommit": 1.0}  # fmt: skip
     dest = await start_agent(**settings)
     kv = await nc.jetstream().key_value("virt_hosts")
     assert msgspec.json.decode((await kv.get("dest")).value, type=Registration).admission is True
@@ -93,7 +93,8 @@ async def test_admission_holds_slots_memory_and_the_primary(
 async def test_a_domain_that_arrived_ends_its_admission(start_agent: Start, nc: Any) -> None:
     """Once the admitted domain runs here, its migration is over: the slot is free (the next
     one is refused for memory - the arrived domain's 8 GiB - not for the slot)."""
-    await start_agent(**{"host_id": "dest2", "failover.max_inbound_migrations": 1})
+    await start_agent(**{"host_id": "dest2", "failover.max_inbound_migrations": 1,
+                         "failover.memory_overcommit": 1.0})  # fmt: skip
     test_uuid = "6695eb01-f6a4-8304-79aa-97f2502e193f"  # test:///default's running domain
     body = admit(1) | {"domain": test_uuid, "memory_kib": 1}
     assert (await call(nc, "dest2", "domain.destroy", {"domain": "test"}))["ok"]

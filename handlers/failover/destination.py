@@ -119,7 +119,10 @@ async def release(ctx: Context, req: ReleaseRequest) -> ReleaseReply:
         found = pool.get(req.reservation_id)
         if found is None:
             return ReleaseReply(released=False)
-        pool.check_caller(found, CALLER.get() or "")
+        pool.check_caller(found, caller)
+        for a in ctx.admissions.live():  # the admission that held it ends with it
+            if a.reservation == found.id:
+                ctx.admissions.release(a, caller)
         return ReleaseReply(released=await pool.release(found.id))
     assert req.operation_id is not None
     found = pool.for_operation(req.operation_id)

@@ -22,6 +22,7 @@ from agent.failover import NS, OWED, UNPLUGGING, Record, Settled, read_record, w
 from agent.nicxml import names_vf
 from agent.operations import Progress, uninterruptible
 from agent.peers import (
+    PrimaryAsk,
     ReleaseRequest,
     ReplugReply,
     ReplugRequest,
@@ -45,7 +46,7 @@ from handlers.failover.steps import (
     as_record,
     read_steps,
 )
-from handlers.migration import MigrateRequest, migrate_and_locate
+from handlers.migration import MigrateRequest, admission_request, migrate_and_locate
 
 log = structlog.get_logger("agent.failover.source")
 BEFORE_CHANGE = ("plan", "reserve")  # steps after which nothing on the source has changed yet
@@ -124,13 +125,19 @@ class Failover:
                         "own network",
                     ),
                 )
+                if self.dest.admission:  # the slot and the memory, without a primary
+                    self.reserve_asked = True
+                    admitted = await ctx.peers.admit(plan.destination, await admission_request(
+                        ctx, self.dom, p.op.id, self.req.timeout_s, None), timeout)  # fmt: skip
+                    self.note(p, admission=admitted.admission_id)
             else:
                 await self.step(p, ReserveStep(host=plan.destination))
                 self.reserve_asked = True
-                res = await self._reserve(p.op.id, timeout)
+                res, admission = await self._reserve(p.op.id, timeout)
                 self.reservation = res.reservation_id
                 definition = res.definition
-                self.note(p, reservation=self.reservation, resource=res.resource)
+                self.note(p, reservation=self.reservation, resource=res.resource,
+                          admission=admission)  # fmt: skip
             persist_xml, listed = await self._destination_definition(definition)
 
             await self.step(p, UnplugStep(alias=plan.primary, mode=plan.mode,
@@ -188,21 +195,34 @@ class Failover:
                                            "loop plugs it"}  # fmt: skip
         return out
 
-    async def _reserve(self, op_id: str, timeout: float) -> ReserveReply:
-        """failover.reserve, saying what the primary is so the reply says what the destination
-        will plug; a destination of the previous release refuses those fields (unknown
-        fields are refused): it is asked again without them."""
+    async def _reserve(self, op_id: str, timeout: float) -> tuple[ReserveReply, str | None]:
+        """The primary's reservation on the destination, and the admission holding it: a
+        destination that admits (contract v1.2) is asked `failover.admit` with the primary;
+        one of the previous release `failover.reserve`, saying what the primary is so the
+        reply says what it will plug - one older still refuses those fields (unknown fields
+        are refused) and is asked again without them."""
         ctx, plan = self.ctx, self.plan
+        if self.dest.admission:
+            ask = PrimaryAsk(alias=plan.primary, device=plan.device, mac=plan.mac or None,
+                             carry=plan.carry or None)  # fmt: skip
+            req = await admission_request(ctx, self.dom, op_id, self.req.timeout_s, ask)
+            a = await ctx.peers.admit(plan.destination, req, timeout)
+            if a.reservation_id is None or a.resource is None or a.pool is None:
+                raise AgentError(f"{plan.destination} admitted the migration without its primary",
+                                 peer=plan.destination)  # fmt: skip
+            return ReserveReply(reservation_id=a.reservation_id, resource=a.resource,
+                                pool=a.pool, expires_in_s=a.expires_in_s,
+                                definition=a.definition), a.admission_id  # fmt: skip
         plain = ReserveRequest(operation_id=op_id, domain=self.uuid, alias=plan.primary,
                                source=ctx.host, lease_s=lease_needed(ctx, self.req))  # fmt: skip
         full = msgspec.structs.replace(plain, device=plan.device, mac=plan.mac or None,
                                        carry=plan.carry or None)  # fmt: skip
         try:
-            return await ctx.peers.reserve(plan.destination, full, timeout)
+            return await ctx.peers.reserve(plan.destination, full, timeout), None
         except InvalidRequest as exc:
             if "unknown field" not in exc.message.lower():
                 raise
-            return await ctx.peers.reserve(plan.destination, plain, timeout)
+            return await ctx.peers.reserve(plan.destination, plain, timeout), None
 
     async def _destination_definition(self, definition: str | None) -> tuple[str | None, str]:
         """The persistent definition the domain arrives with on the destination (libvirt
@@ -365,7 +385,8 @@ class Failover:
 
 async def release_on(ctx: Context, host: str, reservation: str | None, op_id: str) -> None:
     """Best effort: the destination's reservation goes back to its pool (by id, or by the
-    operation when the reserve reply never came); its lease ends it otherwise."""
+    operation when the reserve reply never came), with the admission that held it; its lease
+    ends it otherwise."""
     body = (ReleaseRequest(reservation_id=reservation) if reservation
             else ReleaseRequest(operation_id=op_id))  # fmt: skip
     with contextlib.suppress(AgentError):

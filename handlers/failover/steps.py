@@ -29,6 +29,8 @@ class ReserveStep(Step, tag="reserve"):
     reservation: str | None = None
     resource: str | None = None
     skipped: str | None = None  # why no reservation was asked (mode qemu)
+    # The destination's admission (contract v1.2), which holds the reservation with it.
+    admission: str | None = None
 
 
 class UnplugStep(Step, tag="unplug"):
