@@ -25,6 +25,7 @@ from agent.errors import Conflict, Forbidden, InvalidRequest, Unavailable
 from agent.hypervisor import HostLoad, Hypervisor
 from agent.metrics import Metrics
 from agent.operations import Admission, Journal, Reservation
+from agent.registry import Capacity
 from agent.settings import FailoverSettings
 
 log = structlog.get_logger("agent.admission")
@@ -61,6 +62,10 @@ class Admissions:
                 lease_s=lease_s, max_lease_s=s.max_lease_s,
             )  # fmt: skip
         async with self._lock:
+            if self.journal.maintenance() is not None:
+                self._refused("maintenance")
+                raise Unavailable("this host is in maintenance (host.drain); it admits no "
+                                  "migration until host.undrain", reason="maintenance")  # fmt: skip
             live = self.live()
             for a in live:
                 if a.operation == operation:
@@ -117,14 +122,25 @@ class Admissions:
                 not_admitted=len(unadmitted),
             )  # fmt: skip
 
-    def _check_memory(self, live: list[Admission], load: HostLoad, memory_kib: int) -> None:
+    def _free(self, live: list[Admission], load: HostLoad) -> tuple[int, int, int, int]:
+        """(free, capacity, domains', admitted) memory in KiB."""
         cap = self.settings.admit_memory_kib
         capacity = int((min(load.memory_kib, cap) if cap else load.memory_kib)
                        * self.settings.memory_overcommit)  # fmt: skip
         here = {d.uuid for d in load.domains}
         running = sum(d.max_memory_kib for d in load.domains)
         admitted = sum(a.memory_kib for a in live if a.domain not in here)
-        free = capacity - running - admitted
+        return capacity - running - admitted, capacity, running, admitted
+
+    async def capacity(self) -> Capacity:
+        """What this host would admit now, for the registration (a drain's planner reads it)."""
+        load = await self.hv.host_load()
+        free, *_ = self._free(self.live(), load)
+        return Capacity(memory_kib=max(free, 0), arch=load.arch,
+                        inbound_limit=self.settings.max_inbound_migrations)  # fmt: skip
+
+    def _check_memory(self, live: list[Admission], load: HostLoad, memory_kib: int) -> None:
+        free, capacity, running, admitted = self._free(live, load)
         if memory_kib > free:
             self._refused("memory")
             raise Unavailable(

@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
 import structlog
 from nats.aio.client import Client as NATS
 from nats.errors import Error as NatsError
@@ -19,12 +20,13 @@ from nats.js.kv import KeyValue
 from agent import __version__
 from agent.admission import Admissions
 from agent.envelope import Heartbeat
+from agent.errors import AgentError
 from agent.failover import Reconciler
 from agent.operations import Journal, OperationManager, Publish
 from agent.peers import Peers
 from agent.pool import Pool
 from agent.publisher import Publisher
-from agent.registry import STREAM, Registration, Registry, UriPolicy, open_bucket
+from agent.registry import STREAM, Maintenance, Registration, Registry, UriPolicy, open_bucket
 from agent.settings import Settings
 from agent.streams import Streams
 from handlers import Context, HostContext
@@ -94,11 +96,16 @@ class Fleet:
     def context(self) -> Context:
         return Context.of(self.host, operations=self.operations, registry=self.registry,
                           peers=self.peers, reconciler=self.reconciler,
-                          admissions=self.admissions)  # fmt: skip
+                          admissions=self.admissions, announce=self.register)  # fmt: skip
 
     async def register(self) -> None:
         """This host's virt_hosts entry, written again (heartbeat, libvirt reconnected)."""
         h = self.host
+        try:
+            capacity = await self.admissions.capacity() if h.hypervisor.connected else None
+        except AgentError:
+            capacity = None  # libvirt went away meanwhile: the next registration says
+        m = self.journal.maintenance()
         try:
             await self.registry.publish(
                 Registration(
@@ -111,6 +118,8 @@ class Fleet:
                     failover_pool=self.reconciler.pool.describe(),
                     jetstream_domain=self.jetstream_domain or None,
                     admission=True,
+                    maintenance=msgspec.convert(m, Maintenance) if m else None,
+                    capacity=capacity,
                     updated=0.0,
                 )
             )

@@ -399,10 +399,12 @@ class HostLoad:
 
     memory_kib: int
     domains: list[DomainLoad]
+    arch: str = ""
 
 
 def _host_load(conn: Any) -> HostLoad:
-    memory_kib = int(conn.getInfo()[1]) * 1024  # MiB
+    info = conn.getInfo()  # model (the architecture), memory (MiB), ...
+    memory_kib = int(info[1]) * 1024
     domains = []
     for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
         try:
@@ -417,7 +419,7 @@ def _host_load(conn: Any) -> HostLoad:
             # on the source host" (a driver without jobs answers no-support instead).
             incoming = exc.get_error_code() == libvirt.VIR_ERR_OPERATION_UNSUPPORTED
         domains.append(DomainLoad(uuid, max_memory, incoming))
-    return HostLoad(memory_kib, domains)
+    return HostLoad(memory_kib, domains, str(info[0]))
 
 
 def _version_str(v: int) -> str:

@@ -133,6 +133,8 @@ class Journal:
             "CREATE TABLE IF NOT EXISTS admissions (id TEXT PRIMARY KEY, operation TEXT,"
             " expires REAL, body TEXT)"
         )
+        # This host's maintenance (host.drain .. host.undrain): one row, or none.
+        self.db.execute("CREATE TABLE IF NOT EXISTS maintenance (k INTEGER PRIMARY KEY, body TEXT)")
         columns = {r[1] for r in self.db.execute("PRAGMA table_info(reservations)")}
         # Journals of earlier releases lack the newer columns.
         for column, default in (("caller", "''"), ("state", "'reserved'"), ("vf", "''"),
@@ -179,6 +181,17 @@ class Journal:
                 (keep,),
             ).rowcount
         )
+
+    def maintenance(self) -> dict[str, Any] | None:
+        row = self.db.execute("SELECT body FROM maintenance WHERE k = 1").fetchone()
+        return msgspec.json.decode(row[0]) if row else None
+
+    def set_maintenance(self, body: dict[str, Any] | None) -> None:
+        if body is None:
+            self.db.execute("DELETE FROM maintenance WHERE k = 1")
+        else:
+            self.db.execute("INSERT OR REPLACE INTO maintenance VALUES (1, ?)",
+                            (msgspec.json.encode(body).decode(),))  # fmt: skip
 
     # Incoming migrations admitted here (agent/admission.py), with a lease.
     def add_admission(self, a: Admission) -> None:
@@ -427,6 +440,8 @@ class OperationManager:
         self.max_concurrent = max_concurrent
         self.metrics = metrics
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        # Operations cancelled with the operations they run (operation.cancel cancel_running).
+        self.cancel_running: set[str] = set()
         self._by_domain: dict[str, str] = {}
         self._group: asyncio.TaskGroup | None = None
         self._running = asyncio.Event()
@@ -572,13 +587,20 @@ class OperationManager:
             raise NotFound(f"operation {op_id!r} not found", operation_id=op_id)
         return op
 
-    def cancel(self, op_id: str) -> Operation:
+    def cancel(self, op_id: str, running: bool = False) -> Operation:
+        """Cancel a running operation; `running`: an operation that runs others (a drain)
+        cancels those too, with their rollback."""
         op = self.get(op_id)
         task = self._tasks.get(op_id)
         if task is None:
             raise Conflict(f"operation {op_id!r} is {op.state}, not running", state=op.state)
+        if running:
+            self.cancel_running.add(op_id)
         task.cancel()
         return op
+
+    def running(self, op_id: str) -> bool:
+        return op_id in self._tasks
 
 
 async def uninterruptible(coro: Any, abandoned: asyncio.Event) -> Any:

@@ -36,6 +36,25 @@ STREAM_NAME_IN_USE = 10058  # JetStream: "stream name already in use with a diff
 WRONG_LAST_SEQUENCE = 10071  # JetStream's error code for a write over another revision
 
 
+class Maintenance(msgspec.Struct, frozen=True, kw_only=True):
+    """A host being emptied (`draining`) or emptied (`drained`) by `host.drain` (contract
+    v1.2): it admits no incoming migration, and starts no domain unless forced, until
+    `host.undrain`."""
+
+    state: str
+    operation_id: str
+    since: str  # RFC 3339
+
+
+class Capacity(msgspec.Struct, frozen=True, kw_only=True):
+    """What a drain's planner reads of a destination (agent/placement.py): the memory it would
+    admit now, its architecture, its inbound limit."""
+
+    memory_kib: int
+    arch: str
+    inbound_limit: int
+
+
 class Registration(msgspec.Struct, frozen=True, kw_only=True):
     host: str
     boot_id: str
@@ -52,6 +71,8 @@ class Registration(msgspec.Struct, frozen=True, kw_only=True):
     jetstream_domain: str | None = None
     # Contract v1.2: this host admits incoming migrations (failover.admit).
     admission: bool = False
+    maintenance: Maintenance | None = None
+    capacity: Capacity | None = None
 
 
 _decoder = msgspec.json.Decoder(Registration)

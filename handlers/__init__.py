@@ -75,6 +75,8 @@ class Context(HostContext):
     peers: Peers
     reconciler: Reconciler
     admissions: Admissions
+    # Write this host's registration again now (a maintenance change; agent/fleet.py).
+    announce: Callable[[], Awaitable[None]]
 
     @classmethod
     def of(cls, host: HostContext, **fleet: Any) -> Context:
@@ -128,10 +130,19 @@ class Verb:
 
 
 def all_verbs() -> dict[str, Verb]:
-    from handlers import devices, domain, failover, migration, operations, pool, system  # noqa: PLC0415
+    from handlers import (  # noqa: PLC0415
+        devices,
+        domain,
+        drain,
+        failover,
+        migration,
+        operations,
+        pool,
+        system,
+    )
 
     verbs: list[Verb] = [
         *system.VERBS, *domain.VERBS, *devices.VERBS, *migration.VERBS, *failover.VERBS,
-        *pool.VERBS, *operations.VERBS,
+        *pool.VERBS, *operations.VERBS, *drain.VERBS,
     ]  # fmt: skip
     return {v.name: v for v in verbs}

@@ -10,7 +10,7 @@ import libvirt
 import msgspec
 
 from agent.devices import failover_negotiated, interfaces
-from agent.errors import Conflict, InvalidRequest, NotFound
+from agent.errors import Conflict, InvalidRequest, NotFound, Unavailable
 from agent.events import DomainSnapshot, domain_ref, domain_state_names
 from agent.fields import UUID_RE, DomainName, RequestId
 from handlers import Context, HostContext, Verb
@@ -123,11 +123,24 @@ async def domain_get(ctx: Context, req: DomainRequest) -> DomainInfo:
 ACTIVE = frozenset({"running", "paused", "blocked", "pmsuspended", "shutdown"})
 
 
-def _action(name: str, act: Callable[[Any], Any], needs: frozenset[str]) -> Verb:
+class StartRequest(DomainRequest, frozen=True, forbid_unknown_fields=True):
+    # Start it even while this host is in maintenance (host.drain).
+    force: bool = False
+
+
+def _action(
+    name: str, act: Callable[[Any], Any], needs: frozenset[str],
+    request: type[DomainRequest] = DomainRequest,
+) -> Verb:  # fmt: skip
     """A lifecycle verb: checked against the domain's state first, so every driver answers
     a wrong-state request with `conflict` naming the state, then done under the domain's lock."""
 
     async def handler(ctx: Context, req: DomainRequest) -> DomainInfo:
+        if isinstance(req, StartRequest) and not req.force:
+            m = ctx.operations.journal.maintenance()
+            if m is not None:
+                raise Unavailable(f"this host is in maintenance ({m.get('state')}); domain.start "
+                                  "with force starts it anyway", reason="maintenance")  # fmt: skip
         dom = await find_domain(ctx, req.domain)
         async with ctx.exclusive(dom.UUIDString()):
             state, reason = await ctx.hypervisor.call(dom.state)
@@ -142,13 +155,15 @@ def _action(name: str, act: Callable[[Any], Any], needs: frozenset[str]) -> Verb
             await ctx.hypervisor.call(act, dom)
             return await ctx.hypervisor.call(_info, dom)
 
-    return Verb(f"domain.{name}", DomainRequest, handler, mutating=True)
+    return Verb(f"domain.{name}", request, handler, mutating=True)
 
 
 VERBS = [
     Verb("domain.list", ListRequest, domain_list),
     Verb("domain.get", DomainRequest, domain_get),
-    _action("start", lambda d: d.create(), frozenset({"shutoff", "crashed", "nostate"})),
+    _action(
+        "start", lambda d: d.create(), frozenset({"shutoff", "crashed", "nostate"}), StartRequest
+    ),
     _action("shutdown", lambda d: d.shutdown(), frozenset({"running", "paused", "blocked"})),
     _action("destroy", lambda d: d.destroy(), ACTIVE),
     _action("reboot", lambda d: d.reboot(0), frozenset({"running", "blocked"})),

@@ -32,12 +32,19 @@ async def op_list(ctx: Context, req: ListRequest) -> list[Operation]:
     return ctx.operations.journal.recent(req.limit, req.state, req.domain)
 
 
-async def op_cancel(ctx: Context, req: OpRequest) -> Operation:
-    return ctx.operations.cancel(req.operation_id)
+class CancelRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    operation_id: OpId
+    # For an operation that runs others (host.drain): cancel those too, with their rollback.
+    cancel_running: bool = False
+    request_id: RequestId | None = None
+
+
+async def op_cancel(ctx: Context, req: CancelRequest) -> Operation:
+    return ctx.operations.cancel(req.operation_id, running=req.cancel_running)
 
 
 VERBS = [
     Verb("operation.get", OpRequest, op_get),
     Verb("operation.list", ListRequest, op_list),
-    Verb("operation.cancel", OpRequest, op_cancel, mutating=True),
+    Verb("operation.cancel", CancelRequest, op_cancel, mutating=True),
 ]
