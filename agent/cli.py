@@ -54,6 +54,10 @@ EXITS = {
                 "itself, or NATS unreachable; 2 bad settings",
     "migrate": "0 accepted (with --wait: succeeded); 1 refused, failed or unreachable; "
                "2 bad arguments",
+    "drain": "0 accepted (with --follow: every domain moved; with --dry-run: every domain "
+             "placed); 1 refused, failed, unplaced or unreachable; 2 bad arguments",
+    "undrain": "0 the host is out of maintenance; 1 refused (its drain runs) or unreachable; "
+               "2 bad arguments",
     "check-config": "0 all good; 2 a setting; 3 state directory; 4 libvirt; 5 NATS; 6 HTTP; "
                     "7 a fleet stream differs",
     "health": "0 the endpoint answered 200; 1 it did not (or no HTTP is configured); "
@@ -209,6 +213,27 @@ def _migrate_parser(sub: Any) -> None:
     )
     _bus_args(mig)
 
+    dr = sub.add_parser("drain", help="empty a host for maintenance (host.drain)")
+    dr.add_argument("host", type=_host_id, help="the host to drain")
+    dr.add_argument("--dry-run", action="store_true", help="print the plan; change nothing")
+    dr.add_argument("--parallel", type=_positive_int, default=1,
+                    help="migrations from the host at once")  # fmt: skip
+    dr.add_argument(
+        "--to",
+        type=_host_id,
+        action="append",
+        help="a destination to use (repeatable; default every host that admits)",
+    )
+    dr.add_argument("--force", action="store_true",
+                    help="move failover domains whose guest has no bond too")  # fmt: skip
+    dr.add_argument("--follow", action="store_true", help="follow the drain to its end")
+    dr.add_argument("--json", action="store_true", help="the reply, then each event, as JSON")
+    _bus_args(dr)
+    ud = sub.add_parser("undrain", help="end a host's maintenance (host.undrain)")
+    ud.add_argument("host", type=_host_id)
+    ud.add_argument("--json", action="store_true", help="the reply as JSON")
+    _bus_args(ud)
+
 
 def _settings_args(p: argparse.ArgumentParser) -> None:
     """The flags that override settings (agent.settings.FLAGS), for `run` and `check-config`."""
@@ -295,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         "hosts": cmd_hosts,
         "hub-sync": cmd_hub_sync,
         "migrate": cmd_migrate,
+        "drain": cmd_drain,
+        "undrain": cmd_undrain,
         "check-config": cmd_check_config,
         "health": cmd_health,
     }
@@ -625,12 +652,6 @@ def json_lines(op: dict[str, Any]) -> None:
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     """Exit 0 when the migration was accepted (or, with --wait, succeeded), else 1."""
-    from agent.bus import request  # noqa: PLC0415
-    from agent.envelope import error_reply  # noqa: PLC0415
-    from agent.errors import from_reply  # noqa: PLC0415
-    from agent.opwatch import follow, printer  # noqa: PLC0415
-
-    bus = _bus(args)
     verb = "migrate_with_failover" if args.failover else "migrate"
     body: dict[str, Any] = {"domain": args.domain, "destination": args.destination}
     for key in ("mode", "primary", "max_downtime_ms", "bandwidth_mib_s", "postcopy", "timeout_s"):
@@ -640,31 +661,77 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                 print(f"virt-agent migrate: --{key} needs --failover", file=sys.stderr)
                 return EXIT_BAD_SETTINGS
             body[key] = value
+    title = f"{verb} {args.domain} {args.source} → {args.destination}"
+    return _long_operation(args, "migrate", args.source, verb, body, title, args.wait)
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    """Exit 0 when the drain was accepted (with --follow: every domain moved; with --dry-run:
+    the plan places every domain), else 1."""
+    body: dict[str, Any] = {"max_parallel": args.parallel, "force": args.force}
+    if args.to:
+        body["destinations"] = args.to
+    if args.dry_run:
+        body["dry_run"] = True
+    return _long_operation(args, "drain", args.host, "host.drain", body, f"drain {args.host}",
+                           args.follow)  # fmt: skip
+
+
+def cmd_undrain(args: argparse.Namespace) -> int:
+    return _long_operation(args, "undrain", args.host, "host.undrain", {}, "", False)
+
+
+def _print_plan(plan: list[dict[str, Any]], as_json: bool) -> int:
+    if not as_json:
+        for e in plan:
+            where = e["destination"] or f"- ({e.get('reason', '')})"
+            print(f"{e['domain']['name']:<24} {where}")
+    return EXIT_OK if all(e["destination"] for e in plan) else EXIT_FAILED
+
+
+def _long_operation(
+    args: argparse.Namespace, name: str, host: str, verb: str, body: dict[str, Any], title: str,
+    follow_it: bool,
+) -> int:  # fmt: skip
+    """Send `verb` to `host`'s agent; print the reply (a plan, or the operation started), then
+    with `follow_it` the operation's progress to its end."""
+    from agent.bus import request  # noqa: PLC0415
+    from agent.envelope import error_reply  # noqa: PLC0415
+    from agent.errors import from_reply  # noqa: PLC0415
+    from agent.opwatch import follow, printer  # noqa: PLC0415
+
+    bus = _bus(args)
 
     async def go() -> int:
-        nc = await bus.connect("virt-agent migrate")
+        nc = await bus.connect(f"virt-agent {name}")
         try:
             try:
-                msg = await request(nc, args.source, bus.subjects(args.source).cmd(verb),
+                msg = await request(nc, host, bus.subjects(host).cmd(verb),
                                     msgspec.json.encode(body), 30)  # fmt: skip
-                result = from_reply(msg.data, args.source)  # the error families, as peers do
+                result = from_reply(msg.data, host)  # the error families, as peers do
             except AgentError as exc:  # refused, or no agent there: said the same way
                 if args.json:
                     print(error_reply(exc).decode(), flush=True)
                 else:
-                    print(f"virt-agent migrate: {exc.code}: {exc.message}", file=sys.stderr)
+                    print(f"virt-agent {name}: {exc.code}: {exc.message}", file=sys.stderr)
                 return EXIT_FAILED
             if args.json:
                 print(msg.data.decode(), flush=True)
-            op_id = result["operation_id"]
+            if "plan" in result:
+                return _print_plan(result["plan"], args.json)
+            op_id = result.get("operation_id")
+            if op_id is None:
+                if not args.json:
+                    print(msgspec.json.encode(result).decode())
+                return EXIT_OK
             mode = result.get("mode")
             if not args.json:
-                print(f"{verb} {args.domain} {args.source} → {args.destination}: operation "
-                      f"{op_id}" + (f" (mode {mode})" if mode else ""), flush=True)  # fmt: skip
-            if not args.wait:
+                print(f"{title}: operation {op_id}" + (f" (mode {mode})" if mode else ""),
+                      flush=True)  # fmt: skip
+            if not follow_it:
                 return EXIT_OK
             show = json_lines if args.json else printer(sys.stdout, sys.stdout.isatty())
-            op = await follow(nc, bus.subjects(args.source).op(op_id), show)
+            op = await follow(nc, bus.subjects(host).op(op_id), show)
         finally:
             await nc.close()
         if not args.json:

@@ -53,6 +53,12 @@ def render(op: dict[str, Any], width: int = 24) -> str:
     p = op.get("progress") or {}
     pct = p.get("percent")
     parts = [f"{op['step'] or op['state']:<9}"]
+    t = p.get("totals") or _final_totals(op)
+    if t:  # a drain: where its domains are
+        parts.append(
+            f"planned {t['planned']}  queued {t['queued']}  running {t['running']}  "
+            f"moved {t['succeeded']}  failed {t['failed']}  unplaced {t['unplaced']}"
+        )
     if pct is not None:
         n = round(width * min(max(pct, 0), 100) / 100)
         parts.append(f"[{'█' * n}{'░' * (width - n)}] {pct:5.1f}%")
@@ -66,6 +72,15 @@ def render(op: dict[str, Any], width: int = 24) -> str:
         parts.append("post-copy")
     line = "  ".join(parts)
     return f"{line}   | {done}" if done else line
+
+
+def _final_totals(op: dict[str, Any]) -> dict[str, int] | None:
+    """A drain's totals once it ended: in its result, or in its error's details."""
+    result = op.get("result")
+    if isinstance(result, dict) and result.get("totals"):
+        return result["totals"]  # type: ignore[no-any-return]
+    details = (op.get("error") or {}).get("details") or {}
+    return details.get("totals")
 
 
 def printer(stream: Any, tty: bool) -> Callable[[dict[str, Any]], None]:

@@ -136,8 +136,8 @@ def test_every_subcommand_speaks_json_and_documents_its_exit_statuses(
 ) -> None:
     """`--json` on every subcommand gives one JSON document (or JSON lines for streams), and
     each subcommand's help lists its exit statuses."""
-    for sub in ("run", "events", "history", "call", "hosts", "migrate", "check-config",
-                "health"):  # fmt: skip
+    for sub in ("run", "events", "history", "call", "hosts", "migrate", "drain", "undrain",
+                "check-config", "health"):  # fmt: skip
         p = subprocess.run([sys.executable, "-m", "agent", sub, "--help"], cwd=ROOT,
                            capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
         assert "--json" in p.stdout, sub

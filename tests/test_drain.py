@@ -149,3 +149,25 @@ async def test_cancel_starts_nothing_new(start_agent: Start, nc: Any, tmp_path: 
     migrations = [o for o in listed if o["verb"] == "migrate"]
     assert all(o["created"] < op["updated"] for o in migrations), "nothing after the cancel"
     assert (await call(nc, "src", "host.undrain", {}))["ok"] is True
+
+
+async def test_the_cli_drains_and_undrains(
+    start_agent: Start, nats_server: Any, tmp_path: Path
+) -> None:
+    """`virt-agent drain HOST --dry-run` prints the plan; `drain --follow` the progress to the
+    end (failed: the test driver cannot migrate, exit 1); `undrain` ends the maintenance."""
+    from tests.test_bus_security import cli  # noqa: PLC0415
+
+    await start_agent(host_id="src")
+    await destination(start_agent, tmp_path, "dst", 32)
+    bus = ["--nats-url", nats_server.url]
+    code, out = await asyncio.to_thread(cli, "drain", "src", "--dry-run", *bus)
+    assert code == 0, out
+    assert [line.split() for line in out.splitlines() if line.startswith("test")] == [
+        ["test", "dst"]], out  # fmt: skip
+    code, out = await asyncio.to_thread(cli, "drain", "src", "--follow", *bus, timeout=60)
+    assert code == 1, out
+    assert "planned 1" in out, out
+    assert "failed" in out, out
+    code, out = await asyncio.to_thread(cli, "undrain", "src", *bus)
+    assert code == 0, out
