@@ -72,6 +72,9 @@ class Reservation(msgspec.Struct, frozen=True, kw_only=True):
 
 
 Publish = Callable[[str, OpEvent], object]
+# Operations an orderly stop of the agent leaves `running` in the journal, for the next start
+# to go on with (the migrations they run end, and are started again).
+OUTLIVE_STOP = frozenset({"host.drain"})
 _operation = msgspec.json.Decoder(Operation)
 
 
@@ -442,6 +445,7 @@ class OperationManager:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         # Operations cancelled with the operations they run (operation.cancel cancel_running).
         self.cancel_running: set[str] = set()
+        self.stopping = False
         self._by_domain: dict[str, str] = {}
         self._group: asyncio.TaskGroup | None = None
         self._running = asyncio.Event()
@@ -497,7 +501,9 @@ class OperationManager:
     async def stop(self, timeout: float) -> None:
         """Cancel every running operation and wait up to `timeout` for them to end (a rollback
         under way is given that time). Those still running then are abandoned: their journal
-        entries stay `running`, so the next start recovers them."""
+        entries stay `running`, so the next start recovers them; so do operations that outlive
+        an orderly stop (`OUTLIVE_STOP`: a drain goes on after the restart)."""
+        self.stopping = True
         pending = await cancel_and_wait(self._tasks.values(), timeout)
         if pending:
             log.warning("operations still ending at shutdown; the next start recovers them",
@@ -558,7 +564,7 @@ class OperationManager:
                 op.result = await runner(progress)
                 op.state = SUCCEEDED
             except asyncio.CancelledError:
-                if self.abandoned.is_set():
+                if self.abandoned.is_set() or (self.stopping and op.verb in OUTLIVE_STOP):
                     abandoned = True  # left `running` in the journal for the next start
                     raise
                 op.state = CANCELLED

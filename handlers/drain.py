@@ -216,6 +216,8 @@ class Drain:
     def __init__(self, ctx: Context, req: DrainRequest, entries: list[Entry], p: Progress):
         self.ctx, self.req, self.entries, self.p = ctx, req, entries, p
         self.not_before: dict[str, float] = {}
+        # A migration cancelled before this (by the agent's stop, when resumed) runs again.
+        self.resumed_at = 0.0
 
     def report(self) -> None:
         self.p.update(totals=totals(self.entries),
@@ -228,6 +230,8 @@ class Drain:
         try:
             await self._loop()
         except asyncio.CancelledError:
+            if self.ctx.operations.stopping:
+                raise  # the agent stops: the next start goes on with this drain
             cancelled = True
             if self.p.op.id in self.ctx.operations.cancel_running:
                 for e in self.entries:
@@ -292,6 +296,9 @@ class Drain:
                 e.primary_outage_s = outage if isinstance(outage, int | float) else None
                 continue
             err = op.error or {}
+            if op.state == "cancelled" and op.updated <= self.resumed_at:
+                e.state, e.reason = "queued", "again: the agent stopped while it ran"
+                continue
             if (err.get("code") == "unavailable"
                     and (err.get("details") or {}).get("reason") == "inbound_limit"):  # fmt: skip
                 e.state, e.reason = "queued", "waiting: the destination's inbound limit"
@@ -335,7 +342,9 @@ def recovery(ctx: Context, op: Operation) -> Runner:
         req = msgspec.convert(progress.get("request") or {}, DrainRequest)
         entries = msgspec.convert(progress.get("domains") or [], list[Entry])
         p.step("recover", interrupted_at=op.step or "start")
-        return await Drain(ctx, req, entries, p).run()
+        drain = Drain(ctx, req, entries, p)
+        drain.resumed_at = time.time()
+        return await drain.run()
 
     return recover
 

@@ -432,10 +432,11 @@ def agent_process(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
 
 @pytest.fixture(scope="session")
 def lab() -> Iterator[Any]:
-    """The two-host QEMU lab (lab/lab.py), up for the session and torn down after it."""
+    """The three-host QEMU lab (lab/lab.py; host c for drains), up for the session and torn
+    down after it."""
     from lab.lab import Lab  # noqa: PLC0415 - only lab tests pay for importing it
 
-    the_lab = Lab(hosts=2)
+    the_lab = Lab(hosts=3)
     try:
         the_lab.up()
     except LabUnavailable as exc:

@@ -171,3 +171,30 @@ async def test_the_cli_drains_and_undrains(
     assert "failed" in out, out
     code, out = await asyncio.to_thread(cli, "undrain", "src", *bus)
     assert code == 0, out
+
+
+async def test_a_restarted_agent_goes_on_with_its_drain(
+    start_agent: Start, nc: Any, tmp_path: Path
+) -> None:
+    """The source's agent stops while its drain waits for a destination: the drain stays
+    `running` in the journal, the next start goes on with the same operation (a `recover`
+    step), and it ends once the destination has room."""
+    settings = {"host_id": "src", "state_dir": str(tmp_path / "src-state")}
+    src = await start_agent(**settings)
+    await destination(start_agent, tmp_path, "dst", 32, **{"failover.max_inbound_migrations": 1})
+    assert (await call(nc, "dst", "failover.admit.hv-x", {
+        "operation_id": "0001", "domain": "6695eb01-f6a4-8304-79aa-97f2502e1900", "name": "x",
+        "memory_kib": GIB, "vcpus": 1, "lease_s": 600}))["ok"]  # fmt: skip
+    op_id = (await call(nc, "src", "host.drain", {}))["result"]["operation_id"]
+    await asyncio.sleep(1.0)
+    await src.stop()
+    await start_agent(**settings)
+    running = (await call(nc, "src", "operation.get", {"operation_id": op_id}))["result"]
+    assert running["state"] == "running", running
+    assert (await registration(nc, "src")).maintenance is not None
+    assert (await call(nc, "dst", "failover.release.hv-x", {"operation_id": "0001"}))["ok"]
+    op = await ended(nc, "src", op_id)
+    assert op["state"] == "failed", op  # the test driver cannot migrate
+    assert "recover" in [s["step"] for s in op["steps"]], op
+    [entry] = op["error"]["details"]["domains"]
+    assert entry["operation_id"] is not None, entry

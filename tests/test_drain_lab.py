@@ -1,0 +1,96 @@
+"""host.drain in the three-host lab: host a runs two failover guests, a plain one and a guest
+whose bond never formed (`nobond`); draining a with three migrations at once toward b and c,
+each admitting one incoming migration at a time, moves the three movable guests and reports the
+fourth unmovable. Checked from libvirt (where each runs, its primary attached there, no primary
+twice), from the guests (the bond whole again) and from libvirt's own lifecycle events on b
+and c as the bus carries them (never two incoming migrations at once on one destination)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Collector, RunningAgent, call, where
+from tests.test_failover import FINAL, bond_now
+from tests.test_failover_fleet import template
+
+pytestmark = [pytest.mark.lab, pytest.mark.timeout(900)]
+
+
+def most_at_once(events: list[dict[str, Any]]) -> int:
+    """Incoming migrations running at once on one host, from its lifecycle events in order:
+    one begins with started/migrated and ends with resumed/migrated or stopped."""
+    running: set[str] = set()
+    most = 0
+    for ev in sorted(events, key=lambda e: e["sequence"]):
+        d, uuid = ev["data"], ev["subject"]
+        if (d["event"], d["detail"]) == ("started", "migrated"):
+            running.add(uuid)
+        elif d["event"] in ("resumed", "stopped") and uuid in running:
+            running.discard(uuid)
+        most = max(most, len(running))
+    return most
+
+
+async def test_a_drain_moves_the_movable_guests_one_incoming_migration_per_destination(
+    lab: Any,
+    guest: Callable[..., Any],
+    start_agent: Callable[..., Awaitable[RunningAgent]],
+    collect: Callable[[str], Awaitable[Collector]],
+    nc: Any,
+    tmp_path: Path,
+) -> None:
+    a, b, c = lab.host("a"), lab.host("b"), lab.host("c")
+    one = {"failover.max_inbound_migrations": 1}
+    pool = {"devices.templates": {"vf": str(template(tmp_path))}, "failover.pool_template": "vf"}
+    agent_a = await start_agent(**{"libvirt.uri": a.uri, **one})
+    agent_b = await start_agent(**{"libvirt.uri": b.uri, **one, **pool})
+    agent_c = await start_agent(**{"libvirt.uri": c.uri, **one, **pool})
+    doms = {
+        kind: await asyncio.to_thread(guest, "a", k, variant=v)
+        for kind, k, v in (("fo1", "failover", "stock"), ("fo2", "failover", "stock"),
+                           ("plain", "virtio", "stock"), ("nobond", "failover", "nobond"))
+    }  # fmt: skip
+    lifecycle = {h.host: await collect(f"virt.{h.host}.event.*.lifecycle")
+                 for h in (agent_b, agent_c)}  # fmt: skip
+    ops = await collect(f"virt.{agent_a.host}.op.>")
+    started = await call(nc, agent_a.host, "host.drain", {"max_parallel": 3})
+    assert started["ok"] is True, started
+    drain_id = started["result"]["operation_id"]
+    ev = await ops.wait_for(lambda e: e["data"]["operation"]["id"] == drain_id
+                            and e["data"]["operation"]["state"] in FINAL, 600)  # fmt: skip
+    op = ev["data"]["operation"]
+    # The nobond guest cannot move (its guest never negotiated failover): the drain fails,
+    # the host stays in maintenance; the three others moved.
+    assert op["state"] == "failed", op
+    entries = {e["domain"]["name"]: e for e in op["error"]["details"]["domains"]}
+    assert entries[doms["nobond"].name()]["state"] == "unmovable", entries
+    assert "negotiated" in entries[doms["nobond"].name()]["reason"], entries
+    hosts = {agent_b.host: b, agent_c.host: c}
+    for kind in ("fo1", "fo2", "plain"):
+        e = entries[doms[kind].name()]
+        assert e["state"] == "succeeded", e
+        assert e["destination"] in hosts, e
+        w = where(hosts[e["destination"]], doms[kind].UUIDString())
+        assert w["running"] is True, (kind, w)
+        assert where(a, doms[kind].UUIDString())["running"] is False, kind
+        if kind != "plain":
+            assert w["primary"] is True, (kind, w)
+            assert w["record"] is False, "nothing owed"
+            await bond_now(lab.serial_path(doms[kind].name()), 2)
+    assert where(a, doms["nobond"].UUIDString())["running"] is True
+    # libvirt on b and c: never two incoming migrations at once; three migrations over two
+    # destinations with room for one each, so admission made at least one wait.
+    for host, seen in lifecycle.items():
+        assert most_at_once(seen.events()) <= 1, (host, seen.events())
+    refused = sum(
+        x.agent.metrics.registry.get_sample_value(
+            "virt_agent_admissions_refused_total", {"reason": "inbound_limit"}) or 0
+        for x in (agent_b, agent_c)
+    )  # fmt: skip
+    assert refused >= 1
+    assert (await call(nc, agent_a.host, "host.undrain", {}))["ok"] is True
