@@ -94,3 +94,45 @@ async def test_a_drain_moves_the_movable_guests_one_incoming_migration_per_desti
     )  # fmt: skip
     assert refused >= 1
     assert (await call(nc, agent_a.host, "host.undrain", {}))["ok"] is True
+
+
+async def test_two_hosts_drained_at_once_never_overload_their_destination(
+    lab: Any,
+    guest: Callable[..., Any],
+    start_agent: Callable[..., Awaitable[RunningAgent]],
+    collect: Callable[[str], Awaitable[Collector]],
+    nc: Any,
+    tmp_path: Path,
+) -> None:
+    """a and b drained at the same moment toward c, which admits one incoming migration at a
+    time: both drains succeed, and c's libvirt never runs two incoming migrations at once -
+    its own admission, not the sources' limits, keeps it so."""
+    a, b, c = lab.host("a"), lab.host("b"), lab.host("c")
+    one = {"failover.max_inbound_migrations": 1}
+    pool = {"devices.templates": {"vf": str(template(tmp_path))}, "failover.pool_template": "vf"}
+    agent_a = await start_agent(**{"libvirt.uri": a.uri, **one})
+    agent_b = await start_agent(**{"libvirt.uri": b.uri, **one})
+    agent_c = await start_agent(**{"libvirt.uri": c.uri, **one, **pool})
+    on_a = [await asyncio.to_thread(guest, "a", "failover"),
+            await asyncio.to_thread(guest, "a", "virtio")]  # fmt: skip
+    on_b = [await asyncio.to_thread(guest, "b", "virtio")]
+    seen = await collect(f"virt.{agent_c.host}.event.*.lifecycle")
+    ops = await collect("virt.*.op.>")
+    drains = {}
+    for src in (agent_a, agent_b):
+        out = await call(nc, src.host, "host.drain",
+                         {"destinations": [agent_c.host], "max_parallel": 2})  # fmt: skip
+        assert out["ok"] is True, out
+        drains[src.host] = out["result"]["operation_id"]
+    for host, op_id in drains.items():
+        ev = await ops.wait_for(lambda e, i=op_id: e["data"]["operation"]["id"] == i
+                                and e["data"]["operation"]["state"] in FINAL, 600)  # fmt: skip
+        assert ev["data"]["operation"]["state"] == "succeeded", (host, ev["data"]["operation"])
+    for d in on_a + on_b:
+        assert where(c, d.UUIDString())["running"] is True, d.name()
+    assert where(c, on_a[0].UUIDString())["primary"] is True
+    assert most_at_once(seen.events()) <= 1, seen.events()
+    assert (agent_c.agent.metrics.registry.get_sample_value(
+        "virt_agent_admissions_refused_total", {"reason": "inbound_limit"}) or 0) >= 1  # fmt: skip
+    for src in (agent_a, agent_b):
+        assert (await call(nc, src.host, "host.undrain", {}))["ok"] is True
