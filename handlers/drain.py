@@ -260,6 +260,12 @@ class Drain:
 
     async def _start(self, e: Entry) -> None:
         req, ctx = self.req, self.ctx
+        holder = ctx.operations.holder(e.domain["uuid"])
+        if holder is not None:
+            # Started before the agent stopped, and not yet in the drain's journal: adopted.
+            e.state, e.operation_id = "running", holder
+            self.report()
+            return
         e.attempts += 1
         assert e.destination is not None
         try:

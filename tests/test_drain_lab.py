@@ -12,13 +12,33 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import libvirt
 import pytest
 
+from agent.devices import device_element
 from tests.conftest import Collector, RunningAgent, call, where
-from tests.test_failover import FINAL, bond_now
+from tests.test_failover import FINAL, PRIMARY, bond_now
 from tests.test_failover_fleet import template
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(900)]
+
+
+def primary_macs(host: Any) -> list[str]:
+    """The MAC of the primary in every definition (live and persistent) of every domain on
+    `host`, once per definition; a device in two domains shows twice."""
+    conn = host.connect()
+    try:
+        out = []
+        for d in conn.listAllDomains(0):
+            flags = [libvirt.VIR_DOMAIN_XML_INACTIVE] + ([0] if d.isActive() else [])
+            for f in flags:
+                el = device_element(d.XMLDesc(f), PRIMARY)
+                mac = el.find("mac") if el is not None else None
+                if mac is not None:
+                    out.append(f"{d.name()}:{mac.get('address')}")
+        return out
+    finally:
+        conn.close()
 
 
 def most_at_once(events: list[dict[str, Any]]) -> int:
@@ -83,6 +103,10 @@ async def test_a_drain_moves_the_movable_guests_one_incoming_migration_per_desti
             assert w["record"] is False, "nothing owed"
             await bond_now(lab.serial_path(doms[kind].name()), 2)
     assert where(a, doms["nobond"].UUIDString())["running"] is True
+    # Each moved guest has a primary of its own in its definitions there (live and persistent):
+    # no device listed by two domains.
+    macs = [mac for h in (b, c) for mac in primary_macs(h)]
+    assert len(macs) == len(set(macs)) == 4, macs  # two failover guests, two definitions each
     # libvirt on b and c: never two incoming migrations at once; three migrations over two
     # destinations with room for one each, so admission made at least one wait.
     for host, seen in lifecycle.items():
@@ -136,3 +160,51 @@ async def test_two_hosts_drained_at_once_never_overload_their_destination(
         "virt_agent_admissions_refused_total", {"reason": "inbound_limit"}) or 0) >= 1  # fmt: skip
     for src in (agent_a, agent_b):
         assert (await call(nc, src.host, "host.undrain", {}))["ok"] is True
+
+
+async def test_a_drain_whose_agent_is_killed_goes_on_and_moves_nothing_twice(
+    lab: Any,
+    guest: Callable[..., Any],
+    start_agent: Callable[..., Awaitable[RunningAgent]],
+    agent_process: Callable[..., Any],
+    collect: Callable[[str], Awaitable[Collector]],
+    nats_server: Any,
+    nc: Any,
+    tmp_path: Path,
+) -> None:
+    """The source's agent (a process) is killed with SIGKILL once the drain's first migration
+    has succeeded, and started again: the same drain goes on from its journal and ends
+    `succeeded`; each guest arrived on b exactly once (libvirt's started/migrated events)."""
+    import signal  # noqa: PLC0415
+
+    from lab.agents import answering  # noqa: PLC0415
+
+    a, b = lab.host("a"), lab.host("b")
+    agent_b = await start_agent(**{"libvirt.uri": b.uri, "failover.max_inbound_migrations": 1})
+    args = ("--libvirt-uri", a.uri, "--nats-url", nats_server.url, "--host-id", "drained",
+            "--http-addr", "", "--state-dir", str(tmp_path / "a-state"))  # fmt: skip
+    first = agent_process(*args)
+    await answering(nc, ["drained"])
+    doms = [await asyncio.to_thread(guest, "a", "virtio") for _ in range(3)]
+    arrivals = await collect(f"virt.{agent_b.host}.event.*.lifecycle")
+    ops = await collect("virt.drained.op.>")
+    out = await call(nc, "drained", "host.drain", {"destinations": [agent_b.host]})
+    assert out["ok"] is True, out
+    drain_id = out["result"]["operation_id"]
+    await ops.wait_for(lambda e: e["data"]["operation"]["verb"] == "migrate"
+                       and e["data"]["operation"]["state"] == "succeeded", 300)  # fmt: skip
+    first.signal(signal.SIGKILL)
+    assert await asyncio.to_thread(first.wait, 10) == -signal.SIGKILL
+    agent_process(*args)
+    ev = await ops.wait_for(lambda e: e["data"]["operation"]["id"] == drain_id
+                            and e["data"]["operation"]["state"] in FINAL, 600)  # fmt: skip
+    op = ev["data"]["operation"]
+    assert op["state"] == "succeeded", op
+    assert "recover" in [s["step"] for s in op["steps"]], op
+    for d in doms:
+        assert where(b, d.UUIDString())["running"] is True, d.name()
+        assert where(a, d.UUIDString())["running"] is False, d.name()
+        came = [e for e in arrivals.events() if e["subject"] == d.UUIDString()
+                and (e["data"]["event"], e["data"]["detail"]) == ("started", "migrated")]  # fmt: skip
+        assert len(came) == 1, (d.name(), came)
+    assert (await call(nc, "drained", "host.undrain", {}))["ok"] is True
