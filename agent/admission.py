@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 import structlog
 
 from agent.errors import Conflict, Forbidden, InvalidRequest, Unavailable
+from agent.events import DomainEvent, Lifecycle
 from agent.hypervisor import HostLoad, Hypervisor
 from agent.metrics import Metrics
 from agent.operations import Admission, Journal, Reservation
@@ -43,6 +44,9 @@ class Admissions:
         self.hv = hypervisor
         self.metrics = metrics
         self._lock = asyncio.Lock()
+        # The incoming migration's own end, as libvirt tells it: the domain resumed here
+        # (arrived), or stopped (the migration failed) - the admission ends then.
+        hypervisor.listen("lifecycle", self._on_lifecycle)
         if metrics is not None:
             metrics.admissions.set_function(lambda: len(self.journal.admissions(time.time())))
 
@@ -96,6 +100,18 @@ class Admissions:
             log.info("migration admitted", operation_id=operation, domain=domain, caller=caller,
                      memory_kib=memory_kib, reservation=a.reservation)  # fmt: skip
             return a, reservation
+
+    def _on_lifecycle(self, ev: DomainEvent) -> None:
+        data = ev.data
+        if not isinstance(data, Lifecycle):
+            return
+        if (data.event, data.detail) not in (("resumed", "migrated"), ("stopped", "failed")):
+            return
+        for a in self.live():
+            if a.domain == data.domain.uuid:
+                self.journal.delete_admission(a.id)
+                log.info("admission ended: the incoming migration is over", admission=a.id,
+                         domain=a.domain, event=f"{data.event}/{data.detail}")  # fmt: skip
 
     def _ended(self, live: list[Admission], load: HostLoad) -> list[Admission]:
         """Admissions whose domain now runs here, its migration over: they end."""

@@ -23,7 +23,7 @@ from tests.test_failover_fleet import template
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(900)]
 
 
-def primary_macs(host: Any) -> list[str]:
+def primary_macs(host: Any) -> list[tuple[str, str]]:
     """The MAC of the primary in every definition (live and persistent) of every domain on
     `host`, once per definition; a device in two domains shows twice."""
     conn = host.connect()
@@ -35,7 +35,7 @@ def primary_macs(host: Any) -> list[str]:
                 el = device_element(d.XMLDesc(f), PRIMARY)
                 mac = el.find("mac") if el is not None else None
                 if mac is not None:
-                    out.append(f"{d.name()}:{mac.get('address')}")
+                    out.append((d.name(), str(mac.get("address"))))
         return out
     finally:
         conn.close()
@@ -105,8 +105,12 @@ async def test_a_drain_moves_the_movable_guests_one_incoming_migration_per_desti
     assert where(a, doms["nobond"].UUIDString())["running"] is True
     # Each moved guest has a primary of its own in its definitions there (live and persistent):
     # no device listed by two domains.
-    macs = [mac for h in (b, c) for mac in primary_macs(h)]
-    assert len(macs) == len(set(macs)) == 4, macs  # two failover guests, two definitions each
+    listed = [pair for h in (b, c) for pair in primary_macs(h)]
+    assert len(listed) == 4, listed  # two failover guests, two definitions each
+    owners: dict[str, set[str]] = {}
+    for name, mac in listed:
+        owners.setdefault(mac, set()).add(name)
+    assert all(len(names) == 1 for names in owners.values()), owners
     # libvirt on b and c: never two incoming migrations at once; three migrations over two
     # destinations with room for one each, so admission made at least one wait.
     for host, seen in lifecycle.items():
