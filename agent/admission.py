@@ -21,11 +21,12 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
-from agent.errors import Conflict, Forbidden, InvalidRequest, Unavailable
+from agent.errors import Conflict, Forbidden, Unavailable
 from agent.events import DomainEvent, Lifecycle
 from agent.hypervisor import HostLoad, Hypervisor
 from agent.metrics import Metrics
 from agent.operations import Admission, Journal, Reservation
+from agent.pool import check_lease
 from agent.registry import Capacity
 from agent.settings import FailoverSettings
 
@@ -60,11 +61,7 @@ class Admissions:
         """Admit one incoming migration, or refuse it (`Unavailable` with `reason`). The same
         operation asking again gets its admission again."""
         s = self.settings
-        if lease_s > s.max_lease_s:
-            raise InvalidRequest(
-                f"lease_s {lease_s:g} exceeds failover.max_lease_s ({s.max_lease_s:g})",
-                lease_s=lease_s, max_lease_s=s.max_lease_s,
-            )  # fmt: skip
+        check_lease(s, lease_s)
         async with self._lock:
             if self.journal.maintenance() is not None:
                 self._refused("maintenance")

@@ -74,8 +74,8 @@ async def _streams(s: Settings) -> str:
     try:
         js = nc.jetstream()
         said, bad = [], []
-        ttl = s.agent.heartbeat_interval_s * s.agent.registration_ttl_heartbeats
-        fleet = Streams(s.nats, Subjects(s.subject_prefix, s.host_id), Metrics(), ttl)
+        fleet = Streams(s.nats, Subjects(s.subject_prefix, s.host_id), Metrics(),
+                        s.agent.registration_ttl_s)  # fmt: skip
         for cfg in stream_configs(s.nats, Subjects(s.subject_prefix, s.host_id)):
             assert cfg.name is not None
             try:

@@ -48,8 +48,7 @@ async def open_jetstream(nc: NATS, settings: Settings, streams: Streams) -> JetS
     await streams.ensure(nc, startup=True)
     agent, hub = settings.agent, settings.nats.hub_domain
     domain = ((await nc.jetstream().account_info()).domain or "") if hub else ""
-    ttl = agent.heartbeat_interval_s * agent.registration_ttl_heartbeats
-    bucket = await open_bucket(nc, ttl, settings.nats.stream_replicas, hub)
+    bucket = await open_bucket(nc, agent.registration_ttl_s, settings.nats.stream_replicas, hub)
     await streams.ensure(nc)  # now with the bucket, which may have been there already
     return JetStream(bucket, domain)
 
@@ -134,9 +133,9 @@ class Fleet:
         host's registration; asked again at the next heartbeat if that fails too."""
         s, nc = self.settings, self.nc
         assert nc is not None
-        ttl = s.agent.heartbeat_interval_s * s.agent.registration_ttl_heartbeats
         try:
-            self.registry.kv = await open_bucket(nc, ttl, s.nats.stream_replicas, s.nats.hub_domain)
+            ttl, replicas = s.agent.registration_ttl_s, s.nats.stream_replicas
+            self.registry.kv = await open_bucket(nc, ttl, replicas, s.nats.hub_domain)
             log.error("the virt_hosts bucket was missing (deleted, or NATS lost its store); "
                       "created again")  # fmt: skip
             self.host.metrics.streams_recreated.labels(STREAM).inc()

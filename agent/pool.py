@@ -72,6 +72,16 @@ class InUse:
         self.networks: dict[str, tuple[int, int]] = {}
 
 
+def check_lease(s: FailoverSettings, lease_s: float) -> None:
+    """A lease a caller asks for here (a reservation, an admission) is at most
+    `failover.max_lease_s`."""
+    if lease_s > s.max_lease_s:
+        raise InvalidRequest(
+            f"lease_s {lease_s:g} exceeds failover.max_lease_s ({s.max_lease_s:g})",
+            lease_s=lease_s, max_lease_s=s.max_lease_s,
+        )  # fmt: skip
+
+
 class Pool:
     def __init__(
         self,
@@ -240,11 +250,7 @@ class Pool:
         `failover.max_reservations_per_caller`. `device`: the primary the source recorded
         (its hostdev network, for the capacity of the recorded kind)."""
         s = self.settings
-        if lease_s > s.max_lease_s:
-            raise InvalidRequest(
-                f"lease_s {lease_s:g} exceeds failover.max_lease_s ({s.max_lease_s:g})",
-                lease_s=lease_s, max_lease_s=s.max_lease_s,
-            )  # fmt: skip
+        check_lease(s, lease_s)
         if operation in self._released:
             raise Conflict(f"the reservation of operation {operation} was already released",
                            operation_id=operation)  # fmt: skip

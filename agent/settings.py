@@ -249,6 +249,11 @@ class AgentSettings(_Section, frozen=True, kw_only=True, forbid_unknown_fields=T
     # The virt_hosts entry expires this many heartbeats after the agent's last one.
     registration_ttl_heartbeats: Annotated[int, Meta(ge=2, le=100)] = 3
 
+    @property
+    def registration_ttl_s(self) -> float:
+        """How long a registration outlives the agent's last heartbeat (the bucket's TTL)."""
+        return self.heartbeat_interval_s * self.registration_ttl_heartbeats
+
 
 def default_state_dir() -> str:
     if os.geteuid() == 0:

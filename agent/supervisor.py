@@ -66,8 +66,7 @@ class Agent:
                         settings.publisher.dead_letter_max_bytes),
         )  # fmt: skip
         self.streams = Streams(settings.nats, self.subjects, self.metrics,
-                               settings.agent.heartbeat_interval_s
-                               * settings.agent.registration_ttl_heartbeats)  # fmt: skip
+                               settings.agent.registration_ttl_s)  # fmt: skip
         self.hypervisor = Hypervisor(
             settings.libvirt,
             settings.libvirt.uri,

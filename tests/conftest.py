@@ -24,6 +24,7 @@ from nats.aio.msg import Msg
 
 from agent.bus import subscribed
 from agent.embedded import NatsServer
+from agent.registry import Registration
 from agent.settings import Settings, load
 from agent.streams import read_stream
 from agent.supervisor import Agent
@@ -370,6 +371,12 @@ async def collect(nc: NATS) -> Callable[[str], Awaitable[Collector]]:
         return c
 
     return sub
+
+
+async def registration(nc: NATS, host: str) -> Registration:
+    """`host`'s entry in virt_hosts, as a reader sees it."""
+    kv = await nc.jetstream().key_value("virt_hosts")
+    return msgspec.json.decode((await kv.get(host)).value, type=Registration)
 
 
 async def stream_messages(

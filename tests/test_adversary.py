@@ -23,8 +23,7 @@ import pytest
 from nats.js.api import StreamConfig
 
 from agent.embedded import NatsServer
-from agent.registry import Registration
-from tests.conftest import RunningAgent, connect_as, secured_url, stream_messages
+from tests.conftest import RunningAgent, connect_as, registration, secured_url, stream_messages
 
 pytestmark = [pytest.mark.timeout(600)]
 
@@ -117,11 +116,6 @@ class Attacker:
             await nc.publish(self.rng.choice([f"virt.{v}.event.{UUID}.lifecycle",
                                               f"virt.{v}.cmd.ping", f"$KV.virt_hosts.{v}",
                                               "virt.hv02.cmd.ping"]), b"{}")  # fmt: skip
-
-
-async def registration(nc: Any, host: str) -> Registration:
-    kv = await nc.jetstream().key_value("virt_hosts")
-    return msgspec.json.decode((await kv.get(host)).value, type=Registration)
 
 
 @pytest.mark.parametrize("seed", [*FIXED, FRESH])

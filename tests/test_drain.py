@@ -11,10 +11,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import msgspec
-
-from agent.registry import Registration
-from tests.conftest import RunningAgent, call, stream_messages
+from tests.conftest import RunningAgent, call, registration, stream_messages
 
 Start = Callable[..., Awaitable[RunningAgent]]
 GIB = 1024 * 1024
@@ -33,11 +30,6 @@ def node(tmp_path: Path, name: str, gib: int) -> str:
 async def destination(start: Start, tmp_path: Path, name: str, gib: int, **more: Any) -> Any:
     return await start(**{"host_id": name, "libvirt.uri": node(tmp_path, name, gib),
                           "failover.memory_overcommit": 1.0, **more})  # fmt: skip
-
-
-async def registration(nc: Any, host: str) -> Registration:
-    kv = await nc.jetstream().key_value("virt_hosts")
-    return msgspec.json.decode((await kv.get(host)).value, type=Registration)
 
 
 async def ended(nc: Any, host: str, op_id: str, timeout: float = 60) -> dict[str, Any]:

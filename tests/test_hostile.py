@@ -21,8 +21,14 @@ from nats.js.api import StreamConfig
 
 from agent.bus import subscribed
 from agent.embedded import NatsServer
-from agent.registry import Registration
-from tests.conftest import ROOT, RunningAgent, connect_as, secured_url, stream_messages
+from tests.conftest import (
+    ROOT,
+    RunningAgent,
+    connect_as,
+    registration,
+    secured_url,
+    stream_messages,
+)
 from tests.test_bus_security import cli
 
 Start = Callable[..., Awaitable[RunningAgent]]
@@ -41,11 +47,6 @@ def metric(agent: RunningAgent, name: str, **labels: str) -> float:
 
 def readyz(agent: RunningAgent) -> dict[str, Any]:
     return agent.agent.readiness()
-
-
-async def registration(nc: Any, host: str) -> Registration:
-    kv = await nc.jetstream().key_value("virt_hosts")
-    return msgspec.json.decode((await kv.get(host)).value, type=Registration)
 
 
 async def test_replies_go_only_to_the_callers_own_inbox(
