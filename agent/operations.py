@@ -541,9 +541,10 @@ class OperationManager:
             )
         if len(self._tasks) >= self.max_concurrent:
             raise Unavailable(
-                f"{len(self._tasks)} operations are running, the bound is {self.max_concurrent}",
-                running=len(self._tasks),
-            )
+                f"{len(self._tasks)} operations are running, the bound is {self.max_concurrent} "
+                "(commands.max_operations)",
+                running=len(self._tasks), reason="max_operations",
+            )  # fmt: skip
         if self._group is None:
             raise Unavailable("operations are not being accepted")
         now = time.time()

@@ -31,6 +31,7 @@ from agent.bus import subscribed
 from agent.embedded import NatsServer
 from bench.allocator import allocator, allocator_table
 from bench.cost import cost, go, helper, result
+from bench.drain_bench import drain_table, lab_drain
 from bench.eventgen import rss_kib
 from bench.fleet import run_fleet
 from bench.flood import flood, flood_table
@@ -296,7 +297,7 @@ def render_table(res: dict[str, Any]) -> str:
     tables: dict[str, Callable[[Any], list[str]]] = {
         "fleet": fleet_table, "faults": fault_table, "campaign": campaign_table,
         "soak": soak_table, "cost": cost_table, "allocator": allocator_table,
-        "flood": flood_table,
+        "flood": flood_table, "drain": drain_table,
     }  # fmt: skip
     for key, table in tables.items():
         if res.get(key):
@@ -498,7 +499,7 @@ async def main() -> None:
         res["faults"] = fault_suite()
         res["campaign"] = campaign_suite()
     if os.environ.get("BENCH_LAB", "1") != "0":
-        lab = Lab(hosts=2)
+        lab = Lab(hosts=3)  # a and b for the migration figures, c too for the drain
         agents = None
         try:
             lab.up()
@@ -506,6 +507,7 @@ async def main() -> None:
                 agents = await LabAgents(lab, Path(tmp)).start()
                 try:
                     res["lab"] = await lab_baselines(lab, agents)
+                    res["drain"] = await lab_drain(lab, agents)
                 finally:
                     await agents.stop()
         finally:

@@ -281,7 +281,12 @@ class Drain:
                     max_downtime_ms=req.max_downtime_ms, bandwidth_mib_s=req.bandwidth_mib_s,
                     postcopy=req.postcopy, timeout_s=req.timeout_s))  # fmt: skip
         except AgentError as exc:
-            e.state, e.reason = "failed", f"{exc.code}: {exc.message}"
+            if exc.details.get("reason") == "max_operations":
+                # This agent's own bound (the drain holds a slot too): wait for a slot.
+                e.reason = f"waiting: {exc.message}"
+                self.not_before[e.domain["uuid"]] = time.monotonic() + RETRY_S
+            else:
+                e.state, e.reason = "failed", f"{exc.code}: {exc.message}"
             self.report()
             return
         e.state, e.operation_id, e.reason = "running", started["operation_id"], None

@@ -106,24 +106,40 @@ class LabAgents:
                 f"agent for lab host {name} not ready; see {self.work}/agent-{name}.log"
             ) from None
 
-    async def failover(
-        self, domain: str, src: str, dst: str, on_update: Any = None
+    async def operation(
+        self, src: str, verb: str, body: dict[str, Any], on_update: Any = None
     ) -> tuple[dict[str, Any], float]:
-        """migrate_with_failover src → dst; the final operation and the wall time from the
-        request to the final state."""
+        """A long-operation verb on lab host `src`'s agent: the final operation and the wall
+        time from the request to its final state."""
         assert self.nc is not None
         t0 = time.monotonic()
         msg = await self.nc.request(
-            f"virt.{self.host_id(src)}.cmd.migrate_with_failover",
-            msgspec.json.encode({"domain": domain, "destination": self.host_id(dst)}),
-            timeout=30,
+            f"virt.{self.host_id(src)}.cmd.{verb}", msgspec.json.encode(body), timeout=30
         )
         reply = msgspec.json.decode(msg.data)
         if not reply.get("ok"):
-            raise RuntimeError(f"migrate_with_failover refused: {reply['error']}")
+            raise RuntimeError(f"{verb} refused: {reply['error']}")
         op_id = reply["result"]["operation_id"]
-        op = await follow(self.nc, f"virt.{self.host_id(src)}.op.{op_id}", on_update, 600)
+        op = await follow(self.nc, f"virt.{self.host_id(src)}.op.{op_id}", on_update, 900)
         return op, time.monotonic() - t0
+
+    async def failover(
+        self, domain: str, src: str, dst: str, on_update: Any = None
+    ) -> tuple[dict[str, Any], float]:
+        """migrate_with_failover src → dst."""
+        body = {"domain": domain, "destination": self.host_id(dst)}
+        return await self.operation(src, "migrate_with_failover", body, on_update)
+
+    async def request(self, host: str, verb: str, body: dict[str, Any]) -> dict[str, Any]:
+        """A short verb on lab host `host`'s agent: its result (an error reply raises)."""
+        assert self.nc is not None
+        msg = await self.nc.request(
+            f"virt.{self.host_id(host)}.cmd.{verb}", msgspec.json.encode(body), timeout=60
+        )
+        reply = msgspec.json.decode(msg.data)
+        if not reply.get("ok"):
+            raise RuntimeError(f"{verb} refused: {reply['error']}")
+        return dict(reply["result"])
 
     def metric(self, name: str, metric: str) -> dict[str, float]:
         """Samples of one metric family from a lab host's agent, by label text."""

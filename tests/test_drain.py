@@ -190,3 +190,23 @@ async def test_a_restarted_agent_goes_on_with_its_drain(
     assert "recover" in [s["step"] for s in op["steps"]], op
     [entry] = op["error"]["details"]["domains"]
     assert entry["operation_id"] is not None, entry
+
+
+async def test_a_migration_waits_for_a_slot_under_the_agents_operations_bound(
+    start_agent: Start, nc: Any, tmp_path: Path
+) -> None:
+    """The drain holds one of the agent's operation slots (`commands.max_operations`) itself:
+    with no slot left for a migration, the migration waits for one (the reason in the
+    progress) instead of failing the drain."""
+    await start_agent(**{"host_id": "src", "commands.max_operations": 1})
+    await destination(start_agent, tmp_path, "dst", 32)
+    op_id = (await call(nc, "src", "host.drain", {"max_parallel": 4}))["result"]["operation_id"]
+    await asyncio.sleep(3 * 2.0)
+    running = (await call(nc, "src", "operation.get", {"operation_id": op_id}))["result"]
+    assert running["state"] == "running", running
+    [entry] = running["progress"]["domains"]
+    assert entry["state"] == "queued", entry
+    assert "commands.max_operations" in entry["reason"], entry
+    assert entry["attempts"] >= 2, entry
+    assert (await call(nc, "src", "operation.cancel", {"operation_id": op_id}))["ok"]
+    assert (await ended(nc, "src", op_id))["state"] == "cancelled"

@@ -3,7 +3,7 @@ whose bond never formed (`nobond`); draining a with three migrations at once tow
 each admitting one incoming migration at a time, moves the three movable guests and reports the
 fourth unmovable. Checked from libvirt (where each runs, its primary attached there, no primary
 twice), from the guests (the bond whole again) and from libvirt's own lifecycle events on b
-and c as the bus carries them (never two incoming migrations at once on one destination)."""
+and c as the bus carries them, and the guests' pings flowing after it (never two incoming migrations at once on one destination)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import pytest
 
 from agent.devices import device_element
 from tests.conftest import Collector, RunningAgent, call, where
-from tests.test_failover import FINAL, PRIMARY, bond_now
+from tests.test_failover import FINAL, PRIMARY, bond_now, pings_flow
 from tests.test_failover_fleet import template
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(900)]
@@ -78,6 +78,7 @@ async def test_a_drain_moves_the_movable_guests_one_incoming_migration_per_desti
     lifecycle = {h.host: await collect(f"virt.{h.host}.event.*.lifecycle")
                  for h in (agent_b, agent_c)}  # fmt: skip
     ops = await collect(f"virt.{agent_a.host}.op.>")
+    offsets = {kind: lab.serial_path(d.name()).stat().st_size for kind, d in doms.items()}
     started = await call(nc, agent_a.host, "host.drain", {"max_parallel": 3})
     assert started["ok"] is True, started
     drain_id = started["result"]["operation_id"]
@@ -102,6 +103,9 @@ async def test_a_drain_moves_the_movable_guests_one_incoming_migration_per_desti
             assert w["primary"] is True, (kind, w)
             assert w["record"] is False, "nothing owed"
             await bond_now(lab.serial_path(doms[kind].name()), 2)
+    # Every guest's pings flow again (through the bond for the pairs), the one left on a too.
+    for kind, d in doms.items():
+        await pings_flow(lab.serial_path(d.name()), offsets[kind])
     assert where(a, doms["nobond"].UUIDString())["running"] is True
     # Each moved guest has a primary of its own in its definitions there (live and persistent):
     # no device listed by two domains.
