@@ -47,6 +47,7 @@ def _envelope(type_const: str, data_ref: str, subject: bool) -> dict[str, Any]:
 
 
 def build() -> dict[str, Any]:
+    from agent.current_state import DomainState  # noqa: PLC0415
     from agent.envelope import Reply  # noqa: PLC0415
     from handlers import all_verbs  # noqa: PLC0415 - the verbs import the whole agent
 
@@ -55,7 +56,8 @@ def build() -> dict[str, Any]:
     verbs = sorted(all_verbs().values(), key=lambda v: v.name)
     requests = sorted({v.request for v in verbs}, key=lambda c: f"{c.__module__}.{c.__name__}")
     data = sorted(set(dom_types.values()), key=lambda c: c.__name__)
-    structs: list[Any] = [CloudEvent, OpEvent, Reply, *data, *host_types.values(), *requests]
+    structs: list[Any] = [CloudEvent, OpEvent, Reply, DomainState, *data, *host_types.values(),
+                          *requests]  # fmt: skip
     refs_of, schemas = msgspec.json.schema_components(structs, ref_template=REF)
     request_ref = dict(zip(requests, refs_of[-len(requests) :], strict=True))
     messages: dict[str, Any] = {}
@@ -78,11 +80,16 @@ def build() -> dict[str, Any]:
         }]},
     }  # fmt: skip
     messages["reply"] = {"name": "reply", "payload": {"$ref": REF.format(name="Reply")}}
+    messages["domainState"] = {
+        "name": "virt_domains value",
+        "payload": {"$ref": REF.format(name="DomainState")},
+    }
     operations: dict[str, Any] = {
         "publishDomainEvents": {"action": "send", "channel": {"$ref": "#/channels/domainEvent"}},
         "publishHostEvents": {"action": "send", "channel": {"$ref": "#/channels/hostEvent"}},
         "publishOperationEvents": {"action": "send",
                                    "channel": {"$ref": "#/channels/operation"}},
+        "writeDomainStates": {"action": "send", "channel": {"$ref": "#/channels/domainState"}},
     }  # fmt: skip
     for verb in verbs:
         key = f"command.{verb.name}"
@@ -160,6 +167,17 @@ def build() -> dict[str, Any]:
                 },
             },
             "reply": {"address": None, "messages": refs("reply")},
+            "domainState": {
+                "address": "$KV.virt_domains.{host}.{domain_uuid}",
+                "description": "the key-value bucket virt_domains (contract v1.2, Current "
+                "state): key `<host>.<domain_uuid>`, the domain's current state, written by "
+                "the owning host's agent on lifecycle changes and reconciled at every resync; "
+                "a KV delete marker (header KV-Operation: DEL) when the domain leaves the host. "
+                "Read with any KV client: nats-py `js.key_value('virt_domains')`, "
+                "`kv.watch('<host>.*')`, or `virt-agent ps`.",
+                "parameters": {"host": host, "domain_uuid": {}},
+                "messages": refs("domainState"),
+            },
         },
         "operations": operations,
         "components": {"schemas": schemas, "messages": messages},

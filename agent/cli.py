@@ -50,6 +50,9 @@ EXITS = {
     "history": "0 printed; 1 nothing stored for the domain, or NATS unreachable; 2 bad arguments",
     "call": "0 the reply is ok; 1 an error reply, no reply or NATS unreachable; 2 bad arguments",
     "hosts": "0 listed; 1 NATS unreachable; 2 bad settings",
+    "ps": "0 listed; 1 NATS unreachable; 2 bad arguments or settings",
+    "forget": "0 the host's keys deleted (or none there); 1 NATS unreachable or not "
+              "permitted; 2 bad arguments or settings",
     "hub-sync": "0 every registered leaf host is a source; 1 a hub stream takes subjects "
                 "itself, or NATS unreachable; 2 bad settings",
     "migrate": "0 accepted (with --wait: succeeded); 1 refused, failed or unreachable; "
@@ -173,6 +176,15 @@ def _bus_parsers(sub: Any) -> None:
     hosts = sub.add_parser("hosts", help="list the hosts registered in virt_hosts")
     _bus_args(hosts)
     hosts.add_argument("--json", action="store_true", help="print the registrations as JSON")
+
+    ps = sub.add_parser("ps", help="every domain's current state, from virt_domains")
+    ps.add_argument("--host", type=_host_id, help="only this host's domains")
+    _bus_args(ps)
+    ps.add_argument("--json", action="store_true", help="a JSON list of the bucket's values")
+
+    fg = sub.add_parser("forget", help="remove a host gone for good from virt_domains")
+    fg.add_argument("host", type=_host_id, help="host id")
+    _bus_args(fg)
 
     hub = sub.add_parser(
         "hub-sync",
@@ -318,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
         "history": cmd_history,
         "call": cmd_call,
         "hosts": cmd_hosts,
+        "ps": cmd_ps,
+        "forget": cmd_forget,
         "hub-sync": cmd_hub_sync,
         "migrate": cmd_migrate,
         "drain": cmd_drain,
@@ -619,6 +633,49 @@ def cmd_hosts(args: argparse.Namespace) -> int:
             fo = "yes" if caps and caps.virtio_net_failover else "no"
             age = f"{now - r.updated:>5.0f}s"
             print(f"{r.host:<20} {r.version:<8} {lib:<8} {fo:<8} {age}  {r.libvirt_uri}")
+        return EXIT_OK
+
+    return asyncio.run(go())
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    from agent import current_state  # noqa: PLC0415
+
+    bus = _bus(args)
+
+    async def go() -> int:
+        nc = await bus.connect("virt-agent ps")
+        try:
+            states = await current_state.read_all(nc.jetstream(), args.host or "")
+        finally:
+            await nc.close()
+        if args.json:
+            print(msgspec.json.format(msgspec.json.encode(states), indent=2).decode())
+            return EXIT_OK
+        print(f"{'HOST':<20} {'NAME':<24} {'STATE':<12} {'REASON':<14} {'PERSISTENT':<10} "
+              f"{'SINCE':<27} UUID")  # fmt: skip
+        for st in states:
+            print(f"{st.host:<20} {st.name:<24} {st.state:<12} {st.reason:<14} "
+                  f"{'yes' if st.persistent else 'no':<10} {st.time:<27} {st.uuid}")  # fmt: skip
+        return EXIT_OK
+
+    return asyncio.run(go())
+
+
+def cmd_forget(args: argparse.Namespace) -> int:
+    """Delete a host's keys from virt_domains: for a host gone for good (its agent, if it
+    runs again, writes them again at its next resync)."""
+    from agent import current_state  # noqa: PLC0415
+
+    bus = _bus(args)
+
+    async def go() -> int:
+        nc = await bus.connect("virt-agent forget")
+        try:
+            n = await current_state.forget(nc.jetstream(), args.host)
+        finally:
+            await nc.close()
+        print(f"{args.host}: {n} domain(s) forgotten")
         return EXIT_OK
 
     return asyncio.run(go())

@@ -63,6 +63,8 @@ class StateTracker:
         # Per snapshot being taken (resyncs may overlap), the domains with lifecycle events
         # meanwhile: the snapshot may be older than those events, so what they say is kept.
         self._touching: list[set[str]] = []
+        # Told of each domain a lifecycle event was about, and (None) of each snapshot known.
+        self.watchers: list[Callable[[str | None], None]] = []
 
     def begin(self) -> set[str]:
         """A snapshot is about to be taken: the domains whose events arrive meanwhile are
@@ -83,6 +85,8 @@ class StateTracker:
             if uuid in self.known:
                 known[uuid] = self.known[uuid]
         self.known = known
+        for w in self.watchers:
+            w(None)
 
     def observe(self, event: DomainEvent) -> None:
         """Follow one domain event (only lifecycle events change what is known)."""
@@ -92,6 +96,11 @@ class StateTracker:
         uuid = data.domain.uuid
         for touched in self._touching:
             touched.add(uuid)
+        self._follow(uuid, data)
+        for w in self.watchers:
+            w(uuid)
+
+    def _follow(self, uuid: str, data: Lifecycle) -> None:
         cur = self.known.get(uuid)
         if data.event == "undefined":
             if cur is not None:
@@ -102,6 +111,8 @@ class StateTracker:
                     del self.known[uuid]
             return
         state = AFTER_EVENT.get(data.event)
+        if cur is None and state == "shutoff":
+            return  # a transient domain that was not known is gone already
         if cur is None:
             self.known[uuid] = DomainSnapshot(uuid, data.domain.name, state or "shutoff",
                                               data.detail, data.domain.id,

@@ -104,6 +104,23 @@ class Metrics:
             ["table"],
             registry=r,
         )
+        self.current_state_pending = Gauge(
+            f"{NS}_current_state_pending",
+            "Domains whose virt_domains value awaits its write (at most the domains libvirt has, "
+            "and those that left)",
+            registry=r,
+        )
+        self.current_state_writes = Counter(
+            f"{NS}_current_state_writes",
+            "virt_domains writes acknowledged, by kind (put, delete)",
+            ["kind"],
+            registry=r,
+        )
+        self.current_state_failures = Counter(
+            f"{NS}_current_state_failures",
+            "virt_domains write rounds that failed (tried again with back-off)",
+            registry=r,
+        )
         self.publish_latency = Histogram(
             f"{NS}_publish_latency_seconds",
             "From the libvirt callback to the JetStream acknowledgement",

@@ -17,7 +17,6 @@ from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, StorageType, StreamConfig
 from nats.js.errors import (
     APIError,
-    BadRequestError,
     KeyNotFoundError,
     KeyWrongLastSequenceError,
     NotFoundError,
@@ -26,13 +25,13 @@ from nats.js.kv import KeyValue
 
 from agent.capabilities import Capabilities
 from agent.errors import NotFound
+from agent.kv import keys, open_kv, put_prefix
 from agent.settings import LibvirtSettings
 
 log = structlog.get_logger("agent.registry")
 
 BUCKET = "virt_hosts"
 STREAM = f"KV_{BUCKET}"
-STREAM_NAME_IN_USE = 10058  # JetStream: "stream name already in use with a different configuration"
 WRONG_LAST_SEQUENCE = 10071  # JetStream's error code for a write over another revision
 
 
@@ -134,19 +133,8 @@ def bucket_config(ttl_s: float, replicas: int) -> StreamConfig:
 
 
 async def open_bucket(nc: NATS, ttl_s: float, replicas: int, domain: str = "") -> KeyValue:
-    """The bucket, made if missing, in JetStream `domain` (empty: the connected server's).
-    An existing one is used as it is: agents/streams.py reports how it differs."""
-    js = nc.jetstream(domain=domain or None)
-    try:
-        info = await js.add_stream(bucket_config(ttl_s, replicas))
-    except BadRequestError as exc:
-        if exc.err_code != STREAM_NAME_IN_USE:
-            raise
-        info = await js.stream_info(STREAM)
-    # Not js.key_value(): that refuses a stream unlike a bucket, and the agent must run on
-    # (and say so) when someone made KV_virt_hosts otherwise.
-    return KeyValue(name=BUCKET, stream=STREAM, pre=f"$KV.{BUCKET}.", js=js,
-                    direct=bool(info.config.allow_direct))  # fmt: skip
+    """The bucket, made if missing, in JetStream `domain` (empty: the connected server's)."""
+    return await open_kv(nc, bucket_config(ttl_s, replicas), BUCKET, domain)
 
 
 class Registry:
@@ -161,9 +149,7 @@ class Registry:
         self.kv = kv
         self.policy = policy
         self._js = js
-        # Writes go through the domain's API prefix when the bucket is in another JetStream
-        # domain (a leaf node writing into the hub's; nats-py's KeyValue does not do it).
-        self._put_pre = f"$JS.{domain}.API.$KV.{BUCKET}." if domain else f"$KV.{BUCKET}."
+        self._put_pre = put_prefix(BUCKET, domain)
         self._revision: int | None = None
         self.twin: Registration | None = None
 
@@ -246,18 +232,11 @@ class Registry:
                        reason=reason)  # fmt: skip
 
     async def hosts(self) -> list[Registration]:
-        """Every registered host. The keys come from the bucket stream's subject counts, not
-        nats-py's `KeyValue.keys()`: that decides "no keys" from a consumer-info reply that can
-        overtake the consumer's first message, and leaves a consumer on the server for five
-        minutes per listing."""
-        try:
-            info = await self._js.stream_info(STREAM, subjects_filter=f"$KV.{BUCKET}.>")
-        except NotFoundError:
-            return []
+        """Every registered host."""
         out = []
-        for subject in sorted(info.state.subjects or {}):
+        for host in await keys(self._js, BUCKET):
             try:
-                out.append(await self.resolve(subject.removeprefix(f"$KV.{BUCKET}.")))
+                out.append(await self.resolve(host))
             except NotFound:
                 continue  # withdrawn (a delete marker) or expired between listing and reading
         return out

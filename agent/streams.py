@@ -33,7 +33,9 @@ from nats.js.api import (
 )
 from nats.js.errors import BadRequestError, NotFoundError
 
+from agent import current_state
 from agent.envelope import Subjects
+from agent.kv import STREAM_NAME_IN_USE
 from agent.metrics import Metrics
 from agent.registry import STREAM, bucket_config
 from agent.settings import NatsSettings
@@ -43,7 +45,7 @@ log = structlog.get_logger("agent.streams")
 EVENTS_STREAM = "VIRT_EVENTS"
 OPS_STREAM = "VIRT_OPS"
 # JetStream's error code for "stream name already in use with a different configuration".
-STREAM_NAME_IN_USE = 10058
+
 # What an agent's settings say about a stream, compared with what the fleet's stream has.
 COMPARED = ("subjects", "num_replicas", "max_bytes", "max_age", "duplicate_window", "storage",
             "retention", "discard")  # fmt: skip
@@ -107,7 +109,11 @@ class Streams:
         self, settings: NatsSettings, subjects: Subjects, metrics: Metrics, bucket_ttl_s: float
     ) -> None:
         self.configs = stream_configs(settings, subjects)
-        self.bucket = bucket_config(bucket_ttl_s, settings.stream_replicas)
+        # The fleet's buckets (agent/registry.py, agent/current_state.py), by stream.
+        self.buckets = {
+            STREAM: bucket_config(bucket_ttl_s, settings.stream_replicas),
+            current_state.STREAM: current_state.bucket_config(settings.stream_replicas),
+        }
         self.hub_domain = settings.hub_domain
         # Subjects only this host's agent may receive on: no stream may take them.
         self.own_subjects = [
@@ -189,13 +195,15 @@ class Streams:
             del self.unbound[next(iter(self.unbound))]
 
     async def check_bucket(self, nc: NATS) -> None:
-        """The registry bucket's stream, compared like the others (it is made by
-        agent/registry.py, in the hub's JetStream domain in leaf-node mode)."""
-        try:
-            info = await nc.jetstream(domain=self.hub_domain or None).stream_info(STREAM)
-        except NotFoundError:
-            return  # made at the registration
-        self.compare(STREAM, info.config, self.bucket, BUCKET_COMPARED)
+        """The buckets' streams, compared like the others (made by agent/registry.py and
+        agent/current_state.py, in the hub's JetStream domain in leaf-node mode)."""
+        js = nc.jetstream(domain=self.hub_domain or None)
+        for name, want in self.buckets.items():
+            try:
+                info = await js.stream_info(name)
+            except NotFoundError:
+                continue  # made at the registration, at the first domain state
+            self.compare(name, info.config, want, BUCKET_COMPARED)
 
     async def check_captures(self, nc: NATS) -> None:
         """Which streams take this host's command subjects or inbox: none should. One that

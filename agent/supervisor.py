@@ -24,6 +24,7 @@ from agent import __version__, lifecycle, statedir
 from agent.backoff import Backoff, until_done
 from agent.bus import JETSTREAM_UNANSWERED, Bus
 from agent.commands import CommandService
+from agent.current_state import CurrentState
 from agent.deadletter import DeadLetters
 from agent.envelope import (
     AgentStarted,
@@ -94,6 +95,11 @@ class Agent:
         self._stop = asyncio.Event()
         self.resyncs = Resyncs(self.host, self.hypervisor, self.publisher, self.metrics,
                                settings.libvirt, self._stop, self._after_connect)  # fmt: skip
+        # Every domain's state in virt_domains, from what the resyncs' tracker knows.
+        self.current = CurrentState(
+            self.host, self.resyncs.tracker, self.metrics, settings.nats.stream_replicas,
+            settings.nats.hub_domain,
+        )  # fmt: skip
         self.stop_deadline: float | None = None
         self.ready = asyncio.Event()
         # What grows with the domains a host has seen, read at each scrape.
@@ -189,6 +195,7 @@ class Agent:
                 tg.create_task(self.streams.watch(nc), name="streams"),
                 tg.create_task(commands.run(nc), name="commands"),
                 tg.create_task(operations.run(), name="operations"),
+                tg.create_task(self.current.run(nc), name="current-state"),
                 tg.create_task(measure_loop_lag(self.metrics), name="loop-lag"),
             ]
             if await libvirt_up:

@@ -350,14 +350,16 @@ def campaign_table(rows: list[dict[str, Any]]) -> list[str]:
         "Fault campaign (tests/campaign.py, run by the benchmark: seeded random schedules of "
         "NATS node and cluster kills, freezes, stream deletion, libvirtd restarts, agent "
         "SIGKILL/SIGTERM and a full disk, against an independent libvirt listener's ground "
-        "truth; time to ready: from the end of a fault to `/readyz` 200, the worst of the run):",
+        "truth; time to ready: from the end of a fault to `/readyz` 200, the worst of the run; "
+        "virt_domains: from the end of the run until the bucket equals libvirt's listing):",
         "",
-        "| seed | faults applied | events | stored | lost | duplicated | max time to ready (s) | problems |",
-        "|---|---|---|---|---|---|---|---|",
+        "| seed | faults applied | events | stored | lost | duplicated | max time to ready (s) | virt_domains right after (s) | problems |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [
         f"| {r['seed']} | {r['faults']} | {r['events']:,} | {r['stored']:,} | {r['lost']} | "
-        f"{r['duplicated']} | {r['max_ready_s']} | {'; '.join(r['problems']) or 'none'} |"
+        f"{r['duplicated']} | {r['max_ready_s']} | {r.get('current_state_s', '-')} | "
+        f"{'; '.join(r['problems']) or 'none'} |"
         for r in rows
     ]
     return lines

@@ -48,11 +48,13 @@ from typing import Any
 
 import libvirt
 import msgspec
+import nats
 
 from agent.embedded import NatsServer
 from agent.streams import read_stream
 from lab.agents import agent_env
 from lab.daemon import LibvirtDaemon, free_port
+from tests.current_view import bucket_view, differences, libvirt_view
 
 ROOT = Path(__file__).resolve().parent.parent
 FAULTS = (
@@ -92,6 +94,8 @@ class Report:
     lost: int = 0
     duplicated: int = 0
     ready_s: list[float] = field(default_factory=list)  # per fault: heal -> /readyz 200
+    # virt_domains equal to libvirt's listing at the end (seconds it took; -1: never)
+    current_state_s: float = -1.0
     problems: list[str] = field(default_factory=list)
 
     def row(self) -> dict[str, Any]:
@@ -520,6 +524,26 @@ class Campaign:
         self._check_ground_truth(unique, gen)
         self._check_gaps(unique)
         self._check_inferred(unique)
+        await self._check_current_state()
+
+    async def _check_current_state(self, bound: float = READY_BOUND_S) -> None:
+        """virt_domains holds for this host what libvirt lists, within a bound."""
+        r = self.report
+        t0 = time.monotonic()
+        nc = await nats.connect(self.urls)
+        try:
+            while True:
+                want = await asyncio.to_thread(libvirt_view, self.daemon.test_uri)
+                diff = differences(want, await bucket_view(nc, self.host))
+                if not diff:
+                    r.current_state_s = round(time.monotonic() - t0, 2)
+                    return
+                if time.monotonic() - t0 > bound:
+                    r.problems.append(f"virt_domains differs from libvirt: {diff}")
+                    return
+                await asyncio.sleep(0.5)
+        finally:
+            await nc.close()
 
     def _check_ground_truth(self, unique: list[dict[str, Any]], gen: Generator) -> None:
         """Every ground-truth event once, in libvirt's order, per domain."""

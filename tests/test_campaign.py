@@ -43,3 +43,4 @@ async def test_a_seeded_fault_schedule_loses_and_doubles_nothing(seed: int, tmp_
     assert report.problems == [], f"seed {seed} ({FIXED.get(seed, 'fresh')}): {report.problems}"
     assert report.events > 0
     assert report.stored == report.events
+    assert report.current_state_s >= 0, "virt_domains equal to libvirt's listing at the end"
