@@ -6,7 +6,7 @@ What is written is what the resync tracker (agent/inference.py) knows: each life
 marks its domain, each resync snapshot marks every domain and has the bucket compared with it
 (keys of domains that left the host are deleted, after a restart too). A writer task sends the
 marked keys in batches, pipelined, off the event path: an event costs a set insertion. Several
-changes of one domain before its write are one write; a value equal to the last written one is
+changes of one domain within GATHER_S are one write; a value equal to the last written one is
 not written again. A failed write keeps its keys marked and is tried again with back-off, so
 a NATS outage ends with the bucket right. Delete markers expire after DELETED_KEEP_S where the
 server supports per-message TTLs, so the bucket does not grow with domains long gone.
@@ -42,6 +42,9 @@ BUCKET = "virt_domains"
 STREAM = f"KV_{BUCKET}"
 DELETED_KEEP_S = 86_400  # a delete marker stays this long (watchers see it), then goes
 IN_FLIGHT = 256  # writes awaiting their acknowledgement at once
+# After a change, the writer waits this long for more: a domain changing many times a second
+# costs a few writes a second, not one per event.
+GATHER_S = 0.1
 
 
 class DomainState(msgspec.Struct, frozen=True, kw_only=True):
@@ -171,6 +174,7 @@ class CurrentState:
         backoff = Backoff(0.5, 10.0)
         while True:
             await self._wake.wait()
+            await asyncio.sleep(GATHER_S)
             self._wake.clear()
             try:
                 if self.kv is None:

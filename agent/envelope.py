@@ -240,6 +240,10 @@ class Subjects:
         who = self.host if own else "*"
         return [f"{self.prefix}.{who}.event.>", f"{self.prefix}.{who}.host.>"]
 
+    def in_events_stream(self, subject: str) -> bool:
+        """Whether this host's message on `subject` goes to VIRT_EVENTS."""
+        return subject.startswith((f"{self.base}.event.", f"{self.base}.host."))
+
     def ops_stream_subjects(self, own: bool = False) -> list[str]:
         return [f"{self.prefix}.{self.host if own else '*'}.op.>"]
 

@@ -104,21 +104,10 @@ class Metrics:
             ["table"],
             registry=r,
         )
-        self.current_state_pending = Gauge(
-            f"{NS}_current_state_pending",
-            "Domains whose virt_domains value awaits its write (at most the domains libvirt has, "
-            "and those that left)",
-            registry=r,
-        )
-        self.current_state_writes = Counter(
-            f"{NS}_current_state_writes",
-            "virt_domains writes acknowledged, by kind (put, delete)",
-            ["kind"],
-            registry=r,
-        )
-        self.current_state_failures = Counter(
-            f"{NS}_current_state_failures",
-            "virt_domains write rounds that failed (tried again with back-off)",
+        self._current_state(r)
+        self.publish_batches = Counter(
+            f"{NS}_publish_batches",
+            "JetStream fast-ingest batches committed (agent/batching.py)",
             registry=r,
         )
         self.publish_latency = Histogram(
@@ -226,6 +215,26 @@ class Metrics:
             f"{NS}_failover_vfs",
             "VFs of this host's primary pool, by state (in use as of the last scan)",
             ["state"],
+            registry=r,
+        )
+
+    def _current_state(self, r: CollectorRegistry) -> None:
+        """The virt_domains writer's (agent/current_state.py)."""
+        self.current_state_pending = Gauge(
+            f"{NS}_current_state_pending",
+            "Domains whose virt_domains value awaits its write (at most the domains libvirt has, "
+            "and those that left)",
+            registry=r,
+        )
+        self.current_state_writes = Counter(
+            f"{NS}_current_state_writes",
+            "virt_domains writes acknowledged, by kind (put, delete)",
+            ["kind"],
+            registry=r,
+        )
+        self.current_state_failures = Counter(
+            f"{NS}_current_state_failures",
+            "virt_domains write rounds that failed (tried again with back-off)",
             registry=r,
         )
 

@@ -35,6 +35,8 @@ from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.errors import MaxPayloadError
 
+from agent import batching
+from agent.batching import Batch
 from agent.deadletter import DeadLetters
 from agent.delivery import Delivery, DomainItem, OtherItem, Queued
 from agent.envelope import (
@@ -136,6 +138,17 @@ class Publisher:
         self._streams: Streams | None = None
         self._inbox = ""
         self._received_by_type: dict[str, Any] = {}
+        # Fast-ingest batches (agent/batching.py): the open one, and those not yet settled.
+        self._batch: Batch | None = None
+        self._batches: dict[str, Batch] = {}
+        self._batching_off_until = 0.0  # the server had too many batches: plain until then
+        self._batching_refused = False  # the stream refused batches (not allow_batched)
+        self._last_batchable = 0.0  # when the last message that could go in a batch was sent
+        self._commit_subject = subjects.host_event("batch_commit")  # never stored
+        # Fault injection for the tests only (like agent/crashpoints.py): batch sequences whose
+        # write is skipped, as if lost on the way.
+        self.lose: set[int] = set()
+        self._committing: set[asyncio.Future[None]] = set()
         metrics.queue_capacity.set(settings.queue_size)
         metrics.inflight_capacity.set(settings.max_inflight)
         metrics.track(metrics.inflight, lambda: len(self._inflight))
@@ -303,11 +316,10 @@ class Publisher:
         self._nc = nc
         self._streams = streams
         self._inbox = nc.new_inbox() + "."
-        await nc.subscribe(
-            self._inbox + "*",
-            cb=self._on_ack,
-            pending_msgs_limit=4 * self.settings.max_inflight + 1024,
-        )
+        limit = 4 * self.settings.max_inflight + 1024
+        await nc.subscribe(self._inbox + "*", cb=self._on_ack, pending_msgs_limit=limit)
+        await nc.subscribe(self._inbox + "fi.>", cb=self._on_batch_reply,
+                           pending_msgs_limit=limit)  # fmt: skip
 
     async def run(self) -> None:
         """Drain the queue into JetStream until cancelled."""
@@ -381,17 +393,19 @@ class Publisher:
         out.attempts += 1
         out.sent_at = time.monotonic()
         out.first_sent_at = out.first_sent_at or out.sent_at
-        token = str(next(self._tokens))
-        self._inflight[token] = out
         nc = self._nc
         assert nc is not None
+        if self._batchable(out, nc):
+            await self._send_batched(out, nc)
+            return
+        token = str(next(self._tokens))
+        self._inflight[token] = out
+        await self._publish(nc, token, out, self._inbox + token)
+
+    async def _publish(self, nc: NATS, token: str, out: _Outgoing, reply: str) -> None:
         try:
-            await nc.publish(
-                out.subject,
-                out.payload,
-                reply=self._inbox + token,
-                headers={"Nats-Msg-Id": out.msg_id},
-            )
+            await nc.publish(out.subject, out.payload, reply=reply,
+                             headers={"Nats-Msg-Id": out.msg_id})  # fmt: skip
         except MaxPayloadError:
             self.metrics.publish_errors.labels("max_payload").inc()
             if self._retake_resync(token, out, nc.max_payload):
@@ -401,6 +415,161 @@ class Publisher:
             # Stays in flight; the ack watchdog sends it again after ack_timeout_s.
             self.metrics.publish_errors.labels(type(exc).__name__).inc()
             log.warning("publish failed, will retry", error=str(exc), msg_id=public_id(out.msg_id))
+
+    # ------------------------------------------------------------ fast-ingest batches
+
+    def _batchable(self, out: _Outgoing, nc: NATS) -> bool:
+        """A first send to the events stream, batches on (the server and the stream serve
+        them), and events coming fast: a batch is open, more wait, or the last went out
+        within the commit interval. A lone event now and then is published on its own."""
+        s = self.settings
+        if not s.batch or out.attempts != 1 or self._batching_refused:
+            return False
+        streams = self._streams
+        if streams is None or not streams.batched or not batching.server_supports(nc):
+            return False
+        if not self.subjects.in_events_stream(out.subject):
+            return False
+        now = out.sent_at
+        if now < self._batching_off_until:
+            return False
+        recent = now - self._last_batchable < s.batch_commit_idle_ms / 1000
+        self._last_batchable = now
+        return self._batch is not None or recent or bool(self._queue)
+
+    async def _send_batched(self, out: _Outgoing, nc: NATS) -> None:
+        b = self._batch
+        reconnects = int(nc.stats.get("reconnects", 0))
+        if b is not None and b.reconnects != reconnects:
+            self._batch_over(b, "the connection was made again")
+            b = None
+        if b is None:
+            b = self._batch = Batch(self._inbox + "fi", self.settings.batch_flow, reconnects)
+            self._batches[b.id] = b
+            asyncio.get_running_loop().call_later(self.settings.batch_commit_idle_ms / 1000,
+                                                  self._idle_check, b)  # fmt: skip
+        token = f"{b.id}.{b.seq + 1}"
+        self._inflight[token] = out
+        reply = b.add(token)
+        b.last_send = out.sent_at
+        if b.seq in self.lose:
+            self.lose.discard(b.seq)
+            return  # lost on the way (test fault injection)
+        await self._publish(nc, token, out, reply)
+
+    def _idle_check(self, b: Batch) -> None:
+        """Commit `b` once nothing was added to it for the commit interval."""
+        if self._batch is not b:
+            return
+        idle = self.settings.batch_commit_idle_ms / 1000
+        left = b.last_send + idle - time.monotonic()
+        if left > 0:
+            asyncio.get_running_loop().call_later(left, self._idle_check, b)
+            return
+        self._batch = None
+        task = asyncio.ensure_future(self._commit(b))
+        self._committing.add(task)
+        task.add_done_callback(self._committing.discard)
+
+    async def _commit(self, b: Batch) -> None:
+        nc = self._nc
+        if nc is None or b.committed or b.seq == 0:
+            return
+        reply = b.commit()
+        try:
+            await nc.publish(self._commit_subject, b"", reply=reply)
+        except NatsError as exc:
+            # Unacknowledged: its messages are sent again on their own by the watchdog.
+            log.warning("batch commit not sent", error=str(exc))
+        else:
+            self.metrics.publish_batches.inc()
+
+    async def _on_batch_reply(self, msg: Msg) -> None:
+        named = batching.parse_subject(msg.subject)
+        b = self._batches.get(named[0]) if named else None
+        if b is None or named is None:
+            return  # a batch already settled
+        seq = named[1]
+        if msg.headers and msg.headers.get("Status") == "503":
+            self.metrics.publish_errors.labels("no_responders").inc()
+            token = b.token(seq)
+            out = self._inflight.get(token) if token else None
+            if token is not None and out is not None:
+                self._unbound(token, out)
+            self._batch_over(b, "no stream took a message")
+            return
+        try:
+            r = batching.decode(msg.data)
+        except msgspec.DecodeError:
+            self.metrics.publish_errors.labels("bad_ack").inc()
+            return
+        if r.type == "ack" and r.seq is not None:
+            self._settle(b.covered(r.seq))
+        elif r.type == "gap" and r.seq is not None and r.last_seq is not None:
+            self.metrics.publish_errors.labels("batch_gap").inc()
+            for lost in range(r.last_seq, r.seq):
+                self._resend_soon(b, lost)
+        elif r.type == "err" and r.seq is not None:
+            self.metrics.publish_errors.labels("api_error").inc()
+            token = b.token(r.seq)
+            b.lost.add(r.seq)
+            if token is not None and token in self._inflight:
+                reason = (r.error or {}).get("description", r.error)
+                self._rejected(token, self._inflight[token], f"JetStream: {reason}")
+        elif r.error is not None:
+            self._batch_refused(b, r.error, seq)
+        elif r.count is not None:
+            self._settle(b.covered(r.count))
+            self._batch_over(b, "")
+
+    def _resend_soon(self, b: Batch, seq: int) -> None:
+        """The server never got batch message `seq`: sent again on its own, same id."""
+        b.lost.add(seq)
+        token = b.token(seq)
+        out = self._inflight.get(token) if token else None
+        if out is not None:
+            out.sent_at = 0.0
+
+    def _settle(self, tokens: list[str]) -> None:
+        now = time.time_ns()
+        n = 0
+        for token in tokens:
+            out = self._inflight.pop(token, None)
+            if out is None:
+                continue  # re-sent on its own meanwhile
+            self._done(out)
+            self.metrics.publish_latency.observe((now - out.time_ns) / 1e9)
+            n += 1
+        if n:
+            self.published += n
+            self.metrics.events_published.inc(n)
+
+    def _batch_refused(self, b: Batch, error: dict[str, Any], seq: int) -> None:
+        code = error.get("err_code")
+        self.metrics.publish_errors.labels("batch_refused").inc()
+        if code == batching.ERR_DISABLED:
+            if not self._batching_refused:
+                log.warning("the events stream does not allow batched publishing; each "
+                            "message is acknowledged on its own (docs/operations.md)")  # fmt: skip
+            self._batching_refused = True
+        elif code == batching.ERR_INFLIGHT:
+            self._batching_off_until = time.monotonic() + 10.0
+        else:
+            log.warning("JetStream refused a batch; its messages are sent on their own",
+                        error=error, batch_sequence=seq)  # fmt: skip
+        self._batch_over(b, str(error.get("description", code)))
+
+    def _batch_over(self, b: Batch, why: str) -> None:
+        """`b` ends: what no acknowledgement covered is sent again on its own, same ids."""
+        if self._batch is b:
+            self._batch = None
+        self._batches.pop(b.id, None)
+        rest = [t for t in b.rest() if t in self._inflight]
+        for token in rest:
+            self._inflight[token].sent_at = 0.0
+        if rest and why:
+            log.info("batch ended before its acknowledgement; its messages are sent again",
+                     reason=why, messages=len(rest))  # fmt: skip
 
     async def _on_ack(self, msg: Msg) -> None:
         token = msg.subject[len(self._inbox) :]
@@ -567,6 +736,9 @@ class Publisher:
         Woken by each acknowledgement (and looks again at least every half second)."""
         deadline = time.monotonic() + timeout
         self._wakeup.set()
+        if self._batch is not None:
+            b, self._batch = self._batch, None
+            await self._commit(b)
         while not self.idle():
             remaining = deadline - time.monotonic()
             if remaining <= 0:

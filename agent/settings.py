@@ -141,6 +141,15 @@ class PublisherSettings(_Section, frozen=True, kw_only=True, forbid_unknown_fiel
     max_rejections: Annotated[int, Meta(ge=1, le=100)] = 3
     # The dead-letter file keeps payloads up to this size in total; beyond it, only the ids.
     dead_letter_max_bytes: NonNegInt = 64 * 1024 * 1024
+    # JetStream fast-ingest batches (nats-server 2.14+, a VIRT_EVENTS stream with
+    # allow_batched; agent/batching.py): while events come faster than one per
+    # batch_commit_idle_ms, they share one open batch, which the server acknowledges every
+    # batch_flow messages instead of each one. Against older servers, or such a stream
+    # without allow_batched, every message is acknowledged as before.
+    batch: bool = True
+    batch_flow: Annotated[int, Meta(ge=1, le=500)] = 100
+    # A batch with nothing new for this long is committed (its last messages acknowledged).
+    batch_commit_idle_ms: Annotated[float, Meta(ge=1, le=5000)] = 20.0
 
 
 class CommandSettings(_Section, frozen=True, kw_only=True, forbid_unknown_fields=True):

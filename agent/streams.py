@@ -33,7 +33,7 @@ from nats.js.api import (
 )
 from nats.js.errors import BadRequestError, NotFoundError
 
-from agent import current_state
+from agent import batching, current_state
 from agent.envelope import Subjects
 from agent.kv import STREAM_NAME_IN_USE
 from agent.metrics import Metrics
@@ -90,6 +90,8 @@ def differences(
             a, b = sorted(a or []), sorted(b or [])
         elif isinstance(a, float) or isinstance(b, float):
             a, b = round(a or 0.0, 3), round(b or 0.0, 3)
+        elif name == "allow_batched":
+            a, b = bool(a), bool(b)
         elif name in ("max_bytes",):
             a, b = a if a is not None else -1, b if b is not None else -1
         if a != b:
@@ -133,13 +135,19 @@ class Streams:
         self._asked: set[str] = set()
         self.check_requested = asyncio.Event()
         self.mismatch: dict[str, dict[str, dict[str, Any]]] = {}
+        # VIRT_EVENTS takes fast-ingest batches (allow_batched, nats-server 2.14+): the
+        # publisher batches only then (agent/batching.py).
+        self.batched = False
 
     async def ensure(self, nc: NATS, *, startup: bool = False) -> bool:
         """Create what is missing (when managed), compare what exists; True if all exist."""
         js = nc.jetstream()
         missing = []
+        batches = batching.server_supports(nc)
         for cfg in self.configs:
             assert cfg.name is not None
+            if cfg.name == EVENTS_STREAM:
+                cfg.allow_batched = True if batches else None
             try:
                 info = await js.stream_info(cfg.name)
             except NotFoundError:
@@ -153,6 +161,8 @@ class Streams:
                         raise
                     continue  # another host created it meanwhile
                 self.metrics.stream_config_mismatch.labels(cfg.name).set(0)
+                if cfg.name == EVENTS_STREAM:
+                    self.batched = bool(cfg.allow_batched)
                 if startup:
                     log.info("stream created", stream=cfg.name)
                 else:
@@ -162,7 +172,10 @@ class Streams:
                     )
                     self.metrics.streams_recreated.labels(cfg.name).inc()
                 continue
-            self.compare(cfg.name, info.config, cfg)
+            compared = COMPARED + (("allow_batched",) if cfg.allow_batched else ())
+            self.compare(cfg.name, info.config, cfg, compared)
+            if cfg.name == EVENTS_STREAM:
+                self.batched = batches and bool(info.config.allow_batched)
         await self.check_bucket(nc)
         await self.check_captures(nc)
         self.present = not missing
