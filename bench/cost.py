@@ -7,8 +7,10 @@ events meanwhile), and what nats-server spends behind the agent.
   which events reach the consumer (the listener's callback; through the agent, a NATS
   subscriber) - the agent-alone throughput against the listener-alone throughput.
 
-Each consumer has a libvirtd of its own (the agent stays connected to its own while the
-listener runs), three rounds, the ratios the medians of the rounds' ratios.
+Each consumer has a libvirtd of its own (the agents stay connected to theirs while the
+listener runs), five rounds, the ratios the medians of the rounds' ratios. A second agent with
+fast-ingest batches off (`publisher.batch = false`: one JetStream acknowledgement per message)
+runs the same generators in each round: what batching changes.
 
 CPU time is read from /proc/<pid>/stat (user + system) before the generator starts and once
 every event has arrived, so idle time before and after costs nothing.
@@ -39,7 +41,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 TICK = os.sysconf("SC_CLK_TCK")
 PACED, SATURATED, RATE = 10_000, 20_000, 1000
-KINDS = ("listener_paced", "agent_paced", "listener_saturated", "agent_saturated")
+KINDS = ("listener_paced", "agent_paced", "unbatched_paced", "listener_saturated",
+         "agent_saturated", "unbatched_saturated")  # fmt: skip
 
 
 def cpu_s(pid: int) -> float:
@@ -100,14 +103,28 @@ class Counter:
         self.count += 1
 
 
+def start_agent(work: Path, server: NatsServer, uri: str, host: str,
+                batch: bool) -> subprocess.Popen[bytes]:  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VIRT_AGENT_")}
+    env |= {"VIRT_AGENT_LOG_FORMAT": "json", "VIRT_AGENT_LOG_LEVEL": "warning",
+            "VIRT_AGENT_PUBLISHER_BATCH": "true" if batch else "false"}  # fmt: skip
+    with open(work / f"{host}.log", "wb") as log:
+        return subprocess.Popen(
+            [PY, "-m", "agent", "run", "--libvirt-uri", uri, "--nats-url", server.url,
+             "--host-id", host, "--http-addr", "", "--state-dir", str(work / host)],
+            env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+
 async def agent_alone(
-    uri: str, server: NatsServer, agent: subprocess.Popen[bytes], n: int, rate: int | None
-) -> dict[str, float]:
+    uri: str, server: NatsServer, agent: subprocess.Popen[bytes], host: str, n: int,
+    rate: int | None,
+) -> dict[str, float]:  # fmt: skip
     """The agent (to a NATS subscriber) and the generator: its CPU per event, nats-server's
     behind it, and the rate at the subscriber."""
     nc = await nats.connect(server.url)
     seen = Counter()
-    await nc.subscribe("virt.cost.event.*.lifecycle", cb=seen.on_msg, pending_msgs_limit=-1)
+    await nc.subscribe(f"virt.{host}.event.*.lifecycle", cb=seen.on_msg, pending_msgs_limit=-1)
     await subscribed(nc)
     assert server.proc is not None
     gen = helper("generate", uri, str(n), *(["--rate", str(rate)] if rate else []))
@@ -124,37 +141,39 @@ async def agent_alone(
             "events_per_s": seen.count / max(1e-9, (seen.last - seen.first) / 1e9)}  # fmt: skip
 
 
-async def cost(work: Path, rounds: int = 3) -> dict[str, Any]:
+async def cost(work: Path, rounds: int = 5) -> dict[str, Any]:
     """`rounds` rounds, each: the listener alone (on a libvirtd of its own) and the agent alone
     (on another), paced and saturated, one after the other; ratios are the medians of each
     round's ratios (the machine's state varies between rounds more than within one)."""
     runs: dict[str, list[dict[str, float]]] = {k: [] for k in KINDS}
     with (LibvirtDaemon(work, "listener") as quiet, LibvirtDaemon(work, "agent") as busy,
-          NatsServer(work / "nats") as server):  # fmt: skip
-        env = {k: v for k, v in os.environ.items() if not k.startswith("VIRT_AGENT_")}
-        env |= {"VIRT_AGENT_LOG_FORMAT": "json", "VIRT_AGENT_LOG_LEVEL": "warning"}
-        with open(work / "agent.log", "wb") as log:
-            agent = subprocess.Popen(
-                [PY, "-m", "agent", "run", "--libvirt-uri", busy.test_uri, "--nats-url",
-                 server.url, "--host-id", "cost", "--http-addr", "", "--state-dir",
-                 str(work / "agent")],
-                env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-            )  # fmt: skip
+          LibvirtDaemon(work, "unbatched") as plain, NatsServer(work / "nats") as server):  # fmt: skip
+        # The agent as it runs, and the same with one acknowledgement per message (no
+        # fast-ingest batches): what batching changes, in the same run.
+        agent = start_agent(work, server, busy.test_uri, "cost", batch=True)
+        unbatched = start_agent(work, server, plain.test_uri, "unbatched", batch=False)
         try:
             await until_answering(server, "cost")
+            await until_answering(server, "unbatched")
             for _ in range(rounds):
                 runs["listener_paced"].append(await listener_alone(quiet.test_uri, PACED, RATE))
                 runs["agent_paced"].append(
-                    await agent_alone(busy.test_uri, server, agent, PACED, RATE)
+                    await agent_alone(busy.test_uri, server, agent, "cost", PACED, RATE)
+                )
+                runs["unbatched_paced"].append(
+                    await agent_alone(plain.test_uri, server, unbatched, "unbatched", PACED, RATE)
                 )
                 runs["listener_saturated"].append(
                     await listener_alone(quiet.test_uri, SATURATED, None)
                 )
                 runs["agent_saturated"].append(
-                    await agent_alone(busy.test_uri, server, agent, SATURATED, None)
+                    await agent_alone(busy.test_uri, server, agent, "cost", SATURATED, None)
                 )
+                runs["unbatched_saturated"].append(await agent_alone(
+                    plain.test_uri, server, unbatched, "unbatched", SATURATED, None))  # fmt: skip
         finally:
             stop_process(agent)
+            stop_process(unbatched)
     out: dict[str, Any] = {
         k: {m: round(median([r[m] for r in v]), 1) for m in v[0]} for k, v in runs.items()
     }
@@ -171,6 +190,12 @@ async def cost(work: Path, rounds: int = 3) -> dict[str, Any]:
                                           "listener_paced", "cpu_us_per_event"),
         "throughput_alone": ratio("agent_saturated", "events_per_s",
                                   "listener_saturated", "events_per_s"),
+        "batched_over_unbatched_paced": ratio("agent_paced", "cpu_us_per_event",
+                                              "unbatched_paced", "cpu_us_per_event"),
+        "batched_over_unbatched_saturated": ratio("agent_saturated", "cpu_us_per_event",
+                                                  "unbatched_saturated", "cpu_us_per_event"),
+        "nats_batched_over_unbatched_paced": ratio("agent_paced", "nats_cpu_us_per_event",
+                                                   "unbatched_paced", "nats_cpu_us_per_event"),
     }  # fmt: skip
     out["rounds"] = rounds
     return out

@@ -9,6 +9,9 @@ python -m bench.eventgen listen URI COUNT
     (cpu_s: its CPU time from ready to the last event).
 python -m bench.eventgen natspub NATS_URL SUBJECT COUNT RATE
     the latency baseline: plain NATS messages stamped with their send time.
+python -m bench.eventgen jspub NATS_URL SUBJECT COUNT RATE
+    the same as JetStream publishes, each awaited (its stream made by the caller): the
+    baseline of what a JetStream publisher's message takes to reach a subscriber.
 """
 
 from __future__ import annotations
@@ -87,11 +90,13 @@ async def listen(uri: str, count: int) -> None:
         conn.close()
 
 
-async def natspub(url: str, subject: str, count: int, rate: float) -> None:
-    """Latency baseline: plain NATS publishes carrying their send time, paced at `rate`/s."""
+async def natspub(url: str, subject: str, count: int, rate: float, js: bool = False) -> None:
+    """Latency baseline: plain NATS publishes carrying their send time, paced at `rate`/s
+    (`js`: JetStream publishes, each acknowledgement awaited)."""
     import nats  # noqa: PLC0415 - only this role needs it
 
     nc = await nats.connect(url)
+    jsc = nc.jetstream()
     print("ready", flush=True)
     await asyncio.to_thread(sys.stdin.readline)
     start = time.perf_counter()
@@ -99,7 +104,11 @@ async def natspub(url: str, subject: str, count: int, rate: float) -> None:
         delay = start + i / rate - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        await nc.publish(subject, json.dumps({"t": time.time_ns()}).encode())
+        data = json.dumps({"t": time.time_ns()}).encode()
+        if js:
+            await jsc.publish(subject, data)
+        else:
+            await nc.publish(subject, data)
     await nc.flush()
     await nc.close()
     print(json.dumps({"events": count, "seconds": time.perf_counter() - start}), flush=True)
@@ -110,7 +119,7 @@ if __name__ == "__main__":
     if cmd == "generate":
         r = float(sys.argv[5]) if len(sys.argv) > 5 and sys.argv[4] == "--rate" else None
         generate(target, n // 2, r)
-    elif cmd == "natspub":
-        asyncio.run(natspub(target, sys.argv[4], n, float(sys.argv[5])))
+    elif cmd in ("natspub", "jspub"):
+        asyncio.run(natspub(target, sys.argv[4], n, float(sys.argv[5]), cmd == "jspub"))
     else:
         asyncio.run(listen(target, n))
