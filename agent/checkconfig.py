@@ -66,9 +66,10 @@ async def _streams(s: Settings) -> str:
     """The fleet's streams against these settings (an agent never changes them)."""
     from nats.js.errors import NotFoundError  # noqa: PLC0415
 
+    from agent import batching  # noqa: PLC0415
     from agent.envelope import Subjects  # noqa: PLC0415
     from agent.metrics import Metrics  # noqa: PLC0415
-    from agent.streams import Streams, differences, stream_configs  # noqa: PLC0415
+    from agent.streams import EVENTS_STREAM, Streams, differences, stream_configs  # noqa: PLC0415
 
     nc = await _connect(s.nats, s.host_id)
     try:
@@ -87,6 +88,13 @@ async def _streams(s: Settings) -> str:
                     bad.append(f"{cfg.name} missing (nats.manage_streams is false)")
                 continue
             fleet.compare(cfg.name, have, cfg)
+            if (
+                cfg.name == EVENTS_STREAM
+                and batching.server_supports(nc)
+                and not have.allow_batched
+            ):
+                said.append(f"warning: {cfg.name} has no allow_batched: each event is acknowledged "
+                            "on its own (docs/operations.md, \"Fast-ingest batches\")")  # fmt: skip
             diff = differences(have, cfg)
             if not diff:
                 said.append(f"{cfg.name} as these settings")

@@ -27,6 +27,7 @@ from agent.batching import Batch
 from agent.embedded import NatsServer
 from lab.daemon import free_port
 from tests.conftest import RunningAgent, stream_messages
+from tests.test_checkconfig import check
 
 Start = Callable[..., Awaitable[RunningAgent]]
 FLIPS = 400  # suspend + resume: 800 lifecycle events
@@ -123,7 +124,7 @@ async def test_a_message_lost_inside_a_batch_is_sent_again_and_stored_once(
 
 
 async def test_a_stream_without_allow_batched_gets_an_acknowledgement_per_message(
-    monitored: tuple[NatsServer, int], start_agent: Start, testdrv: Any
+    monitored: tuple[NatsServer, int], start_agent: Start, testdrv: Any, tmp_path: Path
 ) -> None:
     """An operator's VIRT_EVENTS made without allow_batched (hosts cannot change a stream):
     every message acknowledged on its own, the difference reported."""
@@ -144,6 +145,12 @@ async def test_a_stream_without_allow_batched_gets_an_acknowledgement_per_messag
             mismatch = agent.agent.metrics.registry.get_sample_value(
                 "virt_agent_stream_config_mismatch", {"stream": "VIRT_EVENTS"})  # fmt: skip
             assert mismatch == 1
+            # check-config says so, as a warning (hosts cannot change the stream).
+            code, out = await asyncio.to_thread(
+                check, "--libvirt-uri", "test:///default", "--nats-url", server.url,
+                "--state-dir", str(tmp_path / "cc"), "--http-addr", "")  # fmt: skip
+            assert "warning: VIRT_EVENTS has no allow_batched" in out, out
+            assert code == 0, out
     finally:
         await nc.close()
 
