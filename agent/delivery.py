@@ -12,6 +12,7 @@ operation events always are. The publisher renders, sends and acknowledges
 
 from __future__ import annotations
 
+import asyncio
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from typing import Any
 
 import structlog
 
+from agent.envelope import Missed
 from agent.events import DomainEvent
 from agent.metrics import Metrics
 from agent.settings import PublisherSettings
@@ -156,3 +158,44 @@ class Delivery:
             return
         if memory:
             log.warning("kept in the spool for the next start", messages=len(memory))
+
+
+class Gaps:
+    """Sequence numbers never published - dropped at a full queue, or a resync too large to
+    send - for the next resync to name (`missed`)."""
+
+    def __init__(self) -> None:
+        self.missed: Missed | None = None
+        # Set once an overflow has happened and the queue has drained below the low watermark.
+        self.resync_needed = asyncio.Event()
+        # Why the next of those resyncs: after dropped events, or one too large to send.
+        self.resync_reason = "overflow"
+
+    def note(self, sequence: int) -> None:
+        """One more sequence number never published, for the next resync to name."""
+        m = self.missed
+        self.missed = Missed(
+            count=(m.count if m else 0) + 1,
+            first_sequence=sequence if m is None else min(m.first_sequence, sequence),
+            last_sequence=sequence if m is None else max(m.last_sequence, sequence),
+        )
+
+    def take(self) -> Missed | None:
+        """Hand the record of dropped events to the resync that will cover them."""
+        missed, self.missed = self.missed, None
+        self.resync_needed.clear()
+        return missed
+
+    def restore(self, missed: Missed | None) -> None:
+        """Put back a record taken for a resync that could not be published."""
+        if missed is None:
+            return
+        m = self.missed
+        if m is not None:
+            missed = Missed(
+                count=missed.count + m.count,
+                first_sequence=missed.first_sequence,
+                last_sequence=m.last_sequence,
+            )
+        self.missed = missed
+        self.resync_needed.set()

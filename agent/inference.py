@@ -207,10 +207,10 @@ class Resyncs:
                 await self.resync(reason)
             except AgentError as exc:
                 if not self.hv.connected:
-                    log.warning(f"{reason} resync failed; libvirt is gone again",
+                    log.warning("resync failed; libvirt is gone again", reason=reason,
                                 error=exc.message)  # fmt: skip
                     return
-                log.warning(f"{reason} resync failed, will retry", error=exc.message,
+                log.warning("resync failed, will retry", reason=reason, error=exc.message,
                             retry_in_s=round(backoff.delay, 2))  # fmt: skip
             else:
                 break
@@ -233,13 +233,13 @@ class Resyncs:
 
     async def resync(self, reason: str) -> None:
         """Publish a snapshot of every domain; it also accounts for any dropped events."""
-        missed = self.publisher.take_missed()
+        missed = self.publisher.gaps.take()
         touching = self.tracker.begin()
         try:
             domains = await self.hv.snapshot()
         except AgentError:
             self.tracker.end(touching)
-            self.publisher.restore_missed(missed)
+            self.publisher.gaps.restore(missed)
             raise
         touched = self.tracker.end(touching)
         if reason == "reconnect":
@@ -278,8 +278,9 @@ class Resyncs:
         """After dropped events (once the queue is low), or a resync too large to send: a
         resync naming the gap."""
         while True:
-            await self.publisher.resync_needed.wait()
-            reason, self.publisher.resync_reason = self.publisher.resync_reason, "overflow"
+            await self.publisher.gaps.resync_needed.wait()
+            gaps = self.publisher.gaps
+            reason, gaps.resync_reason = gaps.resync_reason, "overflow"
             try:
                 await self.resync(reason)
             except AgentError as exc:

@@ -59,6 +59,33 @@ def unbreakable_stdio() -> None:
             setattr(sys, name, Unbreakable(current))
 
 
+class NamedPrintLogger(structlog.PrintLogger):
+    """A PrintLogger that keeps the name it was asked for (`structlog.get_logger("agent.x")`),
+    for `add_logger_name` to put in every line as `logger`."""
+
+    def __init__(self, file: TextIO, name: str) -> None:
+        super().__init__(file)
+        self.name = name
+
+
+class NamedPrintLoggerFactory:
+    def __init__(self, file: TextIO) -> None:
+        self._file = file
+
+    def __call__(self, *args: Any) -> NamedPrintLogger:
+        return NamedPrintLogger(self._file, str(args[0]) if args else "")
+
+
+def add_logger_name(logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+    """`logger`: the module that logged (`structlog.get_logger("agent.x")`, or a library's
+    stdlib logger name)."""
+    record = event.get("_record")
+    name = record.name if record is not None else getattr(logger, "name", "")
+    if name:
+        event.setdefault("logger", name)
+    return event
+
+
 def configure(level: str = "info", fmt: str = "auto") -> None:
     """Configure structlog (and the stdlib loggers of libraries) for the whole process."""
     numeric = logging.getLevelNamesMapping()[level.upper()]
@@ -66,6 +93,7 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
     use_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
+        add_logger_name,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
@@ -78,7 +106,7 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
     structlog.configure(
         processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        logger_factory=NamedPrintLoggerFactory(stream),
         cache_logger_on_first_use=True,
     )
     # Libraries (nats, asyncio, libvirtaio) log through stdlib logging: same stream, same format.
@@ -86,7 +114,7 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             processor=renderer,
-            foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+            foreign_pre_chain=shared,
         )
     )
     root = logging.getLogger()

@@ -9,7 +9,8 @@ awaited round trip per event. An unacknowledged message is sent again with the s
 Nats-Msg-Id, so JetStream stores it once.
 
 nats-py's own `publish_async` is not used: its futures never time out, and a send that fails
-while the client reconnects keeps its in-flight slot forever.
+while the client reconnects keeps its in-flight slot forever. Events coming fast share
+JetStream fast-ingest batches (agent/batching.py); agent/outgoing.py renders each message.
 
 With a spool (agent/spool.py), nothing is dropped while NATS is unreachable or slow: where a
 message waits - the memory queue, or the spool once NATS is disconnected or the queue reaches
@@ -25,7 +26,6 @@ import itertools
 import secrets
 import time
 from collections import deque
-from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -35,90 +35,43 @@ from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.errors import MaxPayloadError
 
-from agent import batching
-from agent.batching import Batch
+from agent.batching import Batcher
 from agent.deadletter import DeadLetters
-from agent.delivery import Delivery, DomainItem, OtherItem, Queued
+from agent.delivery import Delivery, DomainItem, Gaps, OtherItem, Queued
 from agent.envelope import (
     HOST_EVENT_TYPES,
-    CloudEvent,
     Counters,
     DeadLetter,
     HostData,
-    Missed,
     OpEvent,
     SpoolOverflow,
     Subjects,
-    domain_event_type,
-    encode,
     host_event_type,
-    rfc3339,
 )
 from agent.events import DomainEvent
 from agent.metrics import Metrics
+from agent.outgoing import Outgoing, Renderer, ack_decoder, public_id
 from agent.settings import PublisherSettings
-from agent.spool import Record, Ref, Spool
+from agent.spool import Spool
 from agent.streams import Streams
 
 log = structlog.get_logger("agent.publisher")
 
 
-def public_id(msg_id: str) -> str:
-    """A Nats-Msg-Id without its secret: the envelope's id (host:boot:sequence)."""
-    return msg_id if msg_id.count(":") < 3 else msg_id.rsplit(":", 1)[0]
-
-
-class PubAck(msgspec.Struct):
-    stream: str | None = None
-    seq: int | None = None
-    duplicate: bool = False
-    error: dict[str, object] | None = None
-
-
-@dataclass(slots=True)
-class _Outgoing:
-    subject: str
-    payload: bytes
-    msg_id: str
-    time_ns: int
-    sequence: int = 0
-    # Where in the spool the message was read from (None: it came from memory).
-    spool_ref: Ref | None = None
-    sent_at: float = 0.0
-    first_sent_at: float = 0.0
-    attempts: int = 0
-    rejections: int = 0  # explicit refusals (JetStream errors, over max_payload)
-    # When JetStream first answered no-responders (no stream took it), monotonic; 0: never.
-    unbound_since: float = 0.0
-
-    def record(self) -> Record:
-        """As the spool keeps it."""
-        return Record(self.subject, self.msg_id, self.time_ns, self.sequence, self.payload)
-
-
-_ack_decoder = msgspec.json.Decoder(PubAck)
-
-
 class Publisher:
     def __init__(
-        self,
-        settings: PublisherSettings,
-        subjects: Subjects,
-        boot_id: str,
-        metrics: Metrics,
-        spool: Spool | None = None,
-        dead_letters: DeadLetters | None = None,
-    ) -> None:
+        self, settings: PublisherSettings, subjects: Subjects, boot_id: str, metrics: Metrics,
+        spool: Spool | None = None, dead_letters: DeadLetters | None = None,
+    ) -> None:  # fmt: skip
         self.settings = settings
         self.spool = spool
         self.dead_letters = dead_letters
         self.subjects = subjects
         self.boot_id = boot_id
-        self._secret = secrets.token_hex(8)  # never published, never logged
-        self.source = f"/virt/{subjects.host}"
+        self.renderer = Renderer(subjects, boot_id)
         self.metrics = metrics
         self.delivery = Delivery(settings, spool, metrics, self._connected,
-                                 lambda item: self._render(item).record())  # fmt: skip
+                                 lambda item: self.renderer.render(item).record())  # fmt: skip
         self._queue = self.delivery.queue
         self._wakeup = asyncio.Event()
         self._progress = asyncio.Event()  # a message left flight (flush waits on it)
@@ -126,29 +79,15 @@ class Publisher:
         self.received = 0
         self.published = 0
         self.dropped = 0
-        self._missed: Missed | None = None
-        # Set once an overflow has happened and the queue has drained below the low watermark.
-        self.resync_needed = asyncio.Event()
-        # Why the next of those resyncs: after dropped events, or one too large to send.
-        self.resync_reason = "overflow"
+        self.gaps = Gaps()  # sequence numbers never published, for the next resync to name
         self._slots = asyncio.Semaphore(settings.max_inflight)
-        self._inflight: dict[str, _Outgoing] = {}
+        self._inflight: dict[str, Outgoing] = {}
         self._tokens = itertools.count(1)
         self._nc: NATS | None = None
         self._streams: Streams | None = None
         self._inbox = ""
         self._received_by_type: dict[str, Any] = {}
-        # Fast-ingest batches (agent/batching.py): the open one, and those not yet settled.
-        self._batch: Batch | None = None
-        self._batches: dict[str, Batch] = {}
-        self._batching_off_until = 0.0  # the server had too many batches: plain until then
-        self._batching_refused = False  # the stream refused batches (not allow_batched)
-        self._last_batchable = 0.0  # when the last message that could go in a batch was sent
-        self._commit_subject = subjects.host_event("batch_commit")  # never stored
-        # Fault injection for the tests only (like agent/crashpoints.py): batch sequences whose
-        # write is skipped, as if lost on the way.
-        self.lose: set[int] = set()
-        self._committing: set[asyncio.Future[None]] = set()
+        self.batcher = Batcher(self)  # fast-ingest batches (agent/batching.py)
         metrics.queue_capacity.set(settings.queue_size)
         metrics.inflight_capacity.set(settings.max_inflight)
         metrics.track(metrics.inflight, lambda: len(self._inflight))
@@ -170,11 +109,8 @@ class Publisher:
         return self.delivery.spooled
 
     def counters(self) -> Counters:
-        return Counters(
-            events_received=self.received,
-            events_published=self.published,
-            events_dropped=self.dropped,
-        )
+        return Counters(events_received=self.received, events_published=self.published,
+                        events_dropped=self.dropped)  # fmt: skip
 
     def submit_event(self, event: DomainEvent) -> None:
         """Queue one domain event; never blocks, never raises."""
@@ -239,75 +175,14 @@ class Publisher:
     def _drop(self, sequence: int, event: DomainEvent) -> None:
         self.dropped += 1
         self.metrics.events_dropped.inc()
-        if self._missed is None:
+        if self.gaps.missed is None:
             log.warning(
                 "event queue full, dropping events until it drains; a resync will follow",
                 capacity=self.settings.queue_size,
                 sequence=sequence,
                 event_type=event.event_type,
             )
-        self._note_missed(sequence)
-
-    def _note_missed(self, sequence: int) -> None:
-        """One more sequence number never published, for the next resync to name."""
-        m = self._missed
-        self._missed = Missed(
-            count=(m.count if m else 0) + 1,
-            first_sequence=sequence if m is None else min(m.first_sequence, sequence),
-            last_sequence=sequence if m is None else max(m.last_sequence, sequence),
-        )
-
-    def take_missed(self) -> Missed | None:
-        """Hand the record of dropped events to the resync that will cover them."""
-        missed, self._missed = self._missed, None
-        self.resync_needed.clear()
-        return missed
-
-    def restore_missed(self, missed: Missed | None) -> None:
-        """Put back a record taken for a resync that could not be published."""
-        if missed is None:
-            return
-        m = self._missed
-        if m is not None:
-            missed = Missed(
-                count=missed.count + m.count,
-                first_sequence=missed.first_sequence,
-                last_sequence=m.last_sequence,
-            )
-        self._missed = missed
-        self.resync_needed.set()
-
-    # ------------------------------------------------------------ rendering
-
-    def _render(self, item: Queued) -> _Outgoing:
-        msg_id = f"{self.subjects.host}:{self.boot_id}:{item.sequence}"
-        # The header's id adds a secret of this process's (contract v1.2, "Contained hosts"):
-        # another host, knowing the boot id, cannot claim this host's ids ahead of it.
-        if isinstance(item, DomainItem):
-            ev = item.event
-            uuid = ev.data.domain.uuid
-            subject = self.subjects.event(uuid, ev.event_type)
-            envelope = CloudEvent(
-                id=msg_id,
-                source=self.source,
-                type=domain_event_type(ev.event_type),
-                subject=uuid,
-                time=rfc3339(item.time_ns),
-                sequence=item.sequence,
-                data=ev.data,
-            )
-        else:
-            subject = item.subject
-            envelope = CloudEvent(
-                id=msg_id,
-                source=self.source,
-                type=item.ce_type,
-                time=rfc3339(item.time_ns),
-                sequence=item.sequence,
-                data=item.data,
-            )
-        return _Outgoing(subject, encode(envelope), f"{msg_id}:{self._secret}", item.time_ns,
-                         item.sequence)  # fmt: skip
+        self.gaps.note(sequence)
 
     # ------------------------------------------------------------ sending
 
@@ -318,7 +193,7 @@ class Publisher:
         self._inbox = nc.new_inbox() + "."
         limit = 4 * self.settings.max_inflight + 1024
         await nc.subscribe(self._inbox + "*", cb=self._on_ack, pending_msgs_limit=limit)
-        await nc.subscribe(self._inbox + "fi.>", cb=self._on_batch_reply,
+        await nc.subscribe(self._inbox + "fi.>", cb=self.batcher.on_reply,
                            pending_msgs_limit=limit)  # fmt: skip
 
     async def run(self) -> None:
@@ -336,13 +211,13 @@ class Publisher:
                 await asyncio.sleep(wait)
             self._wakeup.clear()
             while await self._send_next(self._queue):
-                if self._missed is not None and len(self._queue) <= low:
-                    self.resync_needed.set()
+                if self.gaps.missed is not None and len(self._queue) <= low:
+                    self.gaps.resync_needed.set()
             if self.delivery.spooling:
                 await self._send_spooled()
             last_write = time.monotonic()
-            if self._missed is not None:
-                self.resync_needed.set()
+            if self.gaps.missed is not None:
+                self.gaps.resync_needed.set()
 
     async def _send_spooled(self, batch: int = 256) -> None:
         """Send from the spool (after the memory queue, which holds older messages) until it
@@ -357,7 +232,7 @@ class Publisher:
             records = spool.read(batch)
             if records:
                 for ref, rec in records:
-                    out = _Outgoing(rec.subject, rec.payload, rec.msg_id, rec.time_ns,
+                    out = Outgoing(rec.subject, rec.payload, rec.msg_id, rec.time_ns,
                                     rec.sequence, spool_ref=ref)  # fmt: skip
                     await self._send(out, new=True)
                 if self._queue:
@@ -384,10 +259,10 @@ class Publisher:
         if not source:  # spilled meanwhile
             self._slots.release()
             return False
-        await self._send(self._render(source.popleft()), new=False)
+        await self._send(self.renderer.render(source.popleft()), new=False)
         return True
 
-    async def _send(self, out: _Outgoing, *, new: bool) -> None:
+    async def _send(self, out: Outgoing, *, new: bool) -> None:
         if new:
             await self._slots.acquire()
         out.attempts += 1
@@ -395,14 +270,14 @@ class Publisher:
         out.first_sent_at = out.first_sent_at or out.sent_at
         nc = self._nc
         assert nc is not None
-        if self._batchable(out, nc):
-            await self._send_batched(out, nc)
+        if self.batcher.wanted(out, nc):
+            await self.batcher.send(out, nc)
             return
         token = str(next(self._tokens))
         self._inflight[token] = out
         await self._publish(nc, token, out, self._inbox + token)
 
-    async def _publish(self, nc: NATS, token: str, out: _Outgoing, reply: str) -> None:
+    async def _publish(self, nc: NATS, token: str, out: Outgoing, reply: str) -> None:
         try:
             await nc.publish(out.subject, out.payload, reply=reply,
                              headers={"Nats-Msg-Id": out.msg_id})  # fmt: skip
@@ -416,121 +291,8 @@ class Publisher:
             self.metrics.publish_errors.labels(type(exc).__name__).inc()
             log.warning("publish failed, will retry", error=str(exc), msg_id=public_id(out.msg_id))
 
-    # ------------------------------------------------------------ fast-ingest batches
-
-    def _batchable(self, out: _Outgoing, nc: NATS) -> bool:
-        """A first send to the events stream, batches on (the server and the stream serve
-        them), and events coming fast: a batch is open, more wait, or the last went out
-        within the commit interval. A lone event now and then is published on its own."""
-        s = self.settings
-        if not s.batch or out.attempts != 1 or self._batching_refused:
-            return False
-        streams = self._streams
-        if streams is None or not streams.batched or not batching.server_supports(nc):
-            return False
-        if not self.subjects.in_events_stream(out.subject):
-            return False
-        now = out.sent_at
-        if now < self._batching_off_until:
-            return False
-        recent = now - self._last_batchable < s.batch_commit_idle_ms / 1000
-        self._last_batchable = now
-        return self._batch is not None or recent or bool(self._queue)
-
-    async def _send_batched(self, out: _Outgoing, nc: NATS) -> None:
-        b = self._batch
-        reconnects = int(nc.stats.get("reconnects", 0))
-        if b is not None and b.reconnects != reconnects:
-            self._batch_over(b, "the connection was made again")
-            b = None
-        if b is None:
-            b = self._batch = Batch(self._inbox + "fi", self.settings.batch_flow, reconnects)
-            self._batches[b.id] = b
-            asyncio.get_running_loop().call_later(self.settings.batch_commit_idle_ms / 1000,
-                                                  self._idle_check, b)  # fmt: skip
-        token = f"{b.id}.{b.seq + 1}"
-        self._inflight[token] = out
-        reply = b.add(token)
-        b.last_send = out.sent_at
-        if b.seq in self.lose:
-            self.lose.discard(b.seq)
-            return  # lost on the way (test fault injection)
-        await self._publish(nc, token, out, reply)
-
-    def _idle_check(self, b: Batch) -> None:
-        """Commit `b` once nothing was added to it for the commit interval."""
-        if self._batch is not b:
-            return
-        idle = self.settings.batch_commit_idle_ms / 1000
-        left = b.last_send + idle - time.monotonic()
-        if left > 0:
-            asyncio.get_running_loop().call_later(left, self._idle_check, b)
-            return
-        self._batch = None
-        task = asyncio.ensure_future(self._commit(b))
-        self._committing.add(task)
-        task.add_done_callback(self._committing.discard)
-
-    async def _commit(self, b: Batch) -> None:
-        nc = self._nc
-        if nc is None or b.committed or b.seq == 0:
-            return
-        reply = b.commit()
-        try:
-            await nc.publish(self._commit_subject, b"", reply=reply)
-        except NatsError as exc:
-            # Unacknowledged: its messages are sent again on their own by the watchdog.
-            log.warning("batch commit not sent", error=str(exc))
-        else:
-            self.metrics.publish_batches.inc()
-
-    async def _on_batch_reply(self, msg: Msg) -> None:
-        named = batching.parse_subject(msg.subject)
-        b = self._batches.get(named[0]) if named else None
-        if b is None or named is None:
-            return  # a batch already settled
-        seq = named[1]
-        if msg.headers and msg.headers.get("Status") == "503":
-            self.metrics.publish_errors.labels("no_responders").inc()
-            token = b.token(seq)
-            out = self._inflight.get(token) if token else None
-            if token is not None and out is not None:
-                self._unbound(token, out)
-            self._batch_over(b, "no stream took a message")
-            return
-        try:
-            r = batching.decode(msg.data)
-        except msgspec.DecodeError:
-            self.metrics.publish_errors.labels("bad_ack").inc()
-            return
-        if r.type == "ack" and r.seq is not None:
-            self._settle(b.covered(r.seq))
-        elif r.type == "gap" and r.seq is not None and r.last_seq is not None:
-            self.metrics.publish_errors.labels("batch_gap").inc()
-            for lost in range(r.last_seq, r.seq):
-                self._resend_soon(b, lost)
-        elif r.type == "err" and r.seq is not None:
-            self.metrics.publish_errors.labels("api_error").inc()
-            token = b.token(r.seq)
-            b.lost.add(r.seq)
-            if token is not None and token in self._inflight:
-                reason = (r.error or {}).get("description", r.error)
-                self._rejected(token, self._inflight[token], f"JetStream: {reason}")
-        elif r.error is not None:
-            self._batch_refused(b, r.error, seq)
-        elif r.count is not None:
-            self._settle(b.covered(r.count))
-            self._batch_over(b, "")
-
-    def _resend_soon(self, b: Batch, seq: int) -> None:
-        """The server never got batch message `seq`: sent again on its own, same id."""
-        b.lost.add(seq)
-        token = b.token(seq)
-        out = self._inflight.get(token) if token else None
-        if out is not None:
-            out.sent_at = 0.0
-
     def _settle(self, tokens: list[str]) -> None:
+        """Stored, as an acknowledgement covering these tokens says."""
         now = time.time_ns()
         n = 0
         for token in tokens:
@@ -544,33 +306,6 @@ class Publisher:
             self.published += n
             self.metrics.events_published.inc(n)
 
-    def _batch_refused(self, b: Batch, error: dict[str, Any], seq: int) -> None:
-        code = error.get("err_code")
-        self.metrics.publish_errors.labels("batch_refused").inc()
-        if code == batching.ERR_DISABLED:
-            if not self._batching_refused:
-                log.warning("the events stream does not allow batched publishing; each "
-                            "message is acknowledged on its own (docs/operations.md)")  # fmt: skip
-            self._batching_refused = True
-        elif code == batching.ERR_INFLIGHT:
-            self._batching_off_until = time.monotonic() + 10.0
-        else:
-            log.warning("JetStream refused a batch; its messages are sent on their own",
-                        error=error, batch_sequence=seq)  # fmt: skip
-        self._batch_over(b, str(error.get("description", code)))
-
-    def _batch_over(self, b: Batch, why: str) -> None:
-        """`b` ends: what no acknowledgement covered is sent again on its own, same ids."""
-        if self._batch is b:
-            self._batch = None
-        self._batches.pop(b.id, None)
-        rest = [t for t in b.rest() if t in self._inflight]
-        for token in rest:
-            self._inflight[token].sent_at = 0.0
-        if rest and why:
-            log.info("batch ended before its acknowledgement; its messages are sent again",
-                     reason=why, messages=len(rest))  # fmt: skip
-
     async def _on_ack(self, msg: Msg) -> None:
         token = msg.subject[len(self._inbox) :]
         out = self._inflight.get(token)
@@ -581,7 +316,7 @@ class Publisher:
             self._unbound(token, out)
             return
         try:
-            ack = _ack_decoder.decode(msg.data)
+            ack = ack_decoder.decode(msg.data)
         except msgspec.DecodeError:
             self.metrics.publish_errors.labels("bad_ack").inc()
             return
@@ -605,19 +340,23 @@ class Publisher:
         self.metrics.events_published.inc()
         self.metrics.publish_latency.observe((time.time_ns() - out.time_ns) / 1e9)
 
-    def _first_send(self, out: _Outgoing) -> bool:
+    def _first_send(self, out: Outgoing) -> bool:
         """Sent once, by this process, never before (a spooled message may have been sent by
         an earlier process: its duplicate is a message stored)."""
-        return out.attempts == 1 and out.spool_ref is None and out.msg_id.endswith(self._secret)
+        return (
+            out.attempts == 1
+            and out.spool_ref is None
+            and out.msg_id.endswith(self.renderer.secret)
+        )
 
-    def _done(self, out: _Outgoing) -> None:
+    def _done(self, out: Outgoing) -> None:
         """Out of flight for good (stored, or set aside): its slot and spool place are free."""
         self._progress.set()
         self._slots.release()
         if out.spool_ref is not None and self.spool is not None:
             self.spool.acked(out.spool_ref)
 
-    def _unbound(self, token: str, out: _Outgoing) -> None:
+    def _unbound(self, token: str, out: Outgoing) -> None:
         """No stream took the message (JetStream's no-responders). Its stream is gone - the
         stream check creates it again - or has no leader yet, and the message is sent again
         after the ack timeout; or JetStream said, since the message's first such answer,
@@ -632,7 +371,7 @@ class Publisher:
         out.unbound_since = out.unbound_since or time.monotonic()
         streams.ask(out.subject)
 
-    def _retake_resync(self, token: str, out: _Outgoing, max_payload: int) -> bool:
+    def _retake_resync(self, token: str, out: Outgoing, max_payload: int) -> bool:
         """A resync of this process too large for the server (taken before NATS said its
         max_payload, e.g. at a start while NATS was away): it is not sent; its sequence number
         becomes a gap that the resync taken again at once - in parts that fit - names."""
@@ -646,12 +385,12 @@ class Publisher:
         log.warning("resync larger than the server's max_payload; taken again in parts",
                     bytes=len(out.payload), max_payload=max_payload,
                     sequence=out.sequence)  # fmt: skip
-        self._note_missed(out.sequence)
-        self.resync_reason = "oversized"
-        self.resync_needed.set()
+        self.gaps.note(out.sequence)
+        self.gaps.resync_reason = "oversized"
+        self.gaps.resync_needed.set()
         return True
 
-    def _rejected(self, token: str, out: _Outgoing, reason: str) -> None:
+    def _rejected(self, token: str, out: Outgoing, reason: str) -> None:
         """An explicit refusal. The message stays in flight - sent again after the ack
         timeout - until it has been refused `max_rejections` times; then it is set aside in
         the dead-letter file and named by a host event, and the messages after it go on."""
@@ -671,18 +410,10 @@ class Publisher:
             self.dead_letters.add(public_id(out.msg_id), out.subject, out.sequence, out.payload,
                                   reason, out.attempts)  # fmt: skip
         if out.subject != self.subjects.host_event("dead_letter"):  # never one about itself
-            self.submit_host_event(
-                DeadLetter(
-                    host=self.subjects.host,
-                    boot_id=self.boot_id,
-                    msg_id=public_id(out.msg_id),
-                    subject=out.subject,
-                    sequence=out.sequence,
-                    bytes=len(out.payload),
-                    reason=reason,
-                    attempts=out.attempts,
-                )
-            )
+            self.submit_host_event(DeadLetter(
+                host=self.subjects.host, boot_id=self.boot_id, msg_id=public_id(out.msg_id),
+                subject=out.subject, sequence=out.sequence, bytes=len(out.payload),
+                reason=reason, attempts=out.attempts))  # fmt: skip
 
     async def watch_acks(self) -> None:
         """Re-send messages whose acknowledgement did not arrive within ack_timeout_s."""
@@ -736,9 +467,7 @@ class Publisher:
         Woken by each acknowledgement (and looks again at least every half second)."""
         deadline = time.monotonic() + timeout
         self._wakeup.set()
-        if self._batch is not None:
-            b, self._batch = self._batch, None
-            await self._commit(b)
+        await self.batcher.commit_open()
         while not self.idle():
             remaining = deadline - time.monotonic()
             if remaining <= 0:

@@ -12,7 +12,7 @@ listener runs), five rounds, the ratios the medians of the rounds' ratios. A sec
 fast-ingest batches off (`publisher.batch = false`: one JetStream acknowledgement per message)
 runs the same generators in each round: what batching changes.
 
-CPU time is read from /proc/<pid>/stat (user + system) before the generator starts and once
+CPU time is read with psutil (user + system) before the generator starts and once
 every event has arrived, so idle time before and after costs nothing.
 
 `python -m bench.cost` runs it alone and prints the figures; `make bench` includes them."""
@@ -30,16 +30,17 @@ from typing import Any
 
 import msgspec
 import nats
+import psutil
 from nats.aio.msg import Msg
 
 from agent.bus import subscribed
 from agent.embedded import NatsServer, stop_process
 from bench.stats import median
+from lab.agents import answering
 from lab.daemon import LibvirtDaemon
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
-TICK = os.sysconf("SC_CLK_TCK")
 PACED, SATURATED, RATE = 10_000, 20_000, 1000
 KINDS = ("listener_paced", "agent_paced", "unbatched_paced", "listener_saturated",
          "agent_saturated", "unbatched_saturated")  # fmt: skip
@@ -47,8 +48,8 @@ KINDS = ("listener_paced", "agent_paced", "unbatched_paced", "listener_saturated
 
 def cpu_s(pid: int) -> float:
     """User + system CPU seconds of a process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
+    t = psutil.Process(pid).cpu_times()
+    return float(t.user + t.system)
 
 
 def helper(*args: str) -> subprocess.Popen[str]:
@@ -204,14 +205,7 @@ async def cost(work: Path, rounds: int = 5) -> dict[str, Any]:
 async def until_answering(server: NatsServer, host: str) -> None:
     nc = await nats.connect(server.url)
     try:
-        for _ in range(300):
-            try:
-                await nc.request(f"virt.{host}.cmd.ping", b"{}", timeout=1)
-            except Exception:  # not up yet
-                await asyncio.sleep(0.1)
-            else:
-                return
-        raise RuntimeError(f"agent {host} never answered")
+        await answering(nc, [host], 60)
     finally:
         await nc.close()
 

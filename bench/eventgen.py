@@ -24,17 +24,15 @@ import uuid
 
 import libvirt
 import libvirtaio
+import psutil
 
 DOMAIN_XML = """<domain type='test'><name>{name}</name><memory>65536</memory><vcpu>1</vcpu>
 <os><type>hvm</type></os></domain>"""
 
 
-def rss_kib(pid: int | str = "self") -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
+def rss_kib(pid: int | None = None) -> int:
+    """Resident memory of a process (this one by default), KiB."""
+    return int(psutil.Process(pid).memory_info().rss // 1024)
 
 
 def generate(uri: str, pairs: int, rate: float | None) -> None:

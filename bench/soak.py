@@ -29,6 +29,7 @@ from typing import Any
 
 import msgspec
 import nats
+import psutil
 
 from agent.bus import subscribed
 from agent.embedded import NatsServer, stop_process
@@ -47,10 +48,7 @@ IDEMPOTENCY_WINDOW_S = 5.0
 
 
 def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for {pid}")
+    return float(psutil.Process(pid).memory_info().rss) / (1024 * 1024)
 
 
 def domain_entries(http: str) -> dict[str, float]:

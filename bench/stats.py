@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import statistics
+
 
 def median(values: list[float]) -> float:
-    return sorted(values)[len(values) // 2]
+    """The median (of an even count: the mean of the middle two)."""
+    return float(statistics.median(values))
 
 
 def pct(values: list[float], q: float) -> float:
+    """The nearest-rank percentile: the smallest value at or above a fraction `q` of them."""
     s = sorted(values)
     return s[min(len(s) - 1, int(q * len(s)))]

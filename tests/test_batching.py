@@ -111,14 +111,14 @@ async def test_a_message_lost_inside_a_batch_is_sent_again_and_stored_once(
         if not batching.server_supports(nc):
             pytest.skip("the server has no fast-ingest batches")
         await agent.settled()
-        agent.agent.publisher.lose = {5, 37}
+        agent.agent.publisher.batcher.lose = {5, 37}
         await burst(testdrv, FLIPS // 4)
         await stored_once_in_order(nc, "fi2", FLIPS // 2)
         gaps = agent.agent.metrics.registry.get_sample_value(
             "virt_agent_publish_errors_total", {"kind": "batch_gap"})  # fmt: skip
         assert gaps is not None
         assert gaps >= 1
-        assert agent.agent.publisher.lose == set(), "both losses happened"
+        assert agent.agent.publisher.batcher.lose == set(), "both losses happened"
     finally:
         await nc.close()
 
