@@ -9,6 +9,7 @@ start their servers through the same class, on a random port.
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import re
 import shutil
@@ -17,8 +18,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
+
+import msgspec
+import structlog
 
 from agent.errors import Unavailable
+from agent.settings import LoadedSettings, Settings
 
 READY = "Server is ready"
 PR_SET_PDEATHSIG = 1
@@ -153,3 +159,54 @@ def _die_with_parent() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     if os.getppid() == 1:  # the parent already died between fork and here
         os._exit(1)
+
+
+EMBEDDED_LIBVIRT_URI = "test:///default"
+
+
+def start_embedded(loaded: LoadedSettings) -> tuple[Settings, NatsServer | None]:
+    """Bundled nats-server in the state directory, test driver unless a URI was given."""
+    s = loaded.settings
+    lv = s.libvirt
+    if not loaded.explicit("libvirt.uri"):
+        lv = msgspec.structs.replace(lv, uri=EMBEDDED_LIBVIRT_URI)
+    server = None
+    nats_settings = s.nats
+    if not loaded.explicit("nats.urls"):
+        store = Path(s.state_dir) / "nats"
+        leaf = leaf_config(s, store) if s.nats.leaf_remotes else None
+        server = NatsServer(store, port=s.nats.embedded_port, die_with_parent=True,
+                            config_file=leaf)  # fmt: skip
+        # This process holds the state directory: a server on its store is a stale one.
+        stale = server.stop_stale()
+        if stale is not None:
+            structlog.get_logger("agent.embedded").warning(
+                "stale bundled nats-server of this state directory stopped", pid=stale
+            )
+        server.start()
+        nats_settings = msgspec.structs.replace(s.nats, urls=[server.url])
+    s = msgspec.structs.replace(s, libvirt=lv, nats=nats_settings)
+    url = nats_settings.urls[0]
+    where = f"JetStream data in {s.state_dir}/nats" if server else "configured, not embedded"
+    print(
+        f"virt-agent (embedded): NATS {url} ({where}), libvirt {lv.uri}, host id {s.host_id}\n"
+        f"  watch the events:   virt-agent events --nats-url {url}\n"
+        f"  stored events:      stream VIRT_EVENTS, subjects {s.subject_prefix}.*.event.> "
+        f"and {s.subject_prefix}.*.host.>",
+        flush=True,
+    )
+    return s, server
+
+
+def leaf_config(s: Settings, store: Path) -> Path:
+    """The bundled server as a leaf node of the hub: this host's id as its server name and
+    JetStream domain (the hub's streams source from `$JS.<host>.API`)."""
+    remote: dict[str, Any] = {"urls": s.nats.leaf_remotes}
+    if s.nats.leaf_creds_file:
+        remote["credentials"] = s.nats.leaf_creds_file
+    conf = {"server_name": s.host_id, "jetstream": {"domain": s.host_id},
+            "leafnodes": {"remotes": [remote]}}  # fmt: skip
+    store.mkdir(parents=True, exist_ok=True)
+    path = store / "leaf.conf"
+    path.write_text(json.dumps(conf, indent=2) + "\n")  # nats-server reads JSON as well
+    return path

@@ -348,16 +348,19 @@ class LoadedSettings(Struct, frozen=True):
 
 
 # Command-line flags of `virt-agent run`, by the setting they override.
+# The settings the agent's own commands (`run`, `check-config`, `health`) take as flags:
+# key -> (flag, help). agent/cli/base.py builds the options from this table.
 FLAGS = {
-    "libvirt.uri": "--libvirt-uri",
-    "nats.urls": "--nats-url",
-    "host_id": "--host-id",
-    "state_dir": "--state-dir",
-    "http.listen": "--http-addr",
-    "log.level": "--log-level",
-    "log.format": "--log-format",
-    "embedded": "--embedded",
-}
+    "libvirt.uri": ("--libvirt-uri", "libvirt connection URI"),
+    "nats.urls": ("--nats-url", "NATS server URL (repeatable)"),
+    "host_id": ("--host-id", "this host's id: one subject token"),
+    "state_dir": ("--state-dir", "directory for the agent's state"),
+    "http.listen": ("--http-addr", "host:port for health and metrics ('' disables)"),
+    "log.level": ("--log-level", "debug, info, warning, error"),
+    "log.format": ("--log-format", "auto, json or console"),
+    "embedded": ("--embedded", "start a bundled nats-server; use test:///default unless a "
+                 "libvirt URI is given"),
+}  # fmt: skip
 
 
 def _from_file(path: Path, tree: dict[str, Any], sources: dict[str, str]) -> None:
@@ -408,7 +411,7 @@ def _from_flags(
         if key not in LEAVES:
             raise SettingsError(key, value, "unknown setting", "command line")
         _set(tree, key, value)
-        sources[key] = FLAGS.get(key, "--" + key.replace(".", "-").replace("_", "-"))
+        sources[key] = FLAGS[key][0] if key in FLAGS else "--" + key.replace(".", "-")
 
 
 def _convert(tree: dict[str, Any], sources: Mapping[str, str]) -> Settings:
