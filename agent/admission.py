@@ -24,8 +24,8 @@ import structlog
 from agent.errors import Conflict, Forbidden, Unavailable
 from agent.events import DomainEvent, Lifecycle
 from agent.hypervisor import HostLoad, Hypervisor
+from agent.journal import Admission, Journal, Reservation
 from agent.metrics import Metrics
-from agent.operations import Admission, Journal, Reservation
 from agent.pool import check_lease
 from agent.registry import Capacity
 from agent.settings import FailoverSettings

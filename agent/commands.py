@@ -33,7 +33,7 @@ from agent.errors import (
     Timeout,
     Unavailable,
 )
-from agent.operations import Journal
+from agent.journal import Journal
 from agent.settings import CommandSettings
 from handlers import CALLER, Context, Verb
 

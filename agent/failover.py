@@ -35,8 +35,8 @@ from agent.backoff import Backoff
 from agent.devices import device_element, plug, qemu_has_device
 from agent.errors import AgentError, NotFound, Unsupported
 from agent.hypervisor import Hypervisor
+from agent.journal import Reservation
 from agent.metrics import Metrics
-from agent.operations import Reservation
 from agent.pool import Pool
 from agent.settings import FailoverSettings
 

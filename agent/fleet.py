@@ -22,7 +22,8 @@ from agent.admission import Admissions
 from agent.envelope import Heartbeat
 from agent.errors import AgentError
 from agent.failover import Reconciler
-from agent.operations import Journal, OperationManager, Publish
+from agent.journal import Journal
+from agent.operations import OperationManager, Publish
 from agent.peers import Peers
 from agent.pool import Pool
 from agent.publisher import Publisher

@@ -42,9 +42,9 @@ import structlog
 from agent.devices import pci_sources, template_xml
 from agent.errors import AgentError, Conflict, Forbidden, InvalidRequest, NotFound, Unavailable
 from agent.hypervisor import Hypervisor
+from agent.journal import Journal, Reservation
 from agent.metrics import Metrics
 from agent.nicxml import names_vf, network_of, parse, pci_address
-from agent.operations import Journal, Reservation
 from agent.settings import DeviceSettings, FailoverSettings
 
 log = structlog.get_logger("agent.pool")

@@ -20,8 +20,8 @@ from typing import Any
 import libvirt
 
 from agent.hypervisor import Hypervisor
+from agent.journal import Journal
 from agent.metrics import Metrics
-from agent.operations import Journal
 from agent.pool import Pool
 from agent.settings import DeviceSettings, FailoverSettings, LibvirtSettings
 from lab.daemon import LibvirtDaemon

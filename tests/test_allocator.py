@@ -264,7 +264,7 @@ def test_managed_is_kept_and_a_plain_hostdev_becomes_an_interface_with_the_stand
     tmp_path: Path,
 ) -> None:
     """libvirt's default for a hostdev is unmanaged; a fleet that binds VFs to vfio-pci itself must not have them rebound: `managed` is what was recorded. A plain `<hostdev>` primary has no MAC: it is plugged as an `<interface type='hostdev'>` with the standby's MAC, or the guest never pairs it."""
-    from agent.operations import Journal  # noqa: PLC0415
+    from agent.journal import Journal  # noqa: PLC0415
     from agent.pool import Pool  # noqa: PLC0415
     from agent.settings import DeviceSettings, FailoverSettings  # noqa: PLC0415
 
@@ -279,7 +279,7 @@ def test_managed_is_kept_and_a_plain_hostdev_becomes_an_interface_with_the_stand
 
 def test_a_network_port_becoming_a_vf_keeps_what_its_network_gave_it(tmp_path: Path) -> None:
     """A hostdev-network primary plugged on the destination as a VF by address (a `pci` pool) keeps the VLAN, port profile and `managed` its network gave it on the source (seen only in the live XML); `<mtu>`, legal on `type='network'`, is refused by libvirt on `type='hostdev'` and left out."""
-    from agent.operations import Journal  # noqa: PLC0415
+    from agent.journal import Journal  # noqa: PLC0415
     from agent.pool import Pool  # noqa: PLC0415
     from agent.settings import DeviceSettings, FailoverSettings  # noqa: PLC0415
     from handlers.failover.plan import network_carry  # noqa: PLC0415

@@ -178,7 +178,7 @@ async def test_recovery_does_not_give_up_while_libvirt_still_migrates_the_domain
 ) -> None:
     """The agent died during `migrate`; after its restart libvirtd still runs the migration job (here for 3 s, past the 1 s replug window). Recovery must wait for the job's outcome, not give up and report a failure while the domain may still land on the destination; once the job ends with the domain here, the operation ends `rolled_back`. libvirt's test driver has no jobs: jobInfo is answered by a stand-in for this domain only."""
     from agent.envelope import Operation  # noqa: PLC0415
-    from agent.operations import Journal  # noqa: PLC0415
+    from agent.journal import Journal  # noqa: PLC0415
 
     dom = running_pair(testdrv, "t-stilljob")
     u = dom.UUIDString()

@@ -24,8 +24,8 @@ from agent.envelope import Subjects
 from agent.errors import Forbidden, InvalidRequest, NotFound, Unavailable, Unsupported
 from agent.failover import NS, Record, record_from_xml, record_to_xml
 from agent.hypervisor import Hypervisor
+from agent.journal import Journal
 from agent.metrics import Metrics
-from agent.operations import Journal
 from agent.pool import Pool
 from agent.registry import Registration
 from agent.settings import DeviceSettings, FailoverSettings, LibvirtSettings, load

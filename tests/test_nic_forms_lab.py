@@ -16,8 +16,8 @@ import pytest
 
 from agent.devices import device_xml
 from agent.errors import Forbidden
+from agent.journal import Journal
 from agent.nicxml import names_vf
-from agent.operations import Journal
 from agent.pool import Pool
 from agent.settings import DeviceSettings, FailoverSettings
 from tests import nic_forms

@@ -16,7 +16,7 @@ from agent import crashpoints
 from agent.devices import device_element
 from agent.errors import Forbidden, InvalidRequest
 from agent.failover import Settled, read_record
-from agent.operations import Reservation
+from agent.journal import Reservation
 from agent.peers import (
     AdmitReply,
     AdmitRequest,
