@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import SettingsError, redact
-from agent.settings import NatsSettings, Settings, load
+from agent.settings import NatsSettings, Settings
+from agent.settings_load import load
 
 EXIT = {"settings": 2, "state_dir": 3, "libvirt": 4, "nats": 5, "http": 6, "streams": 7}
 

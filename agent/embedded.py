@@ -24,7 +24,8 @@ import msgspec
 import structlog
 
 from agent.errors import Unavailable
-from agent.settings import LoadedSettings, Settings
+from agent.settings import Settings
+from agent.settings_load import LoadedSettings
 
 READY = "Server is ready"
 PR_SET_PDEATHSIG = 1

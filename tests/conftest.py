@@ -25,7 +25,8 @@ from nats.aio.msg import Msg
 from agent.bus import subscribed
 from agent.embedded import NatsServer
 from agent.registry import Registration
-from agent.settings import Settings, load
+from agent.settings import Settings
+from agent.settings_load import load
 from agent.streams import read_stream
 from agent.supervisor import Agent
 from lab.agents import agent_env

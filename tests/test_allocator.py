@@ -112,7 +112,7 @@ def test_a_template_libvirt_would_refuse_is_refused_at_load(
     tmp_path: Path, template: str, why: str
 ) -> None:
     from agent.errors import SettingsError  # noqa: PLC0415
-    from agent.settings import load  # noqa: PLC0415
+    from agent.settings_load import load  # noqa: PLC0415
 
     tpl = tmp_path / "t.xml"
     tpl.write_text(template)

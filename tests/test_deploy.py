@@ -11,7 +11,7 @@ from typing import Any
 import kubernetes_validate
 import yaml
 
-from agent.settings import load
+from agent.settings_load import load
 from tests.conftest import ROOT
 
 MANIFEST = ROOT / "deploy" / "kubernetes" / "virt-agent.yaml"

@@ -28,7 +28,8 @@ from agent.journal import Journal
 from agent.metrics import Metrics
 from agent.pool import Pool
 from agent.registry import Registration
-from agent.settings import DeviceSettings, FailoverSettings, LibvirtSettings, load
+from agent.settings import DeviceSettings, FailoverSettings, LibvirtSettings
+from agent.settings_load import load
 from handlers import HostContext
 from handlers.failover import find_pair
 from handlers.failover.plan import FailoverRequest, make_plan

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from agent.errors import SettingsError
-from agent.settings import host_id_from_hostname, load
+from agent.settings import host_id_from_hostname
+from agent.settings_load import load
 from tests.conftest import ROOT, AgentProcess
 
 

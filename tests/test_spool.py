@@ -17,7 +17,7 @@ import agent.spool
 from agent.envelope import LibvirtDisconnected, Subjects
 from agent.metrics import Metrics
 from agent.publisher import Publisher
-from agent.settings import load
+from agent.settings_load import load
 from agent.spool import Record, Spool
 
 

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from agent.settings import FLAGS, TOKEN_RE, load
+from agent.settings import TOKEN_RE
+from agent.settings_load import FLAGS, load
 
 if TYPE_CHECKING:
     from agent.bus import BusTarget
@@ -87,7 +88,7 @@ SPECIAL: dict[str, dict[str, Any]] = {
 
 
 def settings_args(p: argparse.ArgumentParser) -> None:
-    """The flags that override settings (agent.settings.FLAGS), for `run`, `check-config`
+    """The flags that override settings (agent.settings_load.FLAGS), for `run`, `check-config`
     and `health`; each flag's value lands under its setting's key."""
     p.add_argument("--config", help="TOML settings file (default: $VIRT_AGENT_CONFIG)")
     for key, (flag, text) in FLAGS.items():
@@ -150,5 +151,5 @@ def parse_call_args(args: list[str]) -> dict[str, Any]:
 
 
 def settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """Settings given as flags, keyed by setting (see agent.settings.FLAGS)."""
+    """Settings given as flags, keyed by setting (see agent.settings_load.FLAGS)."""
     return {key: getattr(args, key) for key in FLAGS}

@@ -19,7 +19,8 @@ from agent import logging as agent_logging
 from agent import statedir
 from agent.embedded import NatsServer, start_embedded
 from agent.errors import AgentError, SettingsError
-from agent.settings import Settings, load
+from agent.settings import Settings
+from agent.settings_load import load
 
 if TYPE_CHECKING:
     pass
