@@ -45,6 +45,7 @@ check: install
 	$(BIN)/ruff format --check agent handlers lab tests bench
 	$(BIN)/ruff check agent handlers lab tests bench
 	$(BIN)/mypy
+	$(BIN)/python -m tests.import_cycles agent handlers
 
 bench: install
 	$(BIN)/python -m bench.run

@@ -29,7 +29,7 @@ import asyncio
 import secrets
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 import structlog
@@ -40,7 +40,38 @@ from nats.errors import Error as NatsError
 from agent.outgoing import Outgoing
 
 if TYPE_CHECKING:
-    from agent.publisher import Publisher
+    from collections.abc import Sized
+
+    from agent.envelope import Subjects
+    from agent.metrics import Metrics
+    from agent.settings import PublisherSettings
+
+
+class HasBatched(Protocol):
+    batched: bool  # the events stream takes batches (agent/streams.py)
+
+
+class Sender(Protocol):
+    """What the batches need of the publisher (agent/publisher.py): its messages in flight,
+    its queue's length, its publish, and how it settles, refuses and re-sends a message."""
+
+    settings: PublisherSettings
+    subjects: Subjects
+    metrics: Metrics
+    _inflight: dict[str, Outgoing]
+    _nc: NATS | None
+    _inbox: str
+
+    @property
+    def _queue(self) -> Sized: ...
+    @property
+    def _streams(self) -> HasBatched | None: ...
+
+    async def _publish(self, nc: NATS, token: str, out: Outgoing, reply: str) -> None: ...
+    def _settle(self, tokens: list[str]) -> None: ...
+    def _rejected(self, token: str, out: Outgoing, reason: str) -> None: ...
+    def _unbound(self, token: str, out: Outgoing) -> None: ...
+
 
 log = structlog.get_logger("agent.batching")
 
@@ -141,7 +172,7 @@ class Batcher:
     their acknowledgement and refusal; this decides which go in a batch, and reads what the
     server says of a batch)."""
 
-    def __init__(self, pub: Publisher) -> None:
+    def __init__(self, pub: Sender) -> None:
         self.pub = pub
         self.open: Batch | None = None
         self.batches: dict[str, Batch] = {}  # not yet settled, by id

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Protocol
 
 import msgspec
 import structlog
@@ -33,8 +34,14 @@ from agent.events import DomainSnapshot
 from agent.kv import keys, open_kv, put_prefix
 from agent.metrics import Metrics
 
-if TYPE_CHECKING:
-    from agent.inference import StateTracker
+
+class Known(Protocol):
+    """What is known of the domains (agent/inference.py's StateTracker): their last state,
+    and who is told of a change (a uuid; None: a whole snapshot)."""
+
+    known: dict[str, DomainSnapshot]
+    watchers: list[Callable[[str | None], None]]
+
 
 log = structlog.get_logger("agent.current_state")
 
@@ -133,7 +140,7 @@ def delete_headers(ttl: bool) -> dict[str, str]:
 
 
 class CurrentState:
-    def __init__(self, host: str, tracker: StateTracker, metrics: Metrics, replicas: int,
+    def __init__(self, host: str, tracker: Known, metrics: Metrics, replicas: int,
                  domain: str = "") -> None:  # fmt: skip
         self.host = host
         self.tracker = tracker

@@ -14,7 +14,7 @@ import enum
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import libvirt
 import structlog
@@ -41,9 +41,6 @@ from agent.events import (
 )
 from agent.metrics import Metrics
 from agent.settings import LibvirtSettings
-
-if TYPE_CHECKING:
-    from agent.capabilities import Capabilities
 
 log = structlog.get_logger("agent.hypervisor")
 T = TypeVar("T")
@@ -111,8 +108,6 @@ class Hypervisor:
         self._callback_ids: list[int] = []
         self._closed = asyncio.Event()
         self.close_reason = ""
-        # What this libvirt offers, probed once per connection (agent/capabilities.py).
-        self.capabilities: Capabilities | None = None
         self._executor = ThreadPoolExecutor(
             max_workers=settings.executor_workers, thread_name_prefix="libvirt"
         )

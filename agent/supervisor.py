@@ -4,14 +4,20 @@ Start: HTTP, `agent_started`, libvirt (retried with back-off; its events are spo
 NATS is there) with `libvirt_connected` and a `resync` snapshot; NATS, then JetStream (asked
 again while it does not answer); then what acts beside other hosts (agent/fleet.py: registry,
 journal, peers, reconciler - the handlers' Context), the publisher and the commands; ready once
-commands are heard and the host is registered. Stop: agent/lifecycle.py's ordered, bounded
-shutdown.
+commands are heard and the host is registered.
+
+Stop (SIGTERM/SIGINT or `request_stop`), ordered and bounded: stop taking commands, stop what
+publishes on its own and end running operations, let libvirt deliver what it holds and
+deregister the callbacks, queue `agent_stopping` last, flush the queue and every outstanding
+ack (steps 0-4), then withdraw the registration, drain NATS, close libvirt and HTTP, keep what
+only memory holds in the spool (steps 5-7, always) - all within `agent.shutdown_grace_s`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import os
 import time
 import uuid
@@ -19,8 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+from nats.errors import Error as NatsError
 
-from agent import __version__, lifecycle, statedir
+from agent import __version__, statedir
 from agent.backoff import Backoff, until_done
 from agent.bus import JETSTREAM_UNANSWERED, Bus
 from agent.commands import CommandService
@@ -28,6 +35,7 @@ from agent.current_state import CurrentState
 from agent.deadletter import DeadLetters
 from agent.envelope import (
     AgentStarted,
+    AgentStopping,
     Subjects,
 )
 from agent.errors import AgentError, Unavailable
@@ -35,9 +43,8 @@ from agent.fleet import Fleet, open_jetstream
 from agent.http import HttpServer
 from agent.hypervisor import Hypervisor
 from agent.inference import Resyncs
-from agent.lifecycle import AgentState
 from agent.metrics import Metrics, measure_loop_lag
-from agent.operations import cancel_for_sure
+from agent.operations import OperationManager, cancel_and_wait, cancel_for_sure
 from agent.publisher import Publisher
 from agent.settings import Settings
 from agent.spool import Spool
@@ -45,6 +52,19 @@ from agent.streams import Streams
 from handlers import HostContext, all_verbs
 
 log = structlog.get_logger("agent.supervisor")
+
+# Tasks that publish without being asked; stopped first at shutdown.
+SELF_PUBLISHING = frozenset({"heartbeat", "overflow-resync", "libvirt-watch", "failover-reconcile"})
+
+# Of shutdown_grace_s, kept for withdrawing the registration and draining NATS.
+CLOSE_RESERVE_S = 3.0
+
+
+class AgentState(enum.Enum):
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
 
 
 class Agent:
@@ -147,7 +167,7 @@ class Agent:
             try:
                 await self._run()
             finally:
-                await lifecycle.close(self)
+                await self._close()
 
     async def _run(self) -> None:
         log.info("agent starting", version=__version__, libvirt_uri=self.settings.libvirt.uri)
@@ -216,7 +236,7 @@ class Agent:
                 self.ready.set()
                 log.info("agent running", event_types=len(self.hypervisor.registered))
                 await self._stop.wait()
-            await lifecycle.shutdown(self, tasks, commands, operations)
+            await self._shutdown(tasks, commands, operations)
             await cancel_for_sure(tasks)
 
     # ------------------------------------------------------------ long-lived tasks
@@ -240,3 +260,85 @@ class Agent:
 
     async def resync(self, reason: str) -> None:
         await self.resyncs.resync(reason)
+
+    # ------------------------------------------------------------ the ordered, bounded stop
+
+    async def _shutdown(
+        self, tasks: list[asyncio.Task[Any]], commands: CommandService,
+        operations: OperationManager,
+    ) -> None:  # fmt: skip
+        """Steps 0-4 of the ordered shutdown, within the grace less the closing reserve."""
+        self.state = AgentState.STOPPING
+        # 0. Stop taking commands: new ones are answered `unavailable`.
+        commands.stop_accepting()
+        grace = self.settings.agent.shutdown_grace_s
+        self.stop_deadline = time.monotonic() + grace
+        # Steps 1-4 end early enough to leave the closing steps (5-7) their share of the grace.
+        deadline = self.stop_deadline - min(CLOSE_RESERVE_S, grace / 4)
+        # 1. Nothing else publishes on its own any more (heartbeat, resyncs, reconcile), and
+        #    running operations end - cancelled: a migration is aborted and rolled back, with
+        #    libvirt's events still flowing - so their final states go out before
+        #    agent_stopping. One still rolling back when the time is up is finished by the
+        #    next start (recovery).
+        await cancel_and_wait([t for t in tasks if t.get_name() in SELF_PUBLISHING], 1.0)
+        await operations.stop(max(0.1, (deadline - time.monotonic()) / 2))
+        # 2. Let libvirt dispatch what it already holds (its queue, the socket) until the
+        #    callbacks go quiet, then deregister: every event delivered is queued, none after.
+        await self._quiesce(min(1.0, grace / 4))
+        self.hypervisor.stop_events()
+        # 3. The last word of this boot, after every event.
+        self.publisher.submit_host_event(
+            AgentStopping(
+                host=self.host,
+                boot_id=self.boot_id,
+                reason=self.stop_reason or "requested",
+                counters=self.publisher.counters(),
+            )
+        )
+        # 4. Everything queued reaches JetStream and is acknowledged.
+        flushed = await self.publisher.flush(max(0.1, deadline - time.monotonic() - 1.0))
+        log.info(
+            "agent stopping",
+            reason=self.stop_reason,
+            flushed=flushed,
+            published=self.publisher.published,
+            received=self.publisher.received,
+            dropped=self.publisher.dropped,
+        )
+
+    async def _quiesce(self, limit: float, quiet: float = 0.05) -> None:
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            before = self.publisher.received
+            await asyncio.sleep(quiet)
+            if self.publisher.received == before:
+                return
+
+    async def _close(self) -> None:
+        """Steps 5-7: what always runs last, after an ordered shutdown or a failure."""
+        # What is left of the grace (all of the reserve when no ordered shutdown ran before).
+        end = self.stop_deadline or time.monotonic() + CLOSE_RESERVE_S
+        if self.fleet is not None:
+            with contextlib.suppress(NatsError, TimeoutError):
+                await asyncio.wait_for(
+                    self.fleet.registry.withdraw(self.host), max(0.1, (end - time.monotonic()) / 3)
+                )
+        # 5. Drain NATS, 6. close libvirt, 7. stop HTTP. Each step runs even if one before failed.
+        try:
+            await self.bus.drain(timeout=max(0.2, end - time.monotonic() - 0.2))
+        finally:
+            try:
+                await self.hypervisor.close()
+            finally:
+                if self.http is not None:
+                    await self.http.stop()
+                if self.spool is not None:
+                    # After a clean flush nothing is left; after a task failed (no ordered
+                    # shutdown) what only memory holds goes to the spool for the next start.
+                    self.publisher.spill()
+                    self.spool.close()
+                if self.fleet is not None:
+                    self.fleet.journal.close()
+                statedir.unlock(self.state_lock)
+                self.state = AgentState.STOPPED
+                log.info("agent stopped")

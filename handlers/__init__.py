@@ -26,6 +26,11 @@ from agent.registry import Registry
 from agent.settings import DeviceSettings, FailoverSettings
 
 
+@dataclass
+class Probed:
+    capabilities: Capabilities | None = None
+
+
 @dataclass(kw_only=True)
 class HostContext:
     """What a handler that acts on this host alone uses: identity, libvirt through the
@@ -43,11 +48,14 @@ class HostContext:
     domain_locks: DomainLocks = field(default_factory=DomainLocks)
     devices: DeviceSettings = field(default_factory=DeviceSettings)
     failover: FailoverSettings = field(default_factory=FailoverSettings)
+    # What this libvirt offers, probed once per connection: one holder, which every Context
+    # built from this one shares.
+    probed: Probed = field(default_factory=Probed)
 
     @property
     def capabilities(self) -> Capabilities | None:
         """Probed once per libvirt connection (agent/capabilities.py)."""
-        return self.hypervisor.capabilities
+        return self.probed.capabilities
 
     def lock(self, domain_uuid: str) -> contextlib.AbstractAsyncContextManager[None]:
         return self.domain_locks.hold(domain_uuid)
@@ -60,7 +68,7 @@ class HostContext:
         return conn
 
     async def probe_capabilities(self) -> Capabilities:
-        caps = self.hypervisor.capabilities = await probe(self.hypervisor)
+        caps = self.probed.capabilities = await probe(self.hypervisor)
         return caps
 
 

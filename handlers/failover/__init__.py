@@ -17,8 +17,9 @@ An operation interrupted by the agent's death is adopted after restart (`recover
 
 Destination agent: `failover.reserve`, `failover.release`, `failover.replug`.
 
-The package: plan.py (find the pair, choose the mode), source.py (the operation, its
-rollback and its recovery after a restart), destination.py (the verbs a source calls).
+The package: plan.py (find the pair, choose the mode), steps.py (its typed journal),
+source.py (the operation and its rollback), recovery.py (after the source's agent restarted),
+destination.py (the verbs a source calls).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from agent.peers import AdmitRequest, ReleaseRequest, ReplugRequest, ReserveRequ
 from handlers import Verb
 from handlers.failover.destination import admit, release, replug, reserve
 from handlers.failover.plan import FailoverRequest, find_pair
-from handlers.failover.source import migrate_with_failover, recovery
+from handlers.failover.recovery import recovery
+from handlers.failover.source import migrate_with_failover
 
 __all__ = ["VERBS", "find_pair"]
 
