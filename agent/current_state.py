@@ -24,14 +24,14 @@ import structlog
 from nats.aio.client import Client as NATS
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
-from nats.js.api import DiscardPolicy, StorageType, StreamConfig
+from nats.js.api import StreamConfig
 from nats.js.errors import KeyDeletedError, KeyNotFoundError, NoStreamResponseError, NotFoundError
 from nats.js.kv import KeyValue
 
 from agent.backoff import Backoff
 from agent.envelope import rfc3339
 from agent.events import DomainSnapshot
-from agent.kv import keys, open_kv, put_prefix
+from agent.kv import bucket_stream, keys, open_kv, put_prefix
 from agent.metrics import Metrics
 
 
@@ -71,22 +71,10 @@ _decoder = msgspec.json.Decoder(DomainState)
 
 
 def bucket_config(replicas: int) -> StreamConfig:
-    """History 1, no expiry (a host's keys go with `virt-agent forget`), and, as for
-    virt_hosts, nothing that lets one writer erase others' keys (no rollup, no purge)."""
-    return StreamConfig(
-        name=STREAM,
-        description="virt-agent current domain states (contract v1.2)",
-        subjects=[f"$KV.{BUCKET}.>"],
-        max_msgs_per_subject=1,
-        storage=StorageType.FILE,
-        num_replicas=replicas,
-        discard=DiscardPolicy.NEW,
-        allow_direct=True,
-        allow_rollup_hdrs=False,
-        deny_delete=True,
-        deny_purge=True,
-        allow_msg_ttl=True,
-    )
+    """No expiry (a host's keys go with `virt-agent forget`); delete markers may carry a TTL;
+    as for virt_hosts, nothing lets one writer erase others' keys (agent/kv.py)."""
+    return bucket_stream(BUCKET, "virt-agent current domain states (contract v1.2)", replicas,
+                         allow_msg_ttl=True)  # fmt: skip
 
 
 def decode(key: str, data: bytes) -> DomainState | None:

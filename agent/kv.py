@@ -4,9 +4,11 @@ from the stream's subject counts."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
-from nats.js.api import StreamConfig
+from nats.js.api import DiscardPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError, NotFoundError
 from nats.js.kv import KeyValue
 
@@ -29,6 +31,18 @@ async def open_kv(nc: NATS, config: StreamConfig, bucket: str, domain: str = "")
     # (and say so) when someone made the stream otherwise.
     return KeyValue(name=bucket, stream=f"KV_{bucket}", pre=f"$KV.{bucket}.", js=js,
                     direct=bool(info.config.allow_direct))  # fmt: skip
+
+
+def bucket_stream(bucket: str, description: str, replicas: int, **more: Any) -> StreamConfig:
+    """A bucket's stream as the fleet makes it: a key-value bucket of history 1, without what
+    lets one writer erase others' keys - no rollup headers (`Nats-Rollup: all` on one key
+    wipes every key), no purge, no message deletes."""
+    return StreamConfig(
+        name=f"KV_{bucket}", description=description, subjects=[f"$KV.{bucket}.>"],
+        max_msgs_per_subject=1, storage=StorageType.FILE, num_replicas=replicas,
+        discard=DiscardPolicy.NEW, allow_direct=True, allow_rollup_hdrs=False,
+        deny_delete=True, deny_purge=True, **more,
+    )  # fmt: skip
 
 
 def put_prefix(bucket: str, domain: str = "") -> str:

@@ -14,7 +14,7 @@ import msgspec
 import structlog
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
-from nats.js.api import DiscardPolicy, StorageType, StreamConfig
+from nats.js.api import StreamConfig
 from nats.js.errors import (
     APIError,
     KeyNotFoundError,
@@ -25,7 +25,7 @@ from nats.js.kv import KeyValue
 
 from agent.capabilities import Capabilities
 from agent.errors import NotFound
-from agent.kv import keys, open_kv, put_prefix
+from agent.kv import bucket_stream, keys, open_kv, put_prefix
 from agent.settings import LibvirtSettings
 
 log = structlog.get_logger("agent.registry")
@@ -112,24 +112,10 @@ class UriPolicy:
 
 
 def bucket_config(ttl_s: float, replicas: int) -> StreamConfig:
-    """The bucket's stream as a key-value bucket of history 1, without what lets one writer
-    erase others' keys: no rollup headers (`Nats-Rollup: all` on one key wipes every key)
-    and no purge."""
-    return StreamConfig(
-        name=STREAM,
-        description="virt-agent host registrations (contract v1)",
-        subjects=[f"$KV.{BUCKET}.>"],
-        max_msgs_per_subject=1,
-        max_age=ttl_s,
-        storage=StorageType.FILE,
-        num_replicas=replicas,
-        discard=DiscardPolicy.NEW,
-        allow_direct=True,
-        allow_rollup_hdrs=False,
-        deny_delete=True,
-        deny_purge=True,
-        duplicate_window=min(120.0, ttl_s),
-    )
+    """Entries expire `ttl_s` after their last write (agent/kv.py: nothing lets one host erase
+    another's)."""
+    return bucket_stream(BUCKET, "virt-agent host registrations (contract v1)", replicas,
+                         max_age=ttl_s, duplicate_window=min(120.0, ttl_s))  # fmt: skip
 
 
 async def open_bucket(nc: NATS, ttl_s: float, replicas: int, domain: str = "") -> KeyValue:

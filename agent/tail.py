@@ -180,6 +180,8 @@ async def tail(
             done.set()
 
     async def on_msg(msg: Msg) -> None:
+        if not msg.data and msg.subject.endswith(".host.batch_commit"):
+            return  # the end of a fast-ingest batch: never stored, no event (agent/batching.py)
         try:
             event = msgspec.json.decode(msg.data)
         except msgspec.DecodeError:

@@ -112,6 +112,21 @@ async def round_(uri: str, n: int, sub: Subscriber) -> tuple[dict[str, Any], dic
     return bare, agent
 
 
+async def latency_baseline(
+    nc: nats.NATS, server: NatsServer, role: str, subject: str, count: int
+) -> Subscriber:
+    """bench/eventgen.py's `role` publishing `count` stamped messages at 1,000/s to `subject`,
+    received here."""
+    sub = Subscriber()
+    await nc.subscribe(subject, cb=sub.on_plain)
+    await subscribed(nc)
+    pub = helper(role, server.url, str(count), subject, "1000")
+    go(pub)
+    await asyncio.to_thread(result, pub)
+    await sub.wait(count, 30)
+    return sub
+
+
 async def event_bridge(
     daemon: LibvirtDaemon, server: NatsServer, work: Path, total: int, rounds: int = 5
 ) -> dict[str, Any]:
@@ -164,24 +179,11 @@ async def event_bridge(
         agent.terminate()
         agent.wait(30)
 
-    # Latency baseline: plain NATS publish -> the same subscriber, same rate.
-    plain = Subscriber()
-    await nc.subscribe("bench.plain", cb=plain.on_plain)
-    await subscribed(nc)
-    pub = helper("natspub", server.url, str(paced), "bench.plain", "1000")
-    go(pub)
-    await asyncio.to_thread(result, pub)
-    await plain.wait(paced, 30)
-
-    # And a JetStream publisher's, each publish awaited: what the agent's p99 is held to.
+    # Latency baselines, same subscriber, same rate: plain NATS publishes, and a JetStream
+    # publisher's, each publish awaited (what the agent's p99 is held to).
+    plain = await latency_baseline(nc, server, "natspub", "bench.plain", paced)
     await nc.jetstream().add_stream(StreamConfig(name="BENCH_JS", subjects=["bench.js"]))
-    jsb = Subscriber()
-    await nc.subscribe("bench.js", cb=jsb.on_plain)
-    await subscribed(nc)
-    pub = helper("jspub", server.url, str(paced), "bench.js", "1000")
-    go(pub)
-    await asyncio.to_thread(result, pub)
-    await jsb.wait(paced, 30)
+    jsb = await latency_baseline(nc, server, "jspub", "bench.js", paced)
     await nc.close()
 
     bare_rate = median([r["events_per_s"] for r in bare])

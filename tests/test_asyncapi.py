@@ -16,7 +16,7 @@ from referencing.jsonschema import DRAFT202012
 from agent.asyncapi import build
 from agent.envelope import FINAL
 from tests.conftest import ROOT, Collector, RunningAgent, call
-from tests.test_events import define
+from tests.support.domains import define
 
 DOC = ROOT / "docs" / "asyncapi.yaml"
 FINAL_OPERATION_TYPES = {f"virt.operation.{state}" for state in FINAL}

@@ -27,7 +27,7 @@ from agent.batching import Batch
 from agent.embedded import NatsServer
 from lab.daemon import free_port
 from tests.conftest import RunningAgent, stream_messages
-from tests.test_checkconfig import check
+from tests.support.cli import check
 
 Start = Callable[..., Awaitable[RunningAgent]]
 FLIPS = 400  # suspend + resume: 800 lifecycle events

@@ -36,7 +36,7 @@ from tests.conftest import (
     secured_url,
     stream_messages,
 )
-from tests.test_checkconfig import check
+from tests.support.cli import check, cli
 
 
 async def test_a_hosts_credentials_speak_only_for_that_host(
@@ -224,22 +224,6 @@ def test_the_password_never_appears_in_the_agents_output(
 
 def openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-def cli(*args: str, timeout: float = 60, **env: str) -> tuple[int, str]:
-    """`virt-agent <args>` with these environment settings; (exit status, output). A command
-    still running at `timeout` (a tail) is stopped and reported as -1."""
-    try:
-        p = subprocess.run([sys.executable, "-m", "agent", *args], cwd=ROOT, env=agent_env(**env),
-                           capture_output=True, text=True, timeout=timeout, check=False)  # fmt: skip
-    except subprocess.TimeoutExpired as exc:
-        out = exc.stdout or b""
-        err = exc.stderr or b""
-        text = (out.decode() if isinstance(out, bytes) else out) + (
-            err.decode() if isinstance(err, bytes) else err
-        )
-        return -1, text
-    return p.returncode, p.stdout + p.stderr
 
 
 def make_pki(d: Path) -> None:

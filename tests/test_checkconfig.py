@@ -17,13 +17,7 @@ from agent.embedded import NatsServer
 from lab.agents import agent_env
 from lab.daemon import free_port
 from tests.conftest import ROOT, RunningAgent
-
-
-def check(*args: str, **env: str) -> tuple[int, str]:
-    full = agent_env(**env)
-    p = subprocess.run([sys.executable, "-m", "agent", "check-config", *args], cwd=ROOT,
-                       env=full, capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
-    return p.returncode, p.stdout + p.stderr
+from tests.support.cli import check
 
 
 @pytest.fixture

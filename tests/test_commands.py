@@ -29,8 +29,7 @@ from tests.conftest import (
     RunningAgent,
     call,
 )
-from tests.test_daemon_events import Flipper
-from tests.test_events import DOMAIN_XML, define
+from tests.support.domains import DOMAIN_XML, Flipper, define
 
 
 def error_code(reply: dict[str, Any]) -> str:

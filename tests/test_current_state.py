@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import json
 import random
 import signal
@@ -29,7 +28,8 @@ from lab.daemon import LibvirtDaemon, free_port
 from lab.prereqs import LabUnavailable
 from tests.conftest import RunningAgent, connect_as
 from tests.current_view import bucket_view, differences, libvirt_view
-from tests.test_bus_security import cli
+from tests.support.cli import cli
+from tests.support.examples import example as load
 
 ROOT = Path(__file__).resolve().parent.parent
 XML = """<domain type='test'><name>{name}</name><memory>65536</memory><vcpu>1</vcpu>
@@ -183,13 +183,7 @@ async def test_the_docs_example_prints_the_current_state_then_the_changes(
 ) -> None:
     """docs/examples/current_state.py: the values there are, the end-of-current marker, then
     a change made after it started, and a delete when a domain leaves."""
-    spec = importlib.util.spec_from_file_location(
-        "current_state_example", ROOT / "docs" / "examples" / "current_state.py"
-    )
-    assert spec is not None
-    assert spec.loader is not None
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = load("current_state")
     await start_agent(host_id="cs3")
     await equal(nc, "cs3", "test:///default")
     before = len(await bucket_view(nc, "cs3"))

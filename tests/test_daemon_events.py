@@ -20,38 +20,9 @@ from agent.embedded import NatsServer
 from agent.streams import EVENTS_STREAM
 from lab.daemon import LibvirtDaemon
 from tests.conftest import ROOT, AgentProcess, Collector, RunningAgent, stream_messages
-from tests.test_events import define
+from tests.support.domains import Flipper, define
 
 pytestmark = pytest.mark.daemon
-
-
-class Flipper:
-    """Suspend/resume one domain in a thread of its own, on a connection of its own."""
-
-    def __init__(self, uri: str) -> None:
-        self.conn = libvirt.open(uri)
-        self.dom = define(self.conn)
-        self.dom.create()
-        self.count = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.dom.suspend()
-            self.dom.resume()
-            self.count += 2
-
-    def start(self) -> Flipper:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.dom.destroy()
-        self.dom.undefine()
-        self.conn.close()
 
 
 async def wait_for_subject(nc: NATS, subject: str, timeout: float = 20.0) -> dict[str, Any]:

@@ -148,7 +148,7 @@ async def test_the_cli_drains_and_undrains(
 ) -> None:
     """`virt-agent drain HOST --dry-run` prints the plan; `drain --follow` the progress to the
     end (failed: the test driver cannot migrate, exit 1); `undrain` ends the maintenance."""
-    from tests.test_bus_security import cli  # noqa: PLC0415
+    from tests.support.cli import cli  # noqa: PLC0415
 
     await start_agent(host_id="src")
     await destination(start_agent, tmp_path, "dst", 32)

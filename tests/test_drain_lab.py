@@ -17,8 +17,7 @@ import pytest
 
 from agent.devices import device_element
 from tests.conftest import Collector, RunningAgent, call, where
-from tests.test_failover import FINAL, PRIMARY, bond_now, pings_flow
-from tests.test_failover_fleet import template
+from tests.support.guests import FINAL, PRIMARY, bond_now, pings_flow, template
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(900)]
 

@@ -6,7 +6,6 @@ and a resync larger than one message are cheap to make."""
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import os
 import signal
@@ -37,7 +36,8 @@ from tests.conftest import (
     eventually,
     stream_messages,
 )
-from tests.test_daemon_events import Flipper
+from tests.support.domains import Flipper
+from tests.support.examples import example as load
 
 MAX_PAYLOAD = 16 * 1024
 
@@ -516,13 +516,7 @@ async def test_the_readmes_example_consumer_names_an_unexplained_gap_and_nothing
 ) -> None:
     """docs/examples/ordered_consumer.py over a real stream: silent on a whole one; one stored
     event removed, it names exactly that sequence."""
-    spec = importlib.util.spec_from_file_location(
-        "ordered_consumer", ROOT / "docs" / "examples" / "ordered_consumer.py"
-    )
-    assert spec is not None
-    assert spec.loader is not None
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = load("ordered_consumer")
     agent = await start_agent()
     nc = await nats.connect(nats_server.url)
     try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import uuid
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
@@ -16,11 +15,7 @@ from nats.aio.client import Client as NATS
 
 from agent.streams import EVENTS_STREAM
 from tests.conftest import Collector, RunningAgent, stream_messages
-
-DOMAIN_XML = """<domain type='test'>
-  <name>{name}</name><uuid>{uuid}</uuid>
-  <memory>65536</memory><vcpu>1</vcpu><os><type>hvm</type></os>
-</domain>"""
+from tests.support.domains import define
 
 ENVELOPE_KEYS = {
     "specversion",
@@ -33,11 +28,6 @@ ENVELOPE_KEYS = {
     "data",
 }
 TIME_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
-
-
-def define(conn: Any, name: str | None = None) -> Any:
-    name = name or f"t-{uuid.uuid4().hex[:8]}"
-    return conn.defineXML(DOMAIN_XML.format(name=name, uuid=uuid.uuid4()))
 
 
 def lifecycle_of(events: list[dict[str, Any]], dom_uuid: str) -> list[tuple[str, str]]:

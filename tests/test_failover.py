@@ -32,18 +32,11 @@ from tests.conftest import (
     secured_url,
     where,
 )
+from tests.support.guests import PRIMARY, bond_now, final_of, pings_flow, serial_text
 
 pytestmark = pytest.mark.lab
 
-PRIMARY = "ua-primary0"
 STEPS = ["plan", "reserve", "unplug", "migrate", "replug", "verify"]
-FINAL = ("succeeded", "failed", "rolled_back", "cancelled")
-
-
-async def final_of(ops: Collector, timeout: float = 180) -> dict[str, Any]:
-    ev = await ops.wait_for(lambda e: e["data"]["operation"]["state"] in FINAL, timeout)
-    op: dict[str, Any] = ev["data"]["operation"]
-    return op
 
 
 def seconds_between(earlier: str, later: str) -> float:
@@ -52,22 +45,6 @@ def seconds_between(earlier: str, later: str) -> float:
     return (
         parse(later.replace("Z", "+00:00")) - parse(earlier.replace("Z", "+00:00"))
     ).total_seconds()
-
-
-def serial_text(serial: Path, offset: int) -> str:
-    return serial.read_bytes()[offset:].decode(errors="replace")
-
-
-async def bond_now(serial: Path, want: int, timeout: float = 30) -> list[str]:
-    """Wait until the guest's latest bond report has `want` members."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        reports = bond_members(await asyncio.to_thread(serial_text, serial, 0))
-        if reports and len(reports[-1]) == want:
-            return reports[-1]
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"bond never had {want} members; reports {reports}")
-        await asyncio.sleep(0.2)
 
 
 async def test_migrate_with_failover_moves_the_guest_and_plugs_its_primary_on_the_destination(
@@ -177,18 +154,6 @@ async def test_migrate_with_failover_works_under_per_host_credentials(
         assert errors == [], "the controller met no permissions violation"
     finally:
         await controller.close()
-
-
-async def pings_flow(serial: Path, offset: int, run: int = 20, timeout: float = 30) -> None:
-    """The guest's last `run` probes all answered (the bond carries traffic)."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        got = probes(await asyncio.to_thread(serial_text, serial, offset))
-        if len(got) >= run and all(p.ok for p in got[-run:]):
-            return
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"pings do not flow: last {got[-run:]}")
-        await asyncio.sleep(0.5)
 
 
 @pytest.mark.timeout(600)

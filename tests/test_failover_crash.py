@@ -18,7 +18,7 @@ import pytest
 from agent.crashpoints import EXIT_STATUS
 from lab.agents import answering
 from tests.conftest import AgentProcess, Collector, call, where
-from tests.test_failover import bond_now, final_of, pings_flow
+from tests.support.guests import bond_now, final_of, pings_flow
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(300)]
 

@@ -27,17 +27,9 @@ from lab.lab import (
     wait_for_serial,
 )
 from tests.conftest import Collector, RunningAgent, call, where
-from tests.test_failover import FINAL, PRIMARY, bond_now, final_of
+from tests.support.guests import FINAL, PRIMARY, bond_now, final_of, template
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(600)]
-
-
-def template(tmp_path: Path) -> Path:
-    """B's pool: the e1000e with its option ROM off (the recorded primary has it on), so the
-    two can be told apart (a PCIe NIC: the guest's root ports take no conventional PCI one)."""
-    tpl = tmp_path / "vf.xml"
-    tpl.write_text(primary_interface_xml(guest_mac(0), rom=False))
-    return tpl
 
 
 def models(host: Any, uuid: str) -> tuple[str | None, str | None]:

@@ -22,7 +22,7 @@ from handlers.failover import find_pair
 from handlers.failover.steps import PlanStep, ReserveStep, RollbackStep, read_steps
 from tests import nic_forms
 from tests.conftest import RunningAgent, call
-from tests.test_failover_plan import ended, running_pair
+from tests.support.operations import ended, running_pair
 
 Start = Callable[..., Awaitable[RunningAgent]]
 

@@ -35,7 +35,8 @@ from handlers.failover import find_pair
 from handlers.failover.plan import FailoverRequest, make_plan
 from tests import nic_forms
 from tests.conftest import RunningAgent, call
-from tests.test_events import define
+from tests.support.domains import define
+from tests.support.operations import ended, running_pair
 
 TEST_DOMAIN_UUID = "6695eb01-f6a4-8304-79aa-97f2502e193f"  # libvirt's test:///default domain
 
@@ -397,25 +398,6 @@ async def test_a_vf_held_by_any_domain_is_not_handed_out(
             "source": "hv-other", "lease_s": 600}  # fmt: skip
     reserved = await call(nc, agent.host, "failover.reserve", body)
     assert reserved["result"]["resource"] == "pci:0000:3d:02.1", reserved
-
-
-def running_pair(conn: Any, name: str) -> Any:
-    """A running test-driver domain with the lab's stand-in pair: a virtio standby and an
-    e1000e primary of the same MAC."""
-    dom = conn.defineXML(nic_forms.domain_xml(nic_forms.E1000E_PRIMARY, name=name, kind="test"))
-    dom.create()
-    return dom
-
-
-async def ended(nc: NATS, host: str, op_id: str, timeout: float = 30) -> dict[str, Any]:
-    """The operation once it is no longer running (operation.get)."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        got = (await call(nc, host, "operation.get", {"operation_id": op_id}))["result"]
-        if got["state"] != "running":
-            return dict(got)
-        assert asyncio.get_running_loop().time() < deadline, got
-        await asyncio.sleep(0.1)
 
 
 async def test_a_timeout_no_destination_can_lease_for_is_refused_before_anything_happens(

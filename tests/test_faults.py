@@ -25,7 +25,7 @@ from lab.agents import answering
 from lab.daemon import LibvirtDaemon, free_port
 from tests.campaign import restart, start_cluster
 from tests.conftest import AgentProcess, RunningAgent, stream_messages
-from tests.test_daemon_events import Flipper
+from tests.support.domains import Flipper
 
 pytestmark = [pytest.mark.faults, pytest.mark.daemon, pytest.mark.timeout(300)]
 

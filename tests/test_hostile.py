@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -22,14 +21,14 @@ from nats.js.api import StreamConfig
 from agent.bus import subscribed
 from agent.embedded import NatsServer
 from tests.conftest import (
-    ROOT,
     RunningAgent,
     connect_as,
     registration,
     secured_url,
     stream_messages,
 )
-from tests.test_bus_security import cli
+from tests.support.cli import cli
+from tests.support.examples import example
 
 Start = Callable[..., Awaitable[RunningAgent]]
 
@@ -82,7 +81,8 @@ async def test_replies_go_only_to_the_callers_own_inbox(
         assert msgspec.json.decode(out.data)["ok"] is True
         assert (await controller.request("virt.hv01.cmd.ping", b"{}", timeout=10)).data
         await asyncio.sleep(1.5)  # several of hv03's heartbeats
-        assert [s for s in seen if not s.startswith("virt.hv03.host.heartbeat")] == [
+        ignored = ("virt.hv03.host.heartbeat", "virt.hv03.host.batch_commit")
+        assert [s for s in seen if not s.startswith(ignored)] == [
             s for s in seen if s == "$KV.virt_hosts.hv03"
         ]
         assert not hv03.task.done(), "hv03's agent ended"
@@ -355,14 +355,7 @@ async def call_json(nc: Any, host: str, verb: str, body: dict[str, Any] | None =
 
 
 def load_example() -> Any:
-    spec = importlib.util.spec_from_file_location(
-        "ordered_consumer", ROOT / "docs" / "examples" / "ordered_consumer.py"
-    )
-    assert spec is not None
-    assert spec.loader is not None
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
-    return example
+    return example("ordered_consumer")
 
 
 async def test_registry_uris_and_keys_are_not_trusted(
@@ -608,7 +601,7 @@ async def test_a_kill_between_acting_and_recording_never_acts_twice(
 
     from lab.agents import answering  # noqa: PLC0415
     from tests.conftest import call  # noqa: PLC0415
-    from tests.test_events import define  # noqa: PLC0415
+    from tests.support.domains import define  # noqa: PLC0415
 
     host = "idem"
     args = ("--libvirt-uri", test_daemon.test_uri, "--nats-url", nats_server.url,

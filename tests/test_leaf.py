@@ -22,7 +22,7 @@ from agent.streams import read_stream
 from lab.agents import agent_env, answering
 from lab.daemon import LibvirtDaemon, free_port
 from tests.conftest import ROOT, AgentProcess, eventually
-from tests.test_daemon_events import Flipper
+from tests.support.domains import Flipper
 
 pytestmark = [pytest.mark.daemon, pytest.mark.timeout(600)]
 

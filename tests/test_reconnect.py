@@ -13,7 +13,7 @@ import pytest
 from agent.errors import LibvirtFailure
 from lab.daemon import LibvirtDaemon
 from tests.conftest import FAST_RECONNECT, Collector, RunningAgent
-from tests.test_events import define
+from tests.support.domains import define
 
 pytestmark = pytest.mark.daemon
 

@@ -25,7 +25,7 @@ from lab.agents import agent_env, answering
 from lab.daemon import free_port
 from lab.lab import bond_members, wait_for_serial
 from tests.conftest import ROOT, RunningAgent, call, where
-from tests.test_failover import bond_now, serial_text
+from tests.support.guests import bond_now, serial_text
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(900)]
 

@@ -4,9 +4,11 @@ bus target of the operator's tools."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import math
 import os
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 
@@ -14,7 +16,11 @@ from agent.settings import TOKEN_RE
 from agent.settings_load import FLAGS, load
 
 if TYPE_CHECKING:
+    from nats.aio.client import Client as NATS
+
     from agent.bus import BusTarget
+
+T = TypeVar("T")
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -153,3 +159,17 @@ def parse_call_args(args: list[str]) -> dict[str, Any]:
 def settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Settings given as flags, keyed by setting (see agent.settings_load.FLAGS)."""
     return {key: getattr(args, key) for key in FLAGS}
+
+
+def on_bus(args: argparse.Namespace, what: str, fn: Callable[[NATS, BusTarget], Awaitable[T]]) -> T:
+    """`fn` with a connection to the bus these arguments name, closed after; its result."""
+    target = bus_target(args)
+
+    async def go() -> T:
+        nc = await target.connect(f"virt-agent {what}")
+        try:
+            return await fn(nc, target)
+        finally:
+            await nc.close()
+
+    return asyncio.run(go())

@@ -6,14 +6,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
-
-from agent.errors import AgentError
-
-if TYPE_CHECKING:
-    pass
 
 from agent.cli.base import (
     EXIT_BAD_SETTINGS,
@@ -25,6 +20,7 @@ from agent.cli.base import (
     host_id,
     positive_int,
 )
+from agent.errors import AgentError
 
 
 def add_parsers(sub: Any) -> None:

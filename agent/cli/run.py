@@ -10,21 +10,13 @@ import os
 import signal
 import sys
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
 import structlog
 
 from agent import logging as agent_logging
 from agent import statedir
-from agent.embedded import NatsServer, start_embedded
-from agent.errors import AgentError, SettingsError
-from agent.settings import Settings
-from agent.settings_load import load
-
-if TYPE_CHECKING:
-    pass
-
 from agent.cli.base import (
     EXIT_BAD_SETTINGS,
     EXIT_FAILED,
@@ -34,6 +26,10 @@ from agent.cli.base import (
     settings_args,
     settings_overrides,
 )
+from agent.embedded import NatsServer, start_embedded
+from agent.errors import AgentError, SettingsError
+from agent.settings import Settings
+from agent.settings_load import load
 
 # Past shutdown_grace_s by this much, a shutdown that has not ended is cut short.
 SHUTDOWN_OVERDUE_S = 2.0

@@ -14,11 +14,6 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from agent.errors import SettingsError
-
-if TYPE_CHECKING:
-    pass
-
 from agent.cli.base import (
     EXIT_BAD_SETTINGS,
     EXIT_FAILED,
@@ -27,10 +22,18 @@ from agent.cli.base import (
     bus_target,
     command,
     host_id,
+    on_bus,
     parse_call_args,
     positive_int,
     seconds,
 )
+from agent.errors import SettingsError
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client as NATS
+    from nats.aio.msg import Msg
+
+    from agent.bus import BusTarget
 
 
 def add_parsers(sub: Any) -> None:
@@ -151,79 +154,60 @@ def cmd_call(args: argparse.Namespace) -> int:
     except (ValueError, msgspec.DecodeError) as exc:
         print(f"virt-agent call: {exc}", file=sys.stderr)
         return EXIT_BAD_SETTINGS
-    bus = bus_target(args)
 
-    async def go() -> int:
-        nc = await bus.connect("virt-agent call")
-        try:
-            subject = bus.subjects(args.host).cmd(args.verb)
-            msg = await request(nc, args.host, subject, msgspec.json.encode(body), args.timeout)
-        finally:
-            await nc.close()
-        reply = msgspec.json.decode(msg.data)
-        print(msg.data.decode() if args.json else msgspec.json.format(msg.data, indent=2).decode())
-        return EXIT_OK if isinstance(reply, dict) and reply.get("ok") else EXIT_FAILED
+    async def ask(nc: NATS, bus: BusTarget) -> Msg:
+        subject = bus.subjects(args.host).cmd(args.verb)
+        return await request(nc, args.host, subject, msgspec.json.encode(body), args.timeout)
 
-    return asyncio.run(go())
+    msg = on_bus(args, "call", ask)
+    reply = msgspec.json.decode(msg.data)
+    print(msg.data.decode() if args.json else msgspec.json.format(msg.data, indent=2).decode())
+    return EXIT_OK if isinstance(reply, dict) and reply.get("ok") else EXIT_FAILED
 
 
 def cmd_hosts(args: argparse.Namespace) -> int:
     import nats  # noqa: PLC0415
 
-    from agent.registry import BUCKET, Registry  # noqa: PLC0415
+    from agent.registry import BUCKET, Registration, Registry  # noqa: PLC0415
 
-    bus = bus_target(args)
-
-    async def go() -> int:
-        nc = await bus.connect("virt-agent hosts")
+    async def registered(nc: NATS, _: BusTarget) -> list[Registration]:
+        js = nc.jetstream()
         try:
-            try:
-                js = nc.jetstream()
-                kv = await js.key_value(BUCKET)
-            except nats.js.errors.BucketNotFoundError:
-                regs = []
-            else:
-                regs = await Registry(kv, js).hosts()
-        finally:
-            await nc.close()
-        if args.json:
-            print(msgspec.json.format(msgspec.json.encode(regs), indent=2).decode())
-            return EXIT_OK
-        print(f"{'HOST':<20} {'VERSION':<8} {'LIBVIRT':<8} {'FAILOVER':<8} {'AGE':>6}  URI")
-        now = time.time()
-        for r in sorted(regs, key=lambda r: r.host):
-            caps = r.capabilities
-            lib = caps.libvirt_version if caps else "?"
-            fo = "yes" if caps and caps.virtio_net_failover else "no"
-            age = f"{now - r.updated:>5.0f}s"
-            print(f"{r.host:<20} {r.version:<8} {lib:<8} {fo:<8} {age}  {r.libvirt_uri}")
-        return EXIT_OK
+            kv = await js.key_value(BUCKET)
+        except nats.js.errors.BucketNotFoundError:
+            return []
+        return await Registry(kv, js).hosts()
 
-    return asyncio.run(go())
+    regs = on_bus(args, "hosts", registered)
+    if args.json:
+        print(msgspec.json.format(msgspec.json.encode(regs), indent=2).decode())
+        return EXIT_OK
+    print(f"{'HOST':<20} {'VERSION':<8} {'LIBVIRT':<8} {'FAILOVER':<8} {'AGE':>6}  URI")
+    now = time.time()
+    for r in sorted(regs, key=lambda r: r.host):
+        caps = r.capabilities
+        lib = caps.libvirt_version if caps else "?"
+        fo = "yes" if caps and caps.virtio_net_failover else "no"
+        age = f"{now - r.updated:>5.0f}s"
+        print(f"{r.host:<20} {r.version:<8} {lib:<8} {fo:<8} {age}  {r.libvirt_uri}")
+    return EXIT_OK
 
 
 def cmd_ps(args: argparse.Namespace) -> int:
     from agent import current_state  # noqa: PLC0415
 
-    bus = bus_target(args)
-
-    async def go() -> int:
-        nc = await bus.connect("virt-agent ps")
-        try:
-            states = await current_state.read_all(nc.jetstream(), args.host or "")
-        finally:
-            await nc.close()
-        if args.json:
-            print(msgspec.json.format(msgspec.json.encode(states), indent=2).decode())
-            return EXIT_OK
-        print(f"{'HOST':<20} {'NAME':<24} {'STATE':<12} {'REASON':<14} {'PERSISTENT':<10} "
-              f"{'SINCE':<27} UUID")  # fmt: skip
-        for st in states:
-            print(f"{st.host:<20} {st.name:<24} {st.state:<12} {st.reason:<14} "
-                  f"{'yes' if st.persistent else 'no':<10} {st.time:<27} {st.uuid}")  # fmt: skip
+    states = on_bus(
+        args, "ps", lambda nc, _: current_state.read_all(nc.jetstream(), args.host or "")
+    )
+    if args.json:
+        print(msgspec.json.format(msgspec.json.encode(states), indent=2).decode())
         return EXIT_OK
-
-    return asyncio.run(go())
+    print(f"{'HOST':<20} {'NAME':<24} {'STATE':<12} {'REASON':<14} {'PERSISTENT':<10} "
+          f"{'SINCE':<27} UUID")  # fmt: skip
+    for st in states:
+        print(f"{st.host:<20} {st.name:<24} {st.state:<12} {st.reason:<14} "
+              f"{'yes' if st.persistent else 'no':<10} {st.time:<27} {st.uuid}")  # fmt: skip
+    return EXIT_OK
 
 
 def cmd_forget(args: argparse.Namespace) -> int:
@@ -231,36 +215,18 @@ def cmd_forget(args: argparse.Namespace) -> int:
     runs again, writes them again at its next resync)."""
     from agent import current_state  # noqa: PLC0415
 
-    bus = bus_target(args)
-
-    async def go() -> int:
-        nc = await bus.connect("virt-agent forget")
-        try:
-            n = await current_state.forget(nc.jetstream(), args.host)
-        finally:
-            await nc.close()
-        print(f"{args.host}: {n} domain(s) forgotten")
-        return EXIT_OK
-
-    return asyncio.run(go())
+    n = on_bus(args, "forget", lambda nc, _: current_state.forget(nc.jetstream(), args.host))
+    print(f"{args.host}: {n} domain(s) forgotten")
+    return EXIT_OK
 
 
 def cmd_hub_sync(args: argparse.Namespace) -> int:
     from agent import hub  # noqa: PLC0415
 
-    bus = bus_target(args)
-
-    async def go() -> int:
-        nc = await bus.connect("virt-agent hub-sync")
-        try:
-            sources = await hub.sync(nc, bus.nats, bus.prefix)
-        finally:
-            await nc.close()
-        if args.json:
-            print(json.dumps(sources))
-        else:
-            for stream, domains in sources.items():
-                print(f"{stream:<12} sources {', '.join(domains) or 'no leaf host yet'}")
-        return EXIT_OK
-
-    return asyncio.run(go())
+    sources = on_bus(args, "hub-sync", lambda nc, bus: hub.sync(nc, bus.nats, bus.prefix))
+    if args.json:
+        print(json.dumps(sources))
+    else:
+        for stream, domains in sources.items():
+            print(f"{stream:<12} sources {', '.join(domains) or 'no leaf host yet'}")
+    return EXIT_OK
