@@ -114,6 +114,8 @@ class Progress:
                 self._m.metrics.step_seconds.labels(self.op.verb, step).observe(seconds)
 
     def step(self, name: str, **detail: Any) -> None:
+        # What the runner logs from here on says in which step (its task's own context).
+        structlog.contextvars.bind_contextvars(step=name)
         now = time.monotonic()
         self._close_step(now)
         self._step_started = now
@@ -287,7 +289,8 @@ class OperationManager:
     async def _drive(self, op: Operation, runner: Runner) -> None:
         progress = Progress(self, op)
         abandoned = False
-        with structlog.contextvars.bound_contextvars(operation_id=op.id, domain=op.domain):
+        with structlog.contextvars.bound_contextvars(operation_id=op.id, operation=op.verb,
+                                                     domain=op.domain):  # fmt: skip
             try:
                 op.result = await runner(progress)
                 op.state = SUCCEEDED

@@ -7,6 +7,8 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import structlog
+
 from agent.operations import Progress
 from tests.conftest import RunningAgent, stream_messages
 
@@ -51,3 +53,30 @@ async def test_every_step_appears_in_virt_ops_in_order(
     assert events[3]["progress"] == {"percent": 10}
     assert events[4]["progress"] == {}
     assert "duration_s" not in events[1]["steps"][0]
+
+
+async def test_what_an_operation_logs_names_it_and_its_step(
+    start_agent: Callable[..., Awaitable[RunningAgent]],
+) -> None:
+    """Log lines from inside a runner carry the operation's id, verb and domain, and the step
+    it is in (house item 7); the command's own task is left as it was."""
+    agent = await start_agent()
+    fleet = agent.agent.fleet
+    assert fleet is not None
+    seen: list[dict[str, Any]] = []
+
+    async def runner(p: Progress) -> dict[str, Any]:
+        p.step("plan")
+        seen.append(structlog.contextvars.get_contextvars())
+        p.step("reserve")
+        seen.append(structlog.contextvars.get_contextvars())
+        return {}
+
+    op = fleet.operations.start("migrate", "6695eb01-f6a4-8304-79aa-97f2502e193f", runner)
+    for _ in range(100):
+        if len(seen) == 2:
+            break
+        await asyncio.sleep(0.05)
+    assert [(c["operation_id"], c["operation"], c["step"]) for c in seen] == [
+        (op.id, "migrate", "plan"), (op.id, "migrate", "reserve")]  # fmt: skip
+    assert "step" not in structlog.contextvars.get_contextvars()
