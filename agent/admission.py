@@ -149,7 +149,7 @@ class Admissions:
         """What this host would admit now, for the registration (a drain's planner reads it)."""
         load = await self.hv.host_load()
         free, *_ = self._free(self.live(), load)
-        return Capacity(memory_kib=max(free, 0), arch=load.arch,
+        return Capacity(memory_kib=max(free, 0), arch=load.arch, cpu=load.cpu,
                         inbound_limit=self.settings.max_inbound_migrations)  # fmt: skip
 
     def _check_memory(self, live: list[Admission], load: HostLoad, memory_kib: int) -> None:

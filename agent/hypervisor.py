@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -395,6 +396,9 @@ class HostLoad:
     memory_kib: int
     domains: list[DomainLoad]
     arch: str = ""
+    # The host CPU as libvirt's capabilities name it, `vendor/model` (empty when they do not
+    # say): a host-passthrough guest moves only to the same.
+    cpu: str = ""
 
 
 def _host_load(conn: Any) -> HostLoad:
@@ -414,7 +418,15 @@ def _host_load(conn: Any) -> HostLoad:
             # on the source host" (a driver without jobs answers no-support instead).
             incoming = exc.get_error_code() == libvirt.VIR_ERR_OPERATION_UNSUPPORTED
         domains.append(DomainLoad(uuid, max_memory, incoming))
-    return HostLoad(memory_kib, domains, str(info[0]))
+    return HostLoad(memory_kib, domains, str(info[0]), host_cpu(conn.getCapabilities()))
+
+
+def host_cpu(capabilities: str) -> str:
+    """`vendor/model` of the host CPU in libvirt's capabilities XML."""
+    cpu = ET.fromstring(capabilities).find("host/cpu")  # noqa: S314 - libvirt's own XML
+    vendor = (cpu.findtext("vendor") or "") if cpu is not None else ""
+    model = (cpu.findtext("model") or "") if cpu is not None else ""
+    return f"{vendor}/{model}" if vendor or model else ""
 
 
 def _version_str(v: int) -> str:

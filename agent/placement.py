@@ -29,6 +29,7 @@ class Destination:
     failover: bool = False  # virtio-net failover capability
     # VFs its pool can still hand out; None: no counted pool (recorded or network primaries).
     free_vfs: int | None = None
+    cpu: str = ""  # `vendor/model` of its host CPU; empty: not said (an older agent)
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +42,18 @@ class Vm:
     # Why the VM cannot move at all (local storage, an unteamed passthrough device, a guest
     # without failover): empty when it can.
     unmovable: str = ""
+    # The host CPU it needs, `vendor/model`: a host-passthrough guest the source's whole, a
+    # host-model guest its vendor (`vendor/`); empty: a named model libvirt checks itself.
+    cpu: str = ""
+
+
+def cpu_fits(needed: str, host: str) -> bool:
+    """Whether a host CPU `vendor/model` is what a VM needs (an unsaid host: assumed to)."""
+    if not needed or not host:
+        return True
+    vendor, _, model = needed.partition("/")
+    h_vendor, _, h_model = host.partition("/")
+    return vendor == h_vendor and (not model or model == h_model)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +90,7 @@ def _place(vm: Vm, rooms: list[_Room]) -> Placement:
         (lambda r: r.d.admission, "no destination admits migrations (contract v1.2)"),
         (lambda r: not r.d.maintenance, "every destination is in maintenance"),
         (lambda r: r.d.arch == vm.arch, f"no destination of architecture {vm.arch}"),
+        (lambda r: cpu_fits(vm.cpu, r.d.cpu), f"no destination with the host CPU {vm.cpu}"),
         (lambda r: not vm.needs_primary or r.d.failover,
          "no destination with the virtio-net failover capability"),
         (lambda r: not vm.needs_primary or r.free_vfs is None or r.free_vfs > 0,

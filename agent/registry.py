@@ -52,6 +52,7 @@ class Capacity(msgspec.Struct, frozen=True, kw_only=True):
     memory_kib: int
     arch: str
     inbound_limit: int
+    cpu: str = ""  # `vendor/model` of the host CPU (agent/hypervisor.py host_cpu)
 
 
 class Registration(msgspec.Struct, frozen=True, kw_only=True):

@@ -87,7 +87,19 @@ def _passthrough(live: str) -> bool:
     )
 
 
-async def _vm(ctx: Context, dom: Any, req: DrainRequest, arch: str) -> Vm:
+def cpu_needed(live: str, source_cpu: str) -> str:
+    """What host CPU a domain needs elsewhere (placement.Vm.cpu): host-passthrough (and
+    maximum) the source's, host-model the source's vendor, a named model nothing here."""
+    cpu = ET.fromstring(live).find("cpu")  # noqa: S314 - libvirt's own XML
+    mode = cpu.get("mode", "custom") if cpu is not None else "custom"
+    if mode in ("host-passthrough", "maximum"):
+        return source_cpu
+    if mode == "host-model":
+        return source_cpu.partition("/")[0] + "/"
+    return ""
+
+
+async def _vm(ctx: Context, dom: Any, req: DrainRequest, arch: str, source_cpu: str) -> Vm:
     """The planner's view of one domain: its memory, whether it has a failover pair, and why
     it cannot move at all."""
     hv = ctx.hypervisor
@@ -110,7 +122,8 @@ async def _vm(ctx: Context, dom: Any, req: DrainRequest, arch: str) -> Vm:
             if negotiated is False:
                 unmovable = f"the guest never negotiated failover ({how}); force moves it"
     return Vm(uuid=uuid, name=name, memory_kib=int(info[1]), arch=arch,
-              needs_primary=needs_primary, unmovable=unmovable)  # fmt: skip
+              needs_primary=needs_primary, unmovable=unmovable,
+              cpu=cpu_needed(live, source_cpu))  # fmt: skip
 
 
 def _destination(reg: Registration) -> Destination:
@@ -122,12 +135,13 @@ def _destination(reg: Registration) -> Destination:
         admission=reg.admission, maintenance=reg.maintenance is not None,
         failover=bool(caps and caps.virtio_net_failover),
         free_vfs=free_vfs if isinstance(free_vfs, int) else None,
+        cpu=cap.cpu if cap else "",
     )  # fmt: skip
 
 
 async def make_drain_plan(ctx: Context, req: DrainRequest) -> list[Placement]:
     conn = ctx.conn()
-    arch = (await ctx.hypervisor.host_load()).arch
+    load = await ctx.hypervisor.host_load()
     doms = await ctx.hypervisor.call(conn.listAllDomains, 1)  # VIR_CONNECT_LIST_DOMAINS_ACTIVE
     if req.domains is not None:
         wanted = set(req.domains)
@@ -136,7 +150,7 @@ async def make_drain_plan(ctx: Context, req: DrainRequest) -> list[Placement]:
         if missing:
             raise InvalidRequest(f"not active here: {', '.join(sorted(missing))}",
                                  domains=sorted(missing))  # fmt: skip
-    vms = [await _vm(ctx, d, req, arch) for d in doms]
+    vms = [await _vm(ctx, d, req, load.arch, load.cpu) for d in doms]
     regs = await ctx.registry.hosts()
     if req.destinations is not None:
         allowed = set(req.destinations)

@@ -116,3 +116,34 @@ def test_the_most_free_memory_wins_and_ties_go_to_the_lower_host_id() -> None:
     nowhere = plan([Vm("4", "big", 10_000)], hosts, source="src")[0]
     assert nowhere.destination is None
     assert "10000 KiB" in nowhere.reason
+
+
+def test_a_guest_goes_only_where_its_host_cpu_is() -> None:
+    """A host-passthrough guest needs the source's host CPU (vendor and model), a host-model
+    guest its vendor; a guest with a named model goes anywhere (libvirt checks it); a host
+    that does not say its CPU (an older agent) is not refused for it."""
+    gib = 1024 * 1024
+    dests = [Destination("amd", 64 * gib, cpu="AMD/EPYC-Milan"),
+             Destination("icx", 32 * gib, cpu="Intel/Icelake-Server"),
+             Destination("skl", 16 * gib, cpu="Intel/Skylake-Server")]  # fmt: skip
+    vms = [Vm("1", "passthrough", gib, cpu="Intel/Skylake-Server"),
+           Vm("2", "host-model", gib, cpu="Intel/"),
+           Vm("3", "named", gib, cpu=""),
+           Vm("4", "nowhere", gib, cpu="Hygon/Dhyana")]  # fmt: skip
+    got = {p.vm.name: (p.destination, p.reason) for p in plan(vms, dests, source="src")}
+    assert got["passthrough"][0] == "skl"
+    assert got["host-model"][0] == "icx"
+    assert got["named"][0] == "amd"
+    assert got["nowhere"] == (None, "no destination with the host CPU Hygon/Dhyana")
+    unsaid = plan([vms[0]], [Destination("old", gib * 4)], source="src")
+    assert unsaid[0].destination == "old"
+
+
+def test_what_a_domain_needs_of_a_host_cpu_comes_from_its_cpu_mode() -> None:
+    from handlers.drain import cpu_needed  # noqa: PLC0415
+
+    src = "Intel/Skylake-Server"
+    assert cpu_needed("<domain><cpu mode='host-passthrough'/></domain>", src) == src
+    assert cpu_needed("<domain><cpu mode='host-model'/></domain>", src) == "Intel/"
+    assert cpu_needed("<domain><cpu mode='custom'><model>EPYC</model></cpu></domain>", src) == ""
+    assert cpu_needed("<domain/>", src) == ""
