@@ -57,3 +57,16 @@ def test_the_daemonset_gives_the_agent_what_it_needs(tmp_path: Path) -> None:
     assert s.nats.stream_replicas == 3
     assert s.http.listen.endswith(":9178")
     assert pod["terminationGracePeriodSeconds"] > s.agent.shutdown_grace_s + 2
+
+
+def test_every_package_is_in_the_distribution() -> None:
+    """pyproject's package list names every package of the agent, the handlers and the lab:
+    one left out is missing from the installed agent (the container's entry point)."""
+    import tomllib  # noqa: PLC0415
+
+    listed = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    found = {str(p.parent.relative_to(ROOT)).replace("/", ".")
+             for top in ("agent", "handlers", "lab") for p in (ROOT / top).rglob("__init__.py")}  # fmt: skip
+    assert found <= listed, sorted(found - listed)
