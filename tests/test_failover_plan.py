@@ -30,7 +30,7 @@ from agent.pool import Pool
 from agent.registry import Registration
 from agent.settings import DeviceSettings, FailoverSettings, LibvirtSettings
 from agent.settings_load import load
-from handlers import HostContext
+from handlers import HostContext, Probed
 from handlers.failover import find_pair
 from handlers.failover.plan import FailoverRequest, make_plan
 from tests import nic_forms
@@ -253,10 +253,10 @@ class DefinedDomain:
 async def plan_ctx() -> AsyncIterator[HostContext]:
     """A source's host context whose libvirt calls run on its executor (closed after)."""
     hv = Hypervisor(LibvirtSettings(), "test:///default", "src", lambda _e: None, Metrics())
-    hv.capabilities = caps(True)
     yield HostContext(host="src", boot_id="b", version="0", subjects=Subjects("virt", "src"),
                       hypervisor=hv, metrics=hv.metrics, started_at=0.0,
-                      failover=FailoverSettings(guest_check="off"))  # fmt: skip
+                      failover=FailoverSettings(guest_check="off"),
+                      probed=Probed(caps(True)))  # fmt: skip
     await hv.close()
 
 
