@@ -334,11 +334,7 @@ class Publisher:
             out.msg_id = f"{public_id(out.msg_id)}:{secrets.token_hex(8)}"
             out.sent_at = 0.0
             return
-        del self._inflight[token]
-        self._done(out)
-        self.published += 1
-        self.metrics.events_published.inc()
-        self.metrics.publish_latency.observe((time.time_ns() - out.time_ns) / 1e9)
+        self._settle([token])
 
     def _first_send(self, out: Outgoing) -> bool:
         """Sent once, by this process, never before (a spooled message may have been sent by
