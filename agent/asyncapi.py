@@ -16,10 +16,10 @@ from typing import Any
 import msgspec
 
 from agent import __version__, events
-from agent.envelope import FINAL, HOST_EVENT_TYPES, RUNNING, CloudEvent, OpEvent
+from agent.envelope import FINAL, HOST_EVENT_TYPES, CloudEvent, OpEvent, OpState
 
 REF = "#/components/schemas/{name}"
-OP_STATES = (RUNNING, *sorted(FINAL))
+OP_STATES = (OpState.RUNNING, *sorted(FINAL))
 
 
 def _snake(name: str) -> str:

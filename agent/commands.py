@@ -46,6 +46,36 @@ Key = tuple[str, str, str]  # (caller or "", "", request_id); the middle once he
 # The outcome a journal row holds from the intent until the reply: found by a later process,
 # the earlier one stopped while acting.
 INTERRUPTED = b""
+
+
+class _Ok(msgspec.Struct):
+    ok: bool
+
+
+_read_ok = msgspec.json.Decoder(_Ok)
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A command's reply as it is sent, and whether it is a success."""
+
+    ok: bool
+    body: bytes
+
+    @classmethod
+    def error(cls, exc: AgentError) -> Answer:
+        return cls(False, error_reply(exc))
+
+    @classmethod
+    def result(cls, result: Any) -> Answer:
+        return cls(True, _encoder.encode(Reply(ok=True, result=result)))
+
+    @classmethod
+    def kept(cls, body: bytes) -> Answer:
+        """A reply kept for the idempotency window (the journal keeps its bytes)."""
+        return cls(_read_ok.decode(body).ok, body)
+
+
 # The command subscription's client-side buffer: the intake never waits, so it stays short;
 # generous against a burst. Beyond it nats-py drops (a slow consumer, counted by agent/bus.py).
 SUB_PENDING_MSGS = 65_536
@@ -70,8 +100,8 @@ class _Outcomes:
         self.window_s = window_s
         self.limit = limit
         self.store: Journal | None = None
-        self._done: OrderedDict[Key, tuple[float, str, bytes]] = OrderedDict()
-        self._running: dict[Key, tuple[str, asyncio.Future[bytes]]] = {}
+        self._done: OrderedDict[Key, tuple[float, str, Answer]] = OrderedDict()
+        self._running: dict[Key, tuple[str, asyncio.Future[Answer]]] = {}
         self._pruned = 0.0
 
     def _expire(self) -> None:
@@ -84,7 +114,9 @@ class _Outcomes:
             self._pruned = now
             self.store.prune_outcomes(now - self.window_s, self.limit)
 
-    def get(self, key: Key) -> tuple[str, bytes | asyncio.Future[bytes]] | None:
+    def get(self, key: Key) -> tuple[str, Answer | asyncio.Future[Answer] | None] | None:
+        """(digest, outcome) of a request seen within the window; outcome None: an earlier
+        process stopped while it acted."""
         self._expire()
         done = self._done.get(key)
         if done is not None:
@@ -93,7 +125,10 @@ class _Outcomes:
         if running is not None:
             return running
         if self.store is not None:
-            return self.store.request_outcome(key, time.time() - self.window_s)
+            kept = self.store.request_outcome(key, time.time() - self.window_s)
+            if kept is not None:
+                digest, body = kept
+                return digest, None if body == INTERRUPTED else Answer.kept(body)
         return None
 
     def start(self, key: Key, digest: str) -> None:
@@ -101,13 +136,13 @@ class _Outcomes:
         if self.store is not None:
             self.store.record_outcome(key, digest, INTERRUPTED)
 
-    def finish(self, key: Key, digest: str, reply: bytes) -> None:
+    def finish(self, key: Key, digest: str, answer: Answer) -> None:
         _, fut = self._running.pop(key, ("", None))
         if fut is not None and not fut.done():
-            fut.set_result(reply)
-        self._done[key] = (time.monotonic(), digest, reply)
+            fut.set_result(answer)
+        self._done[key] = (time.monotonic(), digest, answer)
         if self.store is not None:
-            self.store.record_outcome(key, digest, reply)
+            self.store.record_outcome(key, digest, answer.body)
 
 
 class CommandService:
@@ -255,11 +290,11 @@ class CommandService:
         # the binding ends with it).
         structlog.contextvars.bind_contextvars(verb=verb[:80], caller=caller or request.who)
         try:
-            reply = await self._dispatch(verb, msg.data, caller)
-            outcome = "ok" if reply.startswith(b'{"ok":true') else "error"
+            answer = await self._dispatch(verb, msg.data, caller)
+            outcome = "ok" if answer.ok else "error"
         except Exception:
             log.exception("command handler failed")
-            reply = error_reply(AgentError("internal error; see the agent's log", verb=verb))
+            answer = Answer.error(AgentError("internal error; see the agent's log", verb=verb))
         finally:
             self._running -= 1
             self._running_by[request.who] -= 1
@@ -270,7 +305,7 @@ class CommandService:
         self.ctx.metrics.commands.labels(verb if verb in self.verbs else "unknown", outcome).inc()
         ms = round((time.monotonic() - started) * 1000, 2)
         log.debug("command", outcome=outcome, ms=ms)
-        await self._respond(msg, reply)
+        await self._respond(msg, answer.body)
 
     async def _respond(self, msg: Msg, reply: bytes) -> None:
         self.replied += 1
@@ -279,7 +314,7 @@ class CommandService:
         except NatsError as exc:
             log.warning("could not reply", subject=msg.subject, error=str(exc))
 
-    async def _dispatch(self, verb_name: str, data: bytes, caller: str | None) -> bytes:
+    async def _dispatch(self, verb_name: str, data: bytes, caller: str | None) -> Answer:
         try:
             verb = self._authorize(verb_name, data)
             if verb.peer and caller is None and not self.settings.accept_v1_peer_calls:
@@ -306,7 +341,7 @@ class CommandService:
                     f"invalid {verb_name} request: {exc}", verb=verb_name
                 ) from None
         except AgentError as exc:
-            return error_reply(exc)
+            return Answer.error(exc)
 
         request_id = getattr(request, "request_id", None)
         if request_id is None:
@@ -323,29 +358,29 @@ class CommandService:
         if seen is not None:
             first, outcome = seen
             if first != digest:
-                return error_reply(Conflict(
+                return Answer.error(Conflict(
                     f"request_id {request_id!r} was used for another request",
                     request_id=request_id,
                 ))  # fmt: skip
-            if outcome == INTERRUPTED:
-                return error_reply(Conflict(
+            if outcome is None:
+                return Answer.error(Conflict(
                     f"request_id {request_id!r}: an earlier attempt was cut off (the agent "
                     "stopped) while it acted; its outcome is unknown and it is not acted on "
                     "again - look at the domain's state, and send a new request_id to act",
                     request_id=request_id, outcome="unknown",
                 ))  # fmt: skip
-            return outcome if isinstance(outcome, bytes) else await asyncio.shield(outcome)
+            return outcome if isinstance(outcome, Answer) else await asyncio.shield(outcome)
         # The intent is written before acting: a kill -9 between the act and its outcome
         # leaves it, and a repeat is answered `conflict` (outcome unknown), never acted twice.
         self.outcomes.start(key, digest)
         crashpoints.reached("command.intent")
-        reply = b""
+        answer: Answer | None = None
         try:
-            reply = await self._call(verb, request)
+            answer = await self._call(verb, request)
             crashpoints.reached("command.acted")
         finally:
-            self.outcomes.finish(key, digest, reply or error_reply(AgentError("cancelled")))
-        return reply
+            self.outcomes.finish(key, digest, answer or Answer.error(AgentError("cancelled")))
+        return answer
 
     def _authorize(self, verb_name: str, data: bytes) -> Verb:
         if len(data) > self.settings.max_payload_bytes:
@@ -363,13 +398,13 @@ class CommandService:
             raise Forbidden(f"verb {verb_name!r} is not allowed on this host", verb=verb_name)
         return verb
 
-    async def _call(self, verb: Verb, request: Any) -> bytes:
+    async def _call(self, verb: Verb, request: Any) -> Answer:
         try:
             async with asyncio.timeout(self.settings.timeout_s):
                 result = await verb.handler(self.ctx, request)
         except AgentError as exc:
-            return error_reply(exc)
+            return Answer.error(exc)
         except TimeoutError:
             limit = self.settings.timeout_s
-            return error_reply(Timeout(f"{verb.name} did not finish within {limit}s"))
-        return _encoder.encode(Reply(ok=True, result=result))
+            return Answer.error(Timeout(f"{verb.name} did not finish within {limit}s"))
+        return Answer.result(result)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import time
 from typing import Any
 
@@ -161,18 +162,46 @@ class Reply(msgspec.Struct, omit_defaults=True):
     error: dict[str, Any] | None = None
 
 
+def error_record(exc: AgentError) -> dict[str, Any]:
+    """An error as a reply and an operation carry it."""
+    return {"code": exc.code, "message": exc.message, "details": exc.details}
+
+
 def error_reply(exc: AgentError) -> bytes:
-    return msgspec.json.encode(
-        Reply(ok=False, error={"code": exc.code, "message": exc.message, "details": exc.details})
-    )
+    return msgspec.json.encode(Reply(ok=False, error=error_record(exc)))
 
 
 # ---------------------------------------------------------------- operation events (VIRT_OPS)
 
-RUNNING, SUCCEEDED, FAILED, ROLLED_BACK, CANCELLED = (
-    "running", "succeeded", "failed", "rolled_back", "cancelled",
-)  # fmt: skip
-FINAL = {SUCCEEDED, FAILED, ROLLED_BACK, CANCELLED}
+
+class OpState(enum.StrEnum):
+    """An operation's state (contract: "Operations"); every state but `running` is final."""
+
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    # It changed the domain or its devices, met an error, and put them back as they were.
+    ROLLED_BACK = "rolled_back"
+    CANCELLED = "cancelled"
+
+
+FINAL = frozenset(OpState) - {OpState.RUNNING}
+
+
+class StepName(enum.StrEnum):
+    """The steps an operation reports (`step`, and each of `steps`), in the order the verbs
+    that have them take them (a verb takes the ones it needs)."""
+
+    PLAN = "plan"
+    ADMIT = "admit"  # the destination's admission of a migration (contract v1.2)
+    RESERVE = "reserve"
+    UNPLUG = "unplug"
+    MIGRATE = "migrate"
+    REPLUG = "replug"
+    VERIFY = "verify"
+    ROLLBACK = "rollback"
+    # Finishing an operation a previous process of the agent left running.
+    RECOVER = "recover"
 
 
 class Operation(msgspec.Struct, kw_only=True):
@@ -181,7 +210,8 @@ class Operation(msgspec.Struct, kw_only=True):
     id: str
     verb: str
     domain: str
-    state: str
+    state: OpState
+    # A StepName, or "" before the first step.
     step: str
     created: float
     updated: float

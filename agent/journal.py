@@ -14,7 +14,7 @@ from typing import Any
 import msgspec
 import structlog
 
-from agent.envelope import RUNNING, Operation
+from agent.envelope import Operation, OpState
 
 log = structlog.get_logger("agent.journal")
 
@@ -264,7 +264,7 @@ class Journal:
         return [msgspec.json.decode(r[0], type=Operation) for r in rows]
 
     def running(self) -> list[Operation]:
-        return self.recent(10_000, state=RUNNING)
+        return self.recent(10_000, state=OpState.RUNNING)
 
     def prune(
         self, max_operations: int, retention_s: float, outcomes_window_s: float
@@ -276,7 +276,7 @@ class Journal:
         ops = self.db.execute(
             "DELETE FROM operations WHERE state != ? AND (created < ? OR id IN (SELECT id FROM"
             " operations WHERE state != ? ORDER BY created DESC LIMIT -1 OFFSET ?))",
-            (RUNNING, cutoff, RUNNING, max_operations),
+            (OpState.RUNNING, cutoff, OpState.RUNNING, max_operations),
         ).rowcount
         devices = self.db.execute("DELETE FROM devices WHERE recorded < ?", (cutoff,)).rowcount
         requests = self.prune_outcomes(time.time() - outcomes_window_s)

@@ -3,7 +3,8 @@ progress and outcome published on `virt.<host>.op.<id>` (stream VIRT_OPS), one r
 operation per domain, and a global bound on concurrent operations.
 
 Handlers start an operation with a runner coroutine; the runner reports steps through its
-`Progress` and returns a result or raises an AgentError. The manager owns the tasks.
+`Progress` and returns a result or raises an AgentError (the operation `failed`), or `Ended`
+with the error and another final state. The manager owns the tasks.
 """
 
 from __future__ import annotations
@@ -17,14 +18,13 @@ from typing import Any
 
 import structlog
 
-from agent.envelope import (  # the wire form of an operation and its states
-    CANCELLED,
-    FAILED,
+from agent.envelope import (  # the wire form of an operation
     FINAL,
-    RUNNING,
-    SUCCEEDED,
     Operation,
     OpEvent,
+    OpState,
+    StepName,
+    error_record,
 )
 from agent.errors import AgentError, Conflict, NotFound, Unavailable
 from agent.journal import Journal, decode_operation
@@ -36,6 +36,20 @@ PRUNE_INTERVAL_S = 600.0
 
 
 Publish = Callable[[str, OpEvent], object]
+
+
+class Ended(Exception):
+    """How a runner ends its operation with an error in a final state other than `failed`:
+    `rolled_back` (it had changed things and put them back) or `cancelled`."""
+
+    def __init__(self, state: OpState, error: AgentError) -> None:
+        assert state in FINAL, state
+        assert state is not OpState.SUCCEEDED, state
+        super().__init__(error.message)
+        self.state = state
+        self.error = error
+
+
 # Operations an orderly stop of the agent leaves `running` in the journal, for the next start
 # to go on with (the migrations they run end, and are started again).
 OUTLIVE_STOP = frozenset({"host.drain"})
@@ -113,7 +127,7 @@ class Progress:
                 step = self.op.steps[-1]["step"]
                 self._m.metrics.step_seconds.labels(self.op.verb, step).observe(seconds)
 
-    def step(self, name: str, **detail: Any) -> None:
+    def step(self, name: StepName, **detail: Any) -> None:
         # What the runner logs from here on says in which step (its task's own context).
         structlog.contextvars.bind_contextvars(step=name)
         now = time.monotonic()
@@ -133,7 +147,7 @@ class Progress:
         """Begin a step given as its whole record (`{"step": name, ...}`: a typed step's
         form)."""
         detail = dict(step)
-        self.step(detail.pop("step"), **detail)
+        self.step(StepName(detail.pop("step")), **detail)
 
     def amend(self, step: dict[str, Any]) -> None:
         """Replace the current step's record (same step; its duration is kept)."""
@@ -187,7 +201,7 @@ class OperationManager:
                 self.orphans.append(op)
                 continue
             # The agent stopped while this ran: its outcome is unknown to this process.
-            op.state = FAILED
+            op.state = OpState.FAILED
             op.error = {
                 "code": "internal",
                 "message": "the agent restarted while this ran",
@@ -278,7 +292,7 @@ class OperationManager:
             raise Unavailable("operations are not being accepted")
         now = time.time()
         op = Operation(
-            id=uuid.uuid4().hex, verb=verb, domain=domain_uuid, state=RUNNING, step="",
+            id=uuid.uuid4().hex, verb=verb, domain=domain_uuid, state=OpState.RUNNING, step="",
             created=now, updated=now,
         )  # fmt: skip
         self.record(op)
@@ -293,19 +307,22 @@ class OperationManager:
                                                      domain=op.domain):  # fmt: skip
             try:
                 op.result = await runner(progress)
-                op.state = SUCCEEDED
+                op.state = OpState.SUCCEEDED
             except asyncio.CancelledError:
                 if self.abandoned.is_set() or (self.stopping and op.verb in OUTLIVE_STOP):
                     abandoned = True  # left `running` in the journal for the next start
                     raise
-                op.state = CANCELLED
+                op.state = OpState.CANCELLED
                 op.error = {"code": "cancelled", "message": "operation cancelled", "details": {}}
+            except Ended as end:
+                op.state = end.state
+                op.error = error_record(end.error)
             except AgentError as exc:
-                op.state = exc.details.pop("final_state", FAILED)
-                op.error = {"code": exc.code, "message": exc.message, "details": exc.details}
+                op.state = OpState.FAILED
+                op.error = error_record(exc)
             except Exception as exc:
                 log.exception("operation failed unexpectedly")
-                op.state = FAILED
+                op.state = OpState.FAILED
                 op.error = {"code": "internal", "message": str(exc), "details": {}}
             finally:
                 self._tasks.pop(op.id, None)

@@ -129,7 +129,6 @@ class Verb:
     name: str
     request: type[Any]
     handler: Handler
-    mutating: bool = False
     # An agent-to-agent verb: called as `<verb>.<caller host id>` (contract v1.1).
     peer: bool = False
     # For a verb whose operations outlive a restart of the agent: the runner that finishes

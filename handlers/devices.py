@@ -77,6 +77,6 @@ async def attach(ctx: Context, req: AttachRequest) -> dict[str, Any]:
 
 
 VERBS = [
-    Verb("device.detach", DetachRequest, detach, mutating=True),
-    Verb("device.attach", AttachRequest, attach, mutating=True),
+    Verb("device.detach", DetachRequest, detach),
+    Verb("device.attach", AttachRequest, attach),
 ]

@@ -155,7 +155,7 @@ def _action(
             await ctx.hypervisor.call(act, dom)
             return await ctx.hypervisor.call(_info, dom)
 
-    return Verb(f"domain.{name}", request, handler, mutating=True)
+    return Verb(f"domain.{name}", request, handler)
 
 
 VERBS = [

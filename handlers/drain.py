@@ -16,19 +16,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import time
 import xml.etree.ElementTree as ET
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import msgspec
 from msgspec import Meta
 
 from agent.devices import failover_negotiated, interfaces
-from agent.envelope import FINAL, Operation
+from agent.envelope import FINAL, Operation, OpState, StepName
 from agent.errors import AgentError, Conflict, InvalidRequest
 from agent.fields import DomainName, HostId, RequestId
-from agent.operations import Progress, Runner
+from agent.operations import Ended, Progress, Runner
 from agent.placement import Destination, Placement, Vm, plan
 from agent.registry import Registration
 from handlers import Context, Verb
@@ -59,7 +60,18 @@ class UndrainRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     request_id: RequestId | None = None
 
 
-State = Literal["queued", "running", "succeeded", "failed", "unplaced", "unmovable"]
+class EntryState(enum.StrEnum):
+    """Where one domain of a drain is (contract v1.2: the drain's `domains`)."""
+
+    QUEUED = "queued"
+    RUNNING = "running"  # its migration's operation runs
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    UNPLACED = "unplaced"  # no destination has room for it, or takes it
+    UNMOVABLE = "unmovable"  # it cannot migrate (a host device without failover, ...)
+
+
+LEFT = (EntryState.UNPLACED, EntryState.UNMOVABLE)  # not planned: the drain leaves them
 
 
 class Entry(msgspec.Struct, kw_only=True):
@@ -67,7 +79,7 @@ class Entry(msgspec.Struct, kw_only=True):
 
     domain: dict[str, str]  # uuid, name
     destination: str | None
-    state: str  # State
+    state: EntryState
     failover: bool = False
     operation_id: str | None = None
     reason: str | None = None
@@ -161,7 +173,8 @@ async def make_drain_plan(ctx: Context, req: DrainRequest) -> list[Placement]:
 def _entries(placements: list[Placement]) -> list[Entry]:
     out = []
     for p in placements:
-        state = "queued" if p.destination else ("unmovable" if p.vm.unmovable else "unplaced")
+        state = (EntryState.QUEUED if p.destination
+                 else EntryState.UNMOVABLE if p.vm.unmovable else EntryState.UNPLACED)  # fmt: skip
         out.append(Entry(domain={"uuid": p.vm.uuid, "name": p.vm.name},
                          destination=p.destination, state=state,
                          failover=p.vm.needs_primary, reason=p.reason or None))  # fmt: skip
@@ -171,7 +184,7 @@ def _entries(placements: list[Placement]) -> list[Entry]:
 def totals(entries: list[Entry]) -> dict[str, int]:
     t = dict.fromkeys(("planned", "queued", "running", "succeeded", "failed", "unplaced"), 0)
     for e in entries:
-        if e.state in ("unplaced", "unmovable"):
+        if e.state in LEFT:
             t["unplaced"] += 1
             continue
         t["planned"] += 1
@@ -220,7 +233,7 @@ async def undrain(ctx: Context, _: UndrainRequest) -> dict[str, Any]:
 
 def _runner(ctx: Context, req: DrainRequest, entries: list[Entry]) -> Runner:
     async def run(p: Progress) -> dict[str, Any]:
-        p.step("migrate", max_parallel=req.max_parallel)
+        p.step(StepName.MIGRATE, max_parallel=req.max_parallel)
         return await Drain(ctx, req, entries, p).run()
 
     return run
@@ -249,7 +262,7 @@ class Drain:
             cancelled = True
             if self.p.op.id in self.ctx.operations.cancel_running:
                 for e in self.entries:
-                    if e.state == "running" and e.operation_id:
+                    if e.state is EntryState.RUNNING and e.operation_id:
                         with contextlib.suppress(AgentError):  # it ended meanwhile
                             self.ctx.operations.cancel(e.operation_id)
             await self._wait_running()
@@ -257,29 +270,29 @@ class Drain:
 
     async def _loop(self) -> None:
         while True:
-            running = sum(e.state == "running" for e in self.entries)
+            running = sum(e.state is EntryState.RUNNING for e in self.entries)
             now = time.monotonic()
             for e in self.entries:
                 if running >= self.req.max_parallel:
                     break
-                if e.state == "queued" and self.not_before.get(e.domain["uuid"], 0) <= now:
-                    await self._start(e)
-                    running += e.state == "running"
+                if e.state is EntryState.QUEUED and self.not_before.get(e.domain["uuid"], 0) <= now:
+                    running += await self._start(e)
             changed = self._poll()
             if changed:
                 self.report()
-            if not any(e.state in ("queued", "running") for e in self.entries):
+            if not any(e.state in (EntryState.QUEUED, EntryState.RUNNING) for e in self.entries):
                 return
             await asyncio.sleep(POLL_S)
 
-    async def _start(self, e: Entry) -> None:
+    async def _start(self, e: Entry) -> bool:
+        """Start `e`'s migration; whether it runs."""
         req, ctx = self.req, self.ctx
         holder = ctx.operations.holder(e.domain["uuid"])
         if holder is not None:
             # Started before the agent stopped, and not yet in the drain's journal: adopted.
-            e.state, e.operation_id = "running", holder
+            e.state, e.operation_id = EntryState.RUNNING, holder
             self.report()
-            return
+            return True
         e.attempts += 1
         assert e.destination is not None
         try:
@@ -300,41 +313,42 @@ class Drain:
                 e.reason = f"waiting: {exc.message}"
                 self.not_before[e.domain["uuid"]] = time.monotonic() + RETRY_S
             else:
-                e.state, e.reason = "failed", f"{exc.code}: {exc.message}"
+                e.state, e.reason = EntryState.FAILED, f"{exc.code}: {exc.message}"
             self.report()
-            return
-        e.state, e.operation_id, e.reason = "running", started["operation_id"], None
+            return False
+        e.state, e.operation_id, e.reason = EntryState.RUNNING, started["operation_id"], None
         self.report()
+        return True
 
     def _poll(self) -> bool:
         changed = False
         for e in self.entries:
-            if e.state != "running" or e.operation_id is None:
+            if e.state is not EntryState.RUNNING or e.operation_id is None:
                 continue
             op = self.ctx.operations.get(e.operation_id)
             if op.state not in FINAL:
                 continue
             changed = True
-            if op.state == "succeeded":
-                e.state = "succeeded"
+            if op.state is OpState.SUCCEEDED:
+                e.state = EntryState.SUCCEEDED
                 outage = (op.result or {}).get("primary_outage_s")
                 e.primary_outage_s = outage if isinstance(outage, int | float) else None
                 continue
             err = op.error or {}
-            if op.state == "cancelled" and op.updated <= self.resumed_at:
-                e.state, e.reason = "queued", "again: the agent stopped while it ran"
+            if op.state is OpState.CANCELLED and op.updated <= self.resumed_at:
+                e.state, e.reason = EntryState.QUEUED, "again: the agent stopped while it ran"
                 continue
             if (err.get("code") == "unavailable"
                     and (err.get("details") or {}).get("reason") == "inbound_limit"):  # fmt: skip
-                e.state, e.reason = "queued", "waiting: the destination's inbound limit"
+                e.state, e.reason = EntryState.QUEUED, "waiting: the destination's inbound limit"
                 self.not_before[e.domain["uuid"]] = time.monotonic() + RETRY_S
                 continue
-            e.state = "failed"
+            e.state = EntryState.FAILED
             e.reason = f"{err.get('code', op.state)}: {err.get('message', '')}".strip()
         return changed
 
     async def _wait_running(self) -> None:
-        while any(e.state == "running" for e in self.entries):
+        while any(e.state is EntryState.RUNNING for e in self.entries):
             if self._poll():
                 self.report()
             await asyncio.sleep(POLL_S)
@@ -342,18 +356,19 @@ class Drain:
     def _end(self, cancelled: bool) -> dict[str, Any]:
         ctx = self.ctx
         for e in self.entries:
-            if e.state == "queued":
-                e.state, e.reason = "failed", "not started: the drain was cancelled"
+            if e.state is EntryState.QUEUED:
+                e.state, e.reason = EntryState.FAILED, "not started: the drain was cancelled"
         out = {"totals": totals(self.entries),
                "domains": [msgspec.to_builtins(e) for e in self.entries]}  # fmt: skip
         m = ctx.operations.journal.maintenance() or {}
-        moved = all(e.state == "succeeded" for e in self.entries)
+        moved = all(e.state is EntryState.SUCCEEDED for e in self.entries)
         if moved and not cancelled:
             ctx.operations.journal.set_maintenance({**m, "state": "drained"})
             return out
         if cancelled:
-            raise AgentError("the drain was cancelled; the host stays in maintenance "
-                             "(host.undrain ends it)", final_state="cancelled", **out)  # fmt: skip
+            raise Ended(OpState.CANCELLED, AgentError(
+                "the drain was cancelled; the host stays in maintenance (host.undrain ends it)",
+                **out))  # fmt: skip
         raise AgentError("not every domain moved; the host stays in maintenance (host.undrain "
                          "ends it)", **out)  # fmt: skip
 
@@ -366,7 +381,7 @@ def recovery(ctx: Context, op: Operation) -> Runner:
         progress = op.progress or {}
         req = msgspec.convert(progress.get("request") or {}, DrainRequest)
         entries = msgspec.convert(progress.get("domains") or [], list[Entry])
-        p.step("recover", interrupted_at=op.step or "start")
+        p.step(StepName.RECOVER, interrupted_at=op.step or "start")
         drain = Drain(ctx, req, entries, p)
         drain.resumed_at = time.time()
         return await drain.run()
@@ -375,6 +390,6 @@ def recovery(ctx: Context, op: Operation) -> Runner:
 
 
 VERBS = [
-    Verb("host.drain", DrainRequest, drain, mutating=True, recover=recovery),
-    Verb("host.undrain", UndrainRequest, undrain, mutating=True),
+    Verb("host.drain", DrainRequest, drain, recover=recovery),
+    Verb("host.undrain", UndrainRequest, undrain),
 ]

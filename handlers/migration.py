@@ -13,7 +13,7 @@ import msgspec
 from msgspec import Meta
 
 from agent import crashpoints
-from agent.envelope import Operation
+from agent.envelope import Operation, StepName
 from agent.errors import AgentError, Conflict, InvalidRequest, LibvirtFailure, Timeout
 from agent.events import domain_state_names
 from agent.fields import MAX_LEASE_S, DomainName, HostId, RequestId
@@ -212,7 +212,7 @@ async def admit(
     earlier release, which admits nothing."""
     if not dest.admission:
         return None
-    p.step("admit", destination=dest.host)
+    p.step(StepName.ADMIT, destination=dest.host)
     req = await admission_request(ctx, dom, p.op.id, timeout_s, primary)
     return await ctx.peers.admit(dest.host, req, PEER_TIMEOUT_S)
 
@@ -255,10 +255,10 @@ async def migrate(ctx: Context, req: MigrateRequest) -> dict[str, Any]:
     async def runner(p: Progress) -> dict[str, Any]:
         admitted = await admit(ctx, p, dom, dest, req.timeout_s)
         try:
-            p.step("migrate", destination=req.destination)
+            p.step(StepName.MIGRATE, destination=req.destination)
             result = await migrate_and_locate(ctx, p, dom, dest, req)
             crashpoints.reached("migrate.done")
-            p.step("verify")
+            p.step(StepName.VERIFY)
             if await ctx.hypervisor.where_is(dom.UUIDString(), dest.libvirt_uri) != "destination":
                 raise AgentError(f"domain is not running on {req.destination} after the migration")
         finally:
@@ -276,7 +276,7 @@ def recovery(ctx: Context, op: Operation) -> Runner:
 
     async def recover(p: Progress) -> dict[str, Any]:
         destination = next((s["destination"] for s in op.steps if s.get("destination")), None)
-        p.step("recover", interrupted_at=op.step or "start")
+        p.step(StepName.RECOVER, interrupted_at=op.step or "start")
         if destination is None:
             raise AgentError("the agent restarted before the migration began; nothing changed")
         dest = await ctx.registry.resolve(destination)
@@ -302,4 +302,4 @@ def recovery(ctx: Context, op: Operation) -> Runner:
     return recover
 
 
-VERBS = [Verb("migrate", MigrateRequest, migrate, mutating=True, recover=recovery)]
+VERBS = [Verb("migrate", MigrateRequest, migrate, recover=recovery)]

@@ -46,5 +46,5 @@ async def op_cancel(ctx: Context, req: CancelRequest) -> Operation:
 VERBS = [
     Verb("operation.get", OpRequest, op_get),
     Verb("operation.list", ListRequest, op_list),
-    Verb("operation.cancel", CancelRequest, op_cancel, mutating=True),
+    Verb("operation.cancel", CancelRequest, op_cancel),
 ]

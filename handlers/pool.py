@@ -47,5 +47,5 @@ async def unquarantine(ctx: Context, req: UnquarantineRequest) -> dict[str, bool
 
 VERBS = [
     Verb("pool.get", PoolRequest, pool_get),
-    Verb("pool.unquarantine", UnquarantineRequest, unquarantine, mutating=True),
+    Verb("pool.unquarantine", UnquarantineRequest, unquarantine),
 ]

@@ -11,10 +11,10 @@ from typing import Any
 import libvirt
 
 from agent.devices import device_element
-from agent.envelope import Operation
+from agent.envelope import Operation, OpState, StepName
 from agent.errors import AgentError, Timeout
 from agent.failover import Settled
-from agent.operations import Progress
+from agent.operations import Ended, Progress
 from handlers import Context
 from handlers.failover.source import BEFORE_CHANGE, release_on, replug_on
 from handlers.failover.steps import (
@@ -36,11 +36,10 @@ def recovery(ctx: Context, op: Operation) -> Any:
         plan = next((s for s in steps if isinstance(s, PlanStep)), None)
         # The step the first process was in (a crash during an earlier recovery keeps it).
         earlier = [s for s in steps if not isinstance(s, (RecoverStep, RollbackStep))]
-        interrupted = as_record(earlier[-1])["step"] if earlier else "plan"
+        interrupted = StepName(as_record(earlier[-1])["step"]) if earlier else StepName.PLAN
         p.record(as_record(RecoverStep(interrupted_at=interrupted)))
         if plan is None:
-            raise AgentError("the agent restarted before the plan was recorded; nothing changed",
-                             final_state="failed")  # fmt: skip
+            raise AgentError("the agent restarted before the plan was recorded; nothing changed")
         dest, alias = plan.destination, plan.primary
         reservation = next((s.reservation for s in steps
                             if isinstance(s, (ReserveStep, UnplugStep)) and s.reservation),
@@ -48,7 +47,7 @@ def recovery(ctx: Context, op: Operation) -> Any:
         # An unplug the crash interrupted may still complete in the guest: the record says
         # so until unplug_grace_s has passed.
         wait = ctx.failover.replug_timeout_s
-        if interrupted == "unplug":
+        if interrupted is StepName.UNPLUG:
             wait += ctx.failover.unplug_grace_s
         deadline = time.monotonic() + wait
         last = ""
@@ -61,19 +60,17 @@ def recovery(ctx: Context, op: Operation) -> Any:
                 return {"recovered": True, "destination": dest, "primary": alias,
                         "interrupted_at": interrupted}  # fmt: skip
             if out == "source":
-                if interrupted != "plan":
+                if interrupted is not StepName.PLAN:
                     await release_on(ctx, dest, reservation, op.id)
                 changed = interrupted not in BEFORE_CHANGE
-                raise AgentError(
+                raise Ended(OpState.ROLLED_BACK if changed else OpState.FAILED, AgentError(
                     f"the agent restarted during {interrupted}; the domain stays on "
-                    f"{ctx.host} with its primary {alias!r}",
-                    final_state="rolled_back" if changed else "failed",
-                )
+                    f"{ctx.host} with its primary {alias!r}"))  # fmt: skip
             # libvirtd may still be migrating it: no deadline while a job runs here.
             if time.monotonic() >= deadline and not await _job_running(ctx, op.domain):
                 break
             await asyncio.sleep(1.0)
-        if interrupted != "plan":
+        if interrupted is not StepName.PLAN:
             await release_on(ctx, dest, reservation, op.id)
         raise Timeout(f"could not settle the interrupted operation ({last or 'still waiting'}); "
                       "the reconcile loop of the host that runs the domain owes its primary",

@@ -17,10 +17,11 @@ import structlog
 from agent import crashpoints
 from agent.backoff import Backoff
 from agent.devices import device_element, unplug
+from agent.envelope import OpState, StepName
 from agent.errors import AgentError, Conflict, InvalidRequest, Timeout
 from agent.failover import NS, OWED, UNPLUGGING, Record, Settled, read_record, write_record
 from agent.nicxml import names_vf
-from agent.operations import Progress, uninterruptible
+from agent.operations import Ended, Progress, uninterruptible
 from agent.peers import (
     PrimaryAsk,
     ReleaseRequest,
@@ -47,7 +48,10 @@ from handlers.failover.steps import (
 from handlers.migration import MigrateRequest, admission_request, migrate_and_locate
 
 log = structlog.get_logger("agent.failover.source")
-BEFORE_CHANGE = ("plan", "reserve")  # steps after which nothing on the source has changed yet
+BEFORE_CHANGE = (
+    StepName.PLAN,
+    StepName.RESERVE,
+)  # steps after which nothing on the source has changed yet
 
 
 async def migrate_with_failover(ctx: Context, req: FailoverRequest) -> dict[str, Any]:
@@ -70,6 +74,13 @@ async def migrate_with_failover(ctx: Context, req: FailoverRequest) -> dict[str,
     flow = Failover(ctx, dom, req, plan, dest)
     op = await ctx.start_operation("migrate_with_failover", dom.UUIDString(), flow.run)
     return {"operation_id": op.id, "state": op.state, "mode": plan.mode}
+
+
+def _owed(exc: BaseException, reason: str) -> None:
+    """Say in the operation's error that its primary is not back yet, and why."""
+    if isinstance(exc, AgentError):
+        exc.details["primary_owed"] = True
+        exc.details["primary_owed_reason"] = reason
 
 
 class Failover:
@@ -105,7 +116,6 @@ class Failover:
 
     async def run(self, p: Progress) -> dict[str, Any]:
         ctx, plan, hv = self.ctx, self.plan, self.ctx.hypervisor
-        operations = ctx.operations
         timeout = ctx.failover.peer_timeout_s
         await self.step(p, PlanStep(mode=plan.mode, mode_reason=plan.mode_reason,
                                     primary=plan.primary, standby=plan.standby, mac=plan.mac,
@@ -157,12 +167,10 @@ class Failover:
                 self.unplugged = True  # QEMU takes the primary out as the migration starts
             result = await self._migrate(p, persist_xml)
             self.migrated = True
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - raised again unless the domain moved
             # Whatever interrupted it (an error, a cancel, the agent stopping), the domain must
             # end on one host with its primary: finished even if cancelled again meanwhile.
-            await uninterruptible(self._after_interruption(p, exc), operations.abandoned)
-            if not self.migrated:
-                raise
+            await self._settle_or_raise(p, exc)
             # The migration completed before the interruption took effect: the VM runs on
             # the destination, and the operation goes on to its primary.
             if isinstance(exc, asyncio.CancelledError):
@@ -314,57 +322,56 @@ class Failover:
     async def _where(self) -> str:
         return await self.ctx.hypervisor.where_is(self.uuid, self.dest.libvirt_uri)
 
-    async def _after_interruption(self, p: Progress, exc: BaseException) -> None:
+    async def _settle_or_raise(self, p: Progress, exc: BaseException) -> None:
+        """After `exc`, settle the domain - even if cancelled again meanwhile - and raise
+        unless the migration had completed anyway."""
+        ended = await uninterruptible(self._after_interruption(p, exc),
+                                      self.ctx.operations.abandoned)  # fmt: skip
         if self.migrated:
             return
+        if ended is not None and isinstance(exc, AgentError):
+            raise Ended(ended, exc) from exc
+        raise exc
+
+    async def _after_interruption(self, p: Progress, exc: BaseException) -> OpState | None:
+        """Settle the domain after `exc`; the state the operation ends in (None: `failed`, or
+        `cancelled` for a cancel)."""
+        if self.migrated:
+            return None
         if self.migrating and await self._where() == "destination":
             # The migration completed before the error or cancel took effect: the record went
             # with the domain and the destination plugs the primary from its reservation.
             self.migrated = True
             self.note(p, migrated_anyway=True, note="the migration completed before it was "
                       "interrupted; the destination plugs the primary")  # fmt: skip
-            return
-        await self._rollback(p, exc)
+            return None
+        return await self._rollback(p, exc)
 
-    async def _rollback(self, p: Progress, exc: BaseException) -> None:
-        """Before the migration completed: the domain stays here; its primary comes back."""
+    async def _rollback(self, p: Progress, exc: BaseException) -> OpState | None:
+        """Before the migration completed: the domain stays here; its primary comes back.
+        `rolled_back` once something had changed; an error's details say whether the primary
+        is owed still."""
         ctx = self.ctx
         await self.step(p, RollbackStep(reason=getattr(exc, "message", type(exc).__name__)))
         if self.reserve_asked:
             await release_on(ctx, self.plan.destination, self.reservation, p.op.id)
         if not self.recorded:
-            return
+            return None
         if self.unplug_in_flight:
             # The guest may still release the device; the reconcile loop plugs it back if so.
-            if isinstance(exc, AgentError):
-                exc.details["final_state"] = "rolled_back"
-                exc.details["primary_owed"] = True
-                exc.details["primary_owed_reason"] = (
-                    "the guest may still release it; the reconcile loop plugs it back if so"
-                )
-            return
+            _owed(exc, "the guest may still release it; the reconcile loop plugs it back if so")
+            return OpState.ROLLED_BACK
         try:
             out = await ctx.reconciler.settle(self.dom, owner=p.op.id, unplug_done=True)
         except AgentError as failed:
             # The domain stays here; its primary is not back yet: the reconcile loop owes it.
-            if isinstance(exc, AgentError):
-                exc.details["final_state"] = "rolled_back"
-                exc.details["primary_owed"] = True
-                exc.details["primary_owed_reason"] = (
-                    f"{failed.message}; this host's reconcile loop plugs it"
-                )
-            return
-        if not isinstance(exc, AgentError):
-            return
+            _owed(exc, f"{failed.message}; this host's reconcile loop plugs it")
+            return OpState.ROLLED_BACK
         if out.settled is Settled.ATTACHED and not self.unplugged:
-            exc.details["final_state"] = "failed"  # the primary never left: nothing changed
-        elif out.settled in (Settled.ATTACHED, Settled.PLUGGED, Settled.NO_RECORD):
-            exc.details["final_state"] = "rolled_back"
-        else:
-            exc.details["final_state"] = "rolled_back"
-            exc.details["primary_owed"] = True
-            exc.details["primary_owed_reason"] = (f"{out.alias} not back yet ({out.why}); the "
-                                                  "reconcile loop plugs it")  # fmt: skip
+            return None  # the primary never left: nothing changed
+        if out.settled not in (Settled.ATTACHED, Settled.PLUGGED, Settled.NO_RECORD):
+            _owed(exc, f"{out.alias} not back yet ({out.why}); the reconcile loop plugs it")
+        return OpState.ROLLED_BACK
 
     async def _verify(self) -> None:
         ctx, plan = self.ctx, self.plan

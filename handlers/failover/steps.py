@@ -9,12 +9,14 @@ from typing import Any
 
 import msgspec
 
+from agent.envelope import StepName
+
 
 class Step(msgspec.Struct, kw_only=True, tag_field="step", omit_defaults=True):
     duration_s: float | None = None  # set by the journal when the step ends
 
 
-class PlanStep(Step, tag="plan"):
+class PlanStep(Step, tag=StepName.PLAN.value):
     mode: str
     mode_reason: str
     primary: str
@@ -24,7 +26,7 @@ class PlanStep(Step, tag="plan"):
     guest: str
 
 
-class ReserveStep(Step, tag="reserve"):
+class ReserveStep(Step, tag=StepName.RESERVE.value):
     host: str
     reservation: str | None = None
     resource: str | None = None
@@ -33,33 +35,33 @@ class ReserveStep(Step, tag="reserve"):
     admission: str | None = None
 
 
-class UnplugStep(Step, tag="unplug"):
+class UnplugStep(Step, tag=StepName.UNPLUG.value):
     alias: str
     mode: str
     reservation: str | None = None
 
 
-class MigrateStep(Step, tag="migrate"):
+class MigrateStep(Step, tag=StepName.MIGRATE.value):
     destination: str
     persistent_primary: str | None = None  # what the destination's definition lists
     migrated_anyway: bool = False
     note: str | None = None
 
 
-class ReplugStep(Step, tag="replug"):
+class ReplugStep(Step, tag=StepName.REPLUG.value):
     host: str
     cancel_ignored: str | None = None
 
 
-class VerifyStep(Step, tag="verify"):
+class VerifyStep(Step, tag=StepName.VERIFY.value):
     cancel_ignored: str | None = None
 
 
-class RollbackStep(Step, tag="rollback"):
+class RollbackStep(Step, tag=StepName.ROLLBACK.value):
     reason: str
 
 
-class RecoverStep(Step, tag="recover"):
+class RecoverStep(Step, tag=StepName.RECOVER.value):
     interrupted_at: str
 
 
