@@ -12,9 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import libvirt
-import libvirt_qemu
-
+from agent.domain import Domain
 from agent.errors import AgentError, InvalidRequest, LibvirtFailure, NotFound, Timeout
 from agent.events import DomainEvent
 from agent.hypervisor import Hypervisor
@@ -43,13 +41,12 @@ def device_xml(domain_xml: str, alias: str) -> str | None:
     return ET.tostring(dev, encoding="unicode")
 
 
-async def defined_form(hv: Hypervisor, dom: Any, live: str, alias: str) -> str:
+async def defined_form(dom: Domain, live: str, alias: str) -> str:
     """A device's definition to record and to plug again: as the domain's definition has it
     (libvirt's inactive XML), so that a port of a hostdev network stays a port of the network
     of that name (its live form names this host's VF); the live form only for a device plugged
     live and never defined."""
-    inactive = await hv.call(dom.XMLDesc, libvirt.VIR_DOMAIN_XML_INACTIVE)
-    device = device_xml(inactive, alias) or device_xml(live, alias)
+    device = device_xml(await dom.xml(inactive=True), alias) or device_xml(live, alias)
     if device is None:
         raise NotFound(f"the domain has no device with alias {alias!r}", alias=alias)
     return device
@@ -152,17 +149,14 @@ def pci_sources(domain_xml: str) -> set[str]:
     return {pci_address(a) for a in found}
 
 
-async def qemu_monitor(hv: Hypervisor, dom: Any, execute: str, **arguments: Any
+async def qemu_monitor(dom: Domain, execute: str, **arguments: Any
                        ) -> tuple[dict[str, Any] | None, str]:  # fmt: skip
     """One QMP command through libvirt's QEMU monitor passthrough (the domain is marked
     tainted `custom-monitor`): QEMU's reply, or None and why it could not be had."""
-
-    def query() -> str:
-        cmd = {"execute": execute, "arguments": arguments}
-        return str(libvirt_qemu.qemuMonitorCommand(dom, json.dumps(cmd), 0))
-
     try:
-        reply = json.loads(await hv.call(query))
+        reply = json.loads(
+            await dom.qemu_monitor(json.dumps({"execute": execute, "arguments": arguments}))
+        )
     except AgentError as exc:
         return None, exc.message
     except ValueError:
@@ -170,7 +164,7 @@ async def qemu_monitor(hv: Hypervisor, dom: Any, execute: str, **arguments: Any
     return (reply, "") if isinstance(reply, dict) else (None, "QEMU's answer was not an object")
 
 
-async def failover_negotiated(hv: Hypervisor, dom: Any, standby: str) -> tuple[bool | None, str]:
+async def failover_negotiated(dom: Domain, standby: str) -> tuple[bool | None, str]:
     """Whether the guest's virtio driver negotiated the failover feature (VIRTIO_NET_F_STANDBY)
     on the standby `standby`, and how that was found. Only a guest that did has a bond that
     carries its traffic while the primary is out; for any other, an unplug cuts it off.
@@ -181,7 +175,7 @@ async def failover_negotiated(hv: Hypervisor, dom: Any, standby: str) -> tuple[b
     QEMU, the check off)."""
 
     backend = f"/machine/peripheral/{standby}/virtio-backend"
-    reply, why = await qemu_monitor(hv, dom, "x-query-virtio-status", path=backend)
+    reply, why = await qemu_monitor(dom, "x-query-virtio-status", path=backend)
     if reply is None:
         return None, f"QEMU's virtio status could not be read: {why}"
     status = reply.get("return") or {}
@@ -193,13 +187,13 @@ async def failover_negotiated(hv: Hypervisor, dom: Any, standby: str) -> tuple[b
     return False, f"QEMU: the guest did not negotiate VIRTIO_NET_F_STANDBY on {standby!r} ({why})"
 
 
-async def qemu_has_device(hv: Hypervisor, dom: Any, alias: str) -> tuple[bool | None, str]:
+async def qemu_has_device(dom: Domain, alias: str) -> tuple[bool | None, str]:
     """Whether QEMU itself has the device `alias` (libvirt's live XML keeps a failover
     primary whatever QEMU did with it: libvirt 9.0 handles neither UNPLUG_PRIMARY nor
     FAILOVER_NEGOTIATED). Asked through the QEMU monitor passthrough, as the guest check is
     (the domain is marked tainted `custom-monitor`); None when it cannot be told."""
 
-    reply, why = await qemu_monitor(hv, dom, "qom-list", path="/machine/peripheral")
+    reply, why = await qemu_monitor(dom, "qom-list", path="/machine/peripheral")
     if reply is None:
         return None, f"QEMU could not be asked: {why}"
     names = {p.get("name") for p in reply.get("return") or [] if isinstance(p, dict)}
@@ -214,7 +208,7 @@ class RemovalFailed(LibvirtFailure):
 
 async def unplug(
     hv: Hypervisor,
-    dom: Any,
+    dom: Domain,
     alias: str,
     timeout_s: float,
     in_flight: Callable[[bool], None] = lambda _now: None,
@@ -227,12 +221,11 @@ async def unplug(
     before the detach may be sent, `in_flight(False)` once the unplug is over: the device left,
     or it stays (libvirt refused the detach, or the guest refused the removal). Returns the
     DEVICE_REMOVED event (its time is when the guest let the device go)."""
-    uuid = dom.UUIDString()
-    done = hv.expect(uuid, ("device_removed", "device_removal_failed"), alias)
+    done = hv.expect(dom.uuid, ("device_removed", "device_removal_failed"), alias)
     try:
         in_flight(True)
         try:
-            await hv.call(dom.detachDeviceAlias, alias, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            await dom.detach_alias(alias)
         except AgentError:
             in_flight(False)  # refused at once: no DEVICE_REMOVED will ever come
             raise
@@ -250,11 +243,12 @@ async def unplug(
     return event
 
 
-async def plug(hv: Hypervisor, dom: Any, xml: str, alias: str, timeout_s: float) -> DomainEvent:
+async def plug(hv: Hypervisor, dom: Domain, xml: str, alias: str, timeout_s: float
+               ) -> DomainEvent:  # fmt: skip
     """Attach to the live domain and wait for DEVICE_ADDED (the event is returned)."""
-    done = hv.expect(dom.UUIDString(), ("device_added",), alias)
+    done = hv.expect(dom.uuid, ("device_added",), alias)
     try:
-        await hv.call(dom.attachDeviceFlags, xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        await dom.attach(xml)
         return await asyncio.wait_for(asyncio.shield(done), timeout_s)
     except TimeoutError:
         raise Timeout(f"no DEVICE_ADDED for {alias!r} within {timeout_s}s", alias=alias) from None

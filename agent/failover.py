@@ -33,7 +33,8 @@ import structlog
 
 from agent.backoff import Backoff
 from agent.devices import device_element, plug, qemu_has_device
-from agent.errors import AgentError, NotFound, Unsupported
+from agent.domain import Domain, DomainState, Job
+from agent.errors import AgentError, NotFound
 from agent.hypervisor import Hypervisor
 from agent.journal import Reservation
 from agent.metrics import Metrics
@@ -88,30 +89,17 @@ def record_from_xml(xml: str) -> Record:
     )  # fmt: skip
 
 
-def _read(dom: Any) -> str | None:
-    try:
-        return str(
-            dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, NS, libvirt.VIR_DOMAIN_AFFECT_LIVE)
-        )
-    except libvirt.libvirtError as exc:
-        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_METADATA:
-            return None
-        raise
-
-
-async def read_record(hv: Hypervisor, dom: Any) -> Record | None:
-    xml = await hv.call(_read, dom)
+async def read_record(dom: Domain) -> Record | None:
+    xml = await dom.metadata(NS)
     return record_from_xml(xml) if xml else None
 
 
-async def write_record(hv: Hypervisor, dom: Any, r: Record) -> None:
-    await hv.call(dom.setMetadata, libvirt.VIR_DOMAIN_METADATA_ELEMENT, record_to_xml(r),
-                  PREFIX, NS, libvirt.VIR_DOMAIN_AFFECT_LIVE)  # fmt: skip
+async def write_record(dom: Domain, r: Record) -> None:
+    await dom.set_metadata(NS, PREFIX, record_to_xml(r))
 
 
-async def clear_record(hv: Hypervisor, dom: Any) -> None:
-    await hv.call(dom.setMetadata, libvirt.VIR_DOMAIN_METADATA_ELEMENT, None, None, NS,
-                  libvirt.VIR_DOMAIN_AFFECT_LIVE)  # fmt: skip
+async def clear_record(dom: Domain) -> None:
+    await dom.set_metadata(NS, PREFIX, None)
 
 
 class Settled(enum.Enum):
@@ -198,7 +186,7 @@ class Reconciler:
             self.kick.set()
 
     async def settle(
-        self, dom: Any, owner: str | None = None, unplug_done: bool = False
+        self, dom: Domain, owner: str | None = None, unplug_done: bool = False
     ) -> Outcome:
         """Bring one domain's primary back in line with its record (see the module doc).
         `owner`: the id of this agent's operation that holds the domain and asks itself.
@@ -206,15 +194,15 @@ class Reconciler:
         refused), so an attached device is not going away; otherwise an `unplugging` record
         with the device attached waits for unplug_grace_s."""
         hv = self.hv
-        uuid = dom.UUIDString()
+        uuid = dom.uuid
         async with self.lock(uuid):
-            rec = await read_record(hv, dom)
+            rec = await read_record(dom)
             if rec is None:
                 return Outcome(Settled.NO_RECORD)
             why = await self._not_now(dom, uuid, owner)
             if why:
                 return Outcome(Settled.WAITING, rec.alias, why)
-            live = await hv.call(dom.XMLDesc, 0)
+            live = await dom.xml()
             attached = device_element(live, rec.alias)
             moved_in = rec.source != self.host
             if attached is not None:
@@ -223,7 +211,7 @@ class Reconciler:
                     return Outcome(Settled.WAITING, rec.alias, "an unplug may still be in flight")
                 if moved_in and rec.mode == "qemu":
                     # libvirt lists the primary whatever QEMU did with it: QEMU is asked.
-                    present, how = await qemu_has_device(hv, dom, rec.alias)
+                    present, how = await qemu_has_device(dom, rec.alias)
                     if not present:
                         return Outcome(Settled.WAITING, rec.alias,
                                        f"QEMU has not plugged the primary back: {how}")  # fmt: skip
@@ -231,7 +219,7 @@ class Reconciler:
                 if moved_in and res is not None:
                     # Plugged here by an earlier attempt whose DEVICE_ADDED came late.
                     await self._sync_config(dom, self._definition(res, rec), rec.alias)
-                await clear_record(hv, dom)
+                await clear_record(dom)
                 if res is not None:
                     await self.pool.release(res.id)
                 return Outcome(Settled.ATTACHED, rec.alias)
@@ -249,64 +237,57 @@ class Reconciler:
             while len(self.plugged_at) > PLUGGED_KEPT:
                 self.plugged_at.popitem(last=False)
             await self._sync_config(dom, xml, rec.alias)
-            await clear_record(hv, dom)
+            await clear_record(dom)
             self.metrics.replugs.labels("plugged").inc()
             return Outcome(Settled.PLUGGED, rec.alias)
 
     def _definition(self, res: Reservation, rec: Record) -> str:
         return self.pool.definition(res.resource, rec.device, rec.mac, rec.carry)
 
-    async def _not_now(self, dom: Any, uuid: str, owner: str | None) -> str:
+    async def _not_now(self, dom: Domain, uuid: str, owner: str | None) -> str:
         holder = self.busy(uuid)
         if holder is not None and holder != owner:
             return f"operation {holder} holds it"
-        state, _ = await self.hv.call(dom.state)
-        if state != libvirt.VIR_DOMAIN_RUNNING:
+        state, _ = await dom.state()
+        if state is not DomainState.RUNNING:
             return NOT_RUNNING
-        try:
-            job = await self.hv.call(dom.jobInfo)
-        except Unsupported as exc:
-            if exc.details.get("libvirt_code") == libvirt.VIR_ERR_OPERATION_UNSUPPORTED:
-                # libvirt's qemu driver on an incoming migration: "statistics are available
-                # only on the source host" - a job runs.
-                return "an incoming migration is running"
-            return ""  # a driver without jobs (libvirt's test driver) runs no migration either
-        if job[0] != libvirt.VIR_DOMAIN_JOB_NONE:
+        job = await dom.job()
+        if job is Job.INCOMING:
+            return "an incoming migration is running"
+        if job is Job.RUNNING:
             return "a job is active"
         return ""
 
-    async def _sync_config(self, dom: Any, xml: str, alias: str) -> None:
+    async def _sync_config(self, dom: Domain, xml: str, alias: str) -> None:
         """The persistent definition keeps the primary all along (the live unplug leaves it);
         it changes only when this host plugged a different resource than it lists."""
-        hv = self.hv
-        if not await hv.call(dom.isPersistent):
+        if not await dom.persistent():
             return
-        inactive = await hv.call(dom.XMLDesc, libvirt.VIR_DOMAIN_XML_INACTIVE)
-        cur = device_element(inactive, alias)
+        cur = device_element(await dom.xml(inactive=True), alias)
         if cur is None:
             # Migrated here with the primary left out of its definition (the source did not
             # know what this host would plug): the plugged one is defined now.
-            await hv.call(dom.attachDeviceFlags, xml, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+            await dom.attach(xml, live=False, config=True)
             return
         cur_xml = ET.tostring(cur, encoding="unicode")
         if _same_nic(cur_xml, xml):
             return
 
-        def replace() -> None:
+        def replace(d: Any) -> None:
             # One executor call: a cancel of the caller cannot split detach from attach.
             config = libvirt.VIR_DOMAIN_AFFECT_CONFIG
-            dom.detachDeviceFlags(cur_xml, config)
+            d.detachDeviceFlags(cur_xml, config)
             try:
-                dom.attachDeviceFlags(xml, config)
+                d.attachDeviceFlags(xml, config)
             except libvirt.libvirtError:
-                dom.attachDeviceFlags(cur_xml, config)  # keep the old primary rather than none
+                d.attachDeviceFlags(cur_xml, config)  # keep the old primary rather than none
                 raise
 
-        await hv.call(replace)
+        await dom.run(replace)
 
-    async def _settle_counted(self, dom: Any, now: float) -> bool:
+    async def _settle_counted(self, dom: Domain, now: float) -> bool:
         """Settle one domain with per-domain back-off; whether it is still owed a primary."""
-        uuid = dom.UUIDString()
+        uuid = dom.uuid
         when, backoff = self._retry_at.get(uuid, (0.0, None))
         if now < when:
             return True
@@ -343,10 +324,10 @@ class Reconciler:
         hv = self.hv
         if hv.conn is None or not hv.connected:
             return 0
-        doms = await hv.call(hv.conn.listAllDomains, libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+        doms = await hv.running()
         now = time.monotonic()
         owed = 0
-        running = {d.UUIDString() for d in doms}
+        running = {d.uuid for d in doms}
         for gone in self._retry_at.keys() - running:
             del self._retry_at[gone]  # stopped or gone: its back-off is over
         self._paused_owed &= running
@@ -365,7 +346,7 @@ class Reconciler:
         now = time.monotonic()
         for uuid in due:
             try:
-                dom = await hv.call(hv.conn.lookupByUUIDString, uuid)
+                dom = await hv.domain(uuid)
             except AgentError:
                 self._forget(uuid)
                 continue  # gone again

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
@@ -22,9 +23,11 @@ import structlog
 
 from agent import libvirt_loop
 from agent.backoff import Backoff
+from agent.domain import Domain, Job, job_of
 from agent.errors import (
     AgentError,
     Conflict,
+    InvalidRequest,
     LibvirtFailure,
     NotFound,
     Timeout,
@@ -40,6 +43,7 @@ from agent.events import (
     domain_ref,
     domain_state_names,
 )
+from agent.fields import UUID_RE
 from agent.metrics import Metrics
 from agent.settings import LibvirtSettings
 
@@ -115,6 +119,7 @@ class Hypervisor:
         self._busy = 0
         self._bound = settings.executor_workers + settings.executor_queue
         self.decode_errors = 0
+        self._cpu: str | None = None  # the host CPU, from the capabilities of this connection
         self._waiters: dict[tuple[str, str, str | None], list[asyncio.Future[DomainEvent]]] = {}
         # Told of every event of a type: the state tracker and the failover reconciler follow
         # lifecycle events, a running migration its migration_iteration events.
@@ -155,6 +160,7 @@ class Hypervisor:
             with contextlib.suppress(libvirt.libvirtError):
                 conn.setKeepAlive(self.settings.keepalive_interval_s, self.settings.keepalive_count)
         self._closed.clear()
+        self._cpu = None
         with contextlib.suppress(libvirt.libvirtError):
             conn.registerCloseCallback(self._on_close, None)
         self.conn = conn
@@ -288,6 +294,50 @@ class Hypervisor:
         # Let libvirt's free-callbacks for the closed connection run on the loop.
         await asyncio.sleep(0)
 
+    # ------------------------------------------------------------ domains
+
+    def _conn(self) -> Any:
+        conn = self.conn
+        if conn is None or not self.connected:
+            raise Unavailable("libvirt is not connected", uri=self.uri)
+        return conn
+
+    async def find(self, uuid: str) -> Domain | None:
+        """The domain with this UUID, or None."""
+        conn = self._conn()
+
+        def look() -> Any:
+            try:
+                return conn.lookupByUUIDString(uuid)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    return None
+                raise
+
+        raw = await self.call(look)
+        return None if raw is None else Domain(self.call, raw)
+
+    async def domain(self, uuid: str) -> Domain:
+        """The domain with this UUID; `not_found` otherwise."""
+        dom = await self.find(uuid)
+        if dom is None:
+            raise NotFound(f"domain {uuid!r} not found", domain=uuid)
+        return dom
+
+    async def lookup(self, name_or_uuid: str) -> Domain:
+        """The domain a request names (a UUID or a name); `not_found` names what was asked
+        for. A name may look like a UUID: what is asked for is the domain with that UUID or
+        that name, and when one domain has it as UUID and another as name, the request is
+        ambiguous."""
+        raw = await self.call(_lookup, self._conn(), name_or_uuid)
+        return Domain(self.call, raw)
+
+    async def running(self) -> list[Domain]:
+        """Every active domain."""
+        raws = await self.call(self._conn().listAllDomains,
+                               libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)  # fmt: skip
+        return [Domain(self.call, r) for r in raws]
+
     # ------------------------------------------------------------ queries
 
     async def versions(self) -> tuple[str, str]:
@@ -327,17 +377,14 @@ class Hypervisor:
     async def where_is(self, uuid: str, dest_uri: str | None) -> str:
         """Where a domain runs after a migration (whatever the call or the events said):
         "source" (this host), "destination" (the libvirt at `dest_uri`) or "nowhere"."""
-        conn = self.conn
-        if conn is None or not self.connected:
-            raise Unavailable("libvirt is not connected", uri=self.uri)
-
-        def local() -> bool:
-            try:
-                return bool(conn.lookupByUUIDString(uuid).isActive())
-            except libvirt.libvirtError:
-                return False
-
-        if await self.call(local):
+        try:
+            dom = await self.find(uuid)
+            here = dom is not None and await dom.is_active()
+        except Unavailable:
+            raise
+        except AgentError:
+            here = False  # gone between the lookup and the question
+        if here:
             return "source"
         if dest_uri is not None:
             active, _ = await self.remote_domain(dest_uri, uuid)
@@ -349,7 +396,10 @@ class Hypervisor:
         conn = self.conn
         if conn is None:
             raise Unavailable("libvirt is not connected", uri=self.uri)
-        return await self.call(_host_load, conn)
+        load = await self.call(_host_load, conn)
+        if self._cpu is None:  # read once per connection
+            self._cpu = host_cpu(await self.call(conn.getCapabilities))
+        return dataclasses.replace(load, cpu=self._cpu)
 
     async def snapshot(self) -> list[DomainSnapshot]:
         """uuid, name, state and reason of every domain, defined or running."""
@@ -410,15 +460,35 @@ def _host_load(conn: Any) -> HostLoad:
             uuid, max_memory = dom.UUIDString(), int(dom.maxMemory())
         except libvirt.libvirtError:
             continue  # gone between the listing and the query
-        incoming = False
         try:
-            dom.jobInfo()
-        except libvirt.libvirtError as exc:
-            # libvirt's qemu driver on an incoming migration: "statistics are available only
-            # on the source host" (a driver without jobs answers no-support instead).
-            incoming = exc.get_error_code() == libvirt.VIR_ERR_OPERATION_UNSUPPORTED
+            incoming = job_of(dom) is Job.INCOMING
+        except libvirt.libvirtError:
+            continue  # gone
         domains.append(DomainLoad(uuid, max_memory, incoming))
-    return HostLoad(memory_kib, domains, str(info[0]), host_cpu(conn.getCapabilities()))
+    return HostLoad(memory_kib, domains, str(info[0]))
+
+
+def _lookup(conn: Any, name_or_uuid: str) -> Any:  # runs on the executor
+    def one(lookup: Callable[[str], Any]) -> Any:
+        try:
+            return lookup(name_or_uuid)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise
+
+    by_uuid = one(conn.lookupByUUIDString) if UUID_RE.match(name_or_uuid) else None
+    by_name = one(conn.lookupByName)
+    if by_uuid is not None and by_name is not None and by_uuid.UUID() != by_name.UUID():
+        raise InvalidRequest(
+            f"{name_or_uuid!r} is the UUID of domain {by_uuid.name()!r} and the name of domain "
+            f"{by_name.UUIDString()}; ask for one of them by the other's UUID or name",
+            domain=name_or_uuid,
+        )
+    dom = by_uuid or by_name
+    if dom is None:
+        raise NotFound(f"domain {name_or_uuid!r} not found", domain=name_or_uuid)
+    return dom
 
 
 def host_cpu(capabilities: str) -> str:

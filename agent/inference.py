@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 import structlog
 
 from agent.backoff import Backoff
+from agent.domain import ACTIVE
 from agent.envelope import LibvirtConnected, LibvirtDisconnected, resync_parts
 from agent.errors import AgentError
 from agent.events import DomainEvent, DomainRef, DomainSnapshot, Lifecycle
@@ -33,7 +34,6 @@ from agent.settings import LibvirtSettings
 
 log = structlog.get_logger("agent.inference")
 
-ACTIVE = frozenset({"running", "blocked", "paused", "shutdown", "pmsuspended"})
 # The state a domain is in after a lifecycle event (events that change no state are absent).
 AFTER_EVENT = {
     "started": "running",

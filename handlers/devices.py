@@ -12,7 +12,6 @@ from agent.devices import alias_of, defined_form, device_xml, plug, template_xml
 from agent.errors import Conflict, InvalidRequest, NotFound
 from agent.fields import Alias, DomainName, RequestId, TemplateName
 from handlers import Context, Verb
-from handlers.domain import find_domain
 
 
 class DetachRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -32,17 +31,17 @@ class AttachRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 async def detach(ctx: Context, req: DetachRequest) -> dict[str, Any]:
     hv = ctx.hypervisor
-    dom = await find_domain(ctx, req.domain)
-    uuid = dom.UUIDString()
+    dom = await hv.lookup(req.domain)
+    uuid = dom.uuid
     async with ctx.exclusive(uuid):
-        live = await hv.call(dom.XMLDesc, 0)
+        live = await dom.xml()
         if device_xml(live, req.alias) is None:
             raise NotFound(
                 f"domain {req.domain!r} has no device with alias {req.alias!r}", alias=req.alias
             )
         # As defined: a port of a hostdev network is recorded as the port, not as the VF its
         # network gave it (device.attach would plug that VF by address behind its back).
-        xml = await defined_form(hv, dom, live, req.alias)
+        xml = await defined_form(dom, live, req.alias)
         ctx.operations.journal.record_device(uuid, req.alias, xml)
         await unplug(hv, dom, req.alias, ctx.devices.detach_timeout_s)
     return {"alias": req.alias, "removed": True, "recorded": True}
@@ -52,8 +51,8 @@ async def attach(ctx: Context, req: AttachRequest) -> dict[str, Any]:
     hv = ctx.hypervisor
     if (req.template is None) == (req.alias is None):
         raise InvalidRequest("give exactly one of template or alias")
-    dom = await find_domain(ctx, req.domain)
-    uuid = dom.UUIDString()
+    dom = await hv.lookup(req.domain)
+    uuid = dom.uuid
     if req.template is not None:
         xml = template_xml(ctx.devices, req.template)
     else:
@@ -67,7 +66,7 @@ async def attach(ctx: Context, req: AttachRequest) -> dict[str, Any]:
         xml = recorded
     alias = alias_of(xml)
     async with ctx.exclusive(uuid):
-        live = await hv.call(dom.XMLDesc, 0)
+        live = await dom.xml()
         if device_xml(live, alias) is not None:
             raise Conflict(
                 f"domain {req.domain!r} already has a device with alias {alias!r}", alias=alias

@@ -6,13 +6,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import libvirt
 import msgspec
 
 from agent.devices import failover_negotiated, interfaces
-from agent.errors import Conflict, InvalidRequest, NotFound, Unavailable
-from agent.events import DomainSnapshot, domain_ref, domain_state_names
-from agent.fields import UUID_RE, DomainName, RequestId
+from agent.domain import ACTIVE, Domain, DomainState
+from agent.domain import DomainState as S
+from agent.errors import Conflict, Unavailable
+from agent.events import DomainSnapshot, domain_state_names
+from agent.fields import DomainName, RequestId
 from handlers import Context, HostContext, Verb
 
 
@@ -49,55 +50,24 @@ class DomainInfo(msgspec.Struct, frozen=True):
     failover: GuestFailover | None = None
 
 
-def _lookup(conn: Any, name_or_uuid: str) -> Any:  # runs on the executor
-    """A domain by UUID or name; NotFound names what was asked for. A name may look like a
-    UUID: what is asked for is the domain with that UUID or that name, and when one domain
-    has it as UUID and another as name, the request is ambiguous."""
-
-    def one(lookup: Callable[[str], Any]) -> Any:
-        try:
-            return lookup(name_or_uuid)
-        except libvirt.libvirtError as exc:
-            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                return None
-            raise
-
-    by_uuid = one(conn.lookupByUUIDString) if UUID_RE.match(name_or_uuid) else None
-    by_name = one(conn.lookupByName)
-    if by_uuid is not None and by_name is not None and by_uuid.UUID() != by_name.UUID():
-        raise InvalidRequest(
-            f"{name_or_uuid!r} is the UUID of domain {by_uuid.name()!r} and the name of domain "
-            f"{by_name.UUIDString()}; ask for one of them by the other's UUID or name",
-            domain=name_or_uuid,
-        )
-    dom = by_uuid or by_name
-    if dom is None:
-        raise NotFound(f"domain {name_or_uuid!r} not found", domain=name_or_uuid)
-    return dom
-
-
-async def find_domain(ctx: HostContext, name_or_uuid: str) -> Any:
+async def find_domain(ctx: HostContext, name_or_uuid: str) -> Domain:
     """The domain named by a request (name or UUID); `not_found` names what was asked for."""
-    return await ctx.hypervisor.call(_lookup, ctx.conn(), name_or_uuid)
+    return await ctx.hypervisor.lookup(name_or_uuid)
 
 
-def _info(dom: Any) -> DomainInfo:
-    state, reason = dom.state()
+async def domain_info(dom: Domain) -> DomainInfo:
+    def read(d: Any) -> tuple[int, int, bool, bool]:
+        state, reason = d.state()
+        persistent = bool(d.isPersistent())
+        return state, reason, persistent, bool(d.autostart()) if persistent else False
+
+    state, reason, persistent, autostart = await dom.run(read)
+    info = await dom.info()
     st, rs = domain_state_names(state, reason)
-    _, max_mem, mem, vcpus, _ = dom.info()
-    ref = domain_ref(dom)
-    return DomainInfo(
-        uuid=ref.uuid,
-        name=ref.name,
-        id=ref.id,
-        state=st,
-        reason=rs,
-        persistent=bool(dom.isPersistent()),
-        autostart=bool(dom.autostart()) if dom.isPersistent() else False,
-        vcpus=int(vcpus),
-        memory_kib=int(mem),
-        max_memory_kib=int(max_mem),
-    )
+    ref = dom.ref()
+    return DomainInfo(uuid=ref.uuid, name=ref.name, id=ref.id, state=st, reason=rs,
+                      persistent=persistent, autostart=autostart, vcpus=info.vcpus,
+                      memory_kib=info.memory_kib, max_memory_kib=info.max_memory_kib)  # fmt: skip
 
 
 async def domain_list(ctx: Context, _: ListRequest) -> list[DomainSnapshot]:
@@ -107,20 +77,16 @@ async def domain_list(ctx: Context, _: ListRequest) -> list[DomainSnapshot]:
 
 async def domain_get(ctx: Context, req: DomainRequest) -> DomainInfo:
     dom = await find_domain(ctx, req.domain)
-    info = await ctx.hypervisor.call(_info, dom)
-    if ctx.failover.guest_check != "monitor" or info.state != "running":
+    info = await domain_info(dom)
+    if ctx.failover.guest_check != "monitor" or info.state != DomainState.RUNNING:
         return info
-    live = await ctx.hypervisor.call(dom.XMLDesc, 0)
-    standby = next((n for n in interfaces(live) if n.teaming == "persistent"), None)
+    standby = next((n for n in interfaces(await dom.xml()) if n.teaming == "persistent"), None)
     if standby is None:
         return info
-    negotiated, how = await failover_negotiated(ctx.hypervisor, dom, standby.alias)
+    negotiated, how = await failover_negotiated(dom, standby.alias)
     return msgspec.structs.replace(
         info, failover=GuestFailover(standby=standby.alias, negotiated=negotiated, how=how)
     )
-
-
-ACTIVE = frozenset({"running", "paused", "blocked", "pmsuspended", "shutdown"})
 
 
 class StartRequest(DomainRequest, frozen=True, forbid_unknown_fields=True):
@@ -129,7 +95,7 @@ class StartRequest(DomainRequest, frozen=True, forbid_unknown_fields=True):
 
 
 def _action(
-    name: str, act: Callable[[Any], Any], needs: frozenset[str],
+    name: str, act: Callable[[Any], Any], needs: frozenset[DomainState],
     request: type[DomainRequest] = DomainRequest,
 ) -> Verb:  # fmt: skip
     """A lifecycle verb: checked against the domain's state first, so every driver answers
@@ -142,31 +108,30 @@ def _action(
                 raise Unavailable(f"this host is in maintenance ({m.get('state')}); domain.start "
                                   "with force starts it anyway", reason="maintenance")  # fmt: skip
         dom = await find_domain(ctx, req.domain)
-        async with ctx.exclusive(dom.UUIDString()):
-            state, reason = await ctx.hypervisor.call(dom.state)
-            st, _ = domain_state_names(state, reason)
-            if st not in needs:
+        async with ctx.exclusive(dom.uuid):
+            state, _ = await dom.state()
+            if state not in needs:
                 raise Conflict(
-                    f"domain {req.domain!r} is {st}; domain.{name} needs it "
+                    f"domain {req.domain!r} is {state}; domain.{name} needs it "
                     + " or ".join(sorted(needs)),
                     domain=req.domain,
-                    state=st,
+                    state=state,
                 )
-            await ctx.hypervisor.call(act, dom)
-            return await ctx.hypervisor.call(_info, dom)
+            await dom.run(act)
+            return await domain_info(dom)
 
     return Verb(f"domain.{name}", request, handler)
 
 
+STOPPED = frozenset({S.SHUTOFF, S.CRASHED, S.NOSTATE})
+
 VERBS = [
     Verb("domain.list", ListRequest, domain_list),
     Verb("domain.get", DomainRequest, domain_get),
-    _action(
-        "start", lambda d: d.create(), frozenset({"shutoff", "crashed", "nostate"}), StartRequest
-    ),
-    _action("shutdown", lambda d: d.shutdown(), frozenset({"running", "paused", "blocked"})),
+    _action("start", lambda d: d.create(), STOPPED, StartRequest),
+    _action("shutdown", lambda d: d.shutdown(), frozenset({S.RUNNING, S.PAUSED, S.BLOCKED})),
     _action("destroy", lambda d: d.destroy(), ACTIVE),
-    _action("reboot", lambda d: d.reboot(0), frozenset({"running", "blocked"})),
-    _action("suspend", lambda d: d.suspend(), frozenset({"running", "blocked"})),
-    _action("resume", lambda d: d.resume(), frozenset({"paused"})),
+    _action("reboot", lambda d: d.reboot(0), frozenset({S.RUNNING, S.BLOCKED})),
+    _action("suspend", lambda d: d.suspend(), frozenset({S.RUNNING, S.BLOCKED})),
+    _action("resume", lambda d: d.resume(), frozenset({S.PAUSED})),
 ]

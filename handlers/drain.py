@@ -26,6 +26,7 @@ import msgspec
 from msgspec import Meta
 
 from agent.devices import failover_negotiated, interfaces
+from agent.domain import Domain
 from agent.envelope import FINAL, Operation, OpState, StepName
 from agent.errors import AgentError, Conflict, InvalidRequest
 from agent.fields import DomainName, HostId, RequestId
@@ -111,13 +112,11 @@ def cpu_needed(live: str, source_cpu: str) -> str:
     return ""
 
 
-async def _vm(ctx: Context, dom: Any, req: DrainRequest, arch: str, source_cpu: str) -> Vm:
+async def _vm(ctx: Context, dom: Domain, req: DrainRequest, arch: str, source_cpu: str) -> Vm:
     """The planner's view of one domain: its memory, whether it has a failover pair, and why
     it cannot move at all."""
-    hv = ctx.hypervisor
-    info = await hv.call(dom.info)
-    uuid, name = dom.UUIDString(), dom.name()
-    live = await hv.call(dom.XMLDesc, 0)
+    info = await dom.info()
+    live = await dom.xml()
     needs_primary, unmovable = False, ""
     try:
         _, standby = find_pair(interfaces(live), None)
@@ -130,10 +129,10 @@ async def _vm(ctx: Context, dom: Any, req: DrainRequest, arch: str, source_cpu: 
         if standby is None and not req.force:
             unmovable = "its passthrough NIC has no standby (force moves it without network)"
         elif standby is not None and ctx.failover.guest_check == "monitor" and not req.force:
-            negotiated, how = await failover_negotiated(hv, dom, standby.alias)
+            negotiated, how = await failover_negotiated(dom, standby.alias)
             if negotiated is False:
                 unmovable = f"the guest never negotiated failover ({how}); force moves it"
-    return Vm(uuid=uuid, name=name, memory_kib=int(info[1]), arch=arch,
+    return Vm(uuid=dom.uuid, name=dom.name, memory_kib=info.max_memory_kib, arch=arch,
               needs_primary=needs_primary, unmovable=unmovable,
               cpu=cpu_needed(live, source_cpu))  # fmt: skip
 
@@ -152,13 +151,12 @@ def _destination(reg: Registration) -> Destination:
 
 
 async def make_drain_plan(ctx: Context, req: DrainRequest) -> list[Placement]:
-    conn = ctx.conn()
     load = await ctx.hypervisor.host_load()
-    doms = await ctx.hypervisor.call(conn.listAllDomains, 1)  # VIR_CONNECT_LIST_DOMAINS_ACTIVE
+    doms = await ctx.hypervisor.running()
     if req.domains is not None:
         wanted = set(req.domains)
-        doms = [d for d in doms if d.name() in wanted or d.UUIDString() in wanted]
-        missing = wanted - {d.name() for d in doms} - {d.UUIDString() for d in doms}
+        doms = [d for d in doms if d.name in wanted or d.uuid in wanted]
+        missing = wanted - {d.name for d in doms} - {d.uuid for d in doms}
         if missing:
             raise InvalidRequest(f"not active here: {', '.join(sorted(missing))}",
                                  domains=sorted(missing))  # fmt: skip

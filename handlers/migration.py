@@ -13,15 +13,14 @@ import msgspec
 from msgspec import Meta
 
 from agent import crashpoints
+from agent.domain import Domain, DomainState, Job
 from agent.envelope import Operation, StepName
 from agent.errors import AgentError, Conflict, InvalidRequest, LibvirtFailure, Timeout
-from agent.events import domain_state_names
 from agent.fields import MAX_LEASE_S, DomainName, HostId, RequestId
 from agent.operations import Progress, Runner
 from agent.peers import AdmitReply, AdmitRequest, PrimaryAsk, ReleaseRequest
 from agent.registry import Registration
 from handlers import Context, Verb
-from handlers.domain import find_domain
 
 MIGRATE_FLAGS = libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER
 PERSISTENT_FLAGS = libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
@@ -119,32 +118,31 @@ ADMIT_SLACK_S = 120.0  # an admission's lease beyond the migration's own timeout
 PEER_TIMEOUT_S = 30.0
 
 
-async def max_downtime(hv: Any, dom: Any) -> int:
+async def max_downtime(dom: Domain) -> int:
     """The domain's downtime limit; QEMU's default where the driver cannot say (libvirt-python
     answers None, not an error, when the driver lacks the call)."""
     try:
-        downtime = await hv.call(dom.migrateGetMaxDowntime, 0)
+        downtime = await dom.run(lambda d: d.migrateGetMaxDowntime(0))
     except LibvirtFailure:
         return DEFAULT_DOWNTIME_MS
     return downtime if isinstance(downtime, int) and downtime > 0 else DEFAULT_DOWNTIME_MS
 
 
-async def run_migration(ctx: Context, p: Progress, dom: Any, dest_uri: str, req: MigrateRequest,
+async def run_migration(ctx: Context, p: Progress, dom: Domain, dest_uri: str, req: MigrateRequest,
                         migration_uri: str = "", persist_xml: str | None = None,
                         ) -> dict[str, Any]:  # fmt: skip
     """The migration itself, reporting progress; aborts the job on timeout or cancellation.
     A persistent domain arrives persistent (with `persist_xml` as its definition when given)
     and leaves no definition here; a transient one stays transient."""
     hv = ctx.hypervisor
-    params, flags = migration_call(req, migration_uri, await hv.call(dom.isPersistent),
-                                   persist_xml)  # fmt: skip
-    downtime = await max_downtime(hv, dom)
+    params, flags = migration_call(req, migration_uri, await dom.persistent(), persist_xml)
+    downtime = await max_downtime(dom)
     if req.max_downtime_ms and req.max_downtime_ms < downtime:
         downtime = req.max_downtime_ms
-        await hv.call(dom.migrateSetMaxDowntime, downtime, 0)
+        await dom.run(lambda d: d.migrateSetMaxDowntime(req.max_downtime_ms, 0))
     policy = Convergence(downtime, req.max_downtime_ms or downtime, req.postcopy)
     started = time.monotonic()
-    uuid = dom.UUIDString()
+    uuid = dom.uuid
     iterations = [0]
 
     def on_iteration(event: Any) -> None:
@@ -154,18 +152,18 @@ async def run_migration(ctx: Context, p: Progress, dom: Any, dest_uri: str, req:
             p.update(**{**p.op.progress, "iteration": event.data.iteration})
 
     stop_listening = hv.listen("migration_iteration", on_iteration)
-    job = asyncio.ensure_future(hv.call(dom.migrateToURI3, dest_uri, params, flags))
+    job = asyncio.ensure_future(dom.run(lambda d: d.migrateToURI3(dest_uri, params, flags)))
     try:
         while not job.done():
             await asyncio.wait({job}, timeout=POLL_S)
             if job.done():
                 break
-            stats = await hv.call(_stats, dom)
+            stats = await dom.run(_stats)
             action = policy.observe(stats.get("data_remaining"))
             if action == "downtime":
-                await hv.call(dom.migrateSetMaxDowntime, policy.downtime_ms, 0)
+                await dom.run(lambda d: d.migrateSetMaxDowntime(policy.downtime_ms, 0))
             elif action == "postcopy":
-                await hv.call(dom.migrateStartPostCopy, 0)
+                await dom.run(lambda d: d.migrateStartPostCopy(0))
             p.update(**stats, **policy.state(), passes=iterations[0])
             if time.monotonic() - started > req.timeout_s:
                 raise Timeout(f"migration did not finish within {req.timeout_s}s; aborted",  # noqa: TRY301 - the handler below aborts the job for every way out
@@ -177,7 +175,7 @@ async def run_migration(ctx: Context, p: Progress, dom: Any, dest_uri: str, req:
         # caller's back; whether it landed before the abort took is for the caller to check.
         if not job.done():
             with contextlib.suppress(AgentError):
-                await hv.call(dom.abortJob)
+                await dom.run(lambda d: d.abortJob())
         with contextlib.suppress(AgentError, asyncio.CancelledError):
             await job
         raise
@@ -188,7 +186,7 @@ async def run_migration(ctx: Context, p: Progress, dom: Any, dest_uri: str, req:
 
 
 async def migrate_and_locate(
-    ctx: Context, p: Progress, dom: Any, dest: Registration, req: MigrateRequest,
+    ctx: Context, p: Progress, dom: Domain, dest: Registration, req: MigrateRequest,
     persist_xml: str | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """The migration, judged by where the domain runs afterwards (both libvirts), not by what
@@ -197,14 +195,14 @@ async def migrate_and_locate(
         return await run_migration(ctx, p, dom, dest.libvirt_uri, req, dest.migration_uri,
                                    persist_xml)  # fmt: skip
     except AgentError as exc:
-        if await ctx.hypervisor.where_is(dom.UUIDString(), dest.libvirt_uri) != "destination":
+        if await ctx.hypervisor.where_is(dom.uuid, dest.libvirt_uri) != "destination":
             raise
         return {"note": f"the migration call failed ({exc.message}) but the domain runs on "
                         f"{req.destination}"}  # fmt: skip
 
 
 async def admit(
-    ctx: Context, p: Progress, dom: Any, dest: Registration, timeout_s: float,
+    ctx: Context, p: Progress, dom: Domain, dest: Registration, timeout_s: float,
     primary: PrimaryAsk | None = None,
 ) -> AdmitReply | None:  # fmt: skip
     """Ask the destination to admit this migration (contract v1.2), when it admits: refused
@@ -218,14 +216,14 @@ async def admit(
 
 
 async def admission_request(
-    ctx: Context, dom: Any, op_id: str, timeout_s: float, primary: PrimaryAsk | None
+    ctx: Context, dom: Domain, op_id: str, timeout_s: float, primary: PrimaryAsk | None
 ) -> AdmitRequest:
     """What the destination admits: the domain's maximum memory and vCPUs, for as long as the
     migration may take."""
-    info = await ctx.hypervisor.call(dom.info)  # state, max memory (KiB), memory, vcpus, cpu time
+    info = await dom.info()
     return AdmitRequest(
-        operation_id=op_id, domain=dom.UUIDString(), name=dom.name(), memory_kib=int(info[1]),
-        vcpus=int(info[3]), primary=primary, lease_s=min(timeout_s + ADMIT_SLACK_S, MAX_LEASE_S),
+        operation_id=op_id, domain=dom.uuid, name=dom.name, memory_kib=info.max_memory_kib,
+        vcpus=info.vcpus, primary=primary, lease_s=min(timeout_s + ADMIT_SLACK_S, MAX_LEASE_S),
     )  # fmt: skip
 
 
@@ -238,18 +236,16 @@ async def release_admission(ctx: Context, host: str, admitted: AdmitReply) -> No
 
 
 async def migrate(ctx: Context, req: MigrateRequest) -> dict[str, Any]:
-    ctx.conn()
     if req.destination == ctx.host:
         raise InvalidRequest(
             f"destination {req.destination!r} is this host", destination=req.destination
         )
     dest = await ctx.registry.resolve(req.destination)
-    dom = await find_domain(ctx, req.domain)
-    state, reason = await ctx.hypervisor.call(dom.state)
-    st, _ = domain_state_names(state, reason)
-    if st not in ("running", "paused"):
+    dom = await ctx.hypervisor.lookup(req.domain)
+    state, _ = await dom.state()
+    if state not in (DomainState.RUNNING, DomainState.PAUSED):
         raise Conflict(
-            f"domain {req.domain!r} is {st}; migrate needs it running or paused", state=st
+            f"domain {req.domain!r} is {state}; migrate needs it running or paused", state=state
         )
 
     async def runner(p: Progress) -> dict[str, Any]:
@@ -259,14 +255,14 @@ async def migrate(ctx: Context, req: MigrateRequest) -> dict[str, Any]:
             result = await migrate_and_locate(ctx, p, dom, dest, req)
             crashpoints.reached("migrate.done")
             p.step(StepName.VERIFY)
-            if await ctx.hypervisor.where_is(dom.UUIDString(), dest.libvirt_uri) != "destination":
+            if await ctx.hypervisor.where_is(dom.uuid, dest.libvirt_uri) != "destination":
                 raise AgentError(f"domain is not running on {req.destination} after the migration")
         finally:
             if admitted is not None:
                 await release_admission(ctx, dest.host, admitted)
         return {**result, "destination": req.destination}
 
-    op = await ctx.start_operation("migrate", dom.UUIDString(), runner)
+    op = await ctx.start_operation("migrate", dom.uuid, runner)
     return {"operation_id": op.id, "state": op.state}
 
 
@@ -282,9 +278,8 @@ def recovery(ctx: Context, op: Operation) -> Runner:
         dest = await ctx.registry.resolve(destination)
         uuid = op.domain
         while await ctx.hypervisor.where_is(uuid, None) == "source":
-            dom = await ctx.hypervisor.call(ctx.conn().lookupByUUIDString, uuid)
-            job = await ctx.hypervisor.call(dom.jobInfo)
-            if job[0] == libvirt.VIR_DOMAIN_JOB_NONE:
+            dom = await ctx.hypervisor.domain(uuid)
+            if await dom.job() is not Job.RUNNING:
                 break
             await asyncio.sleep(POLL_S)  # libvirtd still migrates it: wait for the outcome
         where = await ctx.hypervisor.where_is(uuid, dest.libvirt_uri)

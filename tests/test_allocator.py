@@ -130,7 +130,7 @@ async def test_an_owed_primary_naming_the_sources_vf_is_never_plugged_on_a_host_
     dom = testdrv.createXML(nic_forms.domain_xml("", name="t-owed", kind="test"), 0)
     assert agent.agent.fleet is not None
     hv = agent.agent.fleet.reconciler.hv
-    await write_record(hv, dom, Record(
+    await write_record(await hv.domain(dom.UUIDString()), Record(
         operation="cc01", source="hv-src", destination=agent.host, alias=nic_forms.PRIMARY_ALIAS,
         mac=nic_forms.MAC, mode="sequenced", state="owed", since=time.time(),
         device=nic_forms.HOSTDEV_INTERFACE))  # fmt: skip
@@ -309,7 +309,7 @@ async def test_a_vf_whose_plug_failed_is_quarantined_until_cleared(
     hv = agent.agent.fleet.reconciler.hv
     got = await reserve(nc, agent.host, "ad01", domain=dom.UUIDString())
     bad = got["result"]["resource"].removeprefix("pci:")
-    await write_record(hv, dom, Record(
+    await write_record(await hv.domain(dom.UUIDString()), Record(
         operation="ad01", source="hv-src", destination=agent.host, alias=nic_forms.PRIMARY_ALIAS,
         mac=nic_forms.MAC, mode="sequenced", state="owed", since=time.time(),
         device=nic_forms.HOSTDEV_INTERFACE))  # fmt: skip

@@ -16,6 +16,7 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from agent.devices import interfaces
+from agent.domain import Domain
 from agent.errors import LibvirtFailure, NotFound, Unsupported
 from agent.failover import NS, PREFIX, Record, _same_nic, record_to_xml, write_record
 from handlers.failover import find_pair
@@ -78,11 +79,11 @@ async def test_an_incoming_migration_is_a_job_the_reconciler_waits_for(
     assert agent.agent.fleet is not None
     reconciler = agent.agent.fleet.reconciler
     dom = running_pair(testdrv, "t-incoming")
-    await write_record(reconciler.hv, dom, Record(
+    await write_record(await reconciler.hv.domain(dom.UUIDString()), Record(
         operation="ab01", source="hv-src", destination=agent.host, alias="ua-primary0",
         mac=nic_forms.MAC, mode="sequenced", state="owed", since=time.time(),
         device=nic_forms.E1000E_PRIMARY))  # fmt: skip
-    out = await reconciler.settle(IncomingMigration(dom))
+    out = await reconciler.settle(Domain(reconciler.hv.call, IncomingMigration(dom)))
     assert out.settled.value == "waiting", out
     assert "incoming migration" in out.why
 
@@ -102,7 +103,8 @@ async def test_a_not_found_that_is_not_the_domain_keeps_the_primary_owed(
 
     monkeypatch.setattr(reconciler, "settle", no_network)
     failed_before = reconciler.metrics.replugs.labels("failed")._value.get()
-    owed = await reconciler._settle_counted(dom, time.monotonic())
+    owed = await reconciler._settle_counted(await reconciler.hv.domain(dom.UUIDString()),
+                                            time.monotonic())  # fmt: skip
     assert owed is True, "still owed a primary"
     assert reconciler.metrics.replugs.labels("failed")._value.get() == failed_before + 1
     assert dom.UUIDString() in reconciler._retry_at, "backed off"

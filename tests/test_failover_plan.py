@@ -20,6 +20,7 @@ from nats.aio.client import Client as NATS
 from agent.bus import subscribed
 from agent.capabilities import Capabilities
 from agent.devices import interfaces
+from agent.domain import Domain
 from agent.envelope import Subjects
 from agent.errors import Forbidden, InvalidRequest, NotFound, Unavailable, Unsupported
 from agent.failover import NS, Record, record_from_xml, record_to_xml
@@ -248,6 +249,16 @@ class DefinedDomain:
     def XMLDesc(self, flags: int) -> str:  # noqa: N802 - libvirt's name
         return self.xml[flags]
 
+    def UUIDString(self) -> str:  # noqa: N802 - libvirt's name
+        return TEST_DOMAIN_UUID
+
+    def name(self) -> str:
+        return "d"
+
+
+def defined(ctx: HostContext, live: str, inactive: str) -> Domain:
+    return Domain(ctx.hypervisor.call, DefinedDomain(live, inactive))
+
 
 @pytest.fixture
 async def plan_ctx() -> AsyncIterator[HostContext]:
@@ -266,7 +277,7 @@ async def test_each_nic_form_is_planned_from_its_definition(
 ) -> None:
     """Every failover NIC form libvirt produces: the primary and its standby are found in the live XML, the definition recorded is the inactive one (a hostdev network port stays a port of its network), and a destination without a pool is refused exactly when the form names a host's VF."""
     ctx = plan_ctx
-    dom = DefinedDomain(nic_forms.domain_xml(form.live), nic_forms.domain_xml(form.inactive))
+    dom = defined(ctx, nic_forms.domain_xml(form.live), nic_forms.domain_xml(form.inactive))
     req = FailoverRequest(domain="d", destination="dst")
     p, standby = find_pair(interfaces(nic_forms.domain_xml(form.live)), None)
     assert (p.alias, standby and standby.alias) == (
@@ -292,7 +303,7 @@ async def test_a_plain_hostdev_primary_is_planned_with_the_standbys_mac(
 ) -> None:
     """A plain <hostdev> has no MAC; the destination's VF must get the standby's, or the guest never pairs it: the plan (and the record) carry the standby's MAC."""
     xml = nic_forms.domain_xml(nic_forms.PLAIN_HOSTDEV)
-    plan = await make_plan(plan_ctx, DefinedDomain(xml, xml),
+    plan = await make_plan(plan_ctx, defined(plan_ctx, xml, xml),
                            FailoverRequest(domain="d", destination="dst"),
                            registration("dst", "pci"))  # fmt: skip
     assert plan.mac == nic_forms.MAC
@@ -312,7 +323,7 @@ async def test_auto_chooses_a_mode_that_can_work_and_says_why(
     """`auto` never picks mode qemu for a VF given by PCI address (the destination would start QEMU with the source's address); mode qemu asked for it is refused, naming the reason."""
     f = next(x for x in nic_forms.FORMS if x.name == form)
     ctx = plan_ctx
-    dom = DefinedDomain(nic_forms.domain_xml(f.live), nic_forms.domain_xml(f.inactive))
+    dom = defined(ctx, nic_forms.domain_xml(f.live), nic_forms.domain_xml(f.inactive))
     plan = await make_plan(ctx, dom, FailoverRequest(domain="d", destination="dst"),
                            registration("dst", "pci"))  # fmt: skip
     assert plan.mode == mode

@@ -28,7 +28,6 @@ from agent.peers import (
     ReserveRequest,
 )
 from handlers import CALLER, Context
-from handlers.domain import find_domain
 
 
 async def reserve(ctx: Context, req: ReserveRequest) -> ReserveReply:
@@ -136,10 +135,10 @@ async def release(ctx: Context, req: ReleaseRequest) -> ReleaseReply:
 async def replug(ctx: Context, req: ReplugRequest) -> ReplugReply:
     reconciler = ctx.reconciler
     crashpoints.reached("dest.replug")
-    dom = await find_domain(ctx, req.domain)
+    dom = await ctx.hypervisor.lookup(req.domain)
     caller = CALLER.get()
     if caller is not None:
-        rec = await read_record(ctx.hypervisor, dom)
+        rec = await read_record(dom)
         # No record: nothing is owed (already plugged and settled); settling changes nothing.
         if rec is not None and rec.source != caller:
             raise Forbidden(
@@ -147,7 +146,7 @@ async def replug(ctx: Context, req: ReplugRequest) -> ReplugReply:
                 domain=req.domain,
             )
     out = await reconciler.settle(dom)
-    live = await ctx.hypervisor.call(dom.XMLDesc, 0)
+    live = await dom.xml()
     # Attached: libvirt lists it and nothing is owed any more (in mode qemu libvirt lists it
     # whatever QEMU did; the settle asked QEMU).
     attached = out.settled is not Settled.WAITING and device_element(live, req.alias) is not None

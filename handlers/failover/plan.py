@@ -4,7 +4,7 @@ definition, choose the mode, and refuse what would cut the VM off or cannot work
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta
@@ -17,6 +17,7 @@ from agent.devices import (
     failover_negotiated,
     interfaces,
 )
+from agent.domain import Domain
 from agent.errors import Conflict, InvalidRequest, NotFound, Unsupported
 from agent.fields import MAX_LEASE_S, Alias, DomainName, HostId, RequestId
 from agent.registry import Registration
@@ -122,7 +123,8 @@ def lease_needed(ctx: HostContext, req: FailoverRequest) -> float:
             + LEASE_MARGIN_S)  # fmt: skip
 
 
-async def make_plan(ctx: HostContext, dom: Any, req: FailoverRequest, dest: Registration) -> Plan:
+async def make_plan(ctx: HostContext, dom: Domain, req: FailoverRequest, dest: Registration
+                    ) -> Plan:  # fmt: skip
     if lease_needed(ctx, req) > MAX_LEASE_S:
         longest = MAX_LEASE_S - (lease_needed(ctx, req) - req.timeout_s)
         raise InvalidRequest(
@@ -131,7 +133,7 @@ async def make_plan(ctx: HostContext, dom: Any, req: FailoverRequest, dest: Regi
             f"grants ({MAX_LEASE_S} s); the longest timeout_s is {longest}",
             timeout_s=req.timeout_s, max_timeout_s=longest,
         )  # fmt: skip
-    live = await ctx.hypervisor.call(dom.XMLDesc, 0)
+    live = await dom.xml()
     p, standby = find_pair(interfaces(live), req.primary)
     if standby is None and not req.force:
         raise InvalidRequest(
@@ -142,7 +144,7 @@ async def make_plan(ctx: HostContext, dom: Any, req: FailoverRequest, dest: Regi
         )
     guest = "not checked: no standby (forced)"
     if standby is not None and ctx.failover.guest_check == "monitor":
-        negotiated, guest = await failover_negotiated(ctx.hypervisor, dom, standby.alias)
+        negotiated, guest = await failover_negotiated(dom, standby.alias)
         if negotiated is False and not req.force:
             raise Conflict(
                 f"the guest has no failover bond: {guest}; unplugging {p.alias!r} would cut "
@@ -151,7 +153,7 @@ async def make_plan(ctx: HostContext, dom: Any, req: FailoverRequest, dest: Regi
             )  # fmt: skip
     elif standby is not None:
         guest = "not checked (failover.guest_check = off)"
-    device = await defined_form(ctx.hypervisor, dom, live, p.alias)
+    device = await defined_form(dom, live, p.alias)
     # What the definition says, not what runs: a port of a hostdev network runs as
     # <interface type='hostdev'> with this host's VF, and is defined on the network's name.
     kind = ET.fromstring(device)  # noqa: S314 - libvirt's own XML

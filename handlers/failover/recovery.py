@@ -8,11 +8,10 @@ import asyncio
 import time
 from typing import Any
 
-import libvirt
-
 from agent.devices import device_element
+from agent.domain import Job
 from agent.envelope import Operation, OpState, StepName
-from agent.errors import AgentError, Timeout
+from agent.errors import AgentError, Timeout, Unavailable
 from agent.failover import Settled
 from agent.operations import Ended, Progress
 from handlers import Context
@@ -80,34 +79,22 @@ def recovery(ctx: Context, op: Operation) -> Any:
 
 
 async def _job_running(ctx: Context, uuid: str) -> bool:
-    def look() -> bool:
-        try:
-            dom = ctx.conn().lookupByUUIDString(uuid)
-            return bool(dom.jobInfo()[0] != libvirt.VIR_DOMAIN_JOB_NONE)
-        except libvirt.libvirtError:
-            return False
-
     try:
-        return await ctx.hypervisor.call(look)
-    except AgentError:
+        dom = await ctx.hypervisor.find(uuid)
+        return dom is not None and await dom.job() is Job.RUNNING
+    except Unavailable:
         return True  # libvirt unreachable: it may still be migrating
+    except AgentError:
+        return False  # gone meanwhile
 
 
 async def _recover_once(ctx: Context, op: Operation, dest: str, alias: str) -> str:
-    def lookup() -> Any:
-        try:
-            return ctx.conn().lookupByUUIDString(op.domain)
-        except libvirt.libvirtError as exc:
-            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                return None
-            raise  # libvirt unreachable: not evidence that the domain left
-
-    dom = await ctx.hypervisor.call(lookup)
-    if dom is not None and await ctx.hypervisor.call(dom.isActive):
+    # libvirt unreachable (raised) is not evidence that the domain left.
+    dom = await ctx.hypervisor.find(op.domain)
+    if dom is not None and await dom.is_active():
         out = await ctx.reconciler.settle(dom, owner=op.id)
         if out.settled is Settled.WAITING:
             return "waiting"
-        live = await ctx.hypervisor.call(dom.XMLDesc, 0)
-        return "source" if device_element(live, alias) is not None else "waiting"
+        return "source" if device_element(await dom.xml(), alias) is not None else "waiting"
     await replug_on(ctx, dest, op.domain, alias, op.id)
     return "destination"

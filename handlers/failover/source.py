@@ -10,13 +10,13 @@ import time
 import xml.etree.ElementTree as ET
 from typing import Any
 
-import libvirt
 import msgspec
 import structlog
 
 from agent import crashpoints
 from agent.backoff import Backoff
 from agent.devices import device_element, unplug
+from agent.domain import Domain, DomainState
 from agent.envelope import OpState, StepName
 from agent.errors import AgentError, Conflict, InvalidRequest, Timeout
 from agent.failover import NS, OWED, UNPLUGGING, Record, Settled, read_record, write_record
@@ -32,7 +32,6 @@ from agent.peers import (
 )
 from agent.registry import Registration
 from handlers import Context
-from handlers.domain import find_domain
 from handlers.failover.plan import FailoverRequest, Plan, lease_needed, make_plan
 from handlers.failover.steps import (
     MigrateStep,
@@ -48,23 +47,20 @@ from handlers.failover.steps import (
 from handlers.migration import MigrateRequest, admission_request, migrate_and_locate
 
 log = structlog.get_logger("agent.failover.source")
-BEFORE_CHANGE = (
-    StepName.PLAN,
-    StepName.RESERVE,
-)  # steps after which nothing on the source has changed yet
+# The steps after which nothing on the source has changed yet.
+BEFORE_CHANGE = (StepName.PLAN, StepName.RESERVE)
 
 
 async def migrate_with_failover(ctx: Context, req: FailoverRequest) -> dict[str, Any]:
-    ctx.conn()
     if req.destination == ctx.host:
         raise InvalidRequest(f"destination {req.destination!r} is this host",
                              destination=req.destination)  # fmt: skip
     dest = await ctx.registry.resolve(req.destination)
-    dom = await find_domain(ctx, req.domain)
-    state, _ = await ctx.hypervisor.call(dom.state)
-    if state != libvirt.VIR_DOMAIN_RUNNING:
+    dom = await ctx.hypervisor.lookup(req.domain)
+    state, _ = await dom.state()
+    if state is not DomainState.RUNNING:
         raise Conflict(f"domain {req.domain!r} is not running", domain=req.domain)
-    if await read_record(ctx.hypervisor, dom) is not None:
+    if await read_record(dom) is not None:
         raise Conflict(
             f"domain {req.domain!r} is still owed a primary from an earlier failover; "
             "the reconcile loop settles it first",
@@ -72,7 +68,7 @@ async def migrate_with_failover(ctx: Context, req: FailoverRequest) -> dict[str,
         )
     plan = await make_plan(ctx, dom, req, dest)
     flow = Failover(ctx, dom, req, plan, dest)
-    op = await ctx.start_operation("migrate_with_failover", dom.UUIDString(), flow.run)
+    op = await ctx.start_operation("migrate_with_failover", dom.uuid, flow.run)
     return {"operation_id": op.id, "state": op.state, "mode": plan.mode}
 
 
@@ -86,11 +82,11 @@ def _owed(exc: BaseException, reason: str) -> None:
 class Failover:
     """One migrate-with-failover on the source, step by step, with its rollback."""
 
-    def __init__(self, ctx: Context, dom: Any, req: FailoverRequest, plan: Plan,
+    def __init__(self, ctx: Context, dom: Domain, req: FailoverRequest, plan: Plan,
                  dest: Registration) -> None:  # fmt: skip
         self.ctx = ctx
         self.dom = dom
-        self.uuid = dom.UUIDString()
+        self.uuid = dom.uuid
         self.req = req
         self.plan = plan
         self.dest = dest
@@ -115,7 +111,7 @@ class Failover:
         p.amend(as_record(self.current))
 
     async def run(self, p: Progress) -> dict[str, Any]:
-        ctx, plan, hv = self.ctx, self.plan, self.ctx.hypervisor
+        ctx, plan = self.ctx, self.plan
         timeout = ctx.failover.peer_timeout_s
         await self.step(p, PlanStep(mode=plan.mode, mode_reason=plan.mode_reason,
                                     primary=plan.primary, standby=plan.standby, mac=plan.mac,
@@ -151,14 +147,13 @@ class Failover:
             await self.step(p, UnplugStep(alias=plan.primary, mode=plan.mode,
                                           reservation=self.reservation))  # fmt: skip
             await write_record(
-                hv,
                 self.dom,
                 self._record(UNPLUGGING if plan.mode == "sequenced" else OWED, p.op.id),
             )
             self.recorded = True
             if plan.mode == "sequenced":
                 await self._unplug()
-                await write_record(hv, self.dom, self._record(OWED, p.op.id))
+                await write_record(self.dom, self._record(OWED, p.op.id))
 
             await self.step(p, MigrateStep(destination=plan.destination,
                                            persistent_primary=listed))  # fmt: skip
@@ -237,14 +232,13 @@ class Failover:
         out, and the destination defines what it plugs. None: libvirt's own copy is right (a
         transient domain, mode qemu, a primary that names no host resource). Also what the
         definition lists as the primary, for the step's record."""
-        plan, hv = self.plan, self.ctx.hypervisor
-        if self.plan.mode == "qemu" or not await hv.call(self.dom.isPersistent):
+        plan = self.plan
+        if self.plan.mode == "qemu" or not await self.dom.persistent():
             return None, "as defined here"
         if definition is None and not names_vf(plan.device):
             return None, "as defined here"
-        flags = (libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE
-                 | libvirt.VIR_DOMAIN_XML_MIGRATABLE)  # fmt: skip
-        root = ET.fromstring(await hv.call(self.dom.XMLDesc, flags))  # noqa: S314 - libvirt's
+        xml = await self.dom.xml(inactive=True, secure=True, migratable=True)
+        root = ET.fromstring(xml)  # noqa: S314 - libvirt's
         devices = root.find("devices")
         assert devices is not None
         for i, dev in enumerate(list(devices)):
