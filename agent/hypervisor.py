@@ -304,17 +304,7 @@ class Hypervisor:
 
     async def find(self, uuid: str) -> Domain | None:
         """The domain with this UUID, or None."""
-        conn = self._conn()
-
-        def look() -> Any:
-            try:
-                return conn.lookupByUUIDString(uuid)
-            except libvirt.libvirtError as exc:
-                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                    return None
-                raise
-
-        raw = await self.call(look)
+        raw = await self.call(_or_none, self._conn().lookupByUUIDString, uuid)
         return None if raw is None else Domain(self.call, raw)
 
     async def domain(self, uuid: str) -> Domain:
@@ -361,14 +351,10 @@ class Hypervisor:
         def look() -> tuple[bool, str | None]:
             conn = libvirt.open(uri)
             try:
-                dom = conn.lookupByUUIDString(uuid)
-                if not dom.isActive():
+                dom = _or_none(conn.lookupByUUIDString, uuid)
+                if dom is None or not dom.isActive():
                     return False, None
                 return True, str(dom.XMLDesc(0))
-            except libvirt.libvirtError as exc:
-                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                    return False, None
-                raise
             finally:
                 conn.close()
 
@@ -468,17 +454,21 @@ def _host_load(conn: Any) -> HostLoad:
     return HostLoad(memory_kib, domains, str(info[0]))
 
 
-def _lookup(conn: Any, name_or_uuid: str) -> Any:  # runs on the executor
-    def one(lookup: Callable[[str], Any]) -> Any:
-        try:
-            return lookup(name_or_uuid)
-        except libvirt.libvirtError as exc:
-            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                return None
-            raise
+def _or_none(lookup: Callable[[str], Any], key: str) -> Any:  # runs on the executor
+    """The virDomain `lookup(key)` finds, or None where libvirt has no such domain."""
+    try:
+        return lookup(key)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            return None
+        raise
 
-    by_uuid = one(conn.lookupByUUIDString) if UUID_RE.match(name_or_uuid) else None
-    by_name = one(conn.lookupByName)
+
+def _lookup(conn: Any, name_or_uuid: str) -> Any:  # runs on the executor
+    by_uuid = (
+        _or_none(conn.lookupByUUIDString, name_or_uuid) if UUID_RE.match(name_or_uuid) else None
+    )
+    by_name = _or_none(conn.lookupByName, name_or_uuid)
     if by_uuid is not None and by_name is not None and by_uuid.UUID() != by_name.UUID():
         raise InvalidRequest(
             f"{name_or_uuid!r} is the UUID of domain {by_uuid.name()!r} and the name of domain "

@@ -539,19 +539,15 @@ async def main() -> None:
         res["faults"] = fault_suite()
         res["campaign"] = campaign_suite()
     if os.environ.get("BENCH_LAB", "1") != "0":
-        lab = Lab(hosts=3)  # a and b for the migration figures, c too for the drain
-        agents = None
-        try:
-            lab.up()
-            with tempfile.TemporaryDirectory(prefix="virt-agent-bench-lab-") as tmp:
-                agents = await LabAgents(lab, Path(tmp)).start()
-                try:
-                    res["lab"] = await lab_baselines(lab, agents)
-                    res["drain"] = await lab_drain(lab, agents)
-                finally:
-                    await agents.stop()
-        finally:
-            lab.down()
+        # a and b for the migration figures, c too for the drain
+        with (Lab(hosts=3).session() as lab,
+              tempfile.TemporaryDirectory(prefix="virt-agent-bench-lab-") as tmp):  # fmt: skip
+            agents = await LabAgents(lab, Path(tmp)).start()
+            try:
+                res["lab"] = await lab_baselines(lab, agents)
+                res["drain"] = await lab_drain(lab, agents)
+            finally:
+                await agents.stop()
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "latest.json").write_text(json.dumps(res, indent=2) + "\n")
     table = render_table(res)

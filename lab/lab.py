@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -164,6 +165,32 @@ class Lab:
         self.accel = self._detect_accel()
         self._save()
         return self
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Lab]:
+        """Up for the `with` block, and down after it, also when bringing it up failed half
+        way (the test suite's `lab` fixture and `make bench` share it)."""
+        try:
+            self.up()
+            yield self
+        finally:
+            self.down()
+
+    def remove_guests(self, names: Iterable[str]) -> list[str]:
+        """Remove these guests from every host, then any other domain found there; the
+        others' `host:name` (what should not have been left)."""
+        names = set(names)
+        left = []
+        for h in self.hosts:
+            conn = h.connect()
+            try:
+                for dom in conn.listAllDomains(0):
+                    if dom.name() not in names:
+                        left.append(f"{h.name}:{dom.name()}")
+                    remove_domain(dom)
+            finally:
+                conn.close()
+        return left
 
     def down(self) -> None:
         """Stop guests, daemons and the network - from memory or from lab.json."""

@@ -49,6 +49,7 @@ from typing import Any
 import libvirt
 import msgspec
 import nats
+from nats.errors import Error as NatsError
 
 from agent.embedded import NatsServer
 from agent.streams import read_stream
@@ -534,7 +535,11 @@ class Campaign:
         try:
             while True:
                 want = await asyncio.to_thread(libvirt_view, self.daemon.test_uri)
-                diff = differences(want, await bucket_view(nc, self.host))
+                try:
+                    diff = differences(want, await bucket_view(nc, self.host))
+                except NatsError as exc:
+                    # The cluster may still be electing after the last fault (a node killed).
+                    diff = {"bucket unreadable": repr(exc)}
                 if not diff:
                     r.current_state_s = round(time.monotonic() - t0, 2)
                     return

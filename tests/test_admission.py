@@ -14,7 +14,8 @@ from typing import Any
 import msgspec
 
 from agent.registry import Registration
-from tests.conftest import RunningAgent, call
+from tests.support.agents import RunningAgent
+from tests.support.bus import call
 
 Start = Callable[..., Awaitable[RunningAgent]]
 GIB = 1024 * 1024

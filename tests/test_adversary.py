@@ -23,7 +23,8 @@ import pytest
 from nats.js.api import StreamConfig
 
 from agent.embedded import NatsServer
-from tests.conftest import RunningAgent, connect_as, registration, secured_url, stream_messages
+from tests.support.agents import RunningAgent
+from tests.support.bus import connect_as, registration, secured_url, stream_messages
 
 pytestmark = [pytest.mark.timeout(600)]
 

@@ -23,7 +23,8 @@ from nats.aio.client import Client as NATS
 from agent.devices import device_element, pci_sources
 from agent.failover import Record, write_record
 from tests import nic_forms
-from tests.conftest import RunningAgent, call
+from tests.support.agents import RunningAgent
+from tests.support.bus import call
 
 VFS = ["0000:3b:02.0", "0000:3b:02.1", "0000:3b:02.2"]
 Start = Callable[..., Awaitable[RunningAgent]]

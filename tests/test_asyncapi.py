@@ -15,7 +15,9 @@ from referencing.jsonschema import DRAFT202012
 
 from agent.asyncapi import build
 from agent.envelope import FINAL
-from tests.conftest import ROOT, Collector, RunningAgent, call
+from tests.support import ROOT
+from tests.support.agents import RunningAgent
+from tests.support.bus import Collector, call
 from tests.support.domains import define
 
 DOC = ROOT / "docs" / "asyncapi.yaml"

@@ -26,7 +26,8 @@ from agent import batching
 from agent.batching import Batch
 from agent.embedded import NatsServer
 from lab.daemon import free_port
-from tests.conftest import RunningAgent, stream_messages
+from tests.support.agents import RunningAgent
+from tests.support.bus import stream_messages
 from tests.support.cli import check
 
 Start = Callable[..., Awaitable[RunningAgent]]

@@ -27,15 +27,9 @@ import pytest
 from agent.bus import subscribed
 from agent.embedded import NatsServer
 from lab.agents import agent_env
-from tests.conftest import (
-    ROOT,
-    SECURED_CONF,
-    Collector,
-    RunningAgent,
-    connect_as,
-    secured_url,
-    stream_messages,
-)
+from tests.support import ROOT
+from tests.support.agents import RunningAgent
+from tests.support.bus import SECURED_CONF, Collector, connect_as, secured_url, stream_messages
 from tests.support.cli import check, cli
 
 

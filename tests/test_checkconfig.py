@@ -16,7 +16,8 @@ import pytest
 from agent.embedded import NatsServer
 from lab.agents import agent_env
 from lab.daemon import free_port
-from tests.conftest import ROOT, RunningAgent
+from tests.support import ROOT
+from tests.support.agents import RunningAgent
 from tests.support.cli import check
 
 

@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 
 from agent.embedded import NatsServer
 from handlers import all_verbs
-from tests.conftest import ERROR_CODES, AgentProcess
+from tests.support.agents import AgentProcess
+from tests.support.bus import ERROR_CODES
 
 VERBS = all_verbs()
 

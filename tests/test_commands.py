@@ -20,15 +20,9 @@ from agent.registry import Registration
 from agent.supervisor import AgentState
 from lab.agents import answering
 from lab.daemon import LibvirtDaemon
-from tests.conftest import (
-    ERROR_CODES,
-    FAST_RECONNECT,
-    ROOT,
-    AgentProcess,
-    Collector,
-    RunningAgent,
-    call,
-)
+from tests.support import ROOT
+from tests.support.agents import FAST_RECONNECT, AgentProcess, RunningAgent
+from tests.support.bus import ERROR_CODES, Collector, call
 from tests.support.domains import DOMAIN_XML, Flipper, define
 
 

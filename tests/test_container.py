@@ -27,7 +27,8 @@ from agent.bus import subscribed
 from agent.embedded import NatsServer
 from lab.daemon import LibvirtDaemon, free_port
 from lab.prereqs import install_packages
-from tests.conftest import ROOT, Collector, call
+from tests.support import ROOT
+from tests.support.bus import Collector, call
 
 pytestmark = [pytest.mark.container, pytest.mark.timeout(1800)]
 

@@ -26,8 +26,9 @@ from agent.kv import open_kv
 from lab.agents import answering
 from lab.daemon import LibvirtDaemon, free_port
 from lab.prereqs import LabUnavailable
-from tests.conftest import RunningAgent, connect_as
 from tests.current_view import bucket_view, differences, libvirt_view
+from tests.support.agents import RunningAgent
+from tests.support.bus import connect_as
 from tests.support.cli import cli
 from tests.support.examples import example as load
 

@@ -19,7 +19,9 @@ from agent.bus import subscribed
 from agent.embedded import NatsServer
 from agent.streams import EVENTS_STREAM
 from lab.daemon import LibvirtDaemon
-from tests.conftest import ROOT, AgentProcess, Collector, RunningAgent, stream_messages
+from tests.support import ROOT
+from tests.support.agents import AgentProcess, RunningAgent
+from tests.support.bus import Collector, stream_messages
 from tests.support.domains import Flipper, define
 
 pytestmark = pytest.mark.daemon

@@ -12,7 +12,7 @@ import kubernetes_validate
 import yaml
 
 from agent.settings_load import load
-from tests.conftest import ROOT
+from tests.support import ROOT
 
 MANIFEST = ROOT / "deploy" / "kubernetes" / "virt-agent.yaml"
 

@@ -11,7 +11,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import RunningAgent, call, registration, stream_messages
+from tests.support.agents import RunningAgent
+from tests.support.bus import call, registration, stream_messages
 
 Start = Callable[..., Awaitable[RunningAgent]]
 GIB = 1024 * 1024

@@ -16,8 +16,9 @@ import libvirt
 import pytest
 
 from agent.devices import device_element
-from tests.conftest import Collector, RunningAgent, call, where
-from tests.support.guests import FINAL, PRIMARY, bond_now, pings_flow, template
+from tests.support.agents import RunningAgent
+from tests.support.bus import Collector, call
+from tests.support.guests import FINAL, PRIMARY, bond_now, pings_flow, template, where
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(900)]
 

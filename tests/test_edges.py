@@ -28,14 +28,9 @@ from agent.spool import Record, Spool
 from lab.agents import agent_env
 from lab.daemon import LibvirtDaemon, free_port
 from tests.campaign import cluster_nodes
-from tests.conftest import (
-    ROOT,
-    AgentProcess,
-    RunningAgent,
-    call,
-    eventually,
-    stream_messages,
-)
+from tests.support import ROOT
+from tests.support.agents import AgentProcess, RunningAgent
+from tests.support.bus import call, eventually, stream_messages
 from tests.support.domains import Flipper
 from tests.support.examples import example as load
 

@@ -14,7 +14,8 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from agent.streams import EVENTS_STREAM
-from tests.conftest import Collector, RunningAgent, stream_messages
+from tests.support.agents import RunningAgent
+from tests.support.bus import Collector, stream_messages
 from tests.support.domains import define
 
 ENVELOPE_KEYS = {

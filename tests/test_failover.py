@@ -23,16 +23,9 @@ from agent.errors import LibvirtFailure
 from agent.failover import NS, PREFIX, Record, record_to_xml
 from handlers.migration import Convergence
 from lab.lab import bond_members, guest_mac, primary_interface_xml, probes, wait_for_serial
-from tests.conftest import (
-    Collector,
-    RunningAgent,
-    call,
-    connect_as,
-    eventually,
-    secured_url,
-    where,
-)
-from tests.support.guests import PRIMARY, bond_now, final_of, pings_flow, serial_text
+from tests.support.agents import RunningAgent
+from tests.support.bus import Collector, call, connect_as, eventually, secured_url
+from tests.support.guests import PRIMARY, bond_now, final_of, pings_flow, serial_text, where
 
 pytestmark = pytest.mark.lab
 

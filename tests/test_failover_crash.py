@@ -17,8 +17,9 @@ import pytest
 
 from agent.crashpoints import EXIT_STATUS
 from lab.agents import answering
-from tests.conftest import AgentProcess, Collector, call, where
-from tests.support.guests import bond_now, final_of, pings_flow
+from tests.support.agents import AgentProcess
+from tests.support.bus import Collector, call
+from tests.support.guests import bond_now, final_of, pings_flow, where
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(300)]
 

@@ -26,8 +26,9 @@ from lab.lab import (
     standby_interface_xml,
     wait_for_serial,
 )
-from tests.conftest import Collector, RunningAgent, call, where
-from tests.support.guests import FINAL, PRIMARY, bond_now, final_of, template
+from tests.support.agents import RunningAgent
+from tests.support.bus import Collector, call
+from tests.support.guests import FINAL, PRIMARY, bond_now, final_of, template, where
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(600)]
 

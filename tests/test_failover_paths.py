@@ -22,7 +22,8 @@ from agent.failover import NS, PREFIX, Record, _same_nic, record_to_xml, write_r
 from handlers.failover import find_pair
 from handlers.failover.steps import PlanStep, ReserveStep, RollbackStep, read_steps
 from tests import nic_forms
-from tests.conftest import RunningAgent, call
+from tests.support.agents import RunningAgent
+from tests.support.bus import call
 from tests.support.operations import ended, running_pair
 
 Start = Callable[..., Awaitable[RunningAgent]]
@@ -101,10 +102,10 @@ async def test_a_not_found_that_is_not_the_domain_keeps_the_primary_owed(
         raise NotFound("Network not found: no network with matching name 'sriov'",
                        libvirt_code=libvirt.VIR_ERR_NO_NETWORK)  # fmt: skip
 
+    handle = await reconciler.hv.domain(dom.UUIDString())
     monkeypatch.setattr(reconciler, "settle", no_network)
     failed_before = reconciler.metrics.replugs.labels("failed")._value.get()
-    owed = await reconciler._settle_counted(await reconciler.hv.domain(dom.UUIDString()),
-                                            time.monotonic())  # fmt: skip
+    owed = await reconciler._settle_counted(handle, time.monotonic())
     assert owed is True, "still owed a primary"
     assert reconciler.metrics.replugs.labels("failed")._value.get() == failed_before + 1
     assert dom.UUIDString() in reconciler._retry_at, "backed off"

@@ -35,7 +35,8 @@ from handlers import HostContext, Probed
 from handlers.failover import find_pair
 from handlers.failover.plan import FailoverRequest, make_plan
 from tests import nic_forms
-from tests.conftest import RunningAgent, call
+from tests.support.agents import RunningAgent
+from tests.support.bus import call
 from tests.support.domains import define
 from tests.support.operations import ended, running_pair
 

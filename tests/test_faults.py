@@ -24,7 +24,8 @@ from agent.embedded import NatsServer
 from lab.agents import answering
 from lab.daemon import LibvirtDaemon, free_port
 from tests.campaign import restart, start_cluster
-from tests.conftest import AgentProcess, RunningAgent, stream_messages
+from tests.support.agents import AgentProcess, RunningAgent
+from tests.support.bus import stream_messages
 from tests.support.domains import Flipper
 
 pytestmark = [pytest.mark.faults, pytest.mark.daemon, pytest.mark.timeout(300)]

@@ -20,13 +20,8 @@ from nats.js.api import StreamConfig
 
 from agent.bus import subscribed
 from agent.embedded import NatsServer
-from tests.conftest import (
-    RunningAgent,
-    connect_as,
-    registration,
-    secured_url,
-    stream_messages,
-)
+from tests.support.agents import RunningAgent
+from tests.support.bus import connect_as, registration, secured_url, stream_messages
 from tests.support.cli import cli
 from tests.support.examples import example
 
@@ -600,7 +595,7 @@ async def test_a_kill_between_acting_and_recording_never_acts_twice(
     import libvirt  # noqa: PLC0415
 
     from lab.agents import answering  # noqa: PLC0415
-    from tests.conftest import call  # noqa: PLC0415
+    from tests.support.bus import call  # noqa: PLC0415
     from tests.support.domains import define  # noqa: PLC0415
 
     host = "idem"

@@ -18,7 +18,9 @@ from lab import network
 from lab.agents import answering
 from lab.lab import bond_members, guest_mac, primary_interface_xml, probes, wait_for_serial
 from lab.scenarios import raw_migration
-from tests.conftest import AgentProcess, Collector, RunningAgent, call, eventually, where
+from tests.support.agents import AgentProcess, RunningAgent
+from tests.support.bus import Collector, call, eventually
+from tests.support.guests import where
 
 pytestmark = pytest.mark.lab
 

@@ -21,7 +21,9 @@ from agent.embedded import NatsServer
 from agent.streams import read_stream
 from lab.agents import agent_env, answering
 from lab.daemon import LibvirtDaemon, free_port
-from tests.conftest import ROOT, AgentProcess, eventually
+from tests.support import ROOT
+from tests.support.agents import AgentProcess
+from tests.support.bus import eventually
 from tests.support.domains import Flipper
 
 pytestmark = [pytest.mark.daemon, pytest.mark.timeout(600)]

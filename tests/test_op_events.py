@@ -10,7 +10,8 @@ from typing import Any
 import structlog
 
 from agent.operations import Progress
-from tests.conftest import RunningAgent, stream_messages
+from tests.support.agents import RunningAgent
+from tests.support.bus import stream_messages
 
 
 async def test_every_step_appears_in_virt_ops_in_order(

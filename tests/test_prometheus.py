@@ -20,7 +20,9 @@ import pytest
 from agent.embedded import NatsServer, stop_process
 from lab.daemon import free_port
 from tests.campaign import restart
-from tests.conftest import ROOT, AgentProcess, eventually
+from tests.support import ROOT
+from tests.support.agents import AgentProcess
+from tests.support.bus import eventually
 
 RULES = ROOT / "config" / "prometheus"
 

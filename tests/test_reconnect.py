@@ -12,7 +12,8 @@ import pytest
 
 from agent.errors import LibvirtFailure
 from lab.daemon import LibvirtDaemon
-from tests.conftest import FAST_RECONNECT, Collector, RunningAgent
+from tests.support.agents import FAST_RECONNECT, RunningAgent
+from tests.support.bus import Collector
 from tests.support.domains import define
 
 pytestmark = pytest.mark.daemon

@@ -24,8 +24,10 @@ from agent.opwatch import follow
 from lab.agents import agent_env, answering
 from lab.daemon import free_port
 from lab.lab import bond_members, wait_for_serial
-from tests.conftest import ROOT, RunningAgent, call, where
-from tests.support.guests import bond_now, serial_text
+from tests.support import ROOT
+from tests.support.agents import RunningAgent
+from tests.support.bus import call
+from tests.support.guests import bond_now, serial_text, where
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(900)]
 

@@ -11,7 +11,8 @@ import pytest
 from agent.errors import SettingsError
 from agent.settings import host_id_from_hostname
 from agent.settings_load import load
-from tests.conftest import ROOT, AgentProcess
+from tests.support import ROOT
+from tests.support.agents import AgentProcess
 
 
 def test_shipped_config_file_loads_and_matches_defaults() -> None:

@@ -6,9 +6,7 @@ import subprocess
 import sys
 
 from lab.agents import agent_env
-from tests.conftest import (
-    ROOT,
-)
+from tests.support import ROOT
 
 
 def cli(*args: str, timeout: float = 60, **env: str) -> tuple[int, str]:

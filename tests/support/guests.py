@@ -12,9 +12,7 @@ from lab.lab import (
     primary_interface_xml,
     probes,
 )
-from tests.conftest import (
-    Collector,
-)
+from tests.support.bus import Collector
 
 PRIMARY = "ua-primary0"
 
@@ -62,3 +60,29 @@ def template(tmp_path: Path) -> Path:
     tpl = tmp_path / "vf.xml"
     tpl.write_text(primary_interface_xml(guest_mac(0), rom=False))
     return tpl
+
+
+def where(host: Any, uuid: str, alias: str = "ua-primary0") -> dict[str, Any]:
+    """What one lab host's libvirt says about a domain: running, and if so whether the device
+    `alias` is attached and whether a failover record is in its metadata."""
+    import libvirt  # noqa: PLC0415
+
+    from agent.failover import NS  # noqa: PLC0415
+
+    conn = host.connect()
+    try:
+        try:
+            dom = conn.lookupByUUIDString(uuid)
+        except libvirt.libvirtError:
+            return {"running": False}
+        if not dom.isActive():
+            return {"running": False}
+        xml = dom.XMLDesc(0)
+        try:
+            dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, NS, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            record = True
+        except libvirt.libvirtError:
+            record = False
+        return {"running": True, "primary": f"<alias name='{alias}'/>" in xml, "record": record}
+    finally:
+        conn.close()

@@ -8,7 +8,7 @@ from typing import Any
 from nats.aio.client import Client as NATS
 
 from tests import nic_forms
-from tests.conftest import call
+from tests.support.bus import call
 
 
 def running_pair(conn: Any, name: str) -> Any:
