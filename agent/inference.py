@@ -24,6 +24,7 @@ import structlog
 
 from agent.backoff import Backoff
 from agent.domain import ACTIVE
+from agent.domain import DomainState as S
 from agent.envelope import LibvirtConnected, LibvirtDisconnected, resync_parts
 from agent.errors import AgentError
 from agent.events import DomainEvent, DomainRef, DomainSnapshot, Lifecycle
@@ -36,24 +37,29 @@ log = structlog.get_logger("agent.inference")
 
 # The state a domain is in after a lifecycle event (events that change no state are absent).
 AFTER_EVENT = {
-    "started": "running",
-    "resumed": "running",
-    "suspended": "paused",
-    "stopped": "shutoff",
-    "crashed": "crashed",
-    "pmsuspended": "pmsuspended",
+    "started": S.RUNNING,
+    "resumed": S.RUNNING,
+    "suspended": S.PAUSED,
+    "stopped": S.SHUTOFF,
+    "crashed": S.CRASHED,
+    "pmsuspended": S.PMSUSPENDED,
 }
+RUNS = (S.RUNNING, S.BLOCKED)
 
 
 def _transition(old: str, new: str) -> str | None:
-    if old == new or (old in ("running", "blocked") and new in ("running", "blocked")):
+    """The lifecycle event that takes a domain from state `old` to `new` (the states'
+    names: a state newer than the agent is named but has no member), or None."""
+    if old == new or (old in RUNS and new in RUNS):
         return None
-    if new in ("running", "blocked"):
-        return "resumed" if old in ("paused", "pmsuspended") else "started"
-    if new == "paused":
+    if new in RUNS:
+        return "resumed" if old in (S.PAUSED, S.PMSUSPENDED) else "started"
+    if new == S.PAUSED:
         return "suspended" if old in ACTIVE else "started"
-    if new in ("shutoff", "crashed", "pmsuspended"):
-        return {"shutoff": "stopped"}.get(new, new)
+    if new == S.SHUTOFF:
+        return "stopped"
+    if new in (S.CRASHED, S.PMSUSPENDED):
+        return str(new)
     return None  # nostate, shutdown (in progress): no event says it
 
 
@@ -111,14 +117,14 @@ class StateTracker:
                     del self.known[uuid]
             return
         state = AFTER_EVENT.get(data.event)
-        if cur is None and state == "shutoff":
+        if cur is None and state is S.SHUTOFF:
             return  # a transient domain that was not known is gone already
         if cur is None:
-            self.known[uuid] = DomainSnapshot(uuid, data.domain.name, state or "shutoff",
+            self.known[uuid] = DomainSnapshot(uuid, data.domain.name, state or S.SHUTOFF,
                                               data.detail, data.domain.id,
                                               persistent=data.event == "defined")  # fmt: skip
         elif state is not None:
-            gone = state == "shutoff" and not cur.persistent
+            gone = state is S.SHUTOFF and not cur.persistent
             if gone:
                 del self.known[uuid]
             else:
@@ -154,7 +160,7 @@ class StateTracker:
             if old_or_none is None:
                 if d.persistent:
                     emit(d, "defined", "unknown")
-                what = _transition("shutoff", d.state)
+                what = _transition(S.SHUTOFF, d.state)
                 if what is not None and what != "stopped":
                     emit(d, what, d.reason)
                 continue

@@ -20,6 +20,7 @@ from agent.cli.base import (
     host_id,
     positive_int,
 )
+from agent.envelope import OpState
 from agent.errors import AgentError
 
 
@@ -167,6 +168,6 @@ def _long_operation(
             await nc.close()
         if not args.json:
             print(f"{op['state']}" + (f": {op['error']['message']}" if op.get("error") else ""))
-        return EXIT_OK if op["state"] == "succeeded" else EXIT_FAILED
+        return EXIT_OK if op["state"] == OpState.SUCCEEDED else EXIT_FAILED
 
     return asyncio.run(go())
