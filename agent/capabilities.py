@@ -7,7 +7,6 @@ from __future__ import annotations
 import subprocess
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Any
 
 import libvirt
 import msgspec
@@ -38,7 +37,7 @@ class Capabilities(msgspec.Struct, frozen=True):
     notes: list[str]
 
 
-def _domcaps(conn: Any) -> tuple[DomainCaps | None, list[str]]:
+def _domcaps(conn: libvirt.virConnect) -> tuple[DomainCaps | None, list[str]]:
     notes: list[str] = []
     for virt_type in ("kvm", "qemu"):
         try:
@@ -81,7 +80,7 @@ def qemu_has_failover(emulator: str) -> bool:
 
 
 async def probe(hv: Hypervisor) -> Capabilities:
-    conn = hv.conn
+    conn = hv.connection()
     lib, hyp = await hv.versions()
 
     def _probe() -> tuple[DomainCaps | None, bool, bool, list[str]]:

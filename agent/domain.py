@@ -58,7 +58,7 @@ class Job(enum.Enum):
     INCOMING = "incoming"
 
 
-def job_of(dom: Any) -> Job:  # runs on the executor
+def job_of(dom: libvirt.virDomain) -> Job:  # runs on the executor
     """The job of a virDomain."""
     try:
         info = dom.jobInfo()
@@ -88,9 +88,9 @@ class Caller(Protocol):
 class Domain:
     """A handle on one libvirt domain of the hypervisor's connection."""
 
-    def __init__(self, call: Caller, raw: Any) -> None:
+    def __init__(self, call: Caller, raw: libvirt.virDomain) -> None:
         self._call = call
-        self.raw = raw  # libvirt.virDomain: for `run` and for libvirt's own migration calls
+        self.raw = raw  # for `run`: libvirt's own migration calls, several calls in one
         # Kept by libvirt-python on the handle (no call to the daemon).
         self.uuid: str = raw.UUIDString()
         self.name: str = raw.name()
@@ -101,7 +101,7 @@ class Domain:
     def ref(self) -> DomainRef:
         return domain_ref(self.raw)
 
-    async def run(self, fn: Callable[[Any], T]) -> T:
+    async def run(self, fn: Callable[[libvirt.virDomain], T]) -> T:
         """`fn(virDomain)` as one executor call (several libvirt calls a cancel must not
         split, or one this face does not name)."""
         return await self._call(fn, self.raw)

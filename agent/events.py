@@ -447,13 +447,15 @@ def catalog() -> list[EventKind]:
     return kinds
 
 
-def domain_ref(dom: Any) -> DomainRef:
+def domain_ref(dom: libvirt.virDomain) -> DomainRef:
     """Identity of a libvirt domain object; local attributes only, no RPC."""
     dom_id = dom.ID()
     return DomainRef(uuid=dom.UUIDString(), name=dom.name(), id=dom_id if dom_id >= 0 else None)
 
 
-def decode(kind: EventKind, host: str, dom: Any, args: tuple[Any, ...]) -> DomainEvent:
+def decode(
+    kind: EventKind, host: str, dom: libvirt.virDomain, args: tuple[Any, ...]
+) -> DomainEvent:
     """Turn one callback's arguments (without conn, dom and opaque) into a DomainEvent."""
     now = time.time_ns()
     return DomainEvent(kind.event_type, kind.decode(host, domain_ref(dom), args), now)

@@ -273,7 +273,7 @@ class Reconciler:
         if _same_nic(cur_xml, xml):
             return
 
-        def replace(d: Any) -> None:
+        def replace(d: libvirt.virDomain) -> None:
             # One executor call: a cancel of the caller cannot split detach from attach.
             config = libvirt.VIR_DOMAIN_AFFECT_CONFIG
             d.detachDeviceFlags(cur_xml, config)

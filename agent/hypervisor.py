@@ -106,7 +106,7 @@ class Hypervisor:
         self.host = host
         self._on_event = on_event
         self.metrics = metrics
-        self.conn: Any = None
+        self.conn: libvirt.virConnect | None = None
         self.state = LinkState.DISCONNECTED
         self.registered: list[EventKind] = []
         self.unsupported: list[str] = []
@@ -174,7 +174,7 @@ class Hypervisor:
             unsupported=self.unsupported,
         )
 
-    def _register_all(self, conn: Any) -> None:
+    def _register_all(self, conn: libvirt.virConnect) -> None:
         self.registered, self.unsupported, self._callback_ids = [], [], []
         for kind in catalog():
             try:
@@ -190,7 +190,7 @@ class Hypervisor:
             self.registered.append(kind)
             self._callback_ids.append(cid)
 
-    def _callback(self, _conn: Any, dom: Any, *args: Any) -> None:
+    def _callback(self, _conn: libvirt.virConnect, dom: libvirt.virDomain, *args: Any) -> None:
         kind: EventKind = args[-1]
         try:
             event = decode(kind, self.host, dom, args[:-1])
@@ -296,7 +296,8 @@ class Hypervisor:
 
     # ------------------------------------------------------------ domains
 
-    def _conn(self) -> Any:
+    def connection(self) -> libvirt.virConnect:
+        """The connection, or `unavailable` while libvirt is disconnected."""
         conn = self.conn
         if conn is None or not self.connected:
             raise Unavailable("libvirt is not connected", uri=self.uri)
@@ -304,7 +305,7 @@ class Hypervisor:
 
     async def find(self, uuid: str) -> Domain | None:
         """The domain with this UUID, or None."""
-        raw = await self.call(_or_none, self._conn().lookupByUUIDString, uuid)
+        raw = await self.call(_or_none, self.connection().lookupByUUIDString, uuid)
         return None if raw is None else Domain(self.call, raw)
 
     async def domain(self, uuid: str) -> Domain:
@@ -319,12 +320,12 @@ class Hypervisor:
         for. A name may look like a UUID: what is asked for is the domain with that UUID or
         that name, and when one domain has it as UUID and another as name, the request is
         ambiguous."""
-        raw = await self.call(_lookup, self._conn(), name_or_uuid)
+        raw = await self.call(_lookup, self.connection(), name_or_uuid)
         return Domain(self.call, raw)
 
     async def running(self) -> list[Domain]:
         """Every active domain."""
-        raws = await self.call(self._conn().listAllDomains,
+        raws = await self.call(self.connection().listAllDomains,
                                libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)  # fmt: skip
         return [Domain(self.call, r) for r in raws]
 
@@ -332,7 +333,7 @@ class Hypervisor:
 
     async def versions(self) -> tuple[str, str]:
         """(libvirt version, hypervisor type and version) of the connected daemon."""
-        conn = self.conn
+        conn = self.connection()
 
         def _q() -> tuple[str, str]:
             lib = _version_str(conn.getLibVersion())
@@ -437,7 +438,7 @@ class HostLoad:
     cpu: str = ""
 
 
-def _host_load(conn: Any) -> HostLoad:
+def _host_load(conn: libvirt.virConnect) -> HostLoad:
     info = conn.getInfo()  # model (the architecture), memory (MiB), ...
     memory_kib = int(info[1]) * 1024
     domains = []
@@ -464,7 +465,9 @@ def _or_none(lookup: Callable[[str], Any], key: str) -> Any:  # runs on the exec
         raise
 
 
-def _lookup(conn: Any, name_or_uuid: str) -> Any:  # runs on the executor
+def _lookup(
+    conn: libvirt.virConnect, name_or_uuid: str
+) -> libvirt.virDomain:  # runs on the executor
     by_uuid = (
         _or_none(conn.lookupByUUIDString, name_or_uuid) if UUID_RE.match(name_or_uuid) else None
     )

@@ -16,7 +16,7 @@ from typing import Any
 from agent.admission import Admissions
 from agent.capabilities import Capabilities, probe
 from agent.envelope import Operation, Subjects
-from agent.errors import Conflict, Unavailable
+from agent.errors import Conflict
 from agent.failover import Reconciler
 from agent.hypervisor import Hypervisor
 from agent.metrics import Metrics
@@ -62,10 +62,7 @@ class HostContext:
 
     def conn(self) -> Any:
         """The libvirt connection, or `unavailable` while libvirt is disconnected."""
-        conn = self.hypervisor.conn
-        if conn is None or not self.hypervisor.connected:
-            raise Unavailable("libvirt is not connected", uri=self.hypervisor.uri)
-        return conn
+        return self.hypervisor.connection()
 
     async def probe_capabilities(self) -> Capabilities:
         caps = self.probed.capabilities = await probe(self.hypervisor)

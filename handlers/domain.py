@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import libvirt
 import msgspec
 
 from agent.devices import failover_negotiated, interfaces
@@ -56,7 +57,7 @@ async def find_domain(ctx: HostContext, name_or_uuid: str) -> Domain:
 
 
 async def domain_info(dom: Domain) -> DomainInfo:
-    def read(d: Any) -> tuple[int, int, bool, bool]:
+    def read(d: libvirt.virDomain) -> tuple[int, int, bool, bool]:
         state, reason = d.state()
         persistent = bool(d.isPersistent())
         return state, reason, persistent, bool(d.autostart()) if persistent else False

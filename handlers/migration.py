@@ -79,7 +79,7 @@ class Convergence:
                 "postcopy": self.postcopy}  # fmt: skip
 
 
-def _stats(dom: Any) -> dict[str, Any]:
+def _stats(dom: libvirt.virDomain) -> dict[str, Any]:
     try:
         s = dom.jobStats()
     except libvirt.libvirtError:
