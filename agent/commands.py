@@ -23,6 +23,7 @@ from nats.errors import Error as NatsError
 
 from agent import crashpoints
 from agent.bus import subscribed
+from agent.context import CALLER, Context, Verb
 from agent.envelope import Reply, error_reply
 from agent.errors import (
     AgentError,
@@ -35,7 +36,6 @@ from agent.errors import (
 )
 from agent.journal import Journal
 from agent.settings import CommandSettings
-from handlers import CALLER, Context, Verb
 
 log = structlog.get_logger("agent.commands")
 

@@ -19,6 +19,7 @@ from nats.js.kv import KeyValue
 
 from agent import __version__
 from agent.admission import Admissions
+from agent.context import Context, HostContext
 from agent.envelope import Heartbeat
 from agent.errors import AgentError
 from agent.failover import Reconciler
@@ -30,7 +31,6 @@ from agent.publisher import Publisher
 from agent.registry import STREAM, Maintenance, Registration, Registry, UriPolicy, open_bucket
 from agent.settings import Settings
 from agent.streams import Streams
-from handlers import Context, HostContext
 
 log = structlog.get_logger("agent.fleet")
 

@@ -31,6 +31,7 @@ from agent import __version__, statedir
 from agent.backoff import Backoff, until_done
 from agent.bus import JETSTREAM_UNANSWERED, Bus
 from agent.commands import CommandService
+from agent.context import HostContext
 from agent.current_state import CurrentState
 from agent.deadletter import DeadLetters
 from agent.envelope import (
@@ -49,7 +50,7 @@ from agent.publisher import Publisher
 from agent.settings import Settings
 from agent.spool import Spool
 from agent.streams import Streams
-from handlers import HostContext, all_verbs
+from handlers import all_verbs
 
 log = structlog.get_logger("agent.supervisor")
 

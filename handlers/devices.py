@@ -8,10 +8,10 @@ from typing import Any
 
 import msgspec
 
+from agent.context import Context, Verb
 from agent.devices import alias_of, defined_form, device_xml, plug, template_xml, unplug
 from agent.errors import Conflict, InvalidRequest, NotFound
 from agent.fields import Alias, DomainName, RequestId, TemplateName
-from handlers import Context, Verb
 
 
 class DetachRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -9,13 +9,13 @@ from typing import Any
 import libvirt
 import msgspec
 
+from agent.context import Context, HostContext, Verb
 from agent.devices import failover_negotiated, interfaces
 from agent.domain import ACTIVE, Domain, DomainState
 from agent.domain import DomainState as S
 from agent.errors import Conflict, Unavailable
 from agent.events import DomainSnapshot, domain_state_names
 from agent.fields import DomainName, RequestId
-from handlers import Context, HostContext, Verb
 
 
 class ListRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -25,6 +25,7 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta
 
+from agent.context import Context, Verb
 from agent.devices import failover_negotiated, interfaces
 from agent.domain import Domain
 from agent.envelope import FINAL, Operation, OpState, StepName
@@ -33,7 +34,6 @@ from agent.fields import DomainName, HostId, RequestId
 from agent.operations import Ended, Progress, Runner
 from agent.placement import Destination, Placement, Vm, plan
 from agent.registry import Registration
-from handlers import Context, Verb
 from handlers.failover.plan import FailoverRequest, Mode, find_pair
 from handlers.failover.source import migrate_with_failover
 from handlers.migration import MigrateRequest, migrate

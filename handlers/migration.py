@@ -13,6 +13,7 @@ import msgspec
 from msgspec import Meta
 
 from agent import crashpoints
+from agent.context import Context, Verb
 from agent.domain import Domain, DomainState, Job
 from agent.envelope import Operation, StepName
 from agent.errors import AgentError, Conflict, InvalidRequest, LibvirtFailure, Timeout
@@ -20,7 +21,6 @@ from agent.fields import MAX_LEASE_S, DomainName, HostId, RequestId
 from agent.operations import Progress, Runner
 from agent.peers import AdmitReply, AdmitRequest, PrimaryAsk, ReleaseRequest
 from agent.registry import Registration
-from handlers import Context, Verb
 
 MIGRATE_FLAGS = libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER
 PERSISTENT_FLAGS = libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE

@@ -7,9 +7,9 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta
 
+from agent.context import Context, Verb
 from agent.envelope import Operation
 from agent.fields import DomainName, OpId, RequestId
-from handlers import Context, Verb
 
 
 class OpRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

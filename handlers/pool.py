@@ -10,9 +10,9 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta
 
+from agent.context import Context, Verb
 from agent.fields import RequestId
 from agent.settings import PCI_RE
-from handlers import Context, Verb
 
 
 class PoolRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

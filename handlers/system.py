@@ -8,8 +8,8 @@ import time
 import msgspec
 
 from agent.capabilities import Capabilities
+from agent.context import Context, Verb
 from agent.fields import RequestId
-from handlers import Context, Verb
 
 
 class PingRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -19,6 +19,7 @@ from nats.aio.client import Client as NATS
 
 from agent.bus import subscribed
 from agent.capabilities import Capabilities
+from agent.context import HostContext, Probed
 from agent.devices import interfaces
 from agent.domain import Domain
 from agent.envelope import Subjects
@@ -31,7 +32,6 @@ from agent.pool import Pool
 from agent.registry import Registration
 from agent.settings import DeviceSettings, FailoverSettings, LibvirtSettings
 from agent.settings_load import load
-from handlers import HostContext, Probed
 from handlers.failover import find_pair
 from handlers.failover.plan import FailoverRequest, make_plan
 from tests import nic_forms

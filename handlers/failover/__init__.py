@@ -24,9 +24,9 @@ destination.py (the verbs a source calls).
 
 from __future__ import annotations
 
+from agent.context import Verb
 from agent.peers import VERBS as PEER_VERBS
 from agent.peers import AdmitRequest, ReleaseRequest, ReplugRequest, ReserveRequest
-from handlers import Verb
 from handlers.failover.destination import admit, release, replug, reserve
 from handlers.failover.plan import FailoverRequest, find_pair
 from handlers.failover.recovery import recovery

@@ -13,6 +13,7 @@ import time
 import xml.etree.ElementTree as ET
 
 from agent import crashpoints
+from agent.context import CALLER, Context
 from agent.devices import device_element
 from agent.errors import Forbidden, InvalidRequest
 from agent.failover import Settled, read_record
@@ -27,7 +28,6 @@ from agent.peers import (
     ReserveReply,
     ReserveRequest,
 )
-from handlers import CALLER, Context
 
 
 async def reserve(ctx: Context, req: ReserveRequest) -> ReserveReply:

@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
+from agent.context import HostContext
 from agent.devices import (
     USER_ALIAS_PREFIX,
     Nic,
@@ -21,7 +22,6 @@ from agent.domain import Domain
 from agent.errors import Conflict, InvalidRequest, NotFound, Unsupported
 from agent.fields import MAX_LEASE_S, Alias, DomainName, HostId, RequestId
 from agent.registry import Registration
-from handlers import HostContext
 
 Mode = Literal["auto", "sequenced", "qemu"]
 # What a source adds to its migration timeout and replug window when it asks for a lease

@@ -8,13 +8,13 @@ import asyncio
 import time
 from typing import Any
 
+from agent.context import Context
 from agent.devices import device_element
 from agent.domain import Job
 from agent.envelope import Operation, OpState, StepName
 from agent.errors import AgentError, Timeout, Unavailable
 from agent.failover import Settled
 from agent.operations import Ended, Progress
-from handlers import Context
 from handlers.failover.source import BEFORE_CHANGE, release_on, replug_on
 from handlers.failover.steps import (
     PlanStep,

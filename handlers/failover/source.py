@@ -15,6 +15,7 @@ import structlog
 
 from agent import crashpoints
 from agent.backoff import Backoff
+from agent.context import Context
 from agent.devices import device_element, unplug
 from agent.domain import Domain, DomainState
 from agent.envelope import OpState, StepName
@@ -31,7 +32,6 @@ from agent.peers import (
     ReserveRequest,
 )
 from agent.registry import Registration
-from handlers import Context
 from handlers.failover.plan import FailoverRequest, Plan, lease_needed, make_plan
 from handlers.failover.steps import (
     MigrateStep,
