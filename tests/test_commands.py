@@ -346,3 +346,34 @@ async def test_an_operation_waits_for_a_domains_lock_instead_of_a_spurious_confl
         nc, agent.host, "operation.get", {"operation_id": reply["result"]["operation_id"]}
     )
     assert op["result"]["domain"] == dom.UUIDString(), op
+
+
+async def test_each_reply_is_counted_by_its_outcome_also_when_repeated_from_the_journal(
+    start_agent: Callable[..., Awaitable[RunningAgent]],
+    nc: NATS,
+    testdrv: Any,
+    tmp_path: Path,
+) -> None:
+    """`virt_agent_commands_total{outcome}` follows the replies sent: a success, a refusal,
+    and both again by request_id - from memory, and from the journal after a restart."""
+
+    def count(agent: RunningAgent, outcome: str) -> float:
+        value = agent.agent.metrics.registry.get_sample_value(
+            "virt_agent_commands_total", {"verb": "domain.suspend", "outcome": outcome})  # fmt: skip
+        return value or 0.0
+
+    state = str(tmp_path / "kept")
+    agent = await start_agent(state_dir=state)
+    dom = define(testdrv)
+    dom.create()
+    ok = {"domain": dom.name(), "request_id": "suspend-ok"}
+    refused = {"domain": "t-nothere", "request_id": "suspend-refused"}
+    replies = [await call(nc, agent.host, "domain.suspend", p) for p in (ok, refused, ok, refused)]
+    assert [r["ok"] for r in replies] == [True, False, True, False]
+    assert (count(agent, "ok"), count(agent, "error")) == (2, 2)
+    await agent.stop()
+
+    again = await start_agent(state_dir=state, host_id=agent.host)
+    kept = [await call(nc, again.host, "domain.suspend", p) for p in (ok, refused)]
+    assert kept == replies[:2], "the journal's replies"
+    assert (count(again, "ok"), count(again, "error")) == (1, 1)
