@@ -13,7 +13,7 @@ import libvirt
 import pytest
 
 from agent.domain import DomainState, Job
-from agent.errors import InvalidRequest, NotFound
+from agent.errors import InvalidRequest, NotFound, Unavailable
 from agent.hypervisor import Hypervisor
 from agent.metrics import Metrics
 from agent.settings import LibvirtSettings
@@ -103,3 +103,16 @@ async def test_a_driver_without_jobs_runs_none(hv: Hypervisor, testdrv: Any) -> 
     raw = define(testdrv)
     raw.create()
     assert await (await hv.domain(raw.UUIDString())).job() is Job.NONE
+
+
+async def test_a_hypervisor_not_connected_answers_unavailable() -> None:
+    """Before libvirt connects (or while it is away) every question is `unavailable`, the code
+    a caller retries on - not an internal error."""
+    hv = Hypervisor(LibvirtSettings(), "test:///default", "h", lambda _e: None, Metrics())
+    try:
+        for ask in (hv.versions(), hv.lookup("t-any"), hv.find(str(uuid.uuid4())), hv.running(),
+                    hv.where_is(str(uuid.uuid4()), None)):  # fmt: skip
+            with pytest.raises(Unavailable, match="not connected"):
+                await ask
+    finally:
+        await hv.close()
