@@ -65,7 +65,8 @@ def job_of(dom: libvirt.virDomain) -> Job:  # runs on the executor
     except libvirt.libvirtError as exc:
         if exc.get_error_code() == libvirt.VIR_ERR_OPERATION_UNSUPPORTED:
             return Job.INCOMING
-        if exc.get_error_code() == libvirt.VIR_ERR_NO_SUPPORT:
+        if exc.get_error_code() in (libvirt.VIR_ERR_NO_SUPPORT,
+                                    libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED):  # fmt: skip
             return Job.NONE  # a driver without jobs runs no migration either
         raise
     return Job.NONE if info[0] == libvirt.VIR_DOMAIN_JOB_NONE else Job.RUNNING

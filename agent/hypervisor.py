@@ -352,10 +352,14 @@ class Hypervisor:
         def look() -> tuple[bool, str | None]:
             conn = libvirt.open(uri)
             try:
-                dom = _or_none(conn.lookupByUUIDString, uuid)
-                if dom is None or not dom.isActive():
+                dom = conn.lookupByUUIDString(uuid)
+                if not dom.isActive():
                     return False, None
                 return True, str(dom.XMLDesc(0))
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    return False, None  # not there, or gone while it was asked
+                raise
             finally:
                 conn.close()
 
@@ -450,7 +454,7 @@ def _host_load(conn: libvirt.virConnect) -> HostLoad:
         try:
             incoming = job_of(dom) is Job.INCOMING
         except libvirt.libvirtError:
-            continue  # gone
+            incoming = False  # its memory counts all the same
         domains.append(DomainLoad(uuid, max_memory, incoming))
     return HostLoad(memory_kib, domains, str(info[0]))
 

@@ -236,6 +236,7 @@ async def release_admission(ctx: Context, host: str, admitted: AdmitReply) -> No
 
 
 async def migrate(ctx: Context, req: MigrateRequest) -> dict[str, Any]:
+    ctx.hypervisor.connection()  # `unavailable` first while libvirt is away
     if req.destination == ctx.host:
         raise InvalidRequest(
             f"destination {req.destination!r} is this host", destination=req.destination

@@ -52,6 +52,7 @@ BEFORE_CHANGE = (StepName.PLAN, StepName.RESERVE)
 
 
 async def migrate_with_failover(ctx: Context, req: FailoverRequest) -> dict[str, Any]:
+    ctx.hypervisor.connection()  # `unavailable` first while libvirt is away
     if req.destination == ctx.host:
         raise InvalidRequest(f"destination {req.destination!r} is this host",
                              destination=req.destination)  # fmt: skip
