@@ -160,6 +160,9 @@ class Lab:
             ports = (base + 100 * i, base + 100 * i + 63)
             daemon = LibvirtDaemon(self.root / "hosts", name, free_port(), ports)
             daemon.start()
+            # A run killed with its daemons left its guests' definitions in their state:
+            # every host starts empty.
+            self._destroy_all(daemon.qemu_uri)
             self.hosts.append(Host(name, daemon))
         self._save()
         self.accel = self._detect_accel()
