@@ -59,10 +59,6 @@ class HostContext:
     def lock(self, domain_uuid: str) -> contextlib.AbstractAsyncContextManager[None]:
         return self.domain_locks.hold(domain_uuid)
 
-    def conn(self) -> Any:
-        """The libvirt connection, or `unavailable` while libvirt is disconnected."""
-        return self.hypervisor.connection()
-
     async def probe_capabilities(self) -> Capabilities:
         caps = self.probed.capabilities = await probe(self.hypervisor)
         return caps

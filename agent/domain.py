@@ -15,8 +15,6 @@ from typing import Any, Protocol, TypeVar
 import libvirt
 import libvirt_qemu
 
-from agent.events import DomainRef, domain_ref
-
 T = TypeVar("T")
 
 
@@ -98,9 +96,6 @@ class Domain:
 
     def __repr__(self) -> str:
         return f"Domain({self.name!r}, {self.uuid})"
-
-    def ref(self) -> DomainRef:
-        return domain_ref(self.raw)
 
     async def run(self, fn: Callable[[libvirt.virDomain], T]) -> T:
         """`fn(virDomain)` as one executor call (several libvirt calls a cancel must not

@@ -9,12 +9,12 @@ from typing import Any
 import libvirt
 import msgspec
 
-from agent.context import Context, HostContext, Verb
+from agent.context import Context, Verb
 from agent.devices import failover_negotiated, interfaces
 from agent.domain import ACTIVE, Domain, DomainState
 from agent.domain import DomainState as S
 from agent.errors import Conflict, Unavailable
-from agent.events import DomainSnapshot, domain_state_names
+from agent.events import DomainSnapshot, domain_ref, domain_state_names
 from agent.fields import DomainName, RequestId
 
 
@@ -51,33 +51,29 @@ class DomainInfo(msgspec.Struct, frozen=True):
     failover: GuestFailover | None = None
 
 
-async def find_domain(ctx: HostContext, name_or_uuid: str) -> Domain:
-    """The domain named by a request (name or UUID); `not_found` names what was asked for."""
-    return await ctx.hypervisor.lookup(name_or_uuid)
-
-
 async def domain_info(dom: Domain) -> DomainInfo:
-    def read(d: libvirt.virDomain) -> tuple[int, int, bool, bool]:
+    def read(d: libvirt.virDomain) -> DomainInfo:  # one executor call
         state, reason = d.state()
+        _, max_mem, mem, vcpus, _ = d.info()
         persistent = bool(d.isPersistent())
-        return state, reason, persistent, bool(d.autostart()) if persistent else False
+        st, rs = domain_state_names(state, reason)
+        ref = domain_ref(d)
+        return DomainInfo(uuid=ref.uuid, name=ref.name, id=ref.id, state=st, reason=rs,
+                          persistent=persistent,
+                          autostart=bool(d.autostart()) if persistent else False,
+                          vcpus=int(vcpus), memory_kib=int(mem),
+                          max_memory_kib=int(max_mem))  # fmt: skip
 
-    state, reason, persistent, autostart = await dom.run(read)
-    info = await dom.info()
-    st, rs = domain_state_names(state, reason)
-    ref = dom.ref()
-    return DomainInfo(uuid=ref.uuid, name=ref.name, id=ref.id, state=st, reason=rs,
-                      persistent=persistent, autostart=autostart, vcpus=info.vcpus,
-                      memory_kib=info.memory_kib, max_memory_kib=info.max_memory_kib)  # fmt: skip
+    return await dom.run(read)
 
 
 async def domain_list(ctx: Context, _: ListRequest) -> list[DomainSnapshot]:
-    ctx.conn()
+    ctx.hypervisor.connection()
     return await ctx.hypervisor.snapshot()
 
 
 async def domain_get(ctx: Context, req: DomainRequest) -> DomainInfo:
-    dom = await find_domain(ctx, req.domain)
+    dom = await ctx.hypervisor.lookup(req.domain)
     info = await domain_info(dom)
     if ctx.failover.guest_check != "monitor" or info.state != DomainState.RUNNING:
         return info
@@ -108,7 +104,7 @@ def _action(
             if m is not None:
                 raise Unavailable(f"this host is in maintenance ({m.get('state')}); domain.start "
                                   "with force starts it anyway", reason="maintenance")  # fmt: skip
-        dom = await find_domain(ctx, req.domain)
+        dom = await ctx.hypervisor.lookup(req.domain)
         async with ctx.exclusive(dom.uuid):
             state, _ = await dom.state()
             if state not in needs:

@@ -41,7 +41,7 @@ class CapabilitiesRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=Tru
 
 
 async def capabilities(ctx: Context, req: CapabilitiesRequest) -> Capabilities:
-    ctx.conn()
+    ctx.hypervisor.connection()
     if ctx.capabilities is None or req.refresh:
         return await ctx.probe_capabilities()
     return ctx.capabilities

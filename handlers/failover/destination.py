@@ -68,7 +68,7 @@ async def admit(ctx: Context, req: AdmitRequest) -> AdmitReply:
         raise Forbidden("failover.admit needs the calling host's id as the subject's last token")
     if caller == ctx.host:
         raise InvalidRequest("a host cannot admit a migration from itself")
-    ctx.conn()
+    ctx.hypervisor.connection()
     reserved: list[ReserveReply] = []
 
     async def reserve_primary() -> Reservation:
